@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the train state plus JSON run metadata.
+
+Saves are atomic (orbax writes to a temporary directory and renames it). If
+the newest checkpoint cannot be read, restore warns and falls back to the
+one before it, so a run killed while writing, or a disk that corrupted the
+last save, still resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpoints:
+  """Numbered checkpoints of ``(state pytree, metadata dict)`` in ``directory``."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+
+  def save(self, step: int, state: Any, metadata: dict) -> None:
+    """Saves ``state`` (arrays) and ``metadata`` (JSON) as checkpoint ``step``."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
+        force=True)
+    self._manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore(self, template: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """Restores the newest readable checkpoint (or ``step``), shaped like ``template``.
+
+    Returns ``(step, state, metadata)``, or None when there is no checkpoint.
+    A checkpoint that fails to load is skipped with a warning.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    candidates = [step] if step is not None else list(reversed(self.steps()))
+    for candidate in candidates:
+      try:
+        restored = self._manager.restore(
+            candidate,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+        logging.warning("Checkpoint %d in %s is unreadable (%s: %s); trying an older one.",
+                        candidate, self.directory, type(e).__name__, e)
+        continue
+      return candidate, restored["state"], dict(restored["metadata"])
+    if candidates:
+      logging.warning("No readable checkpoint in %s; starting from scratch.", self.directory)
+    return None
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,199 @@
+"""The epoch loop: device-resident data, chunked jitted steps, evaluation,
+early stopping, checkpoints that resume exactly, metrics and progress.
+
+One ``Trainer`` binds a model's graph, an optimizer, an objective and a
+dataset on a mesh. ``fit`` trains one *stage* (a fixed task pytree, e.g. a
+DP or a TESLA coefficient vector) for some epochs; multi-stage schedules
+call it once per stage with a different task and a different stage name.
+Every random choice derives from the seed and the epoch, and checkpoints
+are taken at epoch ends, so a run killed and started again ends with the
+same numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from dynscale.data import pipeline
+from dynscale.data.datasets import Dataset
+from dynscale.train import steps
+from dynscale.train.checkpoint import Checkpoints
+from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.state import TrainState
+from dynscale.train.writers import MetricWriter, Progress
+
+SPLITS = ("train", "val", "test")
+
+
+class DeviceSplit(NamedTuple):
+  """One split on the device: uint8 images NHWC and int32 labels, replicated."""
+  images: jax.Array
+  labels: jax.Array
+
+  @property
+  def size(self) -> int:
+    return int(self.labels.shape[0])
+
+
+def _to_mesh(array: np.ndarray, sharding) -> jax.Array:
+  """Places a host array, identical on every process, replicated on the mesh."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: TrainState
+  best_state: TrainState
+  early_stopping: EarlyStopping | None
+  epochs_run: int
+
+
+class Trainer:
+  """Jitted train/eval functions for one model, optimizer and dataset."""
+
+  def __init__(self, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               loss_fn: steps.LossFn, forward: steps.ForwardFn, dataset: Dataset,
+               batch_size: int, eval_batch_size: int, augment: bool, seed: int,
+               steps_per_chunk: int = 50, mesh=None, compute_dtype=jnp.float32):
+    self.mesh = steps.data_mesh() if mesh is None else mesh
+    n_devices = self.mesh.devices.size
+    for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+      if size % n_devices:
+        raise ValueError(f"{field} ({size}) must be a multiple of the number of devices "
+                         f"({n_devices})")
+    self.dataset = dataset
+    self.batch_size = batch_size
+    self.eval_batch_size = eval_batch_size
+    self.steps_per_chunk = steps_per_chunk
+    self.tx = tx
+    self.graphdef = graphdef
+    self._data_key = jax.random.fold_in(jax.random.key(seed), 0)
+    self._augment_key = jax.random.fold_in(jax.random.key(seed), 1)
+    sharding = steps.replicated(self.mesh)
+    self.splits = {
+        name: DeviceSplit(_to_mesh(x, sharding), _to_mesh(y.astype(np.int32), sharding))
+        for name, (x, y) in zip(SPLITS, ((dataset.train_x, dataset.train_y),
+                                         (dataset.val_x, dataset.val_y),
+                                         (dataset.test_x, dataset.test_y)))}
+    mean, std = pipeline.normalization_stats(dataset.name)
+
+    def batch_fn(data: DeviceSplit, idx, key):
+      images, labels = pipeline.make_batch(
+          data.images, data.labels, idx, key=key, augment=augment and key is not None,
+          mean=mean, std=std)
+      return images.astype(compute_dtype), labels
+
+    self.train_chunk = steps.make_train_chunk(graphdef, tx, loss_fn, batch_fn, self.mesh)
+    self.eval_totals = steps.make_eval_totals(graphdef, forward, batch_fn, self.mesh)
+    self.steps_per_epoch = self.splits["train"].size // batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"batch_size ({batch_size}) exceeds the {self.splits['train'].size} "
+                       "training examples")
+
+  def place(self, state: TrainState) -> TrainState:
+    """Replicates a train state on the mesh."""
+    return jax.device_put(state, steps.replicated(self.mesh))
+
+  def evaluate(self, state: TrainState, split: str, task) -> dict[str, float]:
+    """Accuracy and mean loss over every example of ``split`` at ``task``."""
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    data = self.splits[split]
+    if data.size == 0:
+      return {"accuracy": float("nan"), "loss": float("nan")}
+    idx, mask = pipeline.eval_batches(data.size, self.eval_batch_size)
+    totals = self.eval_totals(state.params, state.model_state, data, jnp.asarray(idx),
+                              jnp.asarray(mask, jnp.float32), task)
+    count = float(totals.count)
+    return {"accuracy": float(totals.correct) / count, "loss": float(totals.loss) / count}
+
+  def epoch_chunks(self, epoch: int):
+    """(index chunk ``(S, B)``, augmentation key) pairs for one epoch."""
+    order = pipeline.epoch_permutation(jax.random.fold_in(self._data_key, epoch),
+                                       self.splits["train"].size, self.batch_size)
+    epoch_key = jax.random.fold_in(self._augment_key, epoch)
+    for start in range(0, order.shape[0], self.steps_per_chunk):
+      yield order[start:start + self.steps_per_chunk], jax.random.fold_in(epoch_key, start)
+
+  def train_epoch(self, state: TrainState, epoch: int, task, *, progress: Progress,
+                  writer: MetricWriter | None, tag: str) -> TrainState:
+    data = self.splits["train"]
+    for idx, key in self.epoch_chunks(epoch):
+      state, metrics = self.train_chunk(state, data, jnp.asarray(idx), key, task)
+      step = int(state.step)
+      throughput = progress.update(step, epoch, metrics)
+      if writer is not None:
+        writer.write(step, {**{f"{tag}/train_{k}": v for k, v in metrics.items()},
+                            f"{tag}/images_per_s": throughput["images_per_s"]})
+    return state
+
+  def fit(self, state: TrainState, *, task, num_epochs: int, stage: str,
+          checkpoint_dir: str | None = None, writer: MetricWriter | None = None,
+          early_stopping: EarlyStopping | None = None, val_task=None,
+          on_epoch_end: Callable[[int, TrainState], None] | None = None) -> FitResult:
+    """Trains at ``task`` for up to ``num_epochs`` epochs, resuming if possible.
+
+    After every epoch the validation accuracy at ``val_task`` (default
+    ``task``) feeds ``early_stopping`` (never the test split), the state is
+    checkpointed under ``<checkpoint_dir>/<stage>``, and the best-validation
+    state is kept under ``<checkpoint_dir>/<stage>-best``. An existing
+    checkpoint of this stage is resumed.
+    """
+    val_task = task if val_task is None else val_task
+    store = best_store = None
+    start_epoch, best_state = 0, None
+    if checkpoint_dir is not None:
+      store = Checkpoints(os.path.join(checkpoint_dir, stage))
+      best_store = Checkpoints(os.path.join(checkpoint_dir, f"{stage}-best"),
+                               max_to_keep=1)
+      restored = store.restore(state)
+      if restored is not None:
+        _, state, meta = restored
+        start_epoch = meta["epoch"]
+        if meta.get("early_stopping") is not None:
+          early_stopping = EarlyStopping.from_json(meta["early_stopping"])
+        best = best_store.restore(state)
+        best_state = self.place(best[1]) if best is not None else None
+        logging.info("Resumed stage %r at epoch %d (step %d).", stage, start_epoch,
+                     int(state.step))
+      state = self.place(state)
+    total_steps = int(state.step) + (num_epochs - start_epoch) * self.steps_per_epoch
+    progress = Progress(total_steps, self.batch_size, start_step=int(state.step))
+    epoch = start_epoch
+    while epoch < num_epochs and not (early_stopping and early_stopping.should_stop):
+      state = self.train_epoch(state, epoch, task, progress=progress, writer=writer, tag=stage)
+      val = self.evaluate(state, "val", val_task)
+      epoch += 1
+      improved = early_stopping is None or early_stopping.improved(val["accuracy"])
+      if early_stopping is not None:
+        early_stopping = early_stopping.update(val["accuracy"], epoch)
+      if improved:
+        best_state = jax.tree.map(jnp.copy, state)
+        if best_store is not None:
+          best_store.save(epoch, best_state, {"epoch": epoch})
+      if writer is not None:
+        writer.write(int(state.step), {f"{stage}/val_accuracy": val["accuracy"],
+                                       f"{stage}/val_loss": val["loss"], "epoch": epoch})
+      logging.info("stage %s epoch %d: val accuracy %.4f", stage, epoch, val["accuracy"])
+      if store is not None:
+        store.save(epoch, state, {
+            "epoch": epoch, "stage": stage,
+            "early_stopping": early_stopping.to_json() if early_stopping else None})
+      if on_epoch_end is not None:
+        on_epoch_end(epoch, state)
+    for manager in (store, best_store):
+      if manager is not None:
+        manager.close()
+    return FitResult(state=state, best_state=state if best_state is None else best_state, early_stopping=early_stopping,
+                     epochs_run=epoch - start_epoch)
+

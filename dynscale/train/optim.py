@@ -1,0 +1,35 @@
+"""Optimizers and learning-rate schedules from a config block, via optax."""
+
+from __future__ import annotations
+
+import optax
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+  """``config.schedule`` over ``total_steps`` steps (warm-up in steps)."""
+  lr = config.learning_rate
+  if config.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  warmup = min(int(config.get("warmup_steps", 0)), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, 1))
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """The optax transformation named by ``config.name`` (see ``OPTIMIZERS``)."""
+  schedule = learning_rate_schedule(config, total_steps)
+  weight_decay = config.get("weight_decay", 0.0)
+  if config.name == "adam":
+    tx = optax.adam(schedule)
+  elif config.name == "adamw":
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  else:
+    tx = optax.sgd(schedule, momentum=config.get("momentum", 0.0) or None,
+                   nesterov=config.get("nesterov", False))
+  if weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+  return tx

@@ -1,0 +1,102 @@
+"""What every launcher does around training: check the config, load the data,
+build the model, open writers and checkpoints, and write ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dynscale import data, io
+from dynscale.nn import models
+from dynscale.train import loop, steps, validation
+from dynscale.train.writers import MetricWriter
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: str
+  dataset: data.Dataset
+  arch: dict
+  model: nnx.Module
+  writer: MetricWriter | None
+  checkpoint_dir: str | None
+
+  @property
+  def is_main_process(self) -> bool:
+    return jax.process_index() == 0
+
+
+def compute_dtype(config) -> jnp.dtype:
+  return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
+def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
+  """The architecture dict and NNX model named by ``config.model``."""
+  arch = models.architecture(
+      config.model.name, num_classes=dataset.num_classes,
+      input_shape=tuple(dataset.train_x.shape[1:]), profile=config.model.profile,
+      idp_layers=config.model.idp_layers, width_multiplier=config.model.width_multiplier,
+      mp_profiles=config.model.get("mp_profiles"))
+  model = models.build(arch, rngs=nnx.Rngs(config.seed), dtype=compute_dtype(config))
+  return arch, model
+
+
+def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_common
+          ) -> Run:
+  """Validates ``config`` (via ``check``) and ``workdir``, loads data, builds the model."""
+  check(config)
+  workdir = io.check_writable_dir(workdir)
+  dataset = data.load(config.data.dataset, data_dir=config.data.data_dir or None,
+                      val_size=config.data.val_size, seed=config.seed)
+  arch, model = build_model(config, dataset)
+  main = jax.process_index() == 0
+  if main:
+    io.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard) if main else None
+  checkpoint_dir = os.path.join(workdir, "checkpoints") if config.train.checkpoint else None
+  return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir)
+
+
+def augment(config, dataset_name: str) -> bool:
+  if config.data.augment == "auto":
+    return data.uses_augmentation(dataset_name)
+  return bool(config.data.augment)
+
+
+def make_trainer(run: Run, graphdef, tx, loss_fn: steps.LossFn,
+                 forward: steps.ForwardFn = steps.eval_forward) -> loop.Trainer:
+  config = run.config
+  return loop.Trainer(
+      graphdef=graphdef, tx=tx, loss_fn=loss_fn, forward=forward, dataset=run.dataset,
+      batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
+      augment=augment(config, run.dataset.name), seed=config.seed,
+      steps_per_chunk=config.train.steps_per_chunk, compute_dtype=compute_dtype(config))
+
+
+def total_steps(run: Run) -> int:
+  return (len(run.dataset.train_y) // run.config.data.batch_size) * run.config.train.num_epochs
+
+
+def finish(run: Run, metrics: dict, **extra) -> dict:
+  """Writes ``results.json`` (config, dataset, model, metrics) atomically and returns it."""
+  d = run.dataset
+  results = {
+      "config": run.config.to_dict(),
+      "dataset": {"name": d.name, "source": d.source, "num_classes": d.num_classes,
+                  "train": len(d.train_y), "val": len(d.val_y), "test": len(d.test_y)},
+      "model": {"name": run.arch["name"], "architecture": run.arch},
+      "devices": {"count": jax.device_count(), "platform": jax.devices()[0].platform},
+      **metrics, **extra,
+  }
+  if run.is_main_process:
+    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+  if run.writer is not None:
+    run.writer.close()
+  return results

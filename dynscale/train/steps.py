@@ -1,0 +1,142 @@
+"""Jitted train and eval steps over a data-parallel mesh.
+
+A train *chunk* runs ``S`` optimizer steps inside one ``lax.scan`` (one
+dispatch per chunk, not per step). Data stays on the device: each step
+gathers its batch by index from the resident dataset, augments it in jnp,
+and constrains it to the batch axis of the mesh, so XLA inserts the
+gradient all-reduce. The objective is a ``LossFn`` of (model, images,
+labels, task), where ``task`` is an array pytree (a DP, or TESLA's
+coefficient vector): changing it changes data, not code.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dynscale.train.state import TrainState, merge_model, model_state_of
+
+# (model, images, labels, task) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[nnx.Module, jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
+# (model, images, task) -> logits, in evaluation mode
+ForwardFn = Callable[[nnx.Module, jax.Array, Any], jax.Array]
+# (data, idx, key or None) -> (images float, labels int)
+BatchFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array]]
+
+BATCH_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all visible devices (every host's, under jax.distributed)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(list(devices), (BATCH_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXIS))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy with integer labels, in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def classification_loss(model: nnx.Module, images, labels, dp) -> tuple[jax.Array, dict]:
+  """Cross-entropy of the masked model at DP ``dp`` (train mode)."""
+  logits = model(images, dp, train=True)
+  loss = jnp.mean(cross_entropy(logits, labels))
+  return loss, {"loss": loss, "accuracy": accuracy(logits, labels)}
+
+
+def eval_forward(model: nnx.Module, images, dp) -> jax.Array:
+  """The masked model at DP ``dp`` in evaluation mode (running statistics)."""
+  return model(images, dp, train=False)
+
+
+def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                     loss_fn: LossFn, batch_fn: BatchFn, mesh: Mesh):
+  """Returns ``train_chunk(state, data, idx, key, task) -> (state, mean metrics)``.
+
+  ``idx`` is an int array ``(S, B)`` of example indices: the chunk runs ``S``
+  steps of batch ``B``. ``key`` seeds augmentation (one split per step). The
+  state buffers are donated.
+  """
+  sharding = batch_sharded(mesh)
+
+  def one_step(task, data, state: TrainState, inputs):
+    idx, key = inputs
+    images, labels = batch_fn(data, idx, key)
+    images = jax.lax.with_sharding_constraint(images, sharding)
+    labels = jax.lax.with_sharding_constraint(labels, sharding)
+
+    def objective(params):
+      model = merge_model(graphdef, params, state.model_state)
+      loss, metrics = loss_fn(model, images, labels, task)
+      return loss, (metrics, model_state_of(model))
+
+    (_, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                           opt_state=opt_state)
+    return new_state, metrics
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_chunk(state: TrainState, data, idx, key, task):
+    keys = jax.random.split(key, idx.shape[0])
+    state, metrics = jax.lax.scan(functools.partial(one_step, task, data), state, (idx, keys))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return train_chunk
+
+
+class EvalTotals(NamedTuple):
+  correct: jax.Array
+  loss: jax.Array
+  count: jax.Array
+
+
+def make_eval_totals(graphdef: nnx.GraphDef, forward: ForwardFn, batch_fn: BatchFn,
+                     mesh: Mesh):
+  """Returns ``eval_totals(params, model_state, data, idx, mask, task) -> EvalTotals``.
+
+  ``idx`` ``(S, B)`` with a 0/1 ``mask`` of the same shape covers every example
+  exactly once (padding masked out); sums are exact counts.
+  """
+  sharding = batch_sharded(mesh)
+
+  @jax.jit
+  def eval_totals(params, model_state, data, idx, mask, task) -> EvalTotals:
+    model = merge_model(graphdef, params, model_state)
+
+    def body(totals: EvalTotals, inputs):
+      batch_idx, batch_mask = inputs
+      images, labels = batch_fn(data, batch_idx, None)
+      images = jax.lax.with_sharding_constraint(images, sharding)
+      logits = forward(model, images, task)
+      correct = (jnp.argmax(logits, -1) == labels) * batch_mask
+      loss = cross_entropy(logits, labels) * batch_mask
+      return EvalTotals(totals.correct + correct.sum(), totals.loss + loss.sum(),
+                        totals.count + batch_mask.sum()), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, _ = jax.lax.scan(body, EvalTotals(zero, zero, zero), (idx, mask))
+    return totals
+
+  return eval_totals

@@ -1,0 +1,71 @@
+"""Several variants of one experiment, one figure: each variant is the base
+config with a few overrides, trained in its own sub-directory; the figure's
+``results.json`` gathers their accuracy-by-DP curves and one plot shows them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import ml_collections
+from absl import logging
+
+from dynscale import io, plots
+
+TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, object],
+                   field: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with dotted-path ``overrides`` applied; unknown paths raise."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part)
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"{field}: unknown config field {path!r}")
+    if leaf not in node:
+      raise ValueError(f"{field}: unknown config field {path!r}")
+    node[leaf] = value
+  return config
+
+
+def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """The config of every variant in ``config.variants`` (name -> overrides)."""
+  if not config.get("variants"):
+    raise ValueError("variants must map at least one variant name to its overrides")
+  base = ml_collections.ConfigDict(config.to_dict())
+  del base["variants"]
+  return {name: with_overrides(base, dict(overrides), f"variants.{name}")
+          for name, overrides in config.variants.items()}
+
+
+def run_variants(config: ml_collections.ConfigDict, workdir: str,
+                 train_fns: Mapping[str, TrainFn], *, method_of=lambda c: c.method) -> dict:
+  """Trains every variant (all configs checked first), then writes the figure.
+
+  ``train_fns`` maps a method name to its ``train_and_evaluate``; each
+  variant's method is ``method_of(variant_config)``.
+  """
+  configs = variant_configs(config)
+  for name, variant in configs.items():
+    if method_of(variant) not in train_fns:
+      raise ValueError(f"variants.{name}.method must be one of {tuple(train_fns)}, "
+                       f"got {method_of(variant)!r}")
+  workdir = io.check_writable_dir(workdir)
+  curves, summaries = {}, {}
+  for name, variant in configs.items():
+    logging.info("Variant %s", name)
+    results = train_fns[method_of(variant)](variant, os.path.join(workdir, name))
+    curves[name] = results["test_accuracy_by_dp"]
+    summaries[name] = {k: results[k] for k in
+                       ("test_accuracy_by_dp", "mean_test_accuracy", "bn_mode") if k in results}
+  title = config.get("title", "")
+  plots.plot_accuracy_by_dp(curves, os.path.join(workdir, "accuracy_by_dp.png"), title=title)
+  logging.info("%s\n%s", title, plots.format_accuracy_table(curves))
+  figure = {"title": title, "variants": summaries}
+  io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
+  return figure

@@ -1,0 +1,72 @@
+"""Config blocks shared by every launcher: data, model, optimizer, train, eval.
+
+A config file composes these and overrides what its experiment needs; any
+field can also be set on the command line, e.g. ``--config.train.num_epochs=3``.
+"""
+
+import ml_collections
+
+DPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def data(dataset: str = "mnist_sample", *, batch_size: int = 128, val_size: int = 500,
+         augment="auto") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      dataset=dataset,
+      data_dir="",           # '' -> $DYNSCALE_DATA_DIR, then tensorflow-datasets
+      val_size=val_size,     # examples held out of train for validation
+      batch_size=batch_size,
+      eval_batch_size=500,
+      augment=augment,       # 'auto': crop+flip for CIFAR, none for MNIST
+  ))
+
+
+def model(name: str = "mlp", *, profile: str = "linear") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name,
+      profile=profile,
+      idp_layers=ml_collections.config_dict.placeholder(object),  # None: as in the paper
+      mp_profiles=ml_collections.config_dict.placeholder(tuple),  # MP-IDP DP ranges
+      width_multiplier=1.0,
+      dtype="float32",       # or 'bfloat16' compute with float32 parameters
+  ))
+
+
+def optimizer(name: str = "adam", *, learning_rate: float = 1e-3,
+              momentum: float = 0.9) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=learning_rate, momentum=momentum, nesterov=False,
+      weight_decay=0.0, schedule="constant", warmup_steps=0,
+  ))
+
+
+def train(*, num_epochs: int = 10, dp: float = 1.0, patience: int = 0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_epochs=num_epochs,
+      dp=dp,                 # the DP the network trains at (IDP: 100%)
+      patience=patience,     # early stopping on validation accuracy; 0 = off
+      steps_per_chunk=50,    # optimizer steps per dispatch (one lax.scan)
+      checkpoint=True,
+  ))
+
+
+def evaluation(*, dps=DPS, bn_mode: str = "shared") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      dps=dps,
+      bn_mode=bn_mode,       # 'shared' (the papers') or 'recalibrated' per DP
+      recalibration_batches=10,
+  ))
+
+
+def base(**blocks) -> ml_collections.ConfigDict:
+  """A full config: every block at its default unless given."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = blocks.pop("data", data())
+  config.model = blocks.pop("model", model())
+  config.optimizer = blocks.pop("optimizer", optimizer())
+  config.train = blocks.pop("train", train())
+  config.eval = blocks.pop("eval", evaluation())
+  config.tensorboard = True
+  config.update(blocks)
+  return config

@@ -1,0 +1,34 @@
+"""001 Fig. 8: all-one against linear for the MLP, VGG-16, MobileNet and the
+binarized network. ``:mlp`` and ``:binary_net`` run on MNIST, ``:vgg16`` and
+``:mobilenet`` on CIFAR-10 (both from DYNSCALE_DATA_DIR).
+"""
+
+from experiments.configs import common
+
+PANELS = {
+    # panel: dataset, batch, optimizer, learning rate, epochs
+    "mlp": ("mnist", 64, "adam", 1e-3, 20),
+    "binary_net": ("mnist", 64, "adam", 1e-3, 20),
+    "vgg16": ("cifar10", 128, "sgd", 0.05, 60),
+    "mobilenet": ("cifar10", 128, "sgd", 0.05, 60),
+}
+
+
+def get_config(arg: str = "mlp"):
+  if arg not in PANELS:
+    raise ValueError(f"idp_fig8 panel must be one of {tuple(PANELS)}, got {arg!r}")
+  dataset, batch, opt, lr, epochs = PANELS[arg]
+  optimizer = common.optimizer(opt, learning_rate=lr)
+  if opt == "sgd":
+    optimizer.schedule = "cosine"
+    optimizer.weight_decay = 5e-4
+  config = common.base(
+      data=common.data(dataset, batch_size=batch, val_size=5000),
+      model=common.model(arg),
+      optimizer=optimizer,
+      train=common.train(num_epochs=epochs),
+  )
+  config.method = "idp"
+  config.title = f"001 Fig. 8: {arg}, all-one vs linear"
+  config.variants = {p: {"model.profile": p} for p in ("all-one", "linear")}
+  return config

@@ -1,0 +1,34 @@
+"""001 Fig. 9: MP-IDP. ``:mlp`` has three profiles (0-20, 20-40, 40-100% DP) on
+MNIST; ``:vgg16`` two (0-30, 30-100%) on CIFAR-10. Each is compared with the
+single linear profile.
+"""
+
+from experiments.configs import common
+
+PANELS = {
+    "mlp": ("mnist", 64, "adam", 1e-3, 20, ((0.0, 0.2), (0.2, 0.4), (0.4, 1.0))),
+    "vgg16": ("cifar10", 128, "sgd", 0.05, 60, ((0.0, 0.3), (0.3, 1.0))),
+}
+
+
+def get_config(arg: str = "mlp"):
+  if arg not in PANELS:
+    raise ValueError(f"idp_fig9 panel must be one of {tuple(PANELS)}, got {arg!r}")
+  dataset, batch, opt, lr, epochs, ranges = PANELS[arg]
+  optimizer = common.optimizer(opt, learning_rate=lr)
+  if opt == "sgd":
+    optimizer.schedule = "cosine"
+    optimizer.weight_decay = 5e-4
+  config = common.base(
+      data=common.data(dataset, batch_size=batch, val_size=5000),
+      model=common.model(arg, profile="linear"),
+      optimizer=optimizer,
+      train=common.train(num_epochs=epochs),
+  )
+  config.method = "idp"
+  config.title = f"001 Fig. 9: MP-IDP, {arg}"
+  config.variants = {
+      "linear": {},
+      "mp-idp": {"method": "mpidp", "model.mp_profiles": ranges},
+  }
+  return config

@@ -1,0 +1,240 @@
+"""Training infrastructure: resume after a kill, checkpoint fallback, data
+parallel, early stopping, config validation, atomic results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dynscale import io
+from dynscale.train.checkpoint import Checkpoints
+from dynscale.train.early_stopping import EarlyStopping
+from experiments.configs import baseline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = baseline.get_config()
+  config.data.val_size = 300
+  config.model.width_multiplier = 0.1
+  config.train.num_epochs = 4
+  config.train.steps_per_chunk = 20
+  config.eval.dps = (0.5, 1.0)
+  config.tensorboard = False
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def launcher_command(workdir, *overrides):
+  return [sys.executable, "-m", "experiments.baseline",
+          "--config=experiments/configs/baseline.py", f"--workdir={workdir}",
+          "--config.data.val_size=300", "--config.model.width_multiplier=0.1",
+          "--config.train.num_epochs=6", "--config.train.steps_per_chunk=20",
+          "--config.eval.dps=(0.5,1.0)", "--config.tensorboard=False", *overrides]
+
+
+def read_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+# --------------------------------------------------------------------------
+# Kill and rerun: the same final metrics as a straight run.
+# --------------------------------------------------------------------------
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  straight = tmp_path / "straight"
+  subprocess.run(launcher_command(straight), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+
+  killed = tmp_path / "killed"
+  first_checkpoint = killed / "checkpoints" / "train" / "1"
+  process = subprocess.Popen(launcher_command(killed), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  assert not (killed / "results.json").exists()
+
+  rerun = subprocess.run(launcher_command(killed), cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True)
+  assert "Resumed stage 'train'" in rerun.stderr
+  a, b = read_results(straight), read_results(killed)
+  assert a["test_accuracy_by_dp"] == b["test_accuracy_by_dp"]
+  assert a["val_accuracy"] == b["val_accuracy"]
+  assert a["steps"] == b["steps"]
+
+
+# --------------------------------------------------------------------------
+# Checkpoints: a corrupted latest falls back to the previous one.
+# --------------------------------------------------------------------------
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+  store = Checkpoints(str(tmp_path / "ckpt"), max_to_keep=2)
+  state1 = {"w": np.arange(4.0, dtype=np.float32), "step": np.array(1, np.int32)}
+  state2 = {"w": np.arange(4.0, dtype=np.float32) + 10, "step": np.array(2, np.int32)}
+  store.save(1, state1, {"epoch": 1})
+  store.save(2, state2, {"epoch": 2})
+  for root, _, files in os.walk(tmp_path / "ckpt" / "2"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00garbage")
+  step, restored, meta = Checkpoints(str(tmp_path / "ckpt")).restore(state1)
+  assert step == 1 and meta == {"epoch": 1}
+  np.testing.assert_array_equal(restored["w"], state1["w"])
+  assert "unreadable" in caplog.text
+
+
+def test_no_checkpoint_restores_none(tmp_path):
+  assert Checkpoints(str(tmp_path / "empty")).restore({"w": np.zeros(2)}) is None
+
+
+# --------------------------------------------------------------------------
+# Data parallel: 8 host devices match 1 device.
+# --------------------------------------------------------------------------
+
+DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from dynscale import data
+    from dynscale.nn import models
+    from dynscale.train import loop, optim, steps
+    from dynscale.train.state import create_train_state
+    from experiments.configs import common
+
+    assert jax.device_count() == 8, jax.devices()
+    dataset = data.load("mnist_sample", val_size=200)
+    arch = models.architecture("mlp", num_classes=10, input_shape=(28, 28, 1),
+                               profile="linear", width_multiplier=0.1)
+
+    def train(devices):
+      model = models.build(arch, rngs=nnx.Rngs(0))
+      tx = optim.make_optimizer(common.optimizer("sgd", learning_rate=0.1), 10)
+      graphdef, state = create_train_state(model, tx)
+      initial = jax.tree.map(np.array, state.params)
+      trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=steps.classification_loss,
+                             forward=steps.eval_forward, dataset=dataset, batch_size=64,
+                             eval_batch_size=200, augment=False, seed=0, steps_per_chunk=5,
+                             mesh=steps.data_mesh(devices))
+      idx, key = next(trainer.epoch_chunks(0))
+      state, _ = trainer.train_chunk(trainer.place(state), trainer.splits["train"], idx, key,
+                                     jnp.float32(0.5))
+      val = trainer.evaluate(state, "val", jnp.float32(0.5))["accuracy"]
+      return initial, jax.tree.map(np.asarray, (state.params, state.model_state)), val
+
+    initial, one, val_one = train(jax.devices()[:1])
+    _, eight, val_eight = train(jax.devices())
+    max_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                                one, eight)))
+    moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
+                                             initial, one[0])))
+    print(json.dumps({"max_diff": max_diff, "moved": moved, "val": [val_one, val_eight]}))
+""")
+
+
+
+def test_eight_device_data_parallel_matches_one_device():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT], cwd=ROOT, env=env,
+                       check=True, capture_output=True, text=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["moved"] > 1e-3, "the steps must change the parameters"
+  assert result["max_diff"] < 1e-5
+  assert result["val"][0] == result["val"][1]
+
+
+# --------------------------------------------------------------------------
+# Early stopping
+# --------------------------------------------------------------------------
+
+
+def test_early_stopping_counts_patience_and_keeps_the_best():
+  es = EarlyStopping(patience=2)
+  for epoch, value in enumerate([0.5, 0.6, 0.59, 0.61, 0.60, 0.60], start=1):
+    es = es.update(value, epoch)
+  assert es.best == 0.61 and es.best_epoch == 4 and es.should_stop
+  assert EarlyStopping.from_json(es.to_json()) == es
+
+
+def test_early_stopping_rejects_bad_settings():
+  with pytest.raises(ValueError, match="patience"):
+    EarlyStopping(patience=0)
+  with pytest.raises(ValueError, match="mode"):
+    EarlyStopping(patience=1, mode="up")
+
+
+# --------------------------------------------------------------------------
+# Bad configs fail before any compute, naming the field and allowed values.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.dataset": "imagenet"}, r"data.dataset must be one of \("),
+    ({"model.name": "resnet"}, r"model.name must be one of \("),
+    ({"data.batch_size": 0}, r"data.batch_size must be a positive integer"),
+    ({"data.batch_size": -8}, r"data.batch_size must be a positive integer"),
+    ({"optimizer.learning_rate": 0.0}, r"optimizer.learning_rate must be a positive number"),
+    ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate must be a positive number"),
+    ({"train.dp": 0.0}, r"train.dp must be in \(0, 1\]"),
+    ({"train.dp": 1.5}, r"train.dp must be in \(0, 1\]"),
+    ({"eval.dps": (0.5, 1.2)}, r"eval.dps\[1\] must be in \(0, 1\]"),
+    ({"model.profile": "cubic"}, r"model.profile must be one of \("),
+    ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
+])
+def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
+  from dynscale.train import supervised
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    supervised.train_and_evaluate(tiny_config(**override), str(workdir))
+  assert not workdir.exists(), "validation must happen before anything is written"
+
+
+def test_missing_data_files_name_the_files(tmp_path):
+  from dynscale.train import supervised
+  empty = tmp_path / "no-data"
+  empty.mkdir()
+  config = tiny_config(**{"data.dataset": "cifar10", "data.data_dir": str(empty)})
+  with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
+    supervised.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  from dynscale.train import supervised
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="workdir"):
+    supervised.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+# --------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------
+
+
+def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path):
+  path = tmp_path / "results.json"
+  io.write_json_atomic(str(path), {"a": 1})
+  with pytest.raises(TypeError):
+    io.write_json_atomic(str(path), {"a": object()})
+  assert json.loads(path.read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
