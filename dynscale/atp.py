@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +191,54 @@ def name_mask(*names: str) -> Callable[[Any], Any]:
                for entry in path)
 
   return lambda params: jax.tree_util.tree_map_with_path(selected, params)
+
+
+class AlternatingState(NamedTuple):
+  """Step count and the inner optimizer's state."""
+  count: Array
+  inner: Any
+
+
+def only_every_other_period(inner: optax.GradientTransformation, period: int,
+                            phase: int) -> optax.GradientTransformation:
+  """Runs ``inner`` only in periods ``phase, phase + 2, ...`` of ``period`` steps.
+
+  Outside them the update is zero and ``inner``'s state is left untouched
+  (no momentum, no decay), so two such transformations with phases 0 and 1
+  alternate cleanly (ATP, 000 §3.4).
+  """
+  if period < 1 or phase not in (0, 1):
+    raise ValueError(f"period must be >= 1 and phase 0 or 1, got {period}, {phase}")
+
+  def init_fn(params):
+    return AlternatingState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    active = (state.count // period) % 2 == phase
+    new_updates, new_inner = jax.lax.cond(
+        active, lambda: inner.update(updates, state.inner, params),
+        lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner))
+    return new_updates, AlternatingState(state.count + 1, new_inner)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def alternating(weights: optax.GradientTransformation, profile: optax.GradientTransformation,
+                *, period: int, method: str = "clip", min_value: Optional[float] = None,
+                is_profile: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+  """ATP's optimizer: weights and profiles updated in alternate periods of ``period`` steps.
+
+  Weights (every leaf not selected by ``is_profile``, default ``name_mask('gamma')``)
+  follow ``weights`` in even periods; profiles follow ``profile`` in odd
+  periods, each update projected back to a non-increasing sequence by
+  ``method``. ``period=1`` alternates every step; ``period=steps_per_epoch``
+  every epoch.
+  """
+  is_profile = name_mask("gamma") if is_profile is None else is_profile
+  labels = lambda params: jax.tree.map(lambda p: "profile" if p else "weights",
+                                       is_profile(params))
+  return optax.multi_transform(
+      {"weights": only_every_other_period(weights, period, 0),
+       "profile": only_every_other_period(
+           optax.chain(profile, project_nonincreasing(method, min_value=min_value)), period, 1)},
+      labels)

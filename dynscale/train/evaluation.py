@@ -1,11 +1,22 @@
-"""Test-time evaluation across DP levels, naming the batch-norm mode used."""
+"""Test-time evaluation across DP levels, naming the batch-norm mode used.
+
+``eval.bn_mode``:
+
+* ``shared``: the trained running statistics at every DP (the papers'
+  behaviour);
+* ``recalibrated``: before evaluating at a DP, the statistics of the channels
+  computed there are re-estimated exactly over ``eval.recalibration_batches``
+  training batches (no augmentation) at that DP
+  (:func:`dynscale.nn.batchnorm.recalibrate`). Never uses the split it reports on.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from dynscale.nn import batchnorm, sliced
 from dynscale.train import loop
-from dynscale.train.state import TrainState
+from dynscale.train.state import TrainState, merge_model
 
 
 def dp_key(dp: float) -> str:
@@ -13,13 +24,23 @@ def dp_key(dp: float) -> str:
   return str(int(round(float(dp) * 100)))
 
 
+def recalibrated_state(trainer: loop.Trainer, state: TrainState, dp: float,
+                       num_batches: int) -> TrainState:
+  """``state`` with batch-norm statistics recalibrated at ``dp`` on training batches."""
+  model = merge_model(trainer.graphdef, state.params, state.model_state)
+  stats = batchnorm.recalibrate(model, dp, trainer.training_batches(num_batches),
+                                dtype=model.dtype)
+  return state.replace(model_state=sliced.merge_variables(state.model_state, stats))
+
+
 def accuracy_by_dp(run, trainer: loop.Trainer, state: TrainState, split: str,
                    dps=None) -> dict[str, float]:
-  """Accuracy on ``split`` at each DP of ``run.config.eval.dps`` (or ``dps``).
-
-  ``eval.bn_mode`` 'shared' uses the trained running statistics at every DP
-  (the papers' behaviour).
-  """
-  dps = run.config.eval.dps if dps is None else dps
-  return {dp_key(dp): trainer.evaluate(state, split, jnp.float32(dp))["accuracy"]
-          for dp in dps}
+  """Accuracy on ``split`` at each DP of ``run.config.eval.dps`` (or ``dps``)."""
+  config = run.config.eval
+  dps = config.dps if dps is None else dps
+  by_dp = {}
+  for dp in dps:
+    at_dp = (recalibrated_state(trainer, state, dp, config.recalibration_batches)
+             if config.bn_mode == "recalibrated" else state)
+    by_dp[dp_key(dp)] = trainer.evaluate(at_dp, split, jnp.float32(dp))["accuracy"]
+  return by_dp

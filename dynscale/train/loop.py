@@ -55,7 +55,8 @@ class FitResult:
   state: TrainState
   best_state: TrainState
   early_stopping: EarlyStopping | None
-  epochs_run: int
+  epochs_run: int  # by this call
+  epochs: int      # by this stage in all, resumed epochs included
 
 
 class Trainer:
@@ -64,7 +65,8 @@ class Trainer:
   def __init__(self, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                loss_fn: steps.LossFn, forward: steps.ForwardFn, dataset: Dataset,
                batch_size: int, eval_batch_size: int, augment: bool, seed: int,
-               steps_per_chunk: int = 50, mesh=None, compute_dtype=jnp.float32):
+               steps_per_chunk: int = 50, mesh=None, compute_dtype=jnp.float32,
+               trainable=nnx.Param):
     self.mesh = steps.data_mesh() if mesh is None else mesh
     n_devices = self.mesh.devices.size
     for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -79,6 +81,7 @@ class Trainer:
     self.graphdef = graphdef
     self._data_key = jax.random.fold_in(jax.random.key(seed), 0)
     self._augment_key = jax.random.fold_in(jax.random.key(seed), 1)
+    self._recalibration_key = jax.random.fold_in(jax.random.key(seed), 2)
     sharding = steps.replicated(self.mesh)
     self.splits = {
         name: DeviceSplit(_to_mesh(x, sharding), _to_mesh(y.astype(np.int32), sharding))
@@ -93,7 +96,9 @@ class Trainer:
           mean=mean, std=std)
       return images.astype(compute_dtype), labels
 
-    self.train_chunk = steps.make_train_chunk(graphdef, tx, loss_fn, batch_fn, self.mesh)
+    self._batch_fn = batch_fn
+    self.train_chunk = steps.make_train_chunk(graphdef, tx, loss_fn, batch_fn, self.mesh,
+                                              trainable)
     self.eval_totals = steps.make_eval_totals(graphdef, forward, batch_fn, self.mesh)
     self.steps_per_epoch = self.splits["train"].size // batch_size
     if self.steps_per_epoch == 0:
@@ -103,6 +108,13 @@ class Trainer:
   def place(self, state: TrainState) -> TrainState:
     """Replicates a train state on the mesh."""
     return jax.device_put(state, steps.replicated(self.mesh))
+
+  def training_batches(self, num_batches: int) -> list[jax.Array]:
+    """The first ``num_batches`` training batches of a fixed order, not augmented."""
+    order = pipeline.epoch_permutation(self._recalibration_key,
+                                       self.splits["train"].size, self.batch_size)
+    data = self.splits["train"]
+    return [self._batch_fn(data, idx, None)[0] for idx in order[:num_batches]]
 
   def evaluate(self, state: TrainState, split: str, task) -> dict[str, float]:
     """Accuracy and mean loss over every example of ``split`` at ``task``."""
@@ -195,5 +207,5 @@ class Trainer:
       if manager is not None:
         manager.close()
     return FitResult(state=state, best_state=state if best_state is None else best_state, early_stopping=early_stopping,
-                     epochs_run=epoch - start_epoch)
+                     epochs_run=epoch - start_epoch, epochs=epoch)
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+Filter = Any  # an nnx filter: a Variable type, nnx.Any(...), ...
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -35,9 +37,14 @@ class TrainState:
   opt_state: Any
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict]:
-  """Returns (graphdef, params, model_state) with the last two as pure dicts."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def split_model(model: nnx.Module, trainable: Filter = nnx.Param
+                ) -> tuple[nnx.GraphDef, dict, dict]:
+  """Returns (graphdef, params, model_state) with the last two as pure dicts.
+
+  ``trainable`` selects the variables the optimizer updates: ``nnx.Param``,
+  or e.g. ``nnx.Any(nnx.Param, Profile)`` when ATP learns the profiles.
+  """
+  graphdef, params, rest = nnx.split(model, trainable, ...)
   return graphdef, params.to_pure_dict(), rest.to_pure_dict()
 
 
@@ -46,16 +53,16 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, model_state: Any) -> nnx.Mo
   return nnx.merge(graphdef, nnx.State(params), nnx.State(model_state))
 
 
-def model_state_of(model: nnx.Module) -> dict:
-  """The pure dict of every non-Param variable of ``model``."""
-  _, _, rest = nnx.split(model, nnx.Param, ...)
+def model_state_of(model: nnx.Module, trainable: Filter = nnx.Param) -> dict:
+  """The pure dict of every variable of ``model`` not selected by ``trainable``."""
+  _, _, rest = nnx.split(model, trainable, ...)
   return rest.to_pure_dict()
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation
-                       ) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits ``model`` and initialises ``tx`` over its parameters."""
-  graphdef, params, model_state = split_model(model)
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                       trainable: Filter = nnx.Param) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits ``model`` and initialises ``tx`` over its ``trainable`` variables."""
+  graphdef, params, model_state = split_model(model, trainable)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      model_state=model_state, opt_state=tx.init(params))
   return graphdef, state

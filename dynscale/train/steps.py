@@ -69,12 +69,13 @@ def eval_forward(model: nnx.Module, images, dp) -> jax.Array:
 
 
 def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                     loss_fn: LossFn, batch_fn: BatchFn, mesh: Mesh):
+                     loss_fn: LossFn, batch_fn: BatchFn, mesh: Mesh, trainable=nnx.Param):
   """Returns ``train_chunk(state, data, idx, key, task) -> (state, mean metrics)``.
 
   ``idx`` is an int array ``(S, B)`` of example indices: the chunk runs ``S``
   steps of batch ``B``. ``key`` seeds augmentation (one split per step). The
-  state buffers are donated.
+  state buffers are donated. ``trainable`` is the filter the state was split
+  with (see ``dynscale.train.state.split_model``).
   """
   sharding = batch_sharded(mesh)
 
@@ -87,7 +88,7 @@ def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def objective(params):
       model = merge_model(graphdef, params, state.model_state)
       loss, metrics = loss_fn(model, images, labels, task)
-      return loss, (metrics, model_state_of(model))
+      return loss, (metrics, model_state_of(model, trainable))
 
     (_, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)

@@ -1,0 +1,79 @@
+r"""Inference latency of an IDP network at several DPs: sliced against masked.
+
+python -m benchmarks.idp_latency --model=vgg16 --batch=64 --dps=1.0,0.75,0.5,0.25
+
+Prints one JSON line per DP with ``sliced_ratio`` and ``masked_ratio`` (the
+median latency at that DP divided by the same path's median at 100% DP,
+measured in one run with interleaved repeats) and ``flops_ratio`` (analytic,
+from :func:`dynscale.nn.costs.flops`). The sliced path is a separate cached
+executable per DP over only the kept weights; the masked path is one
+executable whose cost does not depend on DP. Untrained weights: latency does
+not depend on their values.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from dynscale import timing
+from dynscale.nn import costs, models, sliced
+
+MODELS = {"vgg16": (32, 32, 3), "mobilenet": (32, 32, 3), "mlp": (28, 28, 1)}
+
+_MODEL = flags.DEFINE_enum("model", "vgg16", list(MODELS), "Network of the model zoo.")
+_BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
+_DPS = flags.DEFINE_list("dps", ["1.0", "0.75", "0.5", "0.25"], "DPs to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed rounds (every DP and path once each).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs per candidate (compilation).")
+_WIDTH = flags.DEFINE_float("width_multiplier", 1.0, "Scales every hidden width.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+
+def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warmup: int,
+            width_multiplier: float = 1.0, dtype=jnp.float32) -> list[dict]:
+  """One record per DP: latencies of both paths, their ratios to 100% DP, FLOPs ratio."""
+  dps = sorted({float(dp) for dp in dps} | {1.0}, reverse=True)
+  shape = MODELS[model_name]
+  arch = models.architecture(model_name, num_classes=10, input_shape=shape, profile="linear",
+                             width_multiplier=width_multiplier)
+  model = models.build(arch, rngs=nnx.Rngs(0), dtype=dtype)
+  sliced_model = sliced.SlicedModel.from_model(model)
+  graphdef, state = nnx.split(model)
+  masked = jax.jit(lambda state, x, dp: nnx.merge(graphdef, state)(x, dp, train=False))
+  x = jax.random.normal(jax.random.key(0), (batch, *shape), jnp.float32)
+  candidates = {}
+  for dp in dps:
+    candidates[("sliced", dp)] = lambda dp=dp: sliced_model(x, dp)
+    candidates[("masked", dp)] = lambda dp=dp: masked(state, x, jnp.float32(dp))
+  stats = timing.interleaved_latencies(candidates, warmup=warmup, repeats=repeats)
+  full_flops = costs.flops(arch, 1.0)
+  device = jax.devices()[0]
+  records = []
+  for dp in dps:
+    s, m = stats[("sliced", dp)], stats[("masked", dp)]
+    records.append({
+        "model": model_name, "batch": batch, "dp": dp, "dtype": jnp.dtype(dtype).name,
+        "sliced_ratio": round(s["median_s"] / stats[("sliced", 1.0)]["median_s"], 4),
+        "masked_ratio": round(m["median_s"] / stats[("masked", 1.0)]["median_s"], 4),
+        "flops_ratio": round(costs.flops(arch, dp) / full_flops, 4),
+        "sliced_ms": round(1e3 * s["median_s"], 3), "masked_ms": round(1e3 * m["median_s"], 3),
+        "sliced_spread": round(s["spread"], 3), "masked_spread": round(m["spread"], 3),
+        "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
+    })
+  return records
+
+
+def main(argv):
+  del argv
+  dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+  for record in measure(_MODEL.value, _BATCH.value, [float(d) for d in _DPS.value],
+                        repeats=_REPEATS.value, warmup=_WARMUP.value,
+                        width_multiplier=_WIDTH.value, dtype=dtype):
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

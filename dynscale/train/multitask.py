@@ -1,0 +1,106 @@
+"""Multi-task objectives over DP levels: TESLA's aggregated loss (000 Eq. 3).
+
+The objective of a stage is ``sum_k c_k L_k`` over tasks (DP levels) with a
+coefficient vector ``c`` that arrives as an array, so moving to the next
+stage changes data, not code (DESIGN invariant 4).
+
+* :func:`sliced_loss` computes each task at its sliced size (only the kept
+  channels, :func:`dynscale.nn.sliced.apply_sliced`) and skips inactive tasks
+  (``c_k == 0``) at run time with ``lax.cond``: one executable serves every
+  stage, and a step costs about ``sum_{active} p_k**2`` of a full step.
+* :func:`masked_loss` computes every task with the masked network: the same
+  value and gradients when every task is active, at the price of a full
+  forward and backward pass per task.
+
+Batch-norm running statistics are shared across tasks; tasks update them in
+order (each only on the channels it computes). With ``distill_weight > 0``
+lower-DP tasks also match the softened predictions of the first (100%) task
+(in-place distillation, an addition to the paper; off by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dynscale.nn import sliced
+from dynscale.train import steps
+
+
+def _task_metrics(tasks: Sequence[float], losses, accuracies) -> dict:
+  metrics = {}
+  for dp, loss, acc in zip(tasks, losses, accuracies):
+    pct = int(round(100 * dp))
+    metrics[f"loss_dp{pct}"] = loss
+    metrics[f"accuracy_dp{pct}"] = acc
+  return metrics
+
+
+def _distillation(logits, teacher_logits, temperature: float):
+  """KL(teacher || student) on softened predictions, scaled by T^2 (Hinton et al.)."""
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+  student = jax.nn.log_softmax(logits / temperature)
+  return temperature**2 * jnp.mean(optax.kl_divergence(student, teacher))
+
+
+def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
+                temperature: float = 1.0) -> steps.LossFn:
+  """``sum_k c_k CE(sliced network at tasks[k])``; inactive tasks skipped (lax.cond).
+
+  ``tasks`` are static DPs; the task argument of the returned loss is the
+  coefficient vector ``c`` of shape ``(len(tasks),)``. Distillation takes
+  ``tasks[0]`` (the full network, when it is 1.0) as the teacher.
+  """
+  tasks = tuple(float(dp) for dp in tasks)
+
+  def loss_fn(model, images, labels, coefficients):
+    arch = model.arch
+    variables = model.pure_variables()
+    stats = sliced.bn_stats_of(variables)
+    total = jnp.zeros((), jnp.float32)
+    losses, accuracies = [], []
+    teacher = None
+    for k, dp in enumerate(tasks):
+
+      def active(stats, dp=dp):
+        logits, new_stats = sliced.apply_sliced(arch, variables, images, dp, train=True,
+                                                bn_stats=stats, dtype=model.dtype)
+        return logits, new_stats
+
+      def inactive(stats):
+        return jnp.zeros((images.shape[0], arch["num_classes"]), jnp.float32), stats
+
+      logits, stats = jax.lax.cond(coefficients[k] != 0, active, inactive, stats)
+      loss = jnp.mean(steps.cross_entropy(logits, labels))
+      if teacher is not None and distill_weight > 0:
+        loss = loss + distill_weight * _distillation(logits, teacher, temperature)
+      teacher = logits if k == 0 else teacher
+      total = total + coefficients[k] * loss
+      losses.append(loss)
+      accuracies.append(steps.accuracy(logits, labels))
+    nnx.update(model, nnx.State(stats))
+    return total, {"loss": total, **_task_metrics(tasks, losses, accuracies)}
+
+  return loss_fn
+
+
+def masked_loss(tasks: Sequence[float]) -> steps.LossFn:
+  """``sum_k c_k CE(masked network at tasks[k])``, every task computed in full."""
+  tasks = tuple(float(dp) for dp in tasks)
+
+  def loss_fn(model, images, labels, coefficients):
+    total = jnp.zeros((), jnp.float32)
+    losses, accuracies = [], []
+    for k, dp in enumerate(tasks):
+      logits = model(images, dp, train=True)
+      loss = jnp.mean(steps.cross_entropy(logits, labels))
+      total = total + coefficients[k] * loss
+      losses.append(loss)
+      accuracies.append(steps.accuracy(logits, labels))
+    return total, {"loss": total, **_task_metrics(tasks, losses, accuracies)}
+
+  return loss_fn
