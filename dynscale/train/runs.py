@@ -71,13 +71,15 @@ def augment(config, dataset_name: str) -> bool:
 
 
 def make_trainer(run: Run, graphdef, tx, loss_fn: steps.LossFn,
-                 forward: steps.ForwardFn = steps.eval_forward) -> loop.Trainer:
+                 forward: steps.ForwardFn = steps.eval_forward, *,
+                 trainable=nnx.Param) -> loop.Trainer:
   config = run.config
   return loop.Trainer(
       graphdef=graphdef, tx=tx, loss_fn=loss_fn, forward=forward, dataset=run.dataset,
       batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
       augment=augment(config, run.dataset.name), seed=config.seed,
-      steps_per_chunk=config.train.steps_per_chunk, compute_dtype=compute_dtype(config))
+      steps_per_chunk=config.train.steps_per_chunk, compute_dtype=compute_dtype(config),
+      trainable=trainable)
 
 
 def total_steps(run: Run) -> int:

@@ -16,11 +16,22 @@ from dynscale import io, plots
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
 
 
-def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, object],
+def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict[str, object]:
+  """``{"model": {"profile": "linear"}} -> {"model.profile": "linear"}``."""
+  flat = {}
+  for key, value in overrides.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten_overrides(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
                    field: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with dotted-path ``overrides`` applied; unknown paths raise."""
+  """A copy of ``config`` with nested ``overrides`` applied; unknown fields raise."""
   config = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides.items():
+  for path, value in flatten_overrides(overrides).items():
     *parents, leaf = path.split(".")
     node = config
     for part in parents:
@@ -34,12 +45,12 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, ob
 
 
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
-  """The config of every variant in ``config.variants`` (name -> overrides)."""
+  """The config of every variant in ``config.variants`` (name -> nested overrides)."""
   if not config.get("variants"):
     raise ValueError("variants must map at least one variant name to its overrides")
   base = ml_collections.ConfigDict(config.to_dict())
   del base["variants"]
-  return {name: with_overrides(base, dict(overrides), f"variants.{name}")
+  return {name: with_overrides(base, overrides.to_dict(), f"variants.{name}")
           for name, overrides in config.variants.items()}
 
 

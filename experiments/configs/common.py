@@ -58,6 +58,22 @@ def evaluation(*, dps=DPS, bn_mode: str = "shared") -> ml_collections.ConfigDict
   ))
 
 
+def overrides(**dotted) -> dict:
+  """Nested overrides from dotted paths: ``overrides(**{"model.profile": "linear"})``.
+
+  A variant of a figure is the base config with these applied (ConfigDict
+  keys cannot contain dots, so variants hold them nested).
+  """
+  nested: dict = {}
+  for path, value in dotted.items():
+    *parents, leaf = path.split(".")
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return nested
+
+
 def base(**blocks) -> ml_collections.ConfigDict:
   """A full config: every block at its default unless given."""
   config = ml_collections.ConfigDict()
@@ -68,5 +84,44 @@ def base(**blocks) -> ml_collections.ConfigDict:
   config.train = blocks.pop("train", train())
   config.eval = blocks.pop("eval", evaluation())
   config.tensorboard = True
+  config.update(blocks)
+  return config
+
+
+def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 0.5,
+             epoch_budget: int = 50) -> ml_collections.ConfigDict:
+  """TESLA / R-TESLA (000 Algorithms 1-2); ``train.patience`` is the stopping rule."""
+  return ml_collections.ConfigDict(dict(
+      name=name,             # 'tesla' (decreasing DP) or 'rtesla' (sampled tasks)
+      tasks=tasks,           # DP levels, decreasing for TESLA
+      alpha=alpha,           # Eq. 3 aggregation coefficient
+      epoch_budget=epoch_budget,  # R-TESLA: total epochs over all stages
+      distribution="uniform",     # R-TESLA task distribution, or explicit probabilities
+  ))
+
+
+def atp(enabled: bool = False) -> ml_collections.ConfigDict:
+  """Trainable profiles (000 §3.4); needs ``model.profile='all-one'`` (start at one)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=enabled,
+      projection="clip",     # the paper's clip, or 'isotonic' (exact Euclidean projection)
+      period_steps=1,        # weights and profiles alternate every this many steps
+      learning_rate=1e-3,    # Adam on the profiles
+  ))
+
+
+def distill(weight: float = 0.0) -> ml_collections.ConfigDict:
+  """In-place distillation from the 100% task (not in the paper; off by default)."""
+  return ml_collections.ConfigDict(dict(weight=weight, temperature=1.0))
+
+
+def tesla_base(**blocks) -> ml_collections.ConfigDict:
+  """A TESLA config: the common blocks plus schedule, atp and distill."""
+  config = base(**{k: blocks.pop(k) for k in list(blocks)
+                   if k in ("data", "model", "optimizer", "train", "eval")})
+  config.method = "tesla"
+  config.schedule = blocks.pop("schedule", schedule())
+  config.atp = blocks.pop("atp", atp())
+  config.distill = blocks.pop("distill", distill())
   config.update(blocks)
   return config

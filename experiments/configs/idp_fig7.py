@@ -17,6 +17,6 @@ def get_config(arg: str = "mnist"):
   )
   config.method = "idp"
   config.title = "001 Fig. 7: MLP on MNIST, four profiles"
-  config.variants = {p: {"model.profile": p}
+  config.variants = {p: common.overrides(**{"model.profile": p})
                      for p in ("all-one", "harmonic", "linear", "half-exp")}
   return config

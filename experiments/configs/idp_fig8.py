@@ -30,5 +30,5 @@ def get_config(arg: str = "mlp"):
   )
   config.method = "idp"
   config.title = f"001 Fig. 8: {arg}, all-one vs linear"
-  config.variants = {p: {"model.profile": p} for p in ("all-one", "linear")}
+  config.variants = {p: common.overrides(**{"model.profile": p}) for p in ("all-one", "linear")}
   return config

@@ -29,6 +29,6 @@ def get_config(arg: str = "mlp"):
   config.title = f"001 Fig. 9: MP-IDP, {arg}"
   config.variants = {
       "linear": {},
-      "mp-idp": {"method": "mpidp", "model.mp_profiles": ranges},
+      "mp-idp": common.overrides(**{"method": "mpidp", "model.mp_profiles": ranges}),
   }
   return config

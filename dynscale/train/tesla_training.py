@@ -1,0 +1,139 @@
+"""TESLA and R-TESLA training (000 Algorithms 1-2), with optional ATP (§3.4).
+
+Each stage optimises the aggregated objective ``sum_k c_k L_k`` (Eq. 3) with
+the sliced multi-task loss of :mod:`dynscale.train.multitask`: the
+coefficient vector is the step's task argument, so all stages share one
+executable. A stage runs until the validation accuracy of its newest task
+has not improved for ``train.patience`` epochs (never the test split); its
+best-validation state is kept and the next stage starts from it.
+
+* ``schedule.name='tesla'``: tasks in decreasing DP, one stage per task.
+* ``schedule.name='rtesla'``: after the first task, each stage's task is
+  sampled from ``schedule.distribution`` until ``schedule.epoch_budget``
+  epochs are spent.
+* ``atp.enabled``: the profiles start at one and are trained too, alternating
+  with the weights every ``atp.period_steps`` steps, and projected back to a
+  non-increasing sequence (``atp.projection``: the paper's clip or the exact
+  isotonic projection) after every profile update.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from dynscale import atp, plots, tesla
+from dynscale.nn import layers
+from dynscale.train import evaluation, multitask, runs, validation
+from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.optim import make_optimizer
+from dynscale.train.state import create_train_state
+
+SCHEDULES = ("tesla", "rtesla")
+
+
+def check_config(config) -> None:
+  """The common blocks plus ``schedule``, ``atp`` and ``distill``."""
+  validation.check_common(config)
+  s = config.schedule
+  validation.one_of(s.name, SCHEDULES, "schedule.name")
+  tesla.check_tasks(s.tasks, decreasing=s.name == "tesla")
+  tesla.check_alpha(s.alpha)
+  if s.name == "rtesla":
+    validation.positive(s.epoch_budget, "schedule.epoch_budget", integer=True)
+    tesla.task_probabilities(s.distribution, len(s.tasks))
+  if config.train.patience < 1:
+    raise ValueError(f"train.patience must be >= 1 for TESLA's task-wise early stopping, "
+                     f"got {config.train.patience}")
+  if config.atp.enabled:
+    validation.one_of(config.atp.projection, tuple(atp.PROJECTIONS), "atp.projection")
+    validation.positive(config.atp.period_steps, "atp.period_steps", integer=True)
+    validation.positive(config.atp.learning_rate, "atp.learning_rate")
+    validation.one_of(config.model.profile, ("all-one",), "model.profile (ATP starts at one)")
+  if config.distill.weight < 0 or config.distill.temperature <= 0:
+    raise ValueError("distill.weight must be >= 0 and distill.temperature > 0, got "
+                     f"{config.distill.weight}, {config.distill.temperature}")
+
+
+def optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """The weights' optimizer, or ATP's alternation of weights and profiles."""
+  weights = make_optimizer(config.optimizer, total_steps)
+  if not config.atp.enabled:
+    return weights
+  return atp.alternating(weights, optax.adam(config.atp.learning_rate),
+                         period=config.atp.period_steps, method=config.atp.projection)
+
+
+def stage_plan(config):
+  """The stages in order: a finite tuple (TESLA) or an endless iterator (R-TESLA)."""
+  s = config.schedule
+  if s.name == "tesla":
+    return iter(tesla.tesla_stages(s.tasks, s.alpha))
+  return tesla.rtesla_stages(s.tasks, s.alpha, s.distribution,
+                             np.random.default_rng(config.seed))
+
+
+def learned_profiles(params) -> dict[str, list[float]]:
+  """Every profile in a parameter dict, by layer path (for ATP's results)."""
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if getattr(path[-1], "key", None) == "gamma":
+      found[jax.tree_util.keystr(path[:-1])] = [round(float(g), 5) for g in np.asarray(leaf)]
+  return found
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the TESLA or R-TESLA schedule of ``config``; writes and returns results."""
+  run = runs.start(config, workdir, check=check_config)
+  tasks = tuple(config.schedule.tasks)
+  trainable = nnx.Any(nnx.Param, layers.Profile) if config.atp.enabled else nnx.Param
+  budget = (config.schedule.epoch_budget if config.schedule.name == "rtesla"
+            else config.train.num_epochs * len(tasks))
+  total_steps = (len(run.dataset.train_y) // config.data.batch_size) * budget
+  tx = optimizer(config, total_steps)
+  graphdef, state = create_train_state(run.model, tx, trainable)
+  loss = multitask.sliced_loss(tasks, distill_weight=config.distill.weight,
+                               temperature=config.distill.temperature)
+  trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
+  state = trainer.place(state)
+  spent, history = 0, []
+  for stage in stage_plan(config):
+    limit = config.train.num_epochs
+    if config.schedule.name == "rtesla":
+      if spent >= budget:
+        break
+      limit = budget - spent
+    logging.info("Stage %d: task %d (DP %.2f), coefficients %s", stage.index, stage.task,
+                 stage.dp, stage.coefficients)
+    fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
+                      val_task=jnp.float32(stage.dp), num_epochs=limit,
+                      stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
+                      writer=run.writer, early_stopping=EarlyStopping(config.train.patience))
+    spent += fit.epochs
+    history.append({"stage": stage.index, "task_dp": stage.dp,
+                    "coefficients": list(stage.coefficients), "epochs": fit.epochs,
+                    "best_val_accuracy": fit.early_stopping.best})
+    state = jax.tree.map(jnp.copy, fit.best_state)
+  by_dp = evaluation.accuracy_by_dp(run, trainer, state, "test")
+  name = config.schedule.name.upper().replace("RTESLA", "R-TESLA")
+  label = f"{name}{' + ATP' if config.atp.enabled else ''} ({config.eval.bn_mode} BN)"
+  logging.info("Test accuracy by DP:\n%s", plots.format_accuracy_table({label: by_dp}))
+  if run.is_main_process:
+    plots.plot_accuracy_by_dp({label: by_dp}, os.path.join(run.workdir, "accuracy_by_dp.png"),
+                              title=f"{config.model.name} {label} on {run.dataset.name}")
+  extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
+  return runs.finish(run, {
+      "test_accuracy_by_dp": by_dp,
+      "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),
+      "bn_mode": config.eval.bn_mode,
+      "schedule": config.schedule.name, "atp": bool(config.atp.enabled),
+      "distillation": config.distill.weight > 0,
+      "stages": history, "epochs": spent,
+  }, **extra)

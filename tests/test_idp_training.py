@@ -1,0 +1,141 @@
+"""IDP training: MP-IDP freezes earlier profiles' channels bit for bit, BN
+recalibration helps low DPs, and the figure launchers run end to end."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dynscale import data, idp
+from dynscale.nn import models
+from dynscale.train import evaluation, loop, mpidp, steps
+from dynscale.train.state import create_train_state
+from experiments import idp as idp_launcher
+from experiments.configs import idp_fig7, idp_fig9
+
+
+def small_cnn(profiles=None):
+  """A LeNet-sized IDP conv net for 28x28 digits (BN, pooling, IDP dense head)."""
+  return {
+      "name": "small_cnn", "input_shape": [28, 28, 1], "num_classes": 10,
+      "profile": "linear", "profiles": profiles,
+      "layers": [
+          {"kind": "conv", "features": 8},
+          {"kind": "maxpool", "window": 2},
+          {"kind": "conv", "features": 16, "idp": True},
+          {"kind": "maxpool", "window": 2},
+          {"kind": "conv", "features": 16, "idp": True},
+          {"kind": "global_avgpool"},
+          {"kind": "flatten"},
+          {"kind": "dense", "features": 10, "idp": True},
+      ],
+  }
+
+
+@pytest.fixture(scope="module")
+def digits():
+  full = data.load("mnist_sample", val_size=300, seed=0)
+  return dataclasses.replace(full, train_x=full.train_x[:1500], train_y=full.train_y[:1500])
+
+
+def make_trainer(dataset, model, tx, loss_fn, forward=steps.eval_forward):
+  graphdef, state = create_train_state(model, tx)
+  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=loss_fn, forward=forward,
+                         dataset=dataset, batch_size=50, eval_batch_size=300, augment=False,
+                         seed=0, steps_per_chunk=10)
+  return trainer, trainer.place(state)
+
+
+def test_mp_idp_stage_leaves_frozen_entries_bit_identical(digits):
+  arch = small_cnn(profiles=[[0.0, 0.5], [0.5, 1.0]])
+  model = models.build(arch, rngs=nnx.Rngs(0))
+  variables = model.pure_variables()
+  frozen = mpidp.frozen_entries(arch, variables, stage=1)
+  params_frozen = mpidp.restrict(frozen, nnx.state(model, nnx.Param).to_pure_dict())
+  stats_frozen = mpidp.restrict(frozen, nnx.state(model, nnx.BatchStat).to_pure_dict())
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), mpidp.freeze(params_frozen))
+  trainer, state = make_trainer(digits, model, tx, mpidp.stage_loss(1, stats_frozen),
+                                mpidp.profile_forward(arch["profiles"]))
+  before = jax.tree.map(np.array, (state.params, state.model_state))
+  state = trainer.fit(state, task=jnp.float32(1.0), num_epochs=1, stage="profile1").state
+  after = jax.tree.map(np.asarray, (state.params, state.model_state))
+  stats = lambda tree: mpidp.restrict(tree, stats_frozen)
+  changed_trainable = []
+  for mask_tree, old_tree, new_tree in ((params_frozen, before[0], after[0]),
+                                        (stats_frozen, stats(before[1]), stats(after[1]))):
+    for mask, old, new in zip(jax.tree.leaves(mask_tree), jax.tree.leaves(old_tree),
+                              jax.tree.leaves(new_tree)):
+      mask = np.asarray(mask)
+      np.testing.assert_array_equal(old[mask].view(np.uint32), new[mask].view(np.uint32))
+      if (~mask).any():
+        changed_trainable.append(np.abs(old[~mask] - new[~mask]).max())
+  assert max(changed_trainable) > 1e-3, "the unfrozen entries must train"
+  # Stage 1 freezes what profile 0 reads: conv 2's first 8 of 16 filters on its first
+  # 4 of 8 input channels, and profile 0's own first and last layers entirely.
+  kernel = np.asarray(frozen["layers"][2]["kernel"])
+  assert kernel[:, :, :4, :8].all() and not kernel[:, :, 4:, :].any()
+  assert not kernel[:, :, :, 8:].any()
+  assert np.asarray(frozen["layers"][0][0]["kernel"]).all()
+  assert not np.asarray(frozen["layers"][0][1]["kernel"]).any()
+
+
+def test_bn_recalibration_changes_statistics_and_raises_low_dp_accuracy(digits):
+  arch = small_cnn()
+  model = models.build(arch, rngs=nnx.Rngs(0))
+  trainer, state = make_trainer(digits, model, optax.adam(1e-2), steps.classification_loss)
+  state = trainer.fit(state, task=jnp.float32(1.0), num_epochs=3, stage="train").state
+  dp = 0.5
+  recalibrated = evaluation.recalibrated_state(trainer, state, dp, num_batches=10)
+  old = np.asarray(state.model_state["layers"][2]["bn"]["mean"])
+  new = np.asarray(recalibrated.model_state["layers"][2]["bn"]["mean"])
+  k = idp.num_kept(16, dp)  # conv 2's outputs that conv 4 keeps at this DP
+  assert not np.allclose(old[:k], new[:k]), "recalibration must change the kept channels"
+  np.testing.assert_array_equal(old[k:], new[k:])
+  shared = trainer.evaluate(state, "val", jnp.float32(dp))["accuracy"]
+  recal = trainer.evaluate(recalibrated, "val", jnp.float32(dp))["accuracy"]
+  assert recal > shared + 0.02, (shared, recal)
+
+
+def tiny_figure(config, epochs=2):
+  config.data.dataset = "mnist_sample"
+  config.data.val_size = 300
+  config.model.width_multiplier = 0.2
+  config.train.num_epochs = epochs
+  config.eval.dps = (0.2, 0.5, 1.0)
+  config.tensorboard = False
+  return config
+
+
+def test_figure_7_launcher_writes_one_curve_per_profile(tmp_path):
+  config = tiny_figure(idp_fig7.get_config("sample"), epochs=1)
+  figure = idp_launcher.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["variants"]) == {"all-one", "harmonic", "linear", "half-exp"}
+  for name, summary in saved["variants"].items():
+    assert set(summary["test_accuracy_by_dp"]) == {"20", "50", "100"}
+    assert summary["bn_mode"] == "shared"
+    assert (tmp_path / name / "results.json").exists()
+  assert (tmp_path / "accuracy_by_dp.png").stat().st_size > 0
+  assert figure == saved
+
+
+def test_figure_9_mp_idp_runs_each_profile(tmp_path):
+  config = tiny_figure(idp_fig9.get_config("mlp"))
+  figure = idp_launcher.train_and_evaluate(config, str(tmp_path))
+  mp = json.loads((tmp_path / "mp-idp" / "results.json").read_text())
+  assert mp["profiles"] == [[0.0, 0.2], [0.2, 0.4], [0.4, 1.0]]
+  assert len(mp["epochs_run"]) == 3
+  assert set(figure["variants"]) == {"linear", "mp-idp"}
+
+
+def test_unknown_variant_field_is_refused_before_training(tmp_path):
+  config = tiny_figure(idp_fig7.get_config("sample"))
+  config.variants["linear"]["model"]["profil"] = "linear"
+  with pytest.raises(ValueError, match="variants.linear: unknown config field 'model.profil'"):
+    idp_launcher.train_and_evaluate(config, str(tmp_path / "fig"))
+  assert not (tmp_path / "fig").exists()

@@ -1,0 +1,194 @@
+"""TESLA training: sliced multi-task step = masked one, no recompilation
+between stages, early stopping blind to the test split, a full schedule."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dynscale import data, tesla
+from dynscale.nn import models
+from dynscale.train import loop, multitask, steps, tesla_training
+from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.state import create_train_state, merge_model
+from experiments.configs import tesla_main
+
+TASKS = (1.0, 0.5, 0.2)
+
+
+# A small conv net with every IDP ingredient (conv, BN, pooling, flatten, IDP dense):
+# it compiles in seconds where VGG-16 takes a minute on two cores.
+TINY_CNN = {
+    "name": "tiny_cnn", "input_shape": [8, 8, 3], "num_classes": 10, "profile": "linear",
+    "layers": [
+        {"kind": "conv", "features": 6},
+        {"kind": "conv", "features": 8, "idp": True},
+        {"kind": "maxpool", "window": 2},
+        {"kind": "conv", "features": 8, "idp": True, "stride": 2},
+        {"kind": "global_avgpool"},
+        {"kind": "flatten"},
+        {"kind": "dense", "features": 10, "idp": True},
+    ],
+}
+
+
+def tiny(name, shape, width):
+  arch = (TINY_CNN if name == "tiny_cnn" else
+          models.architecture(name, num_classes=10, input_shape=shape, profile="linear",
+                              width_multiplier=width))
+  return arch, models.build(arch, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name, shape, width", [
+    ("tesla_mlp", (28, 28, 1), 0.1),
+    ("tiny_cnn", (8, 8, 3), None),
+    pytest.param("vgg16", (32, 32, 3), 1 / 16, marks=pytest.mark.slow),
+])
+def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
+  arch, model = tiny(name, shape, width)
+  graphdef, state = create_train_state(model, optax.sgd(0.1))
+  images = jax.random.normal(jax.random.key(1), (8, *shape))
+  labels = jnp.arange(8) % 10
+  coefficients = jnp.asarray(tesla.stage_coefficients(len(TASKS), len(TASKS) - 1, 0.5),
+                             jnp.float32)
+  assert np.all(np.asarray(coefficients) > 0)
+
+  def objective(loss_fn):
+    def f(params):
+      m = merge_model(graphdef, params, state.model_state)
+      loss, _ = loss_fn(m, images, labels, coefficients)
+      return loss, nnx.state(m, nnx.BatchStat).to_pure_dict()
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  (loss_s, stats_s), grads_s = objective(multitask.sliced_loss(TASKS))(state.params)
+  (loss_m, stats_m), grads_m = objective(multitask.masked_loss(TASKS))(state.params)
+  np.testing.assert_allclose(loss_s, loss_m, rtol=1e-5)
+  # Sixteen batch-normalised layers: compare each gradient relative to its scale.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                       atol=1e-4 * np.abs(b).max()),
+               grads_s, grads_m)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               stats_s, stats_m)
+
+
+def test_inactive_tasks_contribute_nothing():
+  arch, model = tiny("tesla_mlp", (28, 28, 1), 0.1)
+  graphdef, state = create_train_state(model, optax.sgd(0.1))
+  images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+  first_stage = jnp.asarray([1.0, 0.0, 0.0], jnp.float32)
+
+  def loss(loss_fn, params):
+    return loss_fn(merge_model(graphdef, params, state.model_state), images, labels,
+                   first_stage)[0]
+
+  single = lambda params: steps.classification_loss(
+      merge_model(graphdef, params, state.model_state), images, labels, 1.0)[0]
+  g_multi = jax.grad(lambda p: loss(multitask.sliced_loss(TASKS), p))(state.params)
+  g_single = jax.grad(single)(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               g_multi, g_single)
+
+
+def small_trainer(dataset, loss_fn, counter=None):
+  arch, model = tiny("tesla_mlp", (28, 28, 1), 0.1)
+  tx = optax.adam(1e-3)
+  graphdef, state = create_train_state(model, tx)
+
+  def counted(*args):
+    if counter is not None:
+      counter.append(1)
+    return loss_fn(*args)
+
+  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=counted, forward=steps.eval_forward,
+                         dataset=dataset, batch_size=50, eval_batch_size=250, augment=False,
+                         seed=0, steps_per_chunk=10)
+  return trainer, trainer.place(state)
+
+
+def small_dataset():
+  full = data.load("mnist_sample", val_size=250, seed=0)
+  return dataclasses.replace(full, train_x=full.train_x[:500], train_y=full.train_y[:500])
+
+
+def test_changing_stage_does_not_recompile():
+  traces = []
+  trainer, state = small_trainer(small_dataset(), multitask.sliced_loss(TASKS), traces)
+  idx, key = next(trainer.epoch_chunks(0))
+  for stage in tesla.tesla_stages(TASKS, 0.5):
+    state, metrics = trainer.train_chunk(state, trainer.splits["train"], idx, key,
+                                         jnp.asarray(stage.coefficients, jnp.float32))
+  assert len(traces) == 1, f"traced {len(traces)} times for {len(TASKS)} stages"
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_early_stopping_and_model_selection_never_read_the_test_split():
+  base = small_dataset()
+  rng = np.random.default_rng(0)
+  poisoned = dataclasses.replace(
+      base, test_x=rng.integers(0, 256, base.test_x.shape, dtype=np.uint8),
+      test_y=((base.test_y + 1) % 10).astype(np.int32))
+  runs = []
+  for dataset in (base, poisoned):
+    trainer, state = small_trainer(dataset, multitask.sliced_loss(TASKS))
+    fit = trainer.fit(state, task=jnp.asarray([1.0, 0.0, 0.0]), val_task=jnp.float32(1.0),
+                      num_epochs=4, stage="stage0", early_stopping=EarlyStopping(1))
+    runs.append((fit.early_stopping, jax.tree.map(np.asarray, fit.best_state.params),
+                 trainer.evaluate(fit.best_state, "test", jnp.float32(1.0))["accuracy"]))
+  (es_a, params_a, test_a), (es_b, params_b, test_b) = runs
+  assert es_a == es_b
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert test_a != test_b, "the poisoned test split must change the test metric itself"
+
+
+@pytest.mark.parametrize("schedule, atp_enabled", [("tesla", False), ("rtesla", True)])
+def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_enabled):
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.train.num_epochs = 2
+  config.train.patience = 1
+  config.schedule.name = schedule
+  config.schedule.epoch_budget = 4
+  config.atp.enabled = atp_enabled
+  config.atp.projection = "isotonic"
+  if atp_enabled:
+    config.model.profile = "all-one"
+  config.eval.dps = (0.1, 0.5, 1.0)
+  config.tensorboard = False
+  results = tesla_training.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["test_accuracy_by_dp"]) == {"10", "50", "100"}
+  assert saved["mean_test_accuracy"] == pytest.approx(
+      np.mean(list(saved["test_accuracy_by_dp"].values())))
+  assert (tmp_path / "accuracy_by_dp.png").stat().st_size > 0
+  if schedule == "rtesla":
+    assert results["epochs"] <= 4
+  else:
+    assert [s["task_dp"] for s in results["stages"]] == [1.0, 0.7, 0.4, 0.1]
+  if atp_enabled:
+    for gamma in results["learned_profiles"].values():
+      assert np.all(np.diff(gamma) <= 1e-6), "ATP profiles must stay non-increasing"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"schedule.name": "random"}, r"schedule.name must be one of \('tesla', 'rtesla'\)"),
+    ({"schedule.tasks": (0.4, 1.0)}, r"tasks"),
+    ({"schedule.tasks": (1.0, 0.0)}, r"\(0, 1\]"),
+    ({"schedule.alpha": 0.0}, r"alpha"),
+    ({"atp.enabled": True}, r"model.profile \(ATP starts at one\) must be one of"),
+    ({"train.patience": 0}, r"train.patience must be >= 1"),
+])
+def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
+  config = tesla_main.get_config()
+  (path, value), = override.items()
+  block, field = path.split(".")
+  config[block][field] = value
+  with pytest.raises(ValueError, match=message):
+    tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
