@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dynscale import plots
 
 FLAGS = flags.FLAGS
 
@@ -30,8 +31,22 @@ def run(argv, train_and_evaluate: Callable) -> dict:
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
   results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  headline = {k: v for k, v in results.items()
-              if k in ("test_accuracy", "mean_test_accuracy", "test_accuracy_by_dp", "bn_mode")}
-  print(json.dumps(headline, indent=1))
+  print(summary(results, FLAGS.workdir))
   return results
+
+
+def summary(results: dict, workdir: str) -> str:
+  """The test accuracy-by-DP table (one column per variant) and where results are."""
+  if "variants" in results:
+    curves = {name: v["test_accuracy_by_dp"] for name, v in results["variants"].items()}
+    means = {name: v["mean_test_accuracy"] for name, v in results["variants"].items()}
+    bn_mode = "/".join(sorted({v["bn_mode"] for v in results["variants"].values()}))
+  else:
+    curves = {results["model"]["name"]: results["test_accuracy_by_dp"]}
+    means = {results["model"]["name"]: results["mean_test_accuracy"]}
+    bn_mode = results["bn_mode"]
+  mean_row = "mean  " + "  ".join(f"{100 * m:12.2f}" for m in means.values())
+  return (f"Test accuracy (%) by DP, {bn_mode} batch-norm statistics:\n"
+          f"{plots.format_accuracy_table(curves)}\n{mean_row}\n"
+          f"Results: {workdir}/results.json, plot: {workdir}/accuracy_by_dp.png")
 
