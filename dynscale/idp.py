@@ -142,9 +142,11 @@ def num_kept(n: int, dp: float) -> int:
 def channel_mask(n: int, dp) -> Array:
   """Float mask ``(n,)`` with ones on the first ``num_kept(n, dp)`` channels.
 
-  ``dp`` may be traced (the masked path); for concrete values the mask agrees
-  with ``num_kept`` exactly.
+  ``dp`` may be traced (the masked path); a concrete ``dp`` is checked to lie
+  in (0, 1], and the mask then agrees with ``num_kept`` exactly.
   """
+  if not isinstance(dp, jax.core.Tracer):
+    check_dp(dp)
   dp = jnp.asarray(dp, jnp.float32)
   kept = jnp.maximum(1.0, jnp.ceil(dp * n - _KEEP_TOLERANCE))
   return (jnp.arange(n) < kept).astype(jnp.float32)
@@ -170,7 +172,9 @@ def binarize(w: Array) -> Array:
   # Not jnp.clip: its gradient is 1/2 at exactly |w| = 1 (tied max/min).
   clipped = jnp.where(jnp.abs(w) <= 1, w, jax.lax.stop_gradient(jnp.clip(w, -1.0, 1.0)))
   signs = jnp.where(w >= 0, 1.0, -1.0).astype(w.dtype)
-  return clipped + jax.lax.stop_gradient(signs - clipped)
+  # signs + (c - c) is exactly signs even where XLA keeps excess precision
+  # (bf16/f16); c + (signs - c) was not (e.g. 1.0009766 for bf16 w = 0.243).
+  return signs + (clipped - jax.lax.stop_gradient(clipped))
 
 
 # --------------------------------------------------------------------------
@@ -241,9 +245,14 @@ def separable_conv(x: Array, f_depthwise: Array, g_pointwise: Array, gamma: Arra
 # --------------------------------------------------------------------------
 
 
-def _check_k(k: int, n: int) -> None:
+def _check_k(k: int, n: int, name: str = "k") -> None:
   if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-    raise ValueError(f"k must be a static int in [1, {n}], got {k!r}")
+    raise ValueError(f"{name} must be a static int in [1, {n}], got {k!r}")
+
+
+def _check_n_out(n_out: int | None, m: int) -> None:
+  if n_out is not None:
+    _check_k(n_out, m, "n_out")
 
 
 def _prefix(x: Array, k: int) -> Array:
@@ -260,6 +269,7 @@ def dense_sliced(x: Array, w: Array, gamma: Array, k: int,
   ``n_out`` outputs are computed. Returns ``(..., n_out or M)``.
   """
   _check_k(k, w.shape[0])
+  _check_n_out(n_out, w.shape[1])
   w = w[:k, :n_out]
   return _scale_channels(_prefix(x, k), gamma[:k]) @ w.astype(x.dtype)
 
@@ -268,6 +278,7 @@ def conv_sliced(x: Array, f: Array, gamma: Array, k: int, n_out: int | None = No
                 *, strides=1, padding: Padding = "SAME") -> Array:
   """Incomplete convolution over the first ``k`` input channels only."""
   _check_k(k, f.shape[2])
+  _check_n_out(n_out, f.shape[3])
   return _conv(_scale_channels(_prefix(x, k), gamma[:k]), f[:, :, :k, :n_out],
                strides, padding)
 

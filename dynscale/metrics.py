@@ -49,40 +49,33 @@ import jax
 
 Kernel = int | tuple[int, int]
 
-
 # --------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------
 
 
 def _check_positive_int(name: str, value: Any) -> int:
-    """Returns ``value`` as an int, or raises ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+  """Returns ``value`` as an int, or raises ValueError naming ``name``."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
 
 
 def _check_positive_real(name: str, value: Any) -> float:
-    """Returns ``value`` as a float, or raises ValueError naming ``name``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+  """Returns ``value`` as a float, or raises ValueError naming ``name``."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or
+      value <= 0):
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+  return float(value)
 
 
 def _kernel_area(kernel: Kernel) -> int:
-    """k² for an int kernel, kh·kw for a ``(kh, kw)`` pair."""
-    if isinstance(kernel, tuple):
-        if len(kernel) != 2:
-            raise ValueError(f"kernel must be a positive int or a (kh, kw) pair, got {kernel!r}")
-        return _check_positive_int("kernel[0]", kernel[0]) * _check_positive_int(
-            "kernel[1]", kernel[1]
-        )
-    return _check_positive_int("kernel", kernel) ** 2
+  """k² for an int kernel, kh·kw for a ``(kh, kw)`` pair."""
+  if isinstance(kernel, tuple):
+    if len(kernel) != 2:
+      raise ValueError(f"kernel must be a positive int or a (kh, kw) pair, got {kernel!r}")
+    return _check_positive_int("kernel[0]", kernel[0]) * _check_positive_int("kernel[1]", kernel[1])
+  return _check_positive_int("kernel", kernel)**2
 
 
 # --------------------------------------------------------------------------
@@ -90,10 +83,14 @@ def _kernel_area(kernel: Kernel) -> int:
 # --------------------------------------------------------------------------
 
 
-def conv_flops(
-    h_out: int, w_out: int, c_in: int, c_out: int, kernel: Kernel, *, bias: bool = True
-) -> int:
-    """FLOPs of a convolution, SANP §4.1.1: ``H·W·(C_in·k² + 1)·C_out``.
+def conv_flops(h_out: int,
+               w_out: int,
+               c_in: int,
+               c_out: int,
+               kernel: Kernel,
+               *,
+               bias: bool = True) -> int:
+  """FLOPs of a convolution, SANP §4.1.1: ``H·W·(C_in·k² + 1)·C_out``.
 
     Args:
       h_out, w_out: spatial size of the OUTPUT feature map.
@@ -104,36 +101,42 @@ def conv_flops(
     Returns:
       Multiply-adds (plus one add per output for the bias), as an int.
     """
-    h = _check_positive_int("h_out", h_out)
-    w = _check_positive_int("w_out", w_out)
-    ci = _check_positive_int("c_in", c_in)
-    co = _check_positive_int("c_out", c_out)
-    area = _kernel_area(kernel)
-    return h * w * (ci * area + int(bias)) * co
+  h = _check_positive_int("h_out", h_out)
+  w = _check_positive_int("w_out", w_out)
+  ci = _check_positive_int("c_in", c_in)
+  co = _check_positive_int("c_out", c_out)
+  area = _kernel_area(kernel)
+  return h * w * (ci * area + int(bias)) * co
 
 
 def dense_flops(c_in: int, c_out: int, *, bias: bool = True) -> int:
-    """FLOPs of a dense layer, ``(C_in + 1)·C_out``: :func:`conv_flops` with H = W = k = 1."""
-    return conv_flops(1, 1, c_in, c_out, 1, bias=bias)
+  """FLOPs of a dense layer, ``(C_in + 1)·C_out``: :func:`conv_flops` with H = W = k = 1."""
+  return conv_flops(1, 1, c_in, c_out, 1, bias=bias)
 
 
-def depthwise_conv_flops(
-    h_out: int, w_out: int, channels: int, kernel: Kernel, *, bias: bool = True
-) -> int:
-    """FLOPs of a depthwise convolution, ``H·W·(k² + 1)·C``.
+def depthwise_conv_flops(h_out: int,
+                         w_out: int,
+                         channels: int,
+                         kernel: Kernel,
+                         *,
+                         bias: bool = True) -> int:
+  """FLOPs of a depthwise convolution, ``H·W·(k² + 1)·C``.
 
     Each of the ``C`` channels has its own ``k×k`` filter over one input
     channel: the SANP formula with ``C_in = 1`` and ``C_out = C``.
     """
-    c = _check_positive_int("channels", channels)
-    return conv_flops(h_out, w_out, 1, c, kernel, bias=bias)
+  c = _check_positive_int("channels", channels)
+  return conv_flops(h_out, w_out, 1, c, kernel, bias=bias)
 
 
-def pointwise_conv_flops(
-    h_out: int, w_out: int, c_in: int, c_out: int, *, bias: bool = True
-) -> int:
-    """FLOPs of a 1×1 convolution, ``H·W·(C_in + 1)·C_out`` (SANP formula with k = 1)."""
-    return conv_flops(h_out, w_out, c_in, c_out, 1, bias=bias)
+def pointwise_conv_flops(h_out: int,
+                         w_out: int,
+                         c_in: int,
+                         c_out: int,
+                         *,
+                         bias: bool = True) -> int:
+  """FLOPs of a 1×1 convolution, ``H·W·(C_in + 1)·C_out`` (SANP formula with k = 1)."""
+  return conv_flops(h_out, w_out, c_in, c_out, 1, bias=bias)
 
 
 # --------------------------------------------------------------------------
@@ -142,39 +145,39 @@ def pointwise_conv_flops(
 
 
 def conv_params(c_in: int, c_out: int, kernel: Kernel, *, bias: bool = True) -> int:
-    """Parameters of a convolution: ``k²·C_in·C_out`` weights ``+ C_out`` biases.
+  """Parameters of a convolution: ``k²·C_in·C_out`` weights ``+ C_out`` biases.
 
     The weight is ``(kh, kw, C_in, C_out)`` (HWIO), the bias ``(C_out,)``.
     """
-    ci = _check_positive_int("c_in", c_in)
-    co = _check_positive_int("c_out", c_out)
-    area = _kernel_area(kernel)
-    return area * ci * co + (co if bias else 0)
+  ci = _check_positive_int("c_in", c_in)
+  co = _check_positive_int("c_out", c_out)
+  area = _kernel_area(kernel)
+  return area * ci * co + (co if bias else 0)
 
 
 def dense_params(c_in: int, c_out: int, *, bias: bool = True) -> int:
-    """Parameters of a dense layer: ``C_in·C_out + C_out`` (kernel ``(C_in, C_out)``, bias)."""
-    return conv_params(c_in, c_out, 1, bias=bias)
+  """Parameters of a dense layer: ``C_in·C_out + C_out`` (kernel ``(C_in, C_out)``, bias)."""
+  return conv_params(c_in, c_out, 1, bias=bias)
 
 
 def depthwise_conv_params(channels: int, kernel: Kernel, *, bias: bool = True) -> int:
-    """Parameters of a depthwise convolution: ``k²·C + C`` (weight ``(kh, kw, 1, C)``, bias)."""
-    c = _check_positive_int("channels", channels)
-    return conv_params(1, c, kernel, bias=bias)
+  """Parameters of a depthwise convolution: ``k²·C + C`` (weight ``(kh, kw, 1, C)``, bias)."""
+  c = _check_positive_int("channels", channels)
+  return conv_params(1, c, kernel, bias=bias)
 
 
 def pointwise_conv_params(c_in: int, c_out: int, *, bias: bool = True) -> int:
-    """Parameters of a 1×1 convolution: ``C_in·C_out + C_out``."""
-    return conv_params(c_in, c_out, 1, bias=bias)
+  """Parameters of a 1×1 convolution: ``C_in·C_out + C_out``."""
+  return conv_params(c_in, c_out, 1, bias=bias)
 
 
 def batchnorm_params(c: int) -> int:
-    """Trainable parameters of batch-norm over ``c`` channels: ``2C`` (scale and offset).
+  """Trainable parameters of batch-norm over ``c`` channels: ``2C`` (scale and offset).
 
     The running mean and variance are statistics, not parameters, and are not
     counted.
     """
-    return 2 * _check_positive_int("c", c)
+  return 2 * _check_positive_int("c", c)
 
 
 # --------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def batchnorm_params(c: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
-    """The analytic cost of one layer.
+  """The analytic cost of one layer.
 
     Attributes:
       name: layer name, e.g. ``"conv1"``.
@@ -193,47 +196,46 @@ class LayerCost:
       params: parameter count, a non-negative int.
     """
 
-    name: str
-    kind: str
-    flops: int
-    params: int
+  name: str
+  kind: str
+  flops: int
+  params: int
 
-    def __post_init__(self) -> None:
-        for field in ("flops", "params"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{field} must be a non-negative integer, got {value!r}")
+  def __post_init__(self) -> None:
+    for field in ("flops", "params"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{field} must be a non-negative integer, got {value!r}")
 
 
 def total(costs: Iterable[LayerCost]) -> LayerCost:
-    """Whole-model totals: a ``LayerCost`` named ``"total"`` summing FLOPs and params."""
-    costs = list(costs)
-    if not costs:
-        raise ValueError("costs must be a non-empty sequence of LayerCost, got an empty one")
-    return LayerCost(
-        name="total",
-        kind="total",
-        flops=sum(int(c.flops) for c in costs),
-        params=sum(int(c.params) for c in costs),
-    )
+  """Whole-model totals: a ``LayerCost`` named ``"total"`` summing FLOPs and params."""
+  costs = list(costs)
+  if not costs:
+    raise ValueError("costs must be a non-empty sequence of LayerCost, got an empty one")
+  return LayerCost(
+      name="total",
+      kind="total",
+      flops=sum(int(c.flops) for c in costs),
+      params=sum(int(c.params) for c in costs),
+  )
 
 
 def format_table(costs: Sequence[LayerCost]) -> str:
-    """A per-layer text table (name, kind, FLOPs, params) ending with a totals row."""
-    summary = total(costs)
-    header = ("layer", "kind", "FLOPs", "params")
-    rows = [(c.name, c.kind, f"{c.flops:,}", f"{c.params:,}") for c in costs]
-    last = (summary.name, "", f"{summary.flops:,}", f"{summary.params:,}")
-    widths = [max(len(r[i]) for r in (header, *rows, last)) for i in range(4)]
+  """A per-layer text table (name, kind, FLOPs, params) ending with a totals row."""
+  summary = total(costs)
+  header = ("layer", "kind", "FLOPs", "params")
+  rows = [(c.name, c.kind, f"{c.flops:,}", f"{c.params:,}") for c in costs]
+  last = (summary.name, "", f"{summary.flops:,}", f"{summary.params:,}")
+  widths = [max(len(r[i]) for r in (header, *rows, last)) for i in range(4)]
 
-    def line(row: tuple[str, str, str, str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i < 2 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
-        ).rstrip()
+  def line(row: tuple[str, str, str, str]) -> str:
+    return "  ".join(
+        cell.ljust(width) if i < 2 else cell.rjust(width)
+        for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
 
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, rows), rule, line(last)])
+  rule = "-" * len(line(header))
+  return "\n".join([line(header), rule, *map(line, rows), rule, line(last)])
 
 
 # --------------------------------------------------------------------------
@@ -242,39 +244,39 @@ def format_table(costs: Sequence[LayerCost]) -> str:
 
 
 def compression_rate(params_original: float, params_compressed: float) -> float:
-    """Compression rate, survey Eq. 8: ``α(M, M*) = a / a*``.
+  """Compression rate, survey Eq. 8: ``α(M, M*) = a / a*``.
 
     Args:
       params_original: ``a``, the number of parameters of the original model M.
       params_compressed: ``a*``, that of the compressed model M*.
     """
-    a = _check_positive_real("params_original", params_original)
-    a_star = _check_positive_real("params_compressed", params_compressed)
-    return a / a_star
+  a = _check_positive_real("params_original", params_original)
+  a_star = _check_positive_real("params_compressed", params_compressed)
+  return a / a_star
 
 
 def index_space_saving(dims_original: float, dims_compressed: float) -> float:
-    """Index space saving, survey Eq. 9: ``β(M, M*) = (a − a*) / a*``.
+  """Index space saving, survey Eq. 9: ``β(M, M*) = (a − a*) / a*``.
 
     Here ``a`` and ``a*`` are the number of dimensions of the index space of the
     original and the compressed model (the survey, after its refs. [30], [71]).
     Equivalently ``β = α − 1`` when both count the same thing.
     """
-    a = _check_positive_real("dims_original", dims_original)
-    a_star = _check_positive_real("dims_compressed", dims_compressed)
-    return (a - a_star) / a_star
+  a = _check_positive_real("dims_original", dims_original)
+  a_star = _check_positive_real("dims_compressed", dims_compressed)
+  return (a - a_star) / a_star
 
 
 def speedup_rate(time_original: float, time_compressed: float) -> float:
-    """Speedup rate, survey Eq. 10: ``δ(M, M*) = s / s*``.
+  """Speedup rate, survey Eq. 10: ``δ(M, M*) = s / s*``.
 
     Args:
       time_original: ``s``, the running time of the original model M.
       time_compressed: ``s*``, that of the compressed model M*.
     """
-    s = _check_positive_real("time_original", time_original)
-    s_star = _check_positive_real("time_compressed", time_compressed)
-    return s / s_star
+  s = _check_positive_real("time_original", time_original)
+  s_star = _check_positive_real("time_compressed", time_compressed)
+  return s / s_star
 
 
 # --------------------------------------------------------------------------
@@ -283,16 +285,17 @@ def speedup_rate(time_original: float, time_compressed: float) -> float:
 
 
 def _flops_from_cost_analysis(cost: Any) -> float:
-    """The ``'flops'`` entry of a cost analysis: a dict, or (older JAX) a list of one dict."""
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not isinstance(cost, dict) or "flops" not in cost:
-        raise RuntimeError(f"XLA cost analysis reported no 'flops' entry, got {cost!r}")
-    return float(cost["flops"])
+  """The ``'flops'`` entry of a cost analysis: a dict, or (older JAX) a list of one dict."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not isinstance(cost, dict) or "flops" not in cost:
+    raise RuntimeError(f"XLA cost analysis reported no 'flops' entry, got {cost!r}")
+  return float(cost["flops"])
 
 
-def xla_flops(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence[int] = ()) -> float:
-    """XLA's flop count for ``jax.jit(fn, static_argnums=...)(*args)``.
+def xla_flops(fn: Callable[..., Any], *args: Any,
+              static_argnums: int | Sequence[int] = ()) -> float:
+  """XLA's flop count for ``jax.jit(fn, static_argnums=...)(*args)``.
 
     Reads ``jax.jit(fn).lower(*args).compile().cost_analysis()['flops']``.
     XLA counts a multiply-add in a dot/convolution as 2 flops, so this is about
@@ -302,5 +305,5 @@ def xla_flops(fn: Callable[..., Any], *args: Any, static_argnums: int | Sequence
     Raises:
       RuntimeError: if XLA's cost analysis gives no ``'flops'`` entry.
     """
-    compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
-    return _flops_from_cost_analysis(compiled.cost_analysis())
+  compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
+  return _flops_from_cost_analysis(compiled.cost_analysis())

@@ -7,18 +7,13 @@ python -m experiments.idp --config=experiments/configs/idp_fig8.py:vgg16 --workd
 
 from absl import app
 
-from dynscale.train import mpidp, supervised, sweep
+from dynscale.train import mpidp, supervised
 from experiments import launch
 
 METHODS = {"idp": supervised.train_and_evaluate, "mpidp": mpidp.train_and_evaluate}
 
 
-def train_and_evaluate(config, workdir):
-  if config.get("variants"):
-    return sweep.run_variants(config, workdir, METHODS)
-  if config.method not in METHODS:
-    raise ValueError(f"method must be one of {tuple(METHODS)}, got {config.method!r}")
-  return METHODS[config.method](config, workdir)
+train_and_evaluate = launch.dispatch(METHODS)
 
 
 def main(argv):

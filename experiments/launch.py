@@ -9,6 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dynscale import plots
+from dynscale.train import sweep
 
 FLAGS = flags.FLAGS
 
@@ -20,6 +21,19 @@ def define_flags() -> None:
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (one process per host).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def dispatch(methods: dict[str, Callable]) -> Callable:
+  """``train_and_evaluate(config, workdir)`` over ``config.method`` or a figure's variants."""
+
+  def train_and_evaluate(config, workdir):
+    if config.get("variants"):
+      return sweep.run_variants(config, workdir, methods)
+    if config.method not in methods:
+      raise ValueError(f"method must be one of {tuple(methods)}, got {config.method!r}")
+    return methods[config.method](config, workdir)
+
+  return train_and_evaluate
 
 
 def run(argv, train_and_evaluate: Callable) -> dict:

@@ -7,19 +7,14 @@ python -m experiments.tesla --config=experiments/configs/tesla_mlp_mnist.py --wo
 
 from absl import app
 
-from dynscale.train import mpidp, supervised, sweep, tesla_training
+from dynscale.train import mpidp, supervised, tesla_training
 from experiments import launch
 
 METHODS = {"idp": supervised.train_and_evaluate, "mpidp": mpidp.train_and_evaluate,
            "tesla": tesla_training.train_and_evaluate}
 
 
-def train_and_evaluate(config, workdir):
-  if config.get("variants"):
-    return sweep.run_variants(config, workdir, METHODS)
-  if config.method not in METHODS:
-    raise ValueError(f"method must be one of {tuple(METHODS)}, got {config.method!r}")
-  return METHODS[config.method](config, workdir)
+train_and_evaluate = launch.dispatch(METHODS)
 
 
 def main(argv):

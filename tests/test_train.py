@@ -238,3 +238,19 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
     io.write_json_atomic(str(path), {"a": object()})
   assert json.loads(path.read_text()) == {"a": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# --------------------------------------------------------------------------
+# bf16 compute, float32 parameters
+# --------------------------------------------------------------------------
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+  from dynscale.train import supervised
+  config = tiny_config(**{"model.dtype": "bfloat16", "train.num_epochs": 1,
+                          "train.checkpoint": False})
+  results = supervised.train_and_evaluate(config, str(tmp_path))
+  assert results["test_accuracy"] > 0.5  # ten classes: chance is 0.1
+  assert not (tmp_path / "checkpoints").exists()
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any("train/images_per_s" in line for line in lines)

@@ -64,43 +64,43 @@ _OFFICIAL_MD5 = {
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A loaded dataset. Arrays are read-only numpy.
+  """A loaded dataset. Arrays are read-only numpy.
 
     train_x, val_x, test_x: (N, H, W, C) uint8.
     train_y, val_y, test_y: (N,) int32 in [0, num_classes).
     source: where the data came from (path or package file, format).
     """
 
-    name: str
-    train_x: np.ndarray = dataclasses.field(repr=False)
-    train_y: np.ndarray = dataclasses.field(repr=False)
-    val_x: np.ndarray = dataclasses.field(repr=False)
-    val_y: np.ndarray = dataclasses.field(repr=False)
-    test_x: np.ndarray = dataclasses.field(repr=False)
-    test_y: np.ndarray = dataclasses.field(repr=False)
-    num_classes: int
-    source: str
+  name: str
+  train_x: np.ndarray = dataclasses.field(repr=False)
+  train_y: np.ndarray = dataclasses.field(repr=False)
+  val_x: np.ndarray = dataclasses.field(repr=False)
+  val_y: np.ndarray = dataclasses.field(repr=False)
+  test_x: np.ndarray = dataclasses.field(repr=False)
+  test_y: np.ndarray = dataclasses.field(repr=False)
+  num_classes: int
+  source: str
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of every image."""
-        return tuple(self.train_x.shape[1:])
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of every image."""
+    return tuple(self.train_x.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalFormat:
-    """One on-disk form of a dataset: `paths` (relative to a searched
+  """One on-disk form of a dataset: `paths` (relative to a searched
     directory) must all exist; `read(directory)` then reads them. `note`
     explains the form in error messages."""
 
-    paths: tuple[str, ...]
-    read: Callable[[Path], Splits]
-    note: str
+  paths: tuple[str, ...]
+  read: Callable[[Path], Splits]
+  note: str
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Registry entry: how to find and check a named dataset.
+  """Registry entry: how to find and check a named dataset.
 
     subdirs: subdirectories of the data directory searched, in order;
       ``""`` is the data directory itself.
@@ -108,53 +108,62 @@ class DatasetSpec:
     tfds_name: the tensorflow-datasets name, or None for package-only data.
     """
 
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    subdirs: tuple[str, ...]
-    formats: tuple[LocalFormat, ...]
-    tfds_name: str | None
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  subdirs: tuple[str, ...]
+  formats: tuple[LocalFormat, ...]
+  tfds_name: str | None
 
 
-def _cifar_formats(variant: formats.CifarVariant, python_tar: str, binary_tar: str, npz_xz: str) -> tuple[LocalFormat, ...]:
-    return (
-        LocalFormat(
-            (variant.python_dir,), lambda d: formats.read_cifar_folder(d, variant), f"folder, extracted {python_tar}"
-        ),
-        LocalFormat((python_tar,), lambda d: formats.read_cifar_tarball(d / python_tar, variant), "python version"),
-        LocalFormat(
-            (variant.binary_dir,),
-            lambda d: formats.read_cifar_folder(d, variant, binary=True),
-            f"folder, extracted {binary_tar}",
-        ),
-        LocalFormat(
-            (binary_tar,), lambda d: formats.read_cifar_tarball(d / binary_tar, variant, binary=True), "binary version"
-        ),
-        LocalFormat((npz_xz,), lambda d: formats.read_cifar_npz_xz(d / npz_xz, variant), "uint8 arrays, .npz in .xz"),
-    )
+def _cifar_formats(variant: formats.CifarVariant, python_tar: str, binary_tar: str,
+                   npz_xz: str) -> tuple[LocalFormat, ...]:
+  return (
+      LocalFormat((variant.python_dir,), lambda d: formats.read_cifar_folder(d, variant),
+                  f"folder, extracted {python_tar}"),
+      LocalFormat((python_tar,), lambda d: formats.read_cifar_tarball(d / python_tar, variant),
+                  "python version"),
+      LocalFormat(
+          (variant.binary_dir,),
+          lambda d: formats.read_cifar_folder(d, variant, binary=True),
+          f"folder, extracted {binary_tar}",
+      ),
+      LocalFormat((binary_tar,),
+                  lambda d: formats.read_cifar_tarball(d / binary_tar, variant, binary=True),
+                  "binary version"),
+      LocalFormat((npz_xz,), lambda d: formats.read_cifar_npz_xz(d / npz_xz, variant),
+                  "uint8 arrays, .npz in .xz"),
+  )
 
 
-_MNIST_LOCAL = (LocalFormat(MNIST_FILES, formats.read_mnist_dir, "the four original idx .gz files"),)
+_MNIST_LOCAL = (LocalFormat(MNIST_FILES, formats.read_mnist_dir,
+                            "the four original idx .gz files"),)
 
 _REGISTRY: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(10, (28, 28, 1), ("mnist", ""), _MNIST_LOCAL, "mnist"),
-    "fashion_mnist": DatasetSpec(
-        10, (28, 28, 1), ("fashion_mnist", "fashion-mnist"), _MNIST_LOCAL, "fashion_mnist"
-    ),
-    "cifar10": DatasetSpec(
-        10,
-        (32, 32, 3),
-        ("cifar10", ""),
-        _cifar_formats(CIFAR10, "cifar-10-python.tar.gz", "cifar-10-binary.tar.gz", "cifar10_uint8.npz.xz"),
-        "cifar10",
-    ),
-    "cifar100": DatasetSpec(
-        100,
-        (32, 32, 3),
-        ("cifar100", ""),
-        _cifar_formats(CIFAR100, "cifar-100-python.tar.gz", "cifar-100-binary.tar.gz", "cifar100_uint8.npz.xz"),
-        "cifar100",
-    ),
-    "mnist_sample": DatasetSpec(10, (28, 28, 1), (), (), None),
+    "mnist":
+        DatasetSpec(10, (28, 28, 1), ("mnist", ""), _MNIST_LOCAL, "mnist"),
+    "fashion_mnist":
+        DatasetSpec(10, (28, 28, 1), ("fashion_mnist", "fashion-mnist"), _MNIST_LOCAL,
+                    "fashion_mnist"),
+    "cifar10":
+        DatasetSpec(
+            10,
+            (32, 32, 3),
+            ("cifar10", ""),
+            _cifar_formats(CIFAR10, "cifar-10-python.tar.gz", "cifar-10-binary.tar.gz",
+                           "cifar10_uint8.npz.xz"),
+            "cifar10",
+        ),
+    "cifar100":
+        DatasetSpec(
+            100,
+            (32, 32, 3),
+            ("cifar100", ""),
+            _cifar_formats(CIFAR100, "cifar-100-python.tar.gz", "cifar-100-binary.tar.gz",
+                           "cifar100_uint8.npz.xz"),
+            "cifar100",
+        ),
+    "mnist_sample":
+        DatasetSpec(10, (28, 28, 1), (), (), None),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
@@ -164,10 +173,10 @@ MNIST_SAMPLE_FILE = "mnist_sample.npz"
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    """The registry entry of `name`; ValueError listing the names otherwise."""
-    if name not in _REGISTRY:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-    return _REGISTRY[name]
+  """The registry entry of `name`; ValueError listing the names otherwise."""
+  if name not in _REGISTRY:
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+  return _REGISTRY[name]
 
 
 # --------------------------------------------------------------------------
@@ -175,102 +184,101 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def _describe(fmt: LocalFormat) -> str:
-    return " + ".join(fmt.paths)
+  return " + ".join(fmt.paths)
 
 
 def _source_note(directory: Path, fmt: LocalFormat) -> str:
-    """Human-readable source, with the md5 verdict for official tarballs."""
-    note = f"local files in {directory}: {_describe(fmt)}"
-    official = _OFFICIAL_MD5.get(fmt.paths[0])
-    if official is not None:
-        verdict = "matches" if formats.file_md5(directory / fmt.paths[0]) == official else "differs from"
-        note += f" (md5 {verdict} the official release)"
-    return note
+  """Human-readable source, with the md5 verdict for official tarballs."""
+  note = f"local files in {directory}: {_describe(fmt)}"
+  official = _OFFICIAL_MD5.get(fmt.paths[0])
+  if official is not None:
+    verdict = "matches" if formats.file_md5(directory /
+                                            fmt.paths[0]) == official else "differs from"
+    note += f" (md5 {verdict} the official release)"
+  return note
 
 
 def _from_directory(name: str, root: Path) -> tuple[Splits, str] | None:
-    """First local form of `name` found under `root`, read; None when none is there."""
-    entry = dataset_spec(name)
-    for sub in entry.subdirs:
-        directory = root / sub
-        for fmt in entry.formats:
-            if all((directory / p).exists() for p in fmt.paths):
-                return fmt.read(directory), _source_note(directory, fmt)
-    return None
+  """First local form of `name` found under `root`, read; None when none is there."""
+  entry = dataset_spec(name)
+  for sub in entry.subdirs:
+    directory = root / sub
+    for fmt in entry.formats:
+      if all((directory / p).exists() for p in fmt.paths):
+        return fmt.read(directory), _source_note(directory, fmt)
+  return None
 
 
 def _from_tfds(name: str, tfds_data_dir: str | None, download: bool) -> tuple[Splits, str] | str:
-    """Reads `name` through tensorflow-datasets' random-access data source.
+  """Reads `name` through tensorflow-datasets' random-access data source.
 
     Returns (splits, source) or, when tfds is missing or cannot provide the
     data, the reason as a string.
     """
-    try:
-        import tensorflow_datasets as tfds  # optional dependency, imported only here
-    except ImportError:
-        return "tensorflow-datasets is not installed"
-    tfds_name = dataset_spec(name).tfds_name
-    try:
-        builder = tfds.builder(tfds_name, data_dir=tfds_data_dir, file_format="array_record")
-        if not (download or builder.is_prepared()):
-            return f"tensorflow-datasets has not prepared '{tfds_name}' in {builder.data_dir} (download=False)"
-        if download:
-            builder.download_and_prepare()
-        arrays = []
-        for source in builder.as_data_source(split=["train", "test"]):
-            records = source.__getitems__(range(len(source)))
-            arrays += [np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])]
-    except Exception as e:  # tfds raises many kinds; all mean "not available here"
-        return f"tensorflow-datasets could not provide '{tfds_name}' ({type(e).__name__}: {e})"
-    return Splits(*arrays), f"tensorflow-datasets '{tfds_name}' in {builder.data_dir} (array_record)"
+  try:
+    import tensorflow_datasets as tfds  # optional dependency, imported only here
+  except ImportError:
+    return "tensorflow-datasets is not installed"
+  tfds_name = dataset_spec(name).tfds_name
+  try:
+    builder = tfds.builder(tfds_name, data_dir=tfds_data_dir, file_format="array_record")
+    if not (download or builder.is_prepared()):
+      return f"tensorflow-datasets has not prepared '{tfds_name}' in {builder.data_dir} (download=False)"
+    if download:
+      builder.download_and_prepare()
+    arrays = []
+    for source in builder.as_data_source(split=["train", "test"]):
+      records = source.__getitems__(range(len(source)))
+      arrays += [np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])]
+  except Exception as e:  # tfds raises many kinds; all mean "not available here"
+    return f"tensorflow-datasets could not provide '{tfds_name}' ({type(e).__name__}: {e})"
+  return Splits(*arrays), f"tensorflow-datasets '{tfds_name}' in {builder.data_dir} (array_record)"
 
 
 def _not_found_message(name: str, root: tuple[Path, str] | None, tfds_reason: str) -> str:
-    entry = dataset_spec(name)
-    if root is None:
-        looked = f"no directory (no data_dir given and {DATA_DIR_ENV} is unset)"
-    else:
-        looked = " and ".join(f"{root[0] / sub}" for sub in entry.subdirs) + f" (from the {root[1]})"
-    where = " or ".join(f"<dir>/{sub}/" if sub else "<dir>/" for sub in entry.subdirs)
-    wanted = "\n".join(f"  - {_describe(fmt)} ({fmt.note})" for fmt in entry.formats)
-    return (
-        f"dataset '{name}' not found. Looked in: {looked}. {tfds_reason}.\n"
-        f"Put one of these into {where}:\n{wanted}\n"
-        f"and pass data_dir=<dir> or set {DATA_DIR_ENV}=<dir>."
-    )
+  entry = dataset_spec(name)
+  if root is None:
+    looked = f"no directory (no data_dir given and {DATA_DIR_ENV} is unset)"
+  else:
+    looked = " and ".join(f"{root[0] / sub}" for sub in entry.subdirs) + f" (from the {root[1]})"
+  where = " or ".join(f"<dir>/{sub}/" if sub else "<dir>/" for sub in entry.subdirs)
+  wanted = "\n".join(f"  - {_describe(fmt)} ({fmt.note})" for fmt in entry.formats)
+  return (f"dataset '{name}' not found. Looked in: {looked}. {tfds_reason}.\n"
+          f"Put one of these into {where}:\n{wanted}\n"
+          f"and pass data_dir=<dir> or set {DATA_DIR_ENV}=<dir>.")
 
 
 def _read_sample() -> tuple[Splits, str]:
-    resource = importlib.resources.files("dynscale.data") / MNIST_SAMPLE_FILE
-    with resource.open("rb") as f, np.load(f, allow_pickle=False) as arrays:
-        splits = Splits(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
-    return splits, (
-        f"package file dynscale/data/{MNIST_SAMPLE_FILE}: 4000 train + 1000 test MNIST digits, "
-        "class-balanced draw from the original files (CC BY-SA 3.0, LeCun & Cortes)"
-    )
+  resource = importlib.resources.files("dynscale.data") / MNIST_SAMPLE_FILE
+  with resource.open("rb") as f, np.load(f, allow_pickle=False) as arrays:
+    splits = Splits(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"])
+  return splits, (
+      f"package file dynscale/data/{MNIST_SAMPLE_FILE}: 4000 train + 1000 test MNIST digits, "
+      "class-balanced draw from the original files (CC BY-SA 3.0, LeCun & Cortes)")
 
 
 def _data_root(data_dir: str | None) -> tuple[Path, str] | None:
-    """(local data directory, where it came from): `data_dir`, else $DYNSCALE_DATA_DIR."""
-    if data_dir is not None:
-        return Path(data_dir), "data_dir argument"
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]), f"{DATA_DIR_ENV} environment variable"
-    return None
+  """(local data directory, where it came from): `data_dir`, else $DYNSCALE_DATA_DIR."""
+  if data_dir is not None:
+    return Path(data_dir), "data_dir argument"
+  if os.environ.get(DATA_DIR_ENV):
+    return Path(os.environ[DATA_DIR_ENV]), f"{DATA_DIR_ENV} environment variable"
+  return None
 
 
-def _read_named(name: str, data_dir: str | None, tfds_data_dir: str | None, download: bool) -> tuple[Splits, str]:
-    if name == "mnist_sample":
-        return _read_sample()
-    root = _data_root(data_dir)
-    if root is not None:
-        found = _from_directory(name, root[0])
-        if found is not None:
-            return found
-    found = _from_tfds(name, tfds_data_dir, download)
-    if isinstance(found, str):
-        raise FileNotFoundError(_not_found_message(name, root, found))
-    return found
+def _read_named(name: str, data_dir: str | None, tfds_data_dir: str | None,
+                download: bool) -> tuple[Splits, str]:
+  if name == "mnist_sample":
+    return _read_sample()
+  root = _data_root(data_dir)
+  if root is not None:
+    found = _from_directory(name, root[0])
+    if found is not None:
+      return found
+  found = _from_tfds(name, tfds_data_dir, download)
+  if isinstance(found, str):
+    raise FileNotFoundError(_not_found_message(name, root, found))
+  return found
 
 
 # --------------------------------------------------------------------------
@@ -278,20 +286,21 @@ def _read_named(name: str, data_dir: str | None, tfds_data_dir: str | None, down
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint (train_idx, val_idx) covering range(n), each sorted ascending.
+  """Disjoint (train_idx, val_idx) covering range(n), each sorted ascending.
 
     val_idx is `val_size` indices drawn uniformly without replacement with
     ``numpy.random.default_rng(seed)``; train_idx is the rest.
     """
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in [0, {n - 1}] (the training split has {n} examples), got {val_size}")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+  if not 0 <= val_size < n:
+    raise ValueError(
+        f"val_size must be in [0, {n - 1}] (the training split has {n} examples), got {val_size}")
+  perm = np.random.default_rng(seed).permutation(n)
+  return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
+  a.setflags(write=False)
+  return a
 
 
 def load(
@@ -303,7 +312,7 @@ def load(
     tfds_data_dir: str | None = None,
     download: bool = False,
 ) -> Dataset:
-    """Loads a named dataset with a validation split carved from train.
+  """Loads a named dataset with a validation split carved from train.
 
     Args:
       name: one of `DATASETS`.
@@ -324,22 +333,24 @@ def load(
       FileNotFoundError: no source has the dataset (the message says which
         files to put where).
     """
-    entry = dataset_spec(name)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
-        raise ValueError(f"val_size must be a non-negative int, got {val_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    splits, source = _read_named(name, None if data_dir is None else str(data_dir), tfds_data_dir, download)
-    splits = formats.validated_splits(
-        splits, image_shape=entry.image_shape, num_classes=entry.num_classes, where=source
-    )
-    train_idx, val_idx = split_indices(len(splits.train_x), int(val_size), int(seed))
-    arrays = [
-        splits.train_x[train_idx],
-        splits.train_y[train_idx],
-        splits.train_x[val_idx],
-        splits.train_y[val_idx],
-        splits.test_x,
-        splits.test_y,
-    ]
-    return Dataset(name, *map(_readonly, arrays), num_classes=entry.num_classes, source=source)
+  entry = dataset_spec(name)
+  if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
+    raise ValueError(f"val_size must be a non-negative int, got {val_size!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an int, got {seed!r}")
+  splits, source = _read_named(name, None if data_dir is None else str(data_dir), tfds_data_dir,
+                               download)
+  splits = formats.validated_splits(splits,
+                                    image_shape=entry.image_shape,
+                                    num_classes=entry.num_classes,
+                                    where=source)
+  train_idx, val_idx = split_indices(len(splits.train_x), int(val_size), int(seed))
+  arrays = [
+      splits.train_x[train_idx],
+      splits.train_y[train_idx],
+      splits.train_x[val_idx],
+      splits.train_y[val_idx],
+      splits.test_x,
+      splits.test_y,
+  ]
+  return Dataset(name, *map(_readonly, arrays), num_classes=entry.num_classes, source=source)

@@ -40,35 +40,37 @@ TEST_PER_CLASS = 100
 
 
 def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted int32 indices: `per_class` drawn without replacement from each class 0..9."""
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(10)]
-    return np.sort(np.concatenate(chosen)).astype(np.int32)
+  """Sorted int32 indices: `per_class` drawn without replacement from each class 0..9."""
+  chosen = [
+      rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(10)
+  ]
+  return np.sort(np.concatenate(chosen)).astype(np.int32)
 
 
 def make_sample(mnist_dir: str | Path, out: str | Path) -> None:
-    """Draws the sample from the original files in `mnist_dir` and writes `out`."""
-    splits = read_mnist_dir(mnist_dir)
-    rng = np.random.default_rng(SEED)
-    train_index = balanced_indices(splits.train_y, TRAIN_PER_CLASS, rng)
-    test_index = balanced_indices(splits.test_y, TEST_PER_CLASS, rng)
-    np.savez_compressed(
-        out,
-        train_x=splits.train_x[train_index],
-        train_y=splits.train_y[train_index].astype(np.uint8),
-        train_index=train_index,
-        test_x=splits.test_x[test_index],
-        test_y=splits.test_y[test_index].astype(np.uint8),
-        test_index=test_index,
-    )
+  """Draws the sample from the original files in `mnist_dir` and writes `out`."""
+  splits = read_mnist_dir(mnist_dir)
+  rng = np.random.default_rng(SEED)
+  train_index = balanced_indices(splits.train_y, TRAIN_PER_CLASS, rng)
+  test_index = balanced_indices(splits.test_y, TEST_PER_CLASS, rng)
+  np.savez_compressed(
+      out,
+      train_x=splits.train_x[train_index],
+      train_y=splits.train_y[train_index].astype(np.uint8),
+      train_index=train_index,
+      test_x=splits.test_x[test_index],
+      test_y=splits.test_y[test_index].astype(np.uint8),
+      test_index=test_index,
+  )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mnist_dir", help="directory holding the four original MNIST .gz files")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("mnist_sample.npz")))
-    args = parser.parse_args()
-    make_sample(args.mnist_dir, args.out)
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("mnist_dir", help="directory holding the four original MNIST .gz files")
+  parser.add_argument("--out", default=str(Path(__file__).with_name("mnist_sample.npz")))
+  args = parser.parse_args()
+  make_sample(args.mnist_dir, args.out)
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -53,106 +53,108 @@ AUGMENT_BY_DEFAULT: dict[str, bool] = {
 
 
 def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+  if name not in DATASETS:
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 
 def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel for dataset `name` (one of `DATASETS`)."""
-    _check_name(name)
-    return NORMALIZATION[name]
+  """(mean, std) per channel for dataset `name` (one of `DATASETS`)."""
+  _check_name(name)
+  return NORMALIZATION[name]
 
 
 def uses_augmentation(name: str) -> bool:
-    """True when dataset `name` is augmented by default (CIFAR), False otherwise."""
-    _check_name(name)
-    return AUGMENT_BY_DEFAULT[name]
+  """True when dataset `name` is augmented by default (CIFAR), False otherwise."""
+  _check_name(name)
+  return AUGMENT_BY_DEFAULT[name]
 
 
-def to_device(x: np.ndarray, y: np.ndarray, device: jax.Device | None = None) -> tuple[jax.Array, jax.Array]:
-    """Puts images (N, H, W, C) uint8 and labels (N,) on `device` (default: jax's).
+def to_device(x: np.ndarray,
+              y: np.ndarray,
+              device: jax.Device | None = None) -> tuple[jax.Array, jax.Array]:
+  """Puts images (N, H, W, C) uint8 and labels (N,) on `device` (default: jax's).
 
     Images stay uint8 (4x less memory than float32); labels become int32.
     """
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise ValueError(f"x must be uint8 (N, H, W, C), got {x.dtype} of shape {x.shape}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
-    return jax.device_put(x, device), jax.device_put(np.asarray(y, np.int32), device)
+  if x.dtype != np.uint8 or x.ndim != 4:
+    raise ValueError(f"x must be uint8 (N, H, W, C), got {x.dtype} of shape {x.shape}")
+  if y.shape != (x.shape[0],):
+    raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+  return jax.device_put(x, device), jax.device_put(np.asarray(y, np.int32), device)
 
 
-def normalize(x: jax.Array, mean: Sequence[float] | jax.Array, std: Sequence[float] | jax.Array) -> jax.Array:
-    """uint8 (..., C) -> float32 ``(x / 255 - mean) / std``, mean/std of shape (C,)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
-        raise ValueError(
-            f"mean and std must have shape ({x.shape[-1]},) for {x.shape[-1]} channels, "
-            f"got {mean.shape} and {std.shape}"
-        )
-    return (x.astype(jnp.float32) / 255.0 - mean) / std
+def normalize(x: jax.Array, mean: Sequence[float] | jax.Array,
+              std: Sequence[float] | jax.Array) -> jax.Array:
+  """uint8 (..., C) -> float32 ``(x / 255 - mean) / std``, mean/std of shape (C,)."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  if mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
+    raise ValueError(f"mean and std must have shape ({x.shape[-1]},) for {x.shape[-1]} channels, "
+                     f"got {mean.shape} and {std.shape}")
+  return (x.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def crop_flip_params(key: jax.Array, batch: int, pad: int = 4) -> tuple[jax.Array, jax.Array]:
-    """Draws per-example crop offsets (batch, 2) int32 in [0, 2 pad] (row, col)
+  """Draws per-example crop offsets (batch, 2) int32 in [0, 2 pad] (row, col)
     and flips (batch,) bool with probability 1/2."""
-    k_offset, k_flip = jax.random.split(key)
-    offsets = jax.random.randint(k_offset, (batch, 2), 0, 2 * pad + 1, dtype=jnp.int32)
-    return offsets, jax.random.bernoulli(k_flip, 0.5, (batch,))
+  k_offset, k_flip = jax.random.split(key)
+  offsets = jax.random.randint(k_offset, (batch, 2), 0, 2 * pad + 1, dtype=jnp.int32)
+  return offsets, jax.random.bernoulli(k_flip, 0.5, (batch,))
 
 
 def crop_flip(x: jax.Array, offsets: jax.Array, flips: jax.Array, pad: int = 4) -> jax.Array:
-    """Zero-pads each (H, W, C) image by `pad` on both spatial sides, takes the
+  """Zero-pads each (H, W, C) image by `pad` on both spatial sides, takes the
     H x W window whose top-left corner is ``offsets[i]`` in the padded image,
     then mirrors it left-right where ``flips[i]``.
 
     x: (B, H, W, C); offsets: (B, 2) int; flips: (B,) bool. Returns (B, H, W, C), x's dtype.
     """
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    _, h, w, c = x.shape
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  if pad < 0:
+    raise ValueError(f"pad must be >= 0, got {pad}")
+  _, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-    def one(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
-        window = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
-        return jnp.where(flip, window[:, ::-1], window)
+  def one(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
+    window = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, window[:, ::-1], window)
 
-    return jax.vmap(one)(padded, offsets, flips)
+  return jax.vmap(one)(padded, offsets, flips)
 
 
 def random_crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
-    """Standard CIFAR augmentation: pad-`pad` random crop + random horizontal
+  """Standard CIFAR augmentation: pad-`pad` random crop + random horizontal
     flip, independently per example. x: (B, H, W, C) -> (B, H, W, C)."""
-    offsets, flips = crop_flip_params(key, x.shape[0], pad)
-    return crop_flip(x, offsets, flips, pad)
+  offsets, flips = crop_flip_params(key, x.shape[0], pad)
+  return crop_flip(x, offsets, flips, pad)
 
 
 def epoch_permutation(key: jax.Array, n: int, batch_size: int) -> jax.Array:
-    """A shuffled epoch as an int32 (n // batch_size, batch_size) index array.
+  """A shuffled epoch as an int32 (n // batch_size, batch_size) index array.
 
     The last ``n % batch_size`` examples of the permutation are dropped, so
     every batch is full (one compiled step shape); a different key drops
     different examples.
     """
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}] (n = {n}), got {batch_size}")
-    steps = n // batch_size
-    return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"batch_size must be in [1, {n}] (n = {n}), got {batch_size}")
+  steps = n // batch_size
+  return jax.random.permutation(key, n)[:steps * batch_size].reshape(steps,
+                                                                     batch_size).astype(jnp.int32)
 
 
 def eval_batches(n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-    """Every index in range(n) exactly once, in order, in full batches.
+  """Every index in range(n) exactly once, in order, in full batches.
 
     Returns (idx, mask), both (ceil(n / batch_size), batch_size): idx int32,
     padded with index 0 past the end; mask bool, False on the padding. Weight
     per-example results by `mask` so each example counts exactly once.
     """
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    steps = -(-n // batch_size)
-    flat = jnp.arange(steps * batch_size, dtype=jnp.int32)
-    mask = flat < n
-    return jnp.where(mask, flat, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)
+  if n < 1 or batch_size < 1:
+    raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+  steps = -(-n // batch_size)
+  flat = jnp.arange(steps * batch_size, dtype=jnp.int32)
+  mask = flat < n
+  return jnp.where(mask, flat, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
 def make_batch(
@@ -166,13 +168,13 @@ def make_batch(
     std: Sequence[float] | jax.Array,
     pad: int = 4,
 ) -> tuple[jax.Array, jax.Array]:
-    """Gathers examples `idx` (B,) from device arrays x (N, H, W, C) uint8 and
+  """Gathers examples `idx` (B,) from device arrays x (N, H, W, C) uint8 and
     y (N,), augments them with `random_crop_flip` when `augment` (needs
     `key`), and normalises. Returns (images (B, H, W, C) float32, labels (B,)).
     Under jit, `augment` and `pad` are static."""
-    if augment and key is None:
-        raise ValueError("key must be given when augment=True")
-    images = jnp.take(x, idx, axis=0)
-    if augment:
-        images = random_crop_flip(key, images, pad)
-    return normalize(images, mean, std), jnp.take(y, idx, axis=0)
+  if augment and key is None:
+    raise ValueError("key must be given when augment=True")
+  images = jnp.take(x, idx, axis=0)
+  if augment:
+    images = random_crop_flip(key, images, pad)
+  return normalize(images, mean, std), jnp.take(y, idx, axis=0)

@@ -40,6 +40,14 @@ def optimizer(name: str = "adam", *, learning_rate: float = 1e-3,
   ))
 
 
+def cifar_sgd(learning_rate: float) -> ml_collections.ConfigDict:
+  """SGD with momentum 0.9, cosine decay and weight decay 5e-4: the usual CIFAR recipe."""
+  config = optimizer("sgd", learning_rate=learning_rate, momentum=0.9)
+  config.schedule = "cosine"
+  config.weight_decay = 5e-4
+  return config
+
+
 def train(*, num_epochs: int = 10, dp: float = 1.0, patience: int = 0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       num_epochs=num_epochs,

@@ -15,10 +15,8 @@ def get_config(arg: str = "mlp"):
   if arg not in PANELS:
     raise ValueError(f"idp_fig9 panel must be one of {tuple(PANELS)}, got {arg!r}")
   dataset, batch, opt, lr, epochs, ranges = PANELS[arg]
-  optimizer = common.optimizer(opt, learning_rate=lr)
-  if opt == "sgd":
-    optimizer.schedule = "cosine"
-    optimizer.weight_decay = 5e-4
+  optimizer = (common.cifar_sgd(lr) if opt == "sgd"
+               else common.optimizer(opt, learning_rate=lr))
   config = common.base(
       data=common.data(dataset, batch_size=batch, val_size=5000),
       model=common.model(arg, profile="linear"),
