@@ -28,10 +28,15 @@ def plot_accuracy_by_dp(curves: Mapping[str, Mapping[str, float]], path: str, *,
     ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=120)
+  save_png(fig, path, dpi=120)
   plt.close(fig)
-  write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_png(fig, path: str, *, dpi: int) -> None:
+  """Writes a matplotlib figure to ``path`` as PNG, atomically."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  write_bytes_atomic(str(path), buffer.getvalue())
 
 
 def format_accuracy_table(curves: Mapping[str, Mapping[str, float]]) -> str:

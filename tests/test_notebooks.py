@@ -1,0 +1,117 @@
+"""Runs the study notebook colabs/tesla.ipynb top to bottom and checks its outputs.
+
+The notebook retells IDP (paper 001) and TESLA (paper 000, §3, Fig. 3) with
+a tiny CPU run. It runs in a fresh kernel of this interpreter, with the repo
+root as working directory. The checks: every code cell ran without error;
+the Eq. 3 coefficient table it prints matches the recursion written out
+here; the VGG-16 FLOPs fall as about DP**2 (001 §I); the learned ATP profile
+is non-increasing (000 §3.4); and the closing cell prints one mean accuracy
+in [0, 1] for each of IDP, TESLA and TESLA + ATP.
+"""
+
+import pathlib
+import re
+
+import nbformat
+import numpy as np
+import pytest
+from ipykernel import kernelspec
+from nbclient import NotebookClient
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "colabs" / "tesla.ipynb"
+KERNEL = "dynscale-notebook-test"
+CELL_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def notebook(tmp_path_factory):
+  """The executed notebook. It uses a kernelspec that runs ``sys.executable``.
+
+  The venv's default ``python3`` kernelspec launches whichever ``python`` is
+  first on PATH, so this module installs its own kernelspec in a tmp dir.
+  """
+  prefix = tmp_path_factory.mktemp("kernels")
+  kernelspec.install(kernel_name=KERNEL, prefix=str(prefix))
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
+                   resources={"metadata": {"path": str(REPO)}}).execute()
+  return nb
+
+
+def tagged_stdout(nb, tag: str) -> str:
+  """The stdout text of the one code cell tagged ``tag``."""
+  cells = [c for c in nb.cells if tag in c.get("metadata", {}).get("tags", [])]
+  assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
+  return "".join(o.get("text", "") for o in cells[0].outputs
+                 if o.output_type == "stream" and o.name == "stdout")
+
+
+def number_rows(text: str) -> list[list[float]]:
+  """The rows of ``text`` that consist of numbers only, parsed."""
+  rows = []
+  for line in text.splitlines():
+    fields = line.split()
+    if fields and all(re.fullmatch(r"-?\d+(\.\d+)?", f) for f in fields):
+      rows.append([float(f) for f in fields])
+  return rows
+
+
+def test_saved_without_outputs():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  assert nb.nbformat == 4
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+def test_first_cell_only_hints_at_install():
+  first = nbformat.read(NOTEBOOK, as_version=4).cells[0]
+  assert first.cell_type == "code"
+  assert "# !pip install -e ." in first.source
+  assert all(line.startswith("#") for line in first.source.splitlines() if line.strip())
+
+
+def test_runs_without_error(notebook):
+  code = [c for c in notebook.cells if c.cell_type == "code"]
+  assert all(c.execution_count is not None for c in code)
+  assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  # profiles, IDP curve, coefficient heatmap, IDP vs TESLA, learned profile, all curves
+  assert len(images) >= 6
+
+
+def test_coefficient_table_is_eq3(notebook):
+  tasks, alpha = 4, 0.5
+  expected, objective = [], [1.0] + [0.0] * (tasks - 1)   # L_1^obj = L_1
+  for stage in range(tasks):
+    if stage:
+      objective = [(1 - alpha) * c for c in objective]    # (1 - alpha) L_i^obj
+      objective[stage] += alpha                           # + alpha L_{i+1}
+    expected.append([stage + 1] + objective)
+  np.testing.assert_allclose(number_rows(tagged_stdout(notebook, "coefficients")), expected,
+                             atol=1e-4)
+
+
+def test_vgg16_flops_fall_as_dp_squared(notebook):
+  rows = number_rows(tagged_stdout(notebook, "flops"))
+  assert [r[0] for r in rows] == [0.1, 0.25, 0.5, 0.75, 1.0]
+  for dp, _, vgg_ratio, _ in rows:
+    assert abs(vgg_ratio - dp * dp) < 0.01, (dp, vgg_ratio)
+
+
+def test_learned_profile_is_nonincreasing(notebook):
+  (gamma,) = number_rows(tagged_stdout(notebook, "learned-profile"))
+  assert len(gamma) == 25   # width_multiplier 0.25 of 100 hidden units
+  assert all(a >= b for a, b in zip(gamma, gamma[1:]))
+
+
+def test_summary_prints_mean_accuracies(notebook):
+  text = tagged_stdout(notebook, "summary")
+  means = dict(re.findall(r"^(IDP|TESLA|TESLA \+ ATP)\s+(\S+)$", text, flags=re.M))
+  assert set(means) == {"IDP", "TESLA", "TESLA + ATP"}, text
+  for name, value in means.items():
+    assert 0.0 <= float(value) <= 1.0, (name, value)
