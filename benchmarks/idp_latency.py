@@ -39,7 +39,7 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
   shape = MODELS[model_name]
   arch = models.architecture(model_name, num_classes=10, input_shape=shape, profile="linear",
                              width_multiplier=width_multiplier)
-  model = models.build(arch, rngs=nnx.Rngs(0), dtype=dtype)
+  model = models.build(arch, rngs=models.init_rngs(0), dtype=dtype)
   sliced_model = sliced.SlicedModel.from_model(model)
   graphdef, state = nnx.split(model)
   masked = jax.jit(lambda state, x, dp: nnx.merge(graphdef, state)(x, dp, train=False))

@@ -45,7 +45,6 @@ from dynscale.nn import models, sliced, spec
 Array = jax.Array
 
 # VGG-16 has five 2x2 pools (models._vgg16); the CAM variant drops the last two.
-_DROPPED_POOLS = 2
 # The grid is CELL_INCHES per row and per column at DPI dots per inch; the
 # margins below (inches) hold the column headers and the per-cell titles.
 CELL_INCHES = 1.6
@@ -62,28 +61,15 @@ _COLORMAP = "jet"
 
 def vgg16_gap_architecture(*, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
                            profile: str = "linear", width_multiplier: float = 1.0) -> dict:
-  """VGG-16 with a GAP + linear head for CAM (000 §4.2; Zhou et al. 2016 §2).
+  """The zoo's ``vgg16_gap``: VGG-16 with a GAP + linear head for CAM (000 §4.2).
 
-  The 13 conv layers of :func:`dynscale.nn.models.architecture` ``('vgg16')``
-  (first one complete, the other 12 IDP), with max-pools after the first
-  three groups only: a 32x32 input gives a 4x4 map (``input / 8``) after the
-  last conv. Then ``global_avgpool`` and one IDP dense classifier (profile on
-  its input channels, a bias, no batch norm, no activation). The GAP output
-  is already flat, so no ``flatten`` layer is needed. The input must be at
-  least 32x32 (the VGG-16 zoo entry checks its five pools).
-
-  Returns:
-    The validated architecture dict, named ``'vgg16_gap'``.
+  The 13 conv layers of VGG-16 (first one complete, the other 12 IDP), with
+  max-pools after the first three groups only: a 32x32 input gives a 4x4 map
+  (``input / 8``) after the last conv. Then ``global_avgpool`` and one IDP
+  dense classifier (a bias, no batch norm, no activation).
   """
-  base = models.architecture("vgg16", num_classes=num_classes, input_shape=input_shape,
+  return models.architecture("vgg16_gap", num_classes=num_classes, input_shape=input_shape,
                              profile=profile, width_multiplier=width_multiplier)
-  layers = base["layers"]
-  pools = [i for i, layer in enumerate(layers) if layer["kind"] == "maxpool"]
-  dropped = set(pools[-_DROPPED_POOLS:])
-  convs = [layer for i, layer in enumerate(layers[:pools[-1]]) if i not in dropped]
-  classifier = layers[-1]
-  return spec.validate_architecture(
-      {**base, "name": "vgg16_gap", "layers": convs + [{"kind": "global_avgpool"}, classifier]})
 
 
 # --------------------------------------------------------------------------

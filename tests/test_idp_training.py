@@ -53,7 +53,7 @@ def make_trainer(dataset, model, tx, loss_fn, forward=steps.eval_forward):
 
 def test_mp_idp_stage_leaves_frozen_entries_bit_identical(digits):
   arch = small_cnn(profiles=[[0.0, 0.5], [0.5, 1.0]])
-  model = models.build(arch, rngs=nnx.Rngs(0))
+  model = models.build(arch, rngs=models.init_rngs(0))
   variables = model.pure_variables()
   frozen = mpidp.frozen_entries(arch, variables, stage=1)
   params_frozen = mpidp.restrict(frozen, nnx.state(model, nnx.Param).to_pure_dict())
@@ -86,7 +86,7 @@ def test_mp_idp_stage_leaves_frozen_entries_bit_identical(digits):
 
 def test_bn_recalibration_changes_statistics_and_raises_low_dp_accuracy(digits):
   arch = small_cnn()
-  model = models.build(arch, rngs=nnx.Rngs(0))
+  model = models.build(arch, rngs=models.init_rngs(0))
   trainer, state = make_trainer(digits, model, optax.adam(1e-2), steps.classification_loss)
   state = trainer.fit(state, task=jnp.float32(1.0), num_epochs=3, stage="train").state
   dp = 0.5

@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import jax
+import matplotlib.image
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -13,7 +14,7 @@ from flax import nnx
 
 from dynscale import data, tesla
 from dynscale.nn import models
-from dynscale.train import loop, multitask, steps, tesla_training
+from dynscale.train import loop, multitask, runs, steps, tesla_training
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments.configs import tesla_main
@@ -41,7 +42,7 @@ def tiny(name, shape, width):
   arch = (TINY_CNN if name == "tiny_cnn" else
           models.architecture(name, num_classes=10, input_shape=shape, profile="linear",
                               width_multiplier=width))
-  return arch, models.build(arch, rngs=nnx.Rngs(0))
+  return arch, models.build(arch, rngs=models.init_rngs(0))
 
 
 @pytest.mark.parametrize("name, shape, width", [
@@ -192,3 +193,41 @@ def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
     tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def cam_config(name, width):
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.name = name
+  config.model.width_multiplier = width
+  config.cam.enabled = True
+  config.cam.num_images = 3
+  config.tensorboard = False
+  return config
+
+
+def test_class_activation_maps_of_a_run_are_saved_as_a_grid(tmp_path):
+  run = runs.start(cam_config("vgg16_gap", 1 / 16), str(tmp_path))
+  _, state = create_train_state(run.model, optax.sgd(0.1))
+  path = tesla_training.save_cams(run, state)
+  image = matplotlib.image.imread(path)
+  assert image.shape[1] > image.shape[0] > 0  # 3 rows of 4 columns: input, 20, 50, 100%
+
+
+@pytest.mark.slow
+def test_tesla_on_a_gap_network_saves_class_activation_maps(tmp_path):
+  config = cam_config("mobilenet", 1 / 32)  # the zoo's other GAP network
+  config.schedule.tasks = (1.0, 0.5)
+  config.train.num_epochs = 1
+  config.train.patience = 1
+  config.eval.dps = (0.5, 1.0)
+  results = tesla_training.train_and_evaluate(config, str(tmp_path))
+  image = matplotlib.image.imread(results["cam"])
+  assert image.shape[0] > 0 and image.shape[1] > image.shape[0]  # 3 rows, 4 columns
+
+
+def test_cam_needs_a_gap_model(tmp_path):
+  config = tesla_main.get_config()
+  config.cam.enabled = True
+  with pytest.raises(ValueError, match=r"model.name \(CAM needs a GAP head\) must be one of"):
+    tesla_training.train_and_evaluate(config, str(tmp_path / "run"))

@@ -127,7 +127,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
                                profile="linear", width_multiplier=0.1)
 
     def train(devices):
-      model = models.build(arch, rngs=nnx.Rngs(0))
+      model = models.build(arch, rngs=models.init_rngs(0))
       tx = optim.make_optimizer(common.optimizer("sgd", learning_rate=0.1), 10)
       graphdef, state = create_train_state(model, tx)
       initial = jax.tree.map(np.array, state.params)

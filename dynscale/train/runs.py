@@ -44,7 +44,7 @@ def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
       input_shape=tuple(dataset.train_x.shape[1:]), profile=config.model.profile,
       idp_layers=config.model.idp_layers, width_multiplier=config.model.width_multiplier,
       mp_profiles=config.model.get("mp_profiles"))
-  model = models.build(arch, rngs=nnx.Rngs(config.seed), dtype=compute_dtype(config))
+  model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=compute_dtype(config))
   return arch, model
 
 

@@ -11,6 +11,9 @@ best-validation state is kept and the next stage starts from it.
 * ``schedule.name='rtesla'``: after the first task, each stage's task is
   sampled from ``schedule.distribution`` until ``schedule.epoch_budget``
   epochs are spent.
+* ``cam.enabled``: after training, class activation maps of a few test
+  images at ``cam.dps`` are saved as ``cam.png`` (a GAP model such as
+  ``vgg16_gap``; 000 §4.2).
 * ``atp.enabled``: the profiles start at one and are trained too, alternating
   with the weights every ``atp.period_steps`` steps, and projected back to a
   non-increasing sequence (``atp.projection``: the paper's clip or the exact
@@ -29,14 +32,15 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dynscale import atp, plots, tesla
-from dynscale.nn import layers
+from dynscale import atp, cam, data, plots, tesla
+from dynscale.nn import layers, sliced
 from dynscale.train import evaluation, multitask, runs, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state
 
 SCHEDULES = ("tesla", "rtesla")
+CAM_MODELS = ("vgg16_gap", "mobilenet")
 
 
 def check_config(config) -> None:
@@ -57,6 +61,10 @@ def check_config(config) -> None:
     validation.positive(config.atp.period_steps, "atp.period_steps", integer=True)
     validation.positive(config.atp.learning_rate, "atp.learning_rate")
     validation.one_of(config.model.profile, ("all-one",), "model.profile (ATP starts at one)")
+  if config.cam.enabled:
+    validation.one_of(config.model.name, CAM_MODELS, "model.name (CAM needs a GAP head)")
+    validation.dp_list(config.cam.dps, "cam.dps")
+    validation.positive(config.cam.num_images, "cam.num_images", integer=True)
   if config.distill.weight < 0 or config.distill.temperature <= 0:
     raise ValueError("distill.weight must be >= 0 and distill.temperature > 0, got "
                      f"{config.distill.weight}, {config.distill.temperature}")
@@ -87,6 +95,16 @@ def learned_profiles(params) -> dict[str, list[float]]:
     if getattr(path[-1], "key", None) == "gamma":
       found[jax.tree_util.keystr(path[:-1])] = [round(float(g), 5) for g in np.asarray(leaf)]
   return found
+
+
+def save_cams(run: runs.Run, state) -> str:
+  """Class activation maps of the first test images at ``cam.dps``; returns the PNG path."""
+  n, path = run.config.cam.num_images, os.path.join(run.workdir, "cam.png")
+  cam.cam_figure(run.arch, sliced.merge_variables(state.params, state.model_state),
+                 run.dataset.test_x[:n], run.config.cam.dps, path,
+                 normalization=data.normalization_stats(run.dataset.name),
+                 labels=run.dataset.test_y[:n])
+  return path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -129,6 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plots.plot_accuracy_by_dp({label: by_dp}, os.path.join(run.workdir, "accuracy_by_dp.png"),
                               title=f"{config.model.name} {label} on {run.dataset.name}")
   extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
+  if config.cam.enabled and run.is_main_process:
+    extra["cam"] = save_cams(run, state)
   return runs.finish(run, {
       "test_accuracy_by_dp": by_dp,
       "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),

@@ -123,13 +123,19 @@ def distill(weight: float = 0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(weight=weight, temperature=1.0))
 
 
+def cam(enabled: bool = False) -> ml_collections.ConfigDict:
+  """Class activation maps after training (000 §4.2, Figs. 5-6); needs a GAP model."""
+  return ml_collections.ConfigDict(dict(enabled=enabled, num_images=8, dps=(0.2, 0.5, 1.0)))
+
+
 def tesla_base(**blocks) -> ml_collections.ConfigDict:
-  """A TESLA config: the common blocks plus schedule, atp and distill."""
+  """A TESLA config: the common blocks plus schedule, atp, distill and cam."""
   config = base(**{k: blocks.pop(k) for k in list(blocks)
                    if k in ("data", "model", "optimizer", "train", "eval")})
   config.method = "tesla"
   config.schedule = blocks.pop("schedule", schedule())
   config.atp = blocks.pop("atp", atp())
   config.distill = blocks.pop("distill", distill())
+  config.cam = blocks.pop("cam", cam())
   config.update(blocks)
   return config

@@ -5,7 +5,8 @@ SGD momentum 0.9, lr 0.004, alpha 0.5, TESLA patience 4, R-TESLA 35 epochs.
 The paper starts from ImageNet weights; none can be downloaded here, so
 VGG-16 trains from scratch (first the 100% task, as every schedule does).
 Variants: original IDP with all-one and linear profiles, MP-IDP, TESLA and
-R-TESLA (linear). Needs CIFAR files (DYNSCALE_DATA_DIR); meant for a GPU.
+R-TESLA (linear), and TESLA on the GAP variant of VGG-16 with class
+activation maps at 20/50/100% DP (000 §4.2, Figs. 5-6). Needs CIFAR files (DYNSCALE_DATA_DIR); meant for a GPU.
 """
 
 from experiments.configs import common
@@ -37,5 +38,6 @@ def get_config(arg: str = "cifar10"):
       "mp-idp": {**idp, "method": "mpidp", "model.mp_profiles": mp_ranges},
       "tesla": {},
       "rtesla": {"schedule.name": "rtesla"},
+      "tesla-gap-cam": {"model.name": "vgg16_gap", "cam.enabled": True},
   }.items()}
   return config

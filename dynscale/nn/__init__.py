@@ -1,0 +1,34 @@
+"""Flax NNX incomplete networks, the model zoo, whole-network slicing and export.
+
+Importing this package is cheap: the names below load their module on first
+use (PEP 562), so ``dynscale.nn.sliced`` (with ``load`` for exported
+networks) runs without importing Flax or the model classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "spec": ("validate_architecture", "plan", "LayerPlan", "Feature", "LAYER_KINDS",
+             "ACTIVATIONS", "select_profile"),
+    "layers": ("Profile", "IDPDense", "IDPConv", "IDPSeparableConv", "IDPNet"),
+    "models": ("MODELS", "architecture", "build"),
+    "sliced": ("apply_sliced", "slice_variables", "SlicedModel", "export", "load",
+               "bn_stats_of", "merge_variables", "variable_shapes", "batch_moments"),
+    "batchnorm": ("BN_MODES", "check_bn_mode", "recalibrate", "recalibrate_all",
+                  "bn_stats_for_mode", "with_bn_stats"),
+    "costs": ("layer_costs", "flops", "params"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _WHERE:
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+  if name in _EXPORTS:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""Batch norm at reduced width: a named choice (DESIGN invariant 3).
+
+A network trained at several DPs shares one set of batch-norm running
+statistics, but the activations at DP ``p`` differ from those at 100%: a
+channel of a middle layer sums only the first ``p`` of its inputs. Two modes:
+
+* ``"shared"``: evaluate with the trained running statistics, the
+  behaviour of papers 001 and 000.
+* ``"recalibrated"``: "precise batch norm" per DP: run the network in train
+  mode at that DP over N batches and set every batch-norm mean / variance to
+  the exact average over those batches:
+
+      mean = sum_b n_b E_b[y] / sum_b n_b
+      var  = sum_b n_b E_b[y^2] / sum_b n_b - mean^2
+
+  (``n_b`` the batch sizes; with equal batches the plain average of per-batch
+  means and of per-batch E[y^2]). This is the population variance of all the
+  samples seen, whereas the mean of per-batch variances would be biased low
+  by the spread of the batch means. As in training, each layer's input is
+  normalised with its batch's own statistics. Only the channels computed at
+  that DP change; the model's own statistics are never touched.
+
+Evaluation with given statistics: :func:`dynscale.nn.sliced.apply_sliced`
+takes ``bn_stats=``, :class:`~dynscale.nn.sliced.SlicedModel` takes
+``bn_stats_by_dp``, and :func:`with_bn_stats` returns a copy of a masked
+model carrying them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynscale import idp
+from dynscale.nn import sliced, spec
+from dynscale.nn.layers import IDPNet
+
+BN_MODES = ("shared", "recalibrated")
+
+
+def check_bn_mode(mode: str) -> str:
+  """Returns ``mode`` if it is one of ``BN_MODES``, else raises ValueError."""
+  if mode not in BN_MODES:
+    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
+  return mode
+
+
+def _arch_and_variables(model: Any) -> tuple[dict, dict]:
+  """(arch, variables) of an IDPNet, a SlicedModel or an ``(arch, variables)`` pair."""
+  if isinstance(model, tuple) and len(model) == 2:
+    return spec.validate_architecture(model[0]), model[1]
+  if isinstance(model, sliced.SlicedModel):
+    return model.arch, model.variables
+  if isinstance(model, IDPNet):
+    return model.arch, model.pure_variables()
+  raise ValueError("model must be an IDPNet, a SlicedModel or an (arch, variables) pair, "
+                   f"got {type(model).__name__}")
+
+
+def _inputs(batch: Any) -> jax.Array:
+  """The input array of a batch given as ``x`` or as ``(x, labels, ...)``."""
+  return jnp.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def _finish(stats: Mapping, sums: Mapping, count: int) -> dict:
+  """Statistics with each recalibrated channel prefix set from summed moments."""
+  out = dict(stats)
+  for key, value in sums.items():
+    if "mean_sq" in value:
+      mean = value["mean"] / count
+      var = jnp.maximum(0.0, value["mean_sq"] / count - mean * mean)
+      out[key] = {"mean": stats[key]["mean"].at[:mean.shape[0]].set(mean),
+                  "var": stats[key]["var"].at[:var.shape[0]].set(var)}
+    else:
+      out[key] = _finish(stats[key], value, count)
+  return out
+
+
+def recalibrate(model: Any, dp: float, batches: Iterable[Any], *,
+                profile_index: int | None = None, dtype=jnp.float32) -> dict:
+  """Precise batch-norm statistics of ``model`` at DP ``dp`` over ``batches``.
+
+  Args:
+    model: an IDPNet, a SlicedModel or an ``(arch, variables)`` pair.
+    dp: the DP (static float in (0, 1]).
+    batches: input batches ``x`` (or ``(x, labels)`` tuples); labels unused.
+    profile_index: MP-IDP only: the profile (else chosen from ``dp``).
+    dtype: compute dtype of the forward.
+
+  Returns:
+    Full statistics in the ``bn_stats_of`` layout: the channels computed at
+    ``dp`` recalibrated (module docstring), all others as in the model. The
+    model is not modified.
+  """
+  arch, variables = _arch_and_variables(model)
+  dp = idp.check_dp(dp)
+  compact = sliced.slice_variables(arch, variables, dp)
+  moments = jax.jit(functools.partial(sliced.batch_moments, arch, dp=dp,
+                                      profile_index=profile_index, dtype=dtype))
+  sums, count = None, 0
+  for batch in batches:
+    x = _inputs(batch)
+    weighted = jax.tree.map(functools.partial(jnp.multiply, x.shape[0]), moments(compact, x))
+    sums = weighted if sums is None else jax.tree.map(jnp.add, sums, weighted)
+    count += x.shape[0]
+  if sums is None:
+    raise ValueError("batches is empty: recalibration needs at least one batch")
+  return _finish(sliced.bn_stats_of(variables), sums, count)
+
+
+def recalibrate_all(model: Any, dps: Sequence[float], batches: Sequence[Any], *,
+                    dtype=jnp.float32) -> dict[float, dict]:
+  """``{dp: recalibrate(model, dp, batches)}`` for every DP in ``dps``.
+
+  ``batches`` is read once per DP, so it must be a re-iterable sequence (a
+  list of arrays), not a one-shot iterator.
+  """
+  if iter(batches) is batches:
+    raise ValueError("batches must be a re-iterable sequence (e.g. a list), not an iterator")
+  return {idp.check_dp(dp): recalibrate(model, dp, batches, dtype=dtype) for dp in dps}
+
+
+def bn_stats_for_mode(model: Any, mode: str, dps: Sequence[float],
+                      batches: Sequence[Any] | None = None) -> dict[float, dict]:
+  """Per-DP statistics for ``mode``: ``{}`` for shared, :func:`recalibrate_all` otherwise.
+
+  The result is what :class:`~dynscale.nn.sliced.SlicedModel` takes as
+  ``bn_stats_by_dp``.
+  """
+  if check_bn_mode(mode) == "shared":
+    return {}
+  if batches is None:
+    raise ValueError("bn_mode 'recalibrated' needs batches")
+  return recalibrate_all(model, dps, batches)
+
+
+def with_bn_stats(model: IDPNet, bn_stats: Mapping) -> IDPNet:
+  """A copy of the masked ``model`` whose batch-norm statistics are ``bn_stats``.
+
+  ``bn_stats`` has the ``bn_stats_of`` layout (e.g. from :func:`recalibrate`);
+  the original model is unchanged.
+  """
+  copy = nnx.clone(model)
+  state = nnx.state(copy, nnx.BatchStat)
+  state.replace_by_pure_dict(dict(bn_stats))
+  nnx.update(copy, state)
+  return copy

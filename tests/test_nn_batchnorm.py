@@ -1,0 +1,154 @@
+"""Batch norm at reduced width: shared vs recalibrated statistics (DESIGN invariant 3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynscale.nn import batchnorm, models, sliced
+
+EPS = 1e-5
+
+ARCH = {"name": "bn_mlp", "input_shape": [6], "num_classes": 3, "profile": "linear",
+        "layers": [{"kind": "dense", "features": 8, "bn": True, "act": "relu"},
+                   {"kind": "dense", "features": 8, "bn": True, "act": "relu", "idp": True},
+                   {"kind": "dense", "features": 3, "idp": True}]}
+
+
+def _model():
+  model = models.build(ARCH, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  rng = np.random.default_rng(5)
+  for i in (0, 1):  # non-trivial affine parameters
+    model.layers[i].bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+    model.layers[i].bn.bias[...] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+  return model
+
+
+def _batches(sizes=(5, 3, 4)):
+  rng = np.random.default_rng(1)
+  return [rng.standard_normal((n, 6)).astype(np.float32) + 0.5 for n in sizes]
+
+
+def _linear(n):
+  return np.array([1 - i / n for i in range(1, n + 1)])
+
+
+def _by_hand(model, dp, batches):
+  """Precise BN by hand: pool E[h] and E[h^2] of every BN input over all samples."""
+  v = jax.tree.map(lambda a: np.asarray(a, np.float64), model.pure_variables())["layers"]
+  k = max(1, int(np.ceil(round(dp * 8, 6))))
+  sums = {0: [0, 0], 1: [0, 0]}
+  for x in batches:
+    h0 = x @ v[0]["kernel"][:, :k]
+    a0 = (h0 - h0.mean(0)) / np.sqrt(h0.var(0) + EPS)  # train mode: batch statistics
+    a0 = np.maximum(a0 * v[0]["bn"]["scale"][:k] + v[0]["bn"]["bias"][:k], 0)
+    h1 = (a0 * _linear(8)[:k]) @ v[1]["kernel"][:k, :k]
+    for i, h in ((0, h0), (1, h1)):
+      sums[i][0] = sums[i][0] + h.sum(0)
+      sums[i][1] = sums[i][1] + (h * h).sum(0)
+  count = sum(len(x) for x in batches)
+  out = {}
+  for i in (0, 1):
+    mean = sums[i][0] / count
+    out[i] = (mean, sums[i][1] / count - mean ** 2)
+  return out, k
+
+
+@pytest.mark.parametrize("dp", [0.25, 0.5, 1.0])
+def test_recalibrate_is_precise_batch_norm(dp):
+  model = _model()
+  own = jax.tree.map(np.asarray, sliced.bn_stats_of(model.pure_variables()))
+  batches = _batches()
+  stats = batchnorm.recalibrate(model, dp, batches)
+  expected, k = _by_hand(model, dp, batches)
+  for i in (0, 1):
+    mean, var = expected[i]
+    np.testing.assert_allclose(stats["layers"][i]["bn"]["mean"][:k], mean, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(stats["layers"][i]["bn"]["var"][:k], var, rtol=1e-4, atol=1e-5)
+    # Channels not computed at this dp keep the model's statistics.
+    np.testing.assert_array_equal(stats["layers"][i]["bn"]["mean"][k:],
+                                  own["layers"][i]["bn"]["mean"][k:])
+  # The first layer's inputs do not depend on batch norm: its statistics are the
+  # population mean / variance of x W over all samples.
+  h0 = np.concatenate(batches) @ np.asarray(model.pure_variables()["layers"][0]["kernel"])
+  np.testing.assert_allclose(stats["layers"][0]["bn"]["var"][:k], h0.var(0)[:k], rtol=1e-4)
+  # The model itself is untouched.
+  for a, b in zip(jax.tree.leaves(sliced.bn_stats_of(model.pure_variables())),
+                  jax.tree.leaves(own), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_recalibrated_statistics_differ_by_dp():
+  model = _model()
+  by_dp = batchnorm.recalibrate_all(model, [0.25, 1.0], [(x, None) for x in _batches()])
+  assert sorted(by_dp) == [0.25, 1.0]
+  a = by_dp[0.25]["layers"][1]["bn"]["mean"][:2]
+  b = by_dp[1.0]["layers"][1]["bn"]["mean"][:2]
+  assert np.max(np.abs(a - b)) > 1e-3
+  own = model.pure_variables()["layers"][1]["bn"]["mean"][:2]
+  assert np.max(np.abs(a - own)) > 1e-3
+
+
+def test_per_dp_statistics_are_used():
+  model = _model()
+  x = _batches((4,))[0]
+  stats = batchnorm.recalibrate(model, 0.5, _batches())
+  arch, variables = model.arch, model.pure_variables()
+  shared = sliced.apply_sliced(arch, variables, x, 0.5)
+  recal = sliced.apply_sliced(arch, variables, x, 0.5, bn_stats=stats)
+  assert np.max(np.abs(shared - recal)) > 1e-3
+  # By hand, eval mode with the recalibrated statistics.
+  v = jax.tree.map(np.asarray, variables)["layers"]
+  s = jax.tree.map(np.asarray, stats)["layers"]
+  h = x @ v[0]["kernel"][:, :4]
+  h = (h - s[0]["bn"]["mean"][:4]) / np.sqrt(s[0]["bn"]["var"][:4] + EPS)
+  h = np.maximum(h * v[0]["bn"]["scale"][:4] + v[0]["bn"]["bias"][:4], 0)
+  h = (h * _linear(8)[:4]) @ v[1]["kernel"][:4, :4]
+  h = (h - s[1]["bn"]["mean"][:4]) / np.sqrt(s[1]["bn"]["var"][:4] + EPS)
+  h = np.maximum(h * v[1]["bn"]["scale"][:4] + v[1]["bn"]["bias"][:4], 0)
+  logits = (h * _linear(8)[:4]) @ v[2]["kernel"][:4] + v[2]["bias"]
+  np.testing.assert_allclose(recal, logits, rtol=1e-4, atol=1e-5)
+  # The same statistics through a SlicedModel, and a masked copy carrying them.
+  runner = sliced.SlicedModel(arch, variables, {0.5: stats})
+  np.testing.assert_allclose(runner(x, 0.5), recal, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(runner(x, 1.0), sliced.apply_sliced(arch, variables, x, 1.0),
+                             rtol=1e-5, atol=1e-6)
+  masked = batchnorm.with_bn_stats(model, stats)
+  np.testing.assert_allclose(masked(x, 0.5, train=False), recal, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model(x, 0.5, train=False), shared, rtol=1e-5, atol=1e-6)
+
+
+def test_modes():
+  assert batchnorm.BN_MODES == ("shared", "recalibrated")
+  with pytest.raises(ValueError, match="bn_mode must be one of"):
+    batchnorm.check_bn_mode("per-dp")
+  model = _model()
+  assert batchnorm.bn_stats_for_mode(model, "shared", [0.5]) == {}
+  stats = batchnorm.bn_stats_for_mode(model, "recalibrated", [0.5], _batches())
+  assert list(stats) == [0.5]
+  with pytest.raises(ValueError, match="needs batches"):
+    batchnorm.bn_stats_for_mode(model, "recalibrated", [0.5])
+
+
+def test_bad_batches():
+  model = _model()
+  with pytest.raises(ValueError, match="empty"):
+    batchnorm.recalibrate(model, 0.5, [])
+  with pytest.raises(ValueError, match="re-iterable"):
+    batchnorm.recalibrate_all(model, [0.5], iter(_batches()))
+  with pytest.raises(ValueError, match="IDPNet, a SlicedModel"):
+    batchnorm.recalibrate("model", 0.5, _batches())
+
+
+def test_recalibrated_statistics_survive_export(tmp_path):
+  model = _model()
+  stats = batchnorm.recalibrate_all(model, [0.25, 0.5], _batches())
+  runner = sliced.SlicedModel.from_model(model, stats)
+  sliced.export(runner, tmp_path / "net")
+  loaded = sliced.load(tmp_path / "net")
+  assert sorted(loaded.bn_stats_by_dp) == [0.25, 0.5]
+  x = _batches((3,))[0]
+  for dp in (0.25, 0.5, 1.0):
+    np.testing.assert_allclose(loaded(x, dp), runner(x, dp), rtol=1e-6)
