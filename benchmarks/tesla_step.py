@@ -20,6 +20,11 @@ images per second of each, ``tesla_over_single`` and ``masked_over_single``
 (median step time over that of ``single``) and ``flops_over_single``, the
 analytic forward cost ``sum_k flops(p_k) / flops(1)``
 (:func:`dynscale.nn.costs.flops`), the ideal the sliced step approaches.
+
+On XLA:CPU, convolution gradients inside a nested computation (the chunk's
+``lax.scan``, ``sliced_loss``'s ``lax.cond``) are not canonicalised for the
+fast convolution runtime and run many times slower (jax-ml/jax#12868), so CPU
+numbers of conv nets are meaningful as ratios only, not as throughput.
 """
 
 import json
@@ -30,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import app, flags
-from flax import nnx
 
 from dynscale import tesla, timing
 from dynscale.nn import costs, models

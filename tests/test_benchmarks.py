@@ -17,6 +17,16 @@ def _positive_finite(value) -> bool:
   return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
+def _mlp_flops(hidden: int, dp: float) -> int:
+  """mlp at DP ``dp``: flatten 784 -> FC ``hidden`` (complete) -> FC 10 (IDP inputs).
+
+  The hidden layer computes only the ``k = ceil(dp * hidden)`` units the
+  classifier keeps (001 Fig. 1).
+  """
+  k = max(1, math.ceil(dp * hidden - 1e-9))
+  return (784 + 1) * k + (k + 1) * 10
+
+
 def test_idp_latency_records():
   records = idp_latency.measure("mlp", 4, [0.5], repeats=2, warmup=1, width_multiplier=0.1)
   assert [r["dp"] for r in records] == [1.0, 0.5]
@@ -31,10 +41,8 @@ def test_idp_latency_records():
   half = records[1]
   assert half["flops_ratio"] == pytest.approx(costs.flops(arch, .5) / costs.flops(arch, 1.),
                                               abs=1e-4)
-  # mlp at width 0.1: flatten 784 -> FC 10 (complete) -> FC 10 classes (IDP on its inputs).
-  def mlp_flops(hidden: int) -> int:
-    return (784 + 1) * hidden + (hidden + 1) * 10
-  assert half["flops_ratio"] == pytest.approx(mlp_flops(5) / mlp_flops(10), abs=1e-4)
+  assert half["flops_ratio"] == pytest.approx(_mlp_flops(10, .5) / _mlp_flops(10, 1.),
+                                              abs=1e-4)
 
 
 def test_vgg16_flops_ratio_below_half_at_half_dp():
@@ -45,17 +53,10 @@ def test_vgg16_flops_ratio_below_half_at_half_dp():
   assert 0.25 < ratio < 0.5
 
 
-def _tesla_mlp_flops(hidden: int, dp: float) -> int:
-  """tesla_mlp at DP ``dp``: 784 -> FC hidden -> FC hidden (IDP inputs) -> FC 10."""
-  k = max(1, math.ceil(dp * hidden - 1e-9))
-  return (784 + 1) * k + (k + 1) * hidden + (hidden + 1) * 10
-
-
 def test_tesla_step_record():
   tasks = [1.0, 0.5, 0.2]
-  record = tesla_step.measure("tesla_mlp", 4, tasks, repeats=2, warmup=1,
-                              width_multiplier=0.1)
-  assert record["model"] == "tesla_mlp" and record["batch"] == 4
+  record = tesla_step.measure("mlp", 4, tasks, repeats=2, warmup=1, width_multiplier=0.1)
+  assert record["model"] == "mlp" and record["batch"] == 4
   assert record["tasks"] == tasks and record["dtype"] == "float32"
   assert record["device"].startswith("cpu:") and record["jax"]
   # The last TESLA stage with alpha 0.5 (000 Eq. 3): every task active.
@@ -67,8 +68,7 @@ def test_tesla_step_record():
                                                            rel=1e-2)
   for key in ("tesla_over_single", "masked_over_single", "flops_over_single"):
     assert _positive_finite(record[key]), (key, record)
-  hidden = 10
-  expected = sum(_tesla_mlp_flops(hidden, dp) for dp in tasks) / _tesla_mlp_flops(hidden, 1.)
+  expected = sum(_mlp_flops(10, dp) for dp in tasks) / _mlp_flops(10, 1.)
   assert record["flops_over_single"] == pytest.approx(expected, abs=1e-4)
 
 

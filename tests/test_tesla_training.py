@@ -77,23 +77,29 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
                stats_s, stats_m)
 
 
-def test_inactive_tasks_contribute_nothing():
-  arch, model = tiny("tesla_mlp", (28, 28, 1), 0.1)
+@pytest.mark.parametrize("skip_inactive", [True, False])
+def test_inactive_tasks_contribute_nothing(skip_inactive):
+  """Stage 0 (only the 100% task) equals a plain step: gradients and BN statistics."""
+  arch, model = tiny("tiny_cnn", None, None)
   graphdef, state = create_train_state(model, optax.sgd(0.1))
-  images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   labels = jnp.arange(8) % 10
   first_stage = jnp.asarray([1.0, 0.0, 0.0], jnp.float32)
+  loss_fn = multitask.sliced_loss(TASKS, skip_inactive=skip_inactive)
 
-  def loss(loss_fn, params):
-    return loss_fn(merge_model(graphdef, params, state.model_state), images, labels,
-                   first_stage)[0]
+  def run(objective):
+    def f(params):
+      m = merge_model(graphdef, params, state.model_state)
+      return objective(m), nnx.state(m, nnx.BatchStat).to_pure_dict()
+    return jax.jit(jax.grad(f, has_aux=True))(state.params)
 
-  single = lambda params: steps.classification_loss(
-      merge_model(graphdef, params, state.model_state), images, labels, 1.0)[0]
-  g_multi = jax.grad(lambda p: loss(multitask.sliced_loss(TASKS), p))(state.params)
-  g_single = jax.grad(single)(state.params)
+  g_multi, stats_multi = run(lambda m: loss_fn(m, images, labels, first_stage)[0])
+  g_single, stats_single = run(
+      lambda m: steps.classification_loss(m, images, labels, 1.0)[0])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                g_multi, g_single)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               stats_multi, stats_single)
 
 
 def small_trainer(dataset, loss_fn, counter=None):

@@ -254,3 +254,40 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert any("train/images_per_s" in line for line in lines)
+
+
+# --------------------------------------------------------------------------
+# The scanned chunk (accelerators) and the looped one (CPU) take the same steps.
+# --------------------------------------------------------------------------
+
+
+def test_scanned_and_looped_chunks_take_the_same_steps():
+  import jax.numpy as jnp
+  import optax
+  from dynscale.data import pipeline
+  from dynscale.nn import models
+  from dynscale.train import steps
+  from dynscale.train.state import create_train_state
+
+  arch = models.architecture("tesla_mlp", num_classes=10, input_shape=(28, 28, 1),
+                             width_multiplier=0.1)
+  rng = np.random.default_rng(0)
+  data = (jnp.asarray(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)),
+          jnp.asarray(rng.integers(0, 10, 64), jnp.int32))
+  batch_fn = lambda d, idx, key: pipeline.make_batch(d[0], d[1], idx, augment=False,
+                                                    mean=(0.5,), std=(0.5,))
+  idx = jnp.arange(64).reshape(4, 16)
+  results = []
+  for scan in (True, False):
+    tx = optax.adam(1e-2)
+    graphdef, state = create_train_state(models.build(arch, rngs=models.init_rngs(0)), tx)
+    chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, batch_fn,
+                                   steps.data_mesh(), scan=scan)
+    state, metrics = chunk(state, data, idx, jax.random.key(0), jnp.float32(0.5))
+    results.append((jax.tree.map(np.asarray, state.params), float(metrics["loss"]),
+                    int(state.step)))
+  (p_scan, loss_scan, n_scan), (p_loop, loss_loop, n_loop) = results
+  assert n_scan == n_loop == 4
+  np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               p_scan, p_loop)

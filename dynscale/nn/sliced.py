@@ -25,9 +25,9 @@ model classes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynscale import idp
+from dynscale.io import write_bytes_atomic
 from dynscale.nn import spec
 
 Array = jax.Array
@@ -491,18 +492,6 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
   return tree
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-  """Writes ``path`` through a temporary file in the same folder and ``os.replace``."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def export(model_or_sliced: Any, directory: str | os.PathLike) -> Path:
   """Saves a network so that :func:`load` rebuilds it from two files alone.
 
@@ -528,9 +517,11 @@ def export(model_or_sliced: Any, directory: str | os.PathLike) -> Path:
   arrays = {name: np.asarray(value) for name, value in arrays.items()}
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  _atomic_write(directory / PARAMS_FILE, lambda f: np.savez(f, **arrays))
-  text = json.dumps(sliced.arch, indent=2, sort_keys=True)
-  _atomic_write(directory / ARCHITECTURE_FILE, lambda f: f.write(text.encode()))
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes_atomic(str(directory / PARAMS_FILE), buffer.getvalue())
+  write_bytes_atomic(str(directory / ARCHITECTURE_FILE),
+                     json.dumps(sliced.arch, indent=2, sort_keys=True).encode())
   return directory
 
 

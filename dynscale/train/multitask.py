@@ -7,7 +7,12 @@ stage changes data, not code (DESIGN invariant 4).
 * :func:`sliced_loss` computes each task at its sliced size (only the kept
   channels, :func:`dynscale.nn.sliced.apply_sliced`) and skips inactive tasks
   (``c_k == 0``) at run time with ``lax.cond``: one executable serves every
-  stage, and a step costs about ``sum_{active} p_k**2`` of a full step.
+  stage, and a step costs about ``sum_{active} p_k**2`` of a full step. On
+  XLA:CPU, where gradients inside ``lax.cond`` branches take a much slower
+  path (:func:`dynscale.train.steps.nested_control_flow_is_slow`), every
+  task is computed instead (still sliced, still one executable) and an
+  inactive one is weighted by zero and leaves the statistics alone: a step
+  then costs ``sum_k p_k**2`` in every stage.
 * :func:`masked_loss` computes every task with the masked network: the same
   value and gradients when every task is active, at the price of a full
   forward and backward pass per task.
@@ -48,14 +53,17 @@ def _distillation(logits, teacher_logits, temperature: float):
 
 
 def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
-                temperature: float = 1.0) -> steps.LossFn:
+                temperature: float = 1.0, skip_inactive: bool | None = None) -> steps.LossFn:
   """``sum_k c_k CE(sliced network at tasks[k])``; inactive tasks skipped (lax.cond).
 
   ``tasks`` are static DPs; the task argument of the returned loss is the
   coefficient vector ``c`` of shape ``(len(tasks),)``. Distillation takes
   ``tasks[0]`` (the full network, when it is 1.0) as the teacher.
+  ``skip_inactive`` defaults to True except on CPU (module docstring).
   """
   tasks = tuple(float(dp) for dp in tasks)
+  if skip_inactive is None:
+    skip_inactive = not steps.nested_control_flow_is_slow()
 
   def loss_fn(model, images, labels, coefficients):
     arch = model.arch
@@ -74,7 +82,12 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
       def inactive(stats):
         return jnp.zeros((images.shape[0], arch["num_classes"]), jnp.float32), stats
 
-      logits, stats = jax.lax.cond(coefficients[k] != 0, active, inactive, stats)
+      if skip_inactive:
+        logits, stats = jax.lax.cond(coefficients[k] != 0, active, inactive, stats)
+      else:
+        logits, new_stats = active(stats)
+        stats = jax.tree.map(lambda new, old, c=coefficients[k]: jnp.where(c != 0, new, old),
+                             new_stats, stats)
       loss = jnp.mean(steps.cross_entropy(logits, labels))
       if teacher is not None and distill_weight > 0:
         loss = loss + distill_weight * _distillation(logits, teacher, temperature)

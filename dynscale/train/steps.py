@@ -68,15 +68,31 @@ def eval_forward(model: nnx.Module, images, dp) -> jax.Array:
   return model(images, dp, train=False)
 
 
+def nested_control_flow_is_slow() -> bool:
+  """True on XLA:CPU, where convolution gradients inside ``lax.scan`` bodies or
+  ``lax.cond`` branches take a layout path 10-30x slower than at top level
+  (jax-ml/jax#12868; measured here on VGG-16). Callers then keep such
+  gradients at the top level of the jitted function.
+  """
+  return jax.default_backend() == "cpu"
+
+
 def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                     loss_fn: LossFn, batch_fn: BatchFn, mesh: Mesh, trainable=nnx.Param):
+                     loss_fn: LossFn, batch_fn: BatchFn, mesh: Mesh, trainable=nnx.Param,
+                     *, scan: bool | None = None):
   """Returns ``train_chunk(state, data, idx, key, task) -> (state, mean metrics)``.
 
   ``idx`` is an int array ``(S, B)`` of example indices: the chunk runs ``S``
   steps of batch ``B``. ``key`` seeds augmentation (one split per step). The
   state buffers are donated. ``trainable`` is the filter the state was split
   with (see ``dynscale.train.state.split_model``).
+
+  With ``scan`` (the default on accelerators) the ``S`` steps run in one
+  ``lax.scan``: one dispatch per chunk. Without it (the default on CPU, see
+  :func:`nested_control_flow_is_slow`) a jitted single step runs ``S``
+  times from Python. Both give the same steps.
   """
+  scan = not nested_control_flow_is_slow() if scan is None else scan
   sharding = batch_sharded(mesh)
 
   def one_step(task, data, state: TrainState, inputs):
@@ -99,12 +115,24 @@ def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return new_state, metrics
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_chunk(state: TrainState, data, idx, key, task):
+  def scanned_chunk(state: TrainState, data, idx, key, task):
     keys = jax.random.split(key, idx.shape[0])
     state, metrics = jax.lax.scan(functools.partial(one_step, task, data), state, (idx, keys))
     return state, jax.tree.map(jnp.mean, metrics)
 
-  return train_chunk
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def single_step(state: TrainState, data, idx, key, task):
+    return one_step(task, data, state, (idx, key))
+
+  def looped_chunk(state: TrainState, data, idx, key, task):
+    keys = jax.random.split(key, idx.shape[0])
+    metrics = []
+    for step_idx, step_key in zip(idx, keys):
+      state, step_metrics = single_step(state, data, step_idx, step_key, task)
+      metrics.append(step_metrics)
+    return state, jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)), *metrics)
+
+  return scanned_chunk if scan else looped_chunk
 
 
 class EvalTotals(NamedTuple):
