@@ -21,10 +21,12 @@ images per second of each, ``tesla_over_single`` and ``masked_over_single``
 analytic forward cost ``sum_k flops(p_k) / flops(1)``
 (:func:`dynscale.nn.costs.flops`), the ideal the sliced step approaches.
 
-On XLA:CPU, convolution gradients inside a nested computation (the chunk's
-``lax.scan``, ``sliced_loss``'s ``lax.cond``) are not canonicalised for the
-fast convolution runtime and run many times slower (jax-ml/jax#12868), so CPU
-numbers of conv nets are meaningful as ratios only, not as throughput.
+On XLA:CPU, convolution gradients inside a nested computation (a
+``lax.scan`` body, a ``lax.cond`` branch) run many times slower
+(jax-ml/jax#12868), so there the trainer, and this benchmark with it, loops
+over single steps and computes every TESLA task instead of skipping inactive
+ones (:func:`dynscale.train.steps.nested_control_flow_is_slow`); with every
+task active, as here, the step is the same.
 """
 
 import json
