@@ -133,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       num_epochs=config.train.num_epochs, stage=f"profile{s}",
                       checkpoint_dir=run.checkpoint_dir, writer=run.writer,
                       early_stopping=EarlyStopping(patience) if patience else None)
-    state = jax.tree.map(jnp.copy, fit.best_state)
+    state = fit.best_state
     epochs_run.append(fit.epochs_run)
   by_dp = evaluation.accuracy_by_dp(run, trainer, state, "test")
   label = f"MP-IDP {len(ranges)} profiles ({config.eval.bn_mode} BN)"

@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history.append({"stage": stage.index, "task_dp": stage.dp,
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
-    state = jax.tree.map(jnp.copy, fit.best_state)
+    state = fit.best_state
   by_dp = evaluation.accuracy_by_dp(run, trainer, state, "test")
   name = config.schedule.name.upper().replace("RTESLA", "R-TESLA")
   label = f"{name}{' + ATP' if config.atp.enabled else ''} ({config.eval.bn_mode} BN)"
