@@ -56,10 +56,9 @@ def check_data(config) -> None:
 
 def check_model(config) -> None:
   one_of(config.name, MODELS, "model.name")
-  if isinstance(config.profile, str):
-    one_of(config.profile, idp.PROFILES, "model.profile")
-  else:
-    idp.check_profile(config.profile, "model.profile")
+  # One name for the whole network; per-layer coefficient vectors go in the
+  # architecture dict (a layer's "profile"), checked by dynscale.nn.spec.
+  one_of(config.profile, idp.PROFILES, "model.profile")
   positive(config.width_multiplier, "model.width_multiplier")
   one_of(config.dtype, DTYPES, "model.dtype")
 
