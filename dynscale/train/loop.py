@@ -106,8 +106,12 @@ class Trainer:
                        "training examples")
 
   def place(self, state: TrainState) -> TrainState:
-    """Replicates a train state on the mesh."""
-    return jax.device_put(state, steps.replicated(self.mesh))
+    """Replicates a train state on the mesh (every process holds the same values)."""
+    sharding = steps.replicated(self.mesh)
+    return jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) == sharding else _to_mesh(np.asarray(a),
+                                                                                sharding),
+        state)
 
   def training_batches(self, num_batches: int) -> list[jax.Array]:
     """The first ``num_batches`` training batches of a fixed order, not augmented."""
