@@ -61,6 +61,11 @@ def _coefficients(gamma: Profile | None, n: int, dp) -> tuple[Array, Any]:
   return gamma[...], dp
 
 
+def _profile(profile_spec: ProfileSpec, n: int, enabled: bool) -> Profile | None:
+  """The ``Profile`` over ``n`` channels of an IDP layer, None for a complete one."""
+  return Profile(kernels.resolve_profile(profile_spec, n)) if enabled else None
+
+
 class _Block(nnx.Module):
   """Shared tail of a block: batch norm (or bias), then the activation."""
 
@@ -107,7 +112,7 @@ class IDPDense(_Block):
     self.binary, self.act, self.out_idp = binary, act, out_idp
     self.as_conv = idp and self.map_shape[0] * self.map_shape[1] > 1
     self.kernel = _kernel(rngs, (in_features, out_features))
-    self.gamma = Profile(kernels.resolve_profile(profile, self.map_shape[2])) if idp else None
+    self.gamma = _profile(profile, self.map_shape[2], idp)
     self.bn, self.bias = self._norm(out_features, bn, bn_momentum, bn_epsilon, dtype, rngs)
 
   def __call__(self, x: Array, dp, *, train: bool) -> Array:
@@ -136,7 +141,7 @@ class IDPConv(_Block):
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.stride, self.binary, self.act, self.out_idp = stride, binary, act, out_idp
     self.kernel = _kernel(rngs, (kernel_size, kernel_size, in_features, out_features))
-    self.gamma = Profile(kernels.resolve_profile(profile, in_features)) if idp else None
+    self.gamma = _profile(profile, in_features, idp)
     self.bn, self.bias = self._norm(out_features, bn, bn_momentum, bn_epsilon, dtype, rngs)
 
   def __call__(self, x: Array, dp, *, train: bool) -> Array:
@@ -167,12 +172,11 @@ class IDPSeparableConv(_Block):
     self.stride, self.binary, self.act, self.out_idp = stride, binary, act, out_idp
     self.idp = idp
     self.depthwise_kernel = _kernel(rngs, (kernel_size, kernel_size, 1, in_features))
-    self.depthwise_gamma = (Profile(kernels.resolve_profile(profile, in_features))
-                            if idp_depthwise else None)
+    self.depthwise_gamma = _profile(profile, in_features, idp_depthwise)
     self.depthwise_bn, self.depthwise_bias = self._norm(in_features, bn, bn_momentum,
                                                         bn_epsilon, dtype, rngs)
     self.kernel = _kernel(rngs, (1, 1, in_features, out_features))
-    self.gamma = Profile(kernels.resolve_profile(profile, in_features)) if idp else None
+    self.gamma = _profile(profile, in_features, idp)
     self.bn, self.bias = self._norm(out_features, bn, bn_momentum, bn_epsilon, dtype, rngs)
 
   def __call__(self, x: Array, dp, *, train: bool) -> Array:

@@ -12,8 +12,12 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import os
 
+import jax.numpy as jnp
+from absl import logging
+
+from dynscale import plots
 from dynscale.nn import batchnorm, sliced
 from dynscale.train import loop
 from dynscale.train.state import TrainState, merge_model
@@ -44,3 +48,21 @@ def accuracy_by_dp(run, trainer: loop.Trainer, state: TrainState, split: str,
              if config.bn_mode == "recalibrated" else state)
     by_dp[dp_key(dp)] = trainer.evaluate(at_dp, split, jnp.float32(dp))["accuracy"]
   return by_dp
+
+
+def test_report(run, trainer: loop.Trainer, state: TrainState, label: str) -> dict:
+  """Test accuracy at every DP of ``eval.dps``, logged as a table and plotted.
+
+  Writes ``accuracy_by_dp.png`` (process 0) with one curve named ``label``
+  and the batch-norm mode, and returns the results-file fields
+  ``test_accuracy_by_dp``, ``mean_test_accuracy`` and ``bn_mode``.
+  """
+  bn_mode = run.config.eval.bn_mode
+  by_dp = accuracy_by_dp(run, trainer, state, "test")
+  curves = {f"{label} ({bn_mode} BN)": by_dp}
+  logging.info("Test accuracy by DP:\n%s", plots.format_accuracy_table(curves))
+  if run.is_main_process:
+    plots.plot_accuracy_by_dp(curves, os.path.join(run.workdir, "accuracy_by_dp.png"),
+                              title=f"{run.config.model.name} on {run.dataset.name}")
+  return {"test_accuracy_by_dp": by_dp, "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),
+          "bn_mode": bn_mode}

@@ -77,7 +77,6 @@ class Trainer:
     self.batch_size = batch_size
     self.eval_batch_size = eval_batch_size
     self.steps_per_chunk = steps_per_chunk
-    self.tx = tx
     self.graphdef = graphdef
     self._data_key = jax.random.fold_in(jax.random.key(seed), 0)
     self._augment_key = jax.random.fold_in(jax.random.key(seed), 1)

@@ -11,7 +11,6 @@ are restored after each forward. At inference the DP picks the profile.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dynscale import plots
 from dynscale.nn import sliced, spec
 from dynscale.train import evaluation, runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
@@ -135,16 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       early_stopping=EarlyStopping(patience) if patience else None)
     state = fit.best_state
     epochs_run.append(fit.epochs_run)
-  by_dp = evaluation.accuracy_by_dp(run, trainer, state, "test")
-  label = f"MP-IDP {len(ranges)} profiles ({config.eval.bn_mode} BN)"
-  logging.info("Test accuracy by DP:\n%s", plots.format_accuracy_table({label: by_dp}))
-  if run.is_main_process:
-    plots.plot_accuracy_by_dp({label: by_dp}, os.path.join(run.workdir, "accuracy_by_dp.png"),
-                              title=f"{config.model.name} MP-IDP on {run.dataset.name}")
+  report = evaluation.test_report(run, trainer, state, f"MP-IDP, {len(ranges)} profiles")
   return runs.finish(run, {
-      "test_accuracy_by_dp": by_dp,
-      "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),
-      "bn_mode": config.eval.bn_mode,
+      **report,
       "profiles": [list(r) for r in ranges],
       "epochs_run": epochs_run,
   })

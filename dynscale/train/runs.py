@@ -82,8 +82,10 @@ def make_trainer(run: Run, graphdef, tx, loss_fn: steps.LossFn,
       trainable=trainable)
 
 
-def total_steps(run: Run) -> int:
-  return (len(run.dataset.train_y) // run.config.data.batch_size) * run.config.train.num_epochs
+def total_steps(run: Run, epochs: int | None = None) -> int:
+  """Optimizer steps in ``epochs`` epochs (default ``train.num_epochs``), for schedules."""
+  epochs = run.config.train.num_epochs if epochs is None else epochs
+  return (len(run.dataset.train_y) // run.config.data.batch_size) * epochs
 
 
 def finish(run: Run, metrics: dict, **extra) -> dict:

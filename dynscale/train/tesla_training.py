@@ -32,7 +32,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dynscale import atp, cam, data, plots, tesla
+from dynscale import atp, cam, data, tesla
 from dynscale.nn import layers, sliced
 from dynscale.train import evaluation, multitask, runs, validation
 from dynscale.train.early_stopping import EarlyStopping
@@ -114,8 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainable = nnx.Any(nnx.Param, layers.Profile) if config.atp.enabled else nnx.Param
   budget = (config.schedule.epoch_budget if config.schedule.name == "rtesla"
             else config.train.num_epochs * len(tasks))
-  total_steps = (len(run.dataset.train_y) // config.data.batch_size) * budget
-  tx = optimizer(config, total_steps)
+  tx = optimizer(config, runs.total_steps(run, budget))
   graphdef, state = create_train_state(run.model, tx, trainable)
   loss = multitask.sliced_loss(tasks, distill_weight=config.distill.weight,
                                temperature=config.distill.temperature)
@@ -139,20 +138,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
     state = fit.best_state
-  by_dp = evaluation.accuracy_by_dp(run, trainer, state, "test")
   name = config.schedule.name.upper().replace("RTESLA", "R-TESLA")
-  label = f"{name}{' + ATP' if config.atp.enabled else ''} ({config.eval.bn_mode} BN)"
-  logging.info("Test accuracy by DP:\n%s", plots.format_accuracy_table({label: by_dp}))
-  if run.is_main_process:
-    plots.plot_accuracy_by_dp({label: by_dp}, os.path.join(run.workdir, "accuracy_by_dp.png"),
-                              title=f"{config.model.name} {label} on {run.dataset.name}")
+  report = evaluation.test_report(run, trainer, state,
+                                  f"{name}{' + ATP' if config.atp.enabled else ''}")
   extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
   if config.cam.enabled and run.is_main_process:
     extra["cam"] = save_cams(run, state)
   return runs.finish(run, {
-      "test_accuracy_by_dp": by_dp,
-      "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),
-      "bn_mode": config.eval.bn_mode,
+      **report,
       "schedule": config.schedule.name, "atp": bool(config.atp.enabled),
       "distillation": config.distill.weight > 0,
       "stages": history, "epochs": spent,
