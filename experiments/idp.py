@@ -10,7 +10,7 @@ from absl import app
 from dynscale.train import mpidp, supervised
 from experiments import launch
 
-METHODS = {"idp": supervised.train_and_evaluate, "mpidp": mpidp.train_and_evaluate}
+METHODS = {"idp": supervised, "mpidp": mpidp}
 
 
 train_and_evaluate = launch.dispatch(METHODS)

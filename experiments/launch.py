@@ -23,7 +23,7 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def dispatch(methods: dict[str, Callable]) -> Callable:
+def dispatch(methods: dict[str, sweep.Method]) -> Callable:
   """``train_and_evaluate(config, workdir)`` over ``config.method`` or a figure's variants."""
 
   def train_and_evaluate(config, workdir):
@@ -31,7 +31,7 @@ def dispatch(methods: dict[str, Callable]) -> Callable:
       return sweep.run_variants(config, workdir, methods)
     if config.method not in methods:
       raise ValueError(f"method must be one of {tuple(methods)}, got {config.method!r}")
-    return methods[config.method](config, workdir)
+    return methods[config.method].train_and_evaluate(config, workdir)
 
   return train_and_evaluate
 

@@ -10,8 +10,7 @@ from absl import app
 from dynscale.train import mpidp, supervised, tesla_training
 from experiments import launch
 
-METHODS = {"idp": supervised.train_and_evaluate, "mpidp": mpidp.train_and_evaluate,
-           "tesla": tesla_training.train_and_evaluate}
+METHODS = {"idp": supervised, "mpidp": mpidp, "tesla": tesla_training}
 
 
 train_and_evaluate = launch.dispatch(METHODS)

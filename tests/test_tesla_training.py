@@ -14,10 +14,11 @@ from flax import nnx
 
 from dynscale import data, tesla
 from dynscale.nn import models
-from dynscale.train import loop, multitask, runs, steps, tesla_training
+from dynscale.train import loop, multitask, runs, steps, sweep, tesla_training
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
-from experiments.configs import tesla_main
+from experiments import tesla as tesla_launcher
+from experiments.configs import tesla_main, tesla_mlp_mnist
 
 TASKS = (1.0, 0.5, 0.2)
 
@@ -134,23 +135,42 @@ def test_changing_stage_does_not_recompile():
   assert np.isfinite(float(metrics["loss"]))
 
 
-def test_early_stopping_and_model_selection_never_read_the_test_split():
+@pytest.mark.parametrize("monitor", tesla_training.MONITORS)
+def test_early_stopping_and_model_selection_never_read_the_test_split(monitor):
   base = small_dataset()
   rng = np.random.default_rng(0)
   poisoned = dataclasses.replace(
       base, test_x=rng.integers(0, 256, base.test_x.shape, dtype=np.uint8),
       test_y=((base.test_y + 1) % 10).astype(np.int32))
+  stage = tesla.tesla_stages(TASKS, 0.5)[1]
   runs = []
   for dataset in (base, poisoned):
     trainer, state = small_trainer(dataset, multitask.sliced_loss(TASKS))
-    fit = trainer.fit(state, task=jnp.asarray([1.0, 0.0, 0.0]), val_task=jnp.float32(1.0),
-                      num_epochs=4, stage="stage0", early_stopping=EarlyStopping(1))
+    fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
+                      validate=tesla_training.stage_validation(trainer, stage, TASKS, monitor),
+                      num_epochs=4, stage="stage1", early_stopping=EarlyStopping(1))
     runs.append((fit.early_stopping, jax.tree.map(np.asarray, fit.best_state.params),
                  trainer.evaluate(fit.best_state, "test", jnp.float32(1.0))["accuracy"]))
   (es_a, params_a, test_a), (es_b, params_b, test_b) = runs
   assert es_a == es_b
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   assert test_a != test_b, "the poisoned test split must change the test metric itself"
+
+
+def test_objective_monitor_is_the_coefficient_weighted_validation_score():
+  trainer, state = small_trainer(small_dataset(), multitask.sliced_loss(TASKS))
+  idx, key = next(trainer.epoch_chunks(0))
+  state, _ = trainer.train_chunk(state, trainer.splits["train"], idx, key,
+                                 jnp.asarray([1.0, 0.0, 0.0]))
+  stage = tesla.tesla_stages(TASKS, 0.5)[2]  # Eq. 3: c = (1/4, 1/4, 1/2)
+  per_task = [trainer.evaluate(state, "val", jnp.float32(dp)) for dp in TASKS]
+  for key in ("accuracy", "loss"):
+    expected = 0.25 * per_task[0][key] + 0.25 * per_task[1][key] + 0.5 * per_task[2][key]
+    objective = tesla_training.stage_validation(trainer, stage, TASKS, "objective")(state)
+    assert objective[key] == pytest.approx(expected, rel=1e-6)
+    newest = tesla_training.stage_validation(trainer, stage, TASKS, "newest_task")(state)
+    assert newest[key] == pytest.approx(per_task[2][key], rel=1e-6)
+  assert per_task[0]["accuracy"] != per_task[2]["accuracy"], "tasks must differ for the check"
 
 
 @pytest.mark.parametrize("schedule, atp_enabled", [("tesla", False), ("rtesla", True)])
@@ -188,6 +208,8 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
     ({"schedule.tasks": (0.4, 1.0)}, r"tasks"),
     ({"schedule.tasks": (1.0, 0.0)}, r"\(0, 1\]"),
     ({"schedule.alpha": 0.0}, r"alpha"),
+    ({"schedule.monitor": "test"},
+     r"schedule.monitor must be one of \('objective', 'newest_task'\)"),
     ({"atp.enabled": True}, r"model.profile \(ATP starts at one\) must be one of"),
     ({"train.patience": 0}, r"train.patience must be >= 1"),
 ])
@@ -199,6 +221,23 @@ def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
     tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("subset", ("all", "linear", "atp", "monitors"))
+def test_every_table_1_variant_passes_its_method_check(subset):
+  configs = sweep.check_variants(tesla_mlp_mnist.get_config(subset), tesla_launcher.METHODS)
+  if subset == "monitors":
+    assert {(c.schedule.monitor, c.seed) for c in configs.values()} == {
+        (m, s) for m in tesla_training.MONITORS for s in tesla_mlp_mnist.MONITOR_SEEDS}
+
+
+def test_a_bad_last_variant_fails_before_the_first_trains(tmp_path):
+  config = tesla_mlp_mnist.get_config("linear")
+  last = sorted(config.variants)[-1]
+  config.variants[last]["schedule"] = {"monitor": "test_accuracy"}
+  with pytest.raises(ValueError, match=rf"variants.{last}: schedule.monitor must be one of"):
+    tesla_launcher.train_and_evaluate(config, str(tmp_path / "fig"))
+  assert not (tmp_path / "fig").exists()
 
 
 def cam_config(name, width):

@@ -13,6 +13,7 @@ same numbers as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -154,17 +155,20 @@ class Trainer:
 
   def fit(self, state: TrainState, *, task, num_epochs: int, stage: str,
           checkpoint_dir: str | None = None, writer: MetricWriter | None = None,
-          early_stopping: EarlyStopping | None = None, val_task=None,
+          early_stopping: EarlyStopping | None = None,
+          validate: Callable[[TrainState], dict[str, float]] | None = None,
           on_epoch_end: Callable[[int, TrainState], None] | None = None) -> FitResult:
     """Trains at ``task`` for up to ``num_epochs`` epochs, resuming if possible.
 
-    After every epoch the validation accuracy at ``val_task`` (default
-    ``task``) feeds ``early_stopping`` (never the test split), the state is
-    checkpointed under ``<checkpoint_dir>/<stage>``, and the best-validation
-    state is kept under ``<checkpoint_dir>/<stage>-best``. An existing
-    checkpoint of this stage is resumed.
+    After every epoch ``validate(state)`` (default: accuracy and loss on the
+    validation split at ``task``; never the test split) feeds its accuracy to
+    ``early_stopping``, the state is checkpointed under
+    ``<checkpoint_dir>/<stage>``, and the best-validation state is kept under
+    ``<checkpoint_dir>/<stage>-best``. An existing checkpoint of this stage is
+    resumed.
     """
-    val_task = task if val_task is None else val_task
+    if validate is None:
+      validate = functools.partial(self.evaluate, split="val", task=task)
     store = best_store = None
     start_epoch, best_state = 0, None
     if checkpoint_dir is not None:
@@ -187,7 +191,7 @@ class Trainer:
     epoch = start_epoch
     while epoch < num_epochs and not (early_stopping and early_stopping.should_stop):
       state = self.train_epoch(state, epoch, task, progress=progress, writer=writer, tag=stage)
-      val = self.evaluate(state, "val", val_task)
+      val = validate(state)
       epoch += 1
       improved = early_stopping is None or early_stopping.improved(val["accuracy"])
       if early_stopping is not None:

@@ -6,19 +6,20 @@ standard network), then evaluated at DP 10%, ..., 100%.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import ml_collections
 
-from dynscale.train import evaluation, runs, steps
+from dynscale.train import evaluation, runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state
 
+check_config = validation.check_common
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config.model`` at ``config.train.dp``; writes and returns results."""
-  run = runs.start(config, workdir)
+  run = runs.start(config, workdir, check=check_config)
   tx = make_optimizer(config.optimizer, runs.total_steps(run))
   graphdef, state = create_train_state(run.model, tx)
   trainer = runs.make_trainer(run, graphdef, tx, steps.classification_loss)

@@ -6,14 +6,24 @@ config with a few overrides, trained in its own sub-directory; the figure's
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
 import ml_collections
 from absl import logging
 
 from dynscale import io, plots
 
-TrainFn = Callable[[ml_collections.ConfigDict, str], dict]
+
+
+class Method(Protocol):
+  """A training method: a module with these two functions (e.g. ``tesla_training``)."""
+
+  def check_config(self, config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming the bad field, before any compute."""
+
+  def train_and_evaluate(self, config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, evaluates, writes ``results.json`` under ``workdir``; returns the results."""
 
 
 def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict[str, object]:
@@ -54,23 +64,34 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
           for name, overrides in config.variants.items()}
 
 
-def run_variants(config: ml_collections.ConfigDict, workdir: str,
-                 train_fns: Mapping[str, TrainFn], *, method_of=lambda c: c.method) -> dict:
-  """Trains every variant (all configs checked first), then writes the figure.
-
-  ``train_fns`` maps a method name to its ``train_and_evaluate``; each
-  variant's method is ``method_of(variant_config)``.
-  """
+def check_variants(config: ml_collections.ConfigDict,
+                   methods: Mapping[str, Method]) -> dict[str, ml_collections.ConfigDict]:
+  """Every variant's config, each checked by its method; the error names the variant."""
   configs = variant_configs(config)
   for name, variant in configs.items():
-    if method_of(variant) not in train_fns:
-      raise ValueError(f"variants.{name}.method must be one of {tuple(train_fns)}, "
-                       f"got {method_of(variant)!r}")
+    if variant.method not in methods:
+      raise ValueError(f"variants.{name}.method must be one of {tuple(methods)}, "
+                       f"got {variant.method!r}")
+    try:
+      methods[variant.method].check_config(variant)
+    except ValueError as error:
+      raise ValueError(f"variants.{name}: {error}") from error
+  return configs
+
+
+def run_variants(config: ml_collections.ConfigDict, workdir: str,
+                 methods: Mapping[str, Method]) -> dict:
+  """Trains every variant with its ``method``, then writes the figure.
+
+  Every variant's config is checked before the first one trains, so a bad
+  last variant fails before any compute.
+  """
+  configs = check_variants(config, methods)
   workdir = io.check_writable_dir(workdir)
   curves, summaries = {}, {}
   for name, variant in configs.items():
     logging.info("Variant %s", name)
-    results = train_fns[method_of(variant)](variant, os.path.join(workdir, name))
+    results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     curves[name] = results["test_accuracy_by_dp"]
     summaries[name] = {k: results[k] for k in
                        ("test_accuracy_by_dp", "mean_test_accuracy", "bn_mode") if k in results}

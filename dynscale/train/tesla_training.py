@@ -3,9 +3,15 @@
 Each stage optimises the aggregated objective ``sum_k c_k L_k`` (Eq. 3) with
 the sliced multi-task loss of :mod:`dynscale.train.multitask`: the
 coefficient vector is the step's task argument, so all stages share one
-executable. A stage runs until the validation accuracy of its newest task
-has not improved for ``train.patience`` epochs (never the test split); its
-best-validation state is kept and the next stage starts from it.
+executable. Algorithm 1 optimises ``L_i^obj`` "until meeting early stopping
+criteria": a stage runs until its validation score has not improved for
+``train.patience`` epochs (never the test split); its best-validation state
+is kept and the next stage starts from it. ``schedule.monitor`` says which
+score (:func:`stage_validation`):
+
+* ``'objective'`` (default): the stage's objective on the validation split,
+  every active task's accuracy weighted by its Eq. 3 coefficient;
+* ``'newest_task'``: the accuracy at the newest task's DP alone.
 
 * ``schedule.name='tesla'``: tasks in decreasing DP, one stage per task.
 * ``schedule.name='rtesla'``: after the first task, each stage's task is
@@ -40,6 +46,7 @@ from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state
 
 SCHEDULES = ("tesla", "rtesla")
+MONITORS = ("objective", "newest_task")
 CAM_MODELS = ("vgg16_gap", "mobilenet")
 
 
@@ -48,6 +55,7 @@ def check_config(config) -> None:
   validation.check_common(config)
   s = config.schedule
   validation.one_of(s.name, SCHEDULES, "schedule.name")
+  validation.one_of(s.monitor, MONITORS, "schedule.monitor")
   tesla.check_tasks(s.tasks, decreasing=s.name == "tesla")
   tesla.check_alpha(s.alpha)
   if s.name == "rtesla":
@@ -86,6 +94,28 @@ def stage_plan(config):
     return iter(tesla.tesla_stages(s.tasks, s.alpha))
   return tesla.rtesla_stages(s.tasks, s.alpha, s.distribution,
                              np.random.default_rng(config.seed))
+
+
+def stage_validation(trainer, stage: tesla.Stage, tasks, monitor: str):
+  """What early stopping and model selection read in ``stage``: validation metrics of a state.
+
+  ``'objective'``: ``sum_k c_k m_k`` over the tasks with ``c_k > 0``, where
+  ``m_k`` is the validation accuracy (or loss) at task ``k``'s DP and ``c``
+  the stage's Eq. 3 coefficients (they sum to one, so the loss is the
+  validation value of ``L_i^obj``). ``'newest_task'``: the metrics at
+  ``stage.dp``.
+  """
+  if monitor == "newest_task":
+    weights = {stage.dp: 1.0}
+  else:
+    weights = {dp: c for dp, c in zip(tasks, stage.coefficients) if c > 0}
+
+  def validate(state) -> dict[str, float]:
+    metrics = [trainer.evaluate(state, "val", jnp.float32(dp)) for dp in weights]
+    return {key: sum(w * m[key] for w, m in zip(weights.values(), metrics))
+            for key in ("accuracy", "loss")}
+
+  return validate
 
 
 def learned_profiles(params) -> dict[str, list[float]]:
@@ -130,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Stage %d: task %d (DP %.2f), coefficients %s", stage.index, stage.task,
                  stage.dp, stage.coefficients)
     fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
-                      val_task=jnp.float32(stage.dp), num_epochs=limit,
+                      validate=stage_validation(trainer, stage, tasks, config.schedule.monitor),
+                      num_epochs=limit,
                       stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
                       writer=run.writer, early_stopping=EarlyStopping(config.train.patience))
     spent += fit.epochs
@@ -146,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     extra["cam"] = save_cams(run, state)
   return runs.finish(run, {
       **report,
-      "schedule": config.schedule.name, "atp": bool(config.atp.enabled),
+      "schedule": config.schedule.name, "monitor": config.schedule.monitor,
+      "atp": bool(config.atp.enabled),
       "distillation": config.distill.weight > 0,
       "stages": history, "epochs": spent,
   }, **extra)

@@ -97,12 +97,14 @@ def base(**blocks) -> ml_collections.ConfigDict:
 
 
 def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 0.5,
-             epoch_budget: int = 50) -> ml_collections.ConfigDict:
+             epoch_budget: int = 50, monitor: str = "objective") -> ml_collections.ConfigDict:
   """TESLA / R-TESLA (000 Algorithms 1-2); ``train.patience`` is the stopping rule."""
   return ml_collections.ConfigDict(dict(
       name=name,             # 'tesla' (decreasing DP) or 'rtesla' (sampled tasks)
       tasks=tasks,           # DP levels, decreasing for TESLA
       alpha=alpha,           # Eq. 3 aggregation coefficient
+      monitor=monitor,       # early stopping reads: 'objective' (Eq. 3-weighted val accuracy)
+                             # or 'newest_task' (val accuracy at the newest task's DP)
       epoch_budget=epoch_budget,  # R-TESLA: total epochs over all stages
       distribution="uniform",     # R-TESLA task distribution, or explicit probabilities
   ))

@@ -4,12 +4,16 @@ Tasks 100/70/40/10% DP, Adam 1e-3, batch 28, alpha 0.5, TESLA stops a stage
 after 4 epochs without improvement, R-TESLA has 50 epochs in all. Variants:
 the original IDP, TESLA and R-TESLA with the linear, harmonic and all-one
 profiles, and both with ATP. ``:linear`` (or another profile, or ``atp``)
-runs that subset only. Needs the MNIST files (DYNSCALE_DATA_DIR).
+runs that subset only. ``:monitors`` is a seed study instead: TESLA linear
+with each early-stopping monitor over seeds 0..3. Needs the MNIST files
+(DYNSCALE_DATA_DIR).
 """
 
+from dynscale.train import tesla_training
 from experiments.configs import common
 
 PROFILES = ("linear", "harmonic", "all-one")
+MONITOR_SEEDS = (0, 1, 2, 3)
 
 
 def variants(subset: str) -> dict:
@@ -24,9 +28,14 @@ def variants(subset: str) -> dict:
     for name in ("tesla", "rtesla"):
       chosen[f"{name}-atp"] = {"model.profile": "all-one", "atp.enabled": True,
                                "schedule.name": name}
+  if subset == "monitors":
+    for monitor in tesla_training.MONITORS:
+      for seed in MONITOR_SEEDS:
+        chosen[f"tesla-linear-{monitor}-seed{seed}"] = {"schedule.monitor": monitor,
+                                                        "seed": seed}
   if not chosen:
-    raise ValueError(f"tesla_mlp_mnist subset must be 'all', 'atp' or one of {PROFILES}, "
-                     f"got {subset!r}")
+    raise ValueError(f"tesla_mlp_mnist subset must be 'all', 'atp', 'monitors' or one of "
+                     f"{PROFILES}, got {subset!r}")
   return {name: common.overrides(**dotted) for name, dotted in chosen.items()}
 
 
