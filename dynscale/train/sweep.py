@@ -15,7 +15,6 @@ from absl import logging
 from dynscale import io, plots
 
 
-
 class Method(Protocol):
   """A training method: a module with these two functions (e.g. ``tesla_training``)."""
 
