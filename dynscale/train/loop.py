@@ -46,9 +46,12 @@ class DeviceSplit(NamedTuple):
     return int(self.labels.shape[0])
 
 
-def _to_mesh(array: np.ndarray, sharding) -> jax.Array:
-  """Places a host array, identical on every process, replicated on the mesh."""
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+def _to_mesh(array, sharding) -> jax.Array:
+  """Places an array, identical on every process, on ``sharding`` (as is if already there)."""
+  if getattr(array, "sharding", None) == sharding:
+    return array
+  host = np.asarray(array)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 @dataclasses.dataclass
@@ -108,16 +111,12 @@ class Trainer:
   def place(self, state: TrainState) -> TrainState:
     """Replicates a train state on the mesh (every process holds the same values)."""
     sharding = steps.replicated(self.mesh)
-    return jax.tree.map(
-        lambda a: a if getattr(a, "sharding", None) == sharding else _to_mesh(np.asarray(a),
-                                                                                sharding),
-        state)
+    return jax.tree.map(functools.partial(_to_mesh, sharding=sharding), state)
 
   def training_batches(self, num_batches: int) -> list[jax.Array]:
     """The first ``num_batches`` training batches of a fixed order, not augmented."""
-    order = pipeline.epoch_permutation(self._recalibration_key,
-                                       self.splits["train"].size, self.batch_size)
     data = self.splits["train"]
+    order = pipeline.epoch_permutation(self._recalibration_key, data.size, self.batch_size)
     return [self._batch_fn(data, idx, None)[0] for idx in order[:num_batches]]
 
   def evaluate(self, state: TrainState, split: str, task) -> dict[str, float]:
