@@ -8,10 +8,10 @@ over synthetic device-resident data exactly as the trainer runs them:
 
 * ``single``: :func:`dynscale.train.steps.classification_loss` at DP 1.0,
   the plain train step of one task;
-* ``tesla_sliced``: :func:`dynscale.train.multitask.sliced_loss` with every
+* ``tesla_sliced``: :func:`dynscale.tesla.multitask.sliced_loss` with every
   task active (the coefficients of the last TESLA stage), each task at its
   sliced size;
-* ``tesla_masked``: :func:`dynscale.train.multitask.masked_loss` with the
+* ``tesla_masked``: :func:`dynscale.tesla.multitask.masked_loss` with the
   same coefficients, every task through the full masked network.
 
 They are measured in one run with interleaved rounds
@@ -40,7 +40,8 @@ from absl import app, flags
 
 from dynscale import tesla, timing
 from dynscale.nn import costs, models
-from dynscale.train import multitask, steps
+from dynscale.tesla import multitask
+from dynscale.train import steps
 from dynscale.train.state import create_train_state
 
 MODELS = {"vgg16": (32, 32, 3), "mobilenet": (32, 32, 3), "tesla_mlp": (28, 28, 1),

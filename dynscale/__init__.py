@@ -1,14 +1,16 @@
 """dynscale: dynamic computation scaling and compression of neural networks.
 
-* ``dynscale.idp``: incomplete dot products as pure JAX kernels (masked and sliced).
+* ``dynscale.kernels``: pure JAX kernels, no Flax: incomplete dot products
+  (masked and sliced).
+* ``dynscale.idp``: IDP and MP-IDP (paper 001); re-exports the IDP kernels.
 * ``dynscale.nn``: Flax NNX incomplete layers, the model zoo, whole-network
   slicing, export/load, batch norm at reduced width, per-layer costs.
-* ``dynscale.tesla``, ``dynscale.atp``: TESLA's loss aggregation and ATP's
-  profile projections.
+* ``dynscale.tesla``: TESLA, R-TESLA and ATP (paper 000): schedules, the
+  multi-task loss, ATP's profile projections and the training.
 * ``dynscale.metrics``: FLOPs, parameters, compression and speed-up rates.
 * ``dynscale.data``: datasets and the device-resident input pipeline.
-* ``dynscale.train``: train state, steps, loop, checkpoints and the
-  ``train_and_evaluate(config, workdir)`` of each method.
+* ``dynscale.train``: method-neutral infrastructure: train state, steps,
+  loop, checkpoints, writers, early stopping, optimizers, runs, sweeps.
 * ``dynscale.cam``: class activation maps at a DP.
 """
 

@@ -6,12 +6,12 @@ python -m experiments.baseline --config=experiments/configs/baseline.py \
 
 from absl import app
 
-from dynscale.train import supervised
+from dynscale.idp import training
 from experiments import launch
 
 
 def main(argv):
-  launch.run(argv, supervised.train_and_evaluate)
+  launch.run(argv, training.train_and_evaluate)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ python -m experiments.idp --config=experiments/configs/idp_fig8.py:vgg16 --workd
 
 from absl import app
 
-from dynscale.train import mpidp, supervised
+from dynscale.idp import mpidp, training
 from experiments import launch
 
-METHODS = {"idp": supervised, "mpidp": mpidp}
+METHODS = {"idp": training, "mpidp": mpidp}
 
 
 train_and_evaluate = launch.dispatch(METHODS)

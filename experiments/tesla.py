@@ -7,10 +7,11 @@ python -m experiments.tesla --config=experiments/configs/tesla_mlp_mnist.py --wo
 
 from absl import app
 
-from dynscale.train import mpidp, supervised, tesla_training
+from dynscale.idp import mpidp, training as idp_training
+from dynscale.tesla import training as tesla_training
 from experiments import launch
 
-METHODS = {"idp": supervised, "mpidp": mpidp, "tesla": tesla_training}
+METHODS = {"idp": idp_training, "mpidp": mpidp, "tesla": tesla_training}
 
 
 train_and_evaluate = launch.dispatch(METHODS)

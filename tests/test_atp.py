@@ -1,4 +1,4 @@
-"""Tests for dynscale.atp: ATP profile projections (TESLA paper 000, §3.4)."""
+"""Tests for dynscale.tesla.atp: ATP profile projections (TESLA paper 000, §3.4)."""
 
 import itertools
 
@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dynscale import atp
+from dynscale.tesla import atp
 
 
 def clip_by_hand(gamma):

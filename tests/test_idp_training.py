@@ -13,7 +13,8 @@ from flax import nnx
 
 from dynscale import data, idp
 from dynscale.nn import models
-from dynscale.train import evaluation, loop, mpidp, steps
+from dynscale.idp import evaluation, mpidp
+from dynscale.train import loop, steps
 from dynscale.train.state import create_train_state
 from experiments import idp as idp_launcher
 from experiments.configs import idp_fig7, idp_fig9

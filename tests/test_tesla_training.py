@@ -14,7 +14,8 @@ from flax import nnx
 
 from dynscale import data, tesla
 from dynscale.nn import models
-from dynscale.train import loop, multitask, runs, steps, sweep, tesla_training
+from dynscale.tesla import multitask, training as tesla_training
+from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import tesla as tesla_launcher

@@ -202,28 +202,28 @@ def test_early_stopping_rejects_bad_settings():
     ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
-  from dynscale.train import supervised
+  from dynscale.idp import training as idp_training
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
-    supervised.train_and_evaluate(tiny_config(**override), str(workdir))
+    idp_training.train_and_evaluate(tiny_config(**override), str(workdir))
   assert not workdir.exists(), "validation must happen before anything is written"
 
 
 def test_missing_data_files_name_the_files(tmp_path):
-  from dynscale.train import supervised
+  from dynscale.idp import training as idp_training
   empty = tmp_path / "no-data"
   empty.mkdir()
   config = tiny_config(**{"data.dataset": "cifar10", "data.data_dir": str(empty)})
   with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
-    supervised.train_and_evaluate(config, str(tmp_path / "run"))
+    idp_training.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
-  from dynscale.train import supervised
+  from dynscale.idp import training as idp_training
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="workdir"):
-    supervised.train_and_evaluate(tiny_config(), str(blocker / "run"))
+    idp_training.train_and_evaluate(tiny_config(), str(blocker / "run"))
 
 
 # --------------------------------------------------------------------------
@@ -246,10 +246,10 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
 
 
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
-  from dynscale.train import supervised
+  from dynscale.idp import training as idp_training
   config = tiny_config(**{"model.dtype": "bfloat16", "train.num_epochs": 1,
                           "train.checkpoint": False})
-  results = supervised.train_and_evaluate(config, str(tmp_path))
+  results = idp_training.train_and_evaluate(config, str(tmp_path))
   assert results["test_accuracy"] > 0.5  # ten classes: chance is 0.1
   assert not (tmp_path / "checkpoints").exists()
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

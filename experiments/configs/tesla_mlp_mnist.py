@@ -9,7 +9,7 @@ with each early-stopping monitor over seeds 0..3. Needs the MNIST files
 (DYNSCALE_DATA_DIR).
 """
 
-from dynscale.train import tesla_training
+from dynscale.tesla import training as tesla_training
 from experiments.configs import common
 
 PROFILES = ("linear", "harmonic", "all-one")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from dynscale.train import evaluation, runs, steps, validation
+from dynscale.idp import evaluation
+from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state

@@ -20,7 +20,8 @@ from absl import logging
 from flax import nnx
 
 from dynscale.nn import sliced, spec
-from dynscale.train import evaluation, runs, steps, validation
+from dynscale.idp import evaluation
+from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state

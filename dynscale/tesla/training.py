@@ -1,7 +1,7 @@
 """TESLA and R-TESLA training (000 Algorithms 1-2), with optional ATP (§3.4).
 
 Each stage optimises the aggregated objective ``sum_k c_k L_k`` (Eq. 3) with
-the sliced multi-task loss of :mod:`dynscale.train.multitask`: the
+the sliced multi-task loss of :mod:`dynscale.tesla.multitask`: the
 coefficient vector is the step's task argument, so all stages share one
 executable. Algorithm 1 optimises ``L_i^obj`` "until meeting early stopping
 criteria": a stage runs until its validation score has not improved for
@@ -38,9 +38,11 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dynscale import atp, cam, data, tesla
+from dynscale import cam, data
 from dynscale.nn import layers, sliced
-from dynscale.train import evaluation, multitask, runs, validation
+from dynscale.idp import evaluation
+from dynscale.tesla import atp, multitask, schedules
+from dynscale.train import runs, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state
@@ -56,11 +58,11 @@ def check_config(config) -> None:
   s = config.schedule
   validation.one_of(s.name, SCHEDULES, "schedule.name")
   validation.one_of(s.monitor, MONITORS, "schedule.monitor")
-  tesla.check_tasks(s.tasks, decreasing=s.name == "tesla")
-  tesla.check_alpha(s.alpha)
+  schedules.check_tasks(s.tasks, decreasing=s.name == "tesla")
+  schedules.check_alpha(s.alpha)
   if s.name == "rtesla":
     validation.positive(s.epoch_budget, "schedule.epoch_budget", integer=True)
-    tesla.task_probabilities(s.distribution, len(s.tasks))
+    schedules.task_probabilities(s.distribution, len(s.tasks))
   if config.train.patience < 1:
     raise ValueError(f"train.patience must be >= 1 for TESLA's task-wise early stopping, "
                      f"got {config.train.patience}")
@@ -91,12 +93,12 @@ def stage_plan(config):
   """The stages in order: a finite tuple (TESLA) or an endless iterator (R-TESLA)."""
   s = config.schedule
   if s.name == "tesla":
-    return iter(tesla.tesla_stages(s.tasks, s.alpha))
-  return tesla.rtesla_stages(s.tasks, s.alpha, s.distribution,
+    return iter(schedules.tesla_stages(s.tasks, s.alpha))
+  return schedules.rtesla_stages(s.tasks, s.alpha, s.distribution,
                              np.random.default_rng(config.seed))
 
 
-def stage_validation(trainer, stage: tesla.Stage, tasks, monitor: str):
+def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str):
   """What early stopping and model selection read in ``stage``: validation metrics of a state.
 
   ``'objective'``: ``sum_k c_k m_k`` over the tasks with ``c_k > 0``, where
