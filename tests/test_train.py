@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dynscale import io
+from dynscale.idp import training as idp_training
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from experiments.configs import baseline
@@ -202,15 +203,27 @@ def test_early_stopping_rejects_bad_settings():
     ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
-  from dynscale.idp import training as idp_training
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
     idp_training.train_and_evaluate(tiny_config(**override), str(workdir))
   assert not workdir.exists(), "validation must happen before anything is written"
 
 
+def test_core_checks_need_no_dp_fields_and_the_idp_method_adds_them():
+  from dynscale.train import validation
+  config = tiny_config()
+  del config.train["dp"]
+  del config["eval"]
+  validation.check_core(config)  # method-neutral: no train.dp, no eval block
+  with pytest.raises((AttributeError, KeyError)):
+    idp_training.check_config(config)
+  config = tiny_config(**{"train.dp": 0.0, "eval.bn_mode": "frozen"})
+  validation.check_core(config)
+  with pytest.raises(ValueError, match=r"train.dp must be in \(0, 1\], got 0.0"):
+    idp_training.check_config(config)
+
+
 def test_missing_data_files_name_the_files(tmp_path):
-  from dynscale.idp import training as idp_training
   empty = tmp_path / "no-data"
   empty.mkdir()
   config = tiny_config(**{"data.dataset": "cifar10", "data.data_dir": str(empty)})
@@ -219,7 +232,6 @@ def test_missing_data_files_name_the_files(tmp_path):
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
-  from dynscale.idp import training as idp_training
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="workdir"):
@@ -246,7 +258,6 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
 
 
 def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
-  from dynscale.idp import training as idp_training
   config = tiny_config(**{"model.dtype": "bfloat16", "train.num_epochs": 1,
                           "train.checkpoint": False})
   results = idp_training.train_and_evaluate(config, str(tmp_path))

@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from dynscale.nn import sliced, spec
-from dynscale.idp import evaluation
+from dynscale.idp import checks, evaluation
 from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
@@ -98,8 +98,10 @@ def profile_forward(ranges) -> steps.ForwardFn:
   return forward
 
 
-def check_config(config) -> None:
-  validation.check_common(config)
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The core blocks, the ``eval`` block and ``model.mp_profiles``."""
+  validation.check_core(config)
+  checks.check_eval(config.eval)
   ranges = config.model.get("mp_profiles")
   if not ranges:
     raise ValueError("model.mp_profiles must list the DP ranges of MP-IDP, e.g. "

@@ -9,13 +9,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from dynscale.idp import evaluation
+from dynscale.idp import checks, evaluation
 from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state
 
-check_config = validation.check_common
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The core blocks, ``train.dp`` and the ``eval`` block."""
+  validation.check_core(config)
+  checks.dp(config.train.dp, "train.dp")
+  checks.check_eval(config.eval)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -40,7 +40,7 @@ from flax import nnx
 
 from dynscale import cam, data
 from dynscale.nn import layers, sliced
-from dynscale.idp import evaluation
+from dynscale.idp import checks, evaluation
 from dynscale.tesla import atp, multitask, schedules
 from dynscale.train import runs, validation
 from dynscale.train.early_stopping import EarlyStopping
@@ -53,8 +53,9 @@ CAM_MODELS = ("vgg16_gap", "mobilenet")
 
 
 def check_config(config) -> None:
-  """The common blocks plus ``schedule``, ``atp`` and ``distill``."""
-  validation.check_common(config)
+  """The core blocks, the ``eval`` block, ``schedule``, ``atp``, ``cam`` and ``distill``."""
+  validation.check_core(config)
+  checks.check_eval(config.eval)
   s = config.schedule
   validation.one_of(s.name, SCHEDULES, "schedule.name")
   validation.one_of(s.monitor, MONITORS, "schedule.monitor")
@@ -73,7 +74,7 @@ def check_config(config) -> None:
     validation.one_of(config.model.profile, ("all-one",), "model.profile (ATP starts at one)")
   if config.cam.enabled:
     validation.one_of(config.model.name, CAM_MODELS, "model.name (CAM needs a GAP head)")
-    validation.dp_list(config.cam.dps, "cam.dps")
+    checks.dp_list(config.cam.dps, "cam.dps")
     validation.positive(config.cam.num_images, "cam.num_images", integer=True)
   if config.distill.weight < 0 or config.distill.temperature <= 0:
     raise ValueError("distill.weight must be >= 0 and distill.temperature > 0, got "

@@ -48,7 +48,7 @@ def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
   return arch, model
 
 
-def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_common
+def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core
           ) -> Run:
   """Validates ``config`` (via ``check``) and ``workdir``, loads data, builds the model."""
   check(config)

@@ -1,28 +1,33 @@
-"""Config checks that run before any data is read or any array is computed.
+"""Core config checks, run before any data is read or any array is computed.
 
-Every error names the config field and the values it may take.
+The blocks every method shares: ``seed``, ``data``, ``model``, ``optimizer``
+and the generic ``train`` fields (``num_epochs``, ``steps_per_chunk``,
+``patience``). A method package adds the checks of its own fields (e.g. the
+DP checks of :mod:`dynscale.idp.validation`). Every error names the config
+field and the values it may take.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dynscale import idp
+from dynscale.kernels import idp
 from dynscale.data import DATASETS
 from dynscale.nn.models import MODELS
 from dynscale.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
-BN_MODES = ("shared", "recalibrated")
 
 
 def one_of(value, allowed: Iterable, field: str) -> None:
+  """Raises unless ``value`` is one of ``allowed``."""
   allowed = tuple(allowed)
   if value not in allowed:
     raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
 
 
 def positive(value, field: str, *, integer: bool = False) -> None:
+  """Raises unless ``value`` is a number (an int if ``integer``) above zero."""
   kind = int if integer else (int, float)
   if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
     allowed = "a positive integer" if integer else "a positive number"
@@ -30,20 +35,9 @@ def positive(value, field: str, *, integer: bool = False) -> None:
 
 
 def non_negative_int(value, field: str) -> None:
+  """Raises unless ``value`` is an int >= 0."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
     raise ValueError(f"{field} must be an integer >= 0, got {value!r}")
-
-
-def dp_value(value, field: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-    raise ValueError(f"{field} must be in (0, 1], got {value!r}")
-
-
-def dp_list(values, field: str) -> None:
-  if not values:
-    raise ValueError(f"{field} must be a non-empty list of DPs in (0, 1]")
-  for i, value in enumerate(values):
-    dp_value(value, f"{field}[{i}]")
 
 
 def check_data(config) -> None:
@@ -77,20 +71,12 @@ def check_train(config) -> None:
   positive(config.num_epochs, "train.num_epochs", integer=True)
   positive(config.steps_per_chunk, "train.steps_per_chunk", integer=True)
   non_negative_int(config.patience, "train.patience")
-  dp_value(config.dp, "train.dp")
 
 
-def check_eval(config) -> None:
-  dp_list(config.dps, "eval.dps")
-  one_of(config.bn_mode, BN_MODES, "eval.bn_mode")
-  positive(config.recalibration_batches, "eval.recalibration_batches", integer=True)
-
-
-def check_common(config) -> None:
-  """Checks the blocks every launcher shares: data, model, optimizer, train, eval."""
+def check_core(config) -> None:
+  """Checks the blocks every method shares: seed, data, model, optimizer, train."""
   non_negative_int(config.seed, "seed")
   check_data(config.data)
   check_model(config.model)
   check_optimizer(config.optimizer)
   check_train(config.train)
-  check_eval(config.eval)
