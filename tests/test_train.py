@@ -165,6 +165,55 @@ def test_eight_device_data_parallel_matches_one_device():
 
 
 # --------------------------------------------------------------------------
+# Evaluation sums extra per-example metrics of the forward, padding masked out.
+# --------------------------------------------------------------------------
+
+
+def pixel_mean_trainer(extra):
+  """A Trainer over 300 validation digits, evaluated in batches of 128 (84 padded)."""
+  import optax
+  from dynscale import data
+  from dynscale.nn import models
+  from dynscale.train import loop, steps
+  from dynscale.train.state import create_train_state
+
+  dataset = data.load("mnist_sample", val_size=300)
+  arch = models.architecture("mlp", num_classes=10, input_shape=(28, 28, 1),
+                             width_multiplier=0.1)
+  tx = optax.sgd(0.1)
+  graphdef, state = create_train_state(models.build(arch, rngs=models.init_rngs(0)), tx)
+
+  def forward(model, images, dp):
+    return model(images, dp, train=False), {"pixel_mean": extra(images)}
+
+  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=steps.classification_loss,
+                         forward=forward, dataset=dataset, batch_size=50,
+                         eval_batch_size=128, augment=False, seed=0)
+  return trainer, trainer.place(state), dataset
+
+
+def test_evaluate_reports_the_mean_of_an_extra_per_example_metric():
+  import jax.numpy as jnp
+  from dynscale.data import pipeline
+  trainer, state, dataset = pixel_mean_trainer(lambda images: jnp.mean(images, axis=(1, 2, 3)))
+  metrics = trainer.evaluate(state, "val", jnp.float32(0.5))
+  mean, std = pipeline.normalization_stats(dataset.name)
+  normalized = (dataset.val_x.astype(np.float64) / 255 - np.asarray(mean)) / np.asarray(std)
+  assert len(dataset.val_y) % 128 != 0, "the split must end in a padded batch"
+  assert metrics["pixel_mean"] == pytest.approx(normalized.mean(axis=(1, 2, 3)).mean(),
+                                                rel=1e-5)
+  assert set(metrics) == {"accuracy", "loss", "pixel_mean"}
+  assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+
+
+def test_an_extra_metric_needs_one_value_per_example():
+  import jax.numpy as jnp
+  trainer, state, _ = pixel_mean_trainer(lambda images: jnp.mean(images))
+  with pytest.raises(ValueError, match=r"'pixel_mean' must have one value per example"):
+    trainer.evaluate(state, "val", jnp.float32(0.5))
+
+
+# --------------------------------------------------------------------------
 # Early stopping
 # --------------------------------------------------------------------------
 

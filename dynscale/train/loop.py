@@ -120,17 +120,22 @@ class Trainer:
     return [self._batch_fn(data, idx, None)[0] for idx in order[:num_batches]]
 
   def evaluate(self, state: TrainState, split: str, task) -> dict[str, float]:
-    """Accuracy and mean loss over every example of ``split`` at ``task``."""
+    """Means over every example of ``split`` at ``task``.
+
+    ``accuracy``, ``loss``, and each extra per-example metric the forward
+    returns (:func:`dynscale.train.steps.forward_outputs`), e.g. FLOPs per image.
+    """
     if split not in SPLITS:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     data = self.splits[split]
     if data.size == 0:
       return {"accuracy": float("nan"), "loss": float("nan")}
     idx, mask = pipeline.eval_batches(data.size, self.eval_batch_size)
-    totals = self.eval_totals(state.params, state.model_state, data, jnp.asarray(idx),
-                              jnp.asarray(mask, jnp.float32), task)
-    count = float(totals.count)
-    return {"accuracy": float(totals.correct) / count, "loss": float(totals.loss) / count}
+    totals = {name: float(total) for name, total in self.eval_totals(
+        state.params, state.model_state, data, jnp.asarray(idx),
+        jnp.asarray(mask, jnp.float32), task).items()}
+    count, correct = totals.pop("count"), totals.pop("correct")
+    return {"accuracy": correct / count, **{name: total / count for name, total in totals.items()}}
 
   def epoch_chunks(self, epoch: int):
     """(index chunk ``(S, B)``, augmentation key) pairs for one epoch."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,9 @@ from dynscale.train.state import TrainState, merge_model, model_state_of
 
 # (model, images, labels, task) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[nnx.Module, jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
-# (model, images, task) -> logits, in evaluation mode
-ForwardFn = Callable[[nnx.Module, jax.Array, Any], jax.Array]
+# (model, images, task) -> logits, or (logits, {name: per-example values (B,)}),
+# in evaluation mode (see forward_outputs)
+ForwardFn = Callable[[nnx.Module, jax.Array, Any], Any]
 # (data, idx, key or None) -> (images float, labels int)
 BatchFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array]]
 
@@ -135,37 +136,53 @@ def make_train_chunk(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return scanned_chunk if scan else looped_chunk
 
 
-class EvalTotals(NamedTuple):
-  correct: jax.Array
-  loss: jax.Array
-  count: jax.Array
+RESERVED_METRICS = ("accuracy", "loss", "correct", "count")
+
+
+def forward_outputs(output, batch: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``(logits, extra metrics)`` of a ``ForwardFn``'s output.
+
+  A forward returns logits, or ``(logits, {name: per-example values (B,)})``.
+  """
+  logits, extras = output if isinstance(output, tuple) else (output, {})
+  for name, values in extras.items():
+    if name in RESERVED_METRICS:
+      raise ValueError(f"the forward's extra metric may not be named {name!r} "
+                       f"(reserved: {RESERVED_METRICS})")
+    if jnp.shape(values) != (batch,):
+      raise ValueError(f"the forward's extra metric {name!r} must have one value per "
+                       f"example, shape ({batch},), got {jnp.shape(values)}")
+  return logits, dict(extras)
 
 
 def make_eval_totals(graphdef: nnx.GraphDef, forward: ForwardFn, batch_fn: BatchFn,
                      mesh: Mesh):
-  """Returns ``eval_totals(params, model_state, data, idx, mask, task) -> EvalTotals``.
+  """Returns ``eval_totals(params, model_state, data, idx, mask, task) -> dict of sums``.
 
   ``idx`` ``(S, B)`` with a 0/1 ``mask`` of the same shape covers every example
-  exactly once (padding masked out); sums are exact counts.
+  exactly once (padding masked out). The sums over the unmasked examples:
+  ``correct`` (exact count), ``loss`` (cross-entropy), ``count``, and each
+  extra per-example metric the forward returns (:func:`forward_outputs`).
   """
   sharding = batch_sharded(mesh)
 
   @jax.jit
-  def eval_totals(params, model_state, data, idx, mask, task) -> EvalTotals:
+  def eval_totals(params, model_state, data, idx, mask, task) -> dict[str, jax.Array]:
     model = merge_model(graphdef, params, model_state)
 
-    def body(totals: EvalTotals, inputs):
+    def body(carry, inputs):
       batch_idx, batch_mask = inputs
       images, labels = batch_fn(data, batch_idx, None)
       images = jax.lax.with_sharding_constraint(images, sharding)
-      logits = forward(model, images, task)
-      correct = (jnp.argmax(logits, -1) == labels) * batch_mask
-      loss = cross_entropy(logits, labels) * batch_mask
-      return EvalTotals(totals.correct + correct.sum(), totals.loss + loss.sum(),
-                        totals.count + batch_mask.sum()), None
+      logits, extras = forward_outputs(forward(model, images, task), labels.shape[0])
+      per_example = {"correct": jnp.argmax(logits, -1) == labels,
+                     "loss": cross_entropy(logits, labels),
+                     "count": jnp.ones_like(batch_mask), **extras}
+      sums = {name: jnp.sum(jnp.asarray(values, jnp.float32) * batch_mask)
+              for name, values in per_example.items()}
+      return carry, sums
 
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(body, EvalTotals(zero, zero, zero), (idx, mask))
-    return totals
+    _, sums = jax.lax.scan(body, None, (idx, mask))
+    return {name: jnp.sum(batch_sums) for name, batch_sums in sums.items()}
 
   return eval_totals
