@@ -1,4 +1,9 @@
-"""Accuracy-vs-DP plots (matplotlib, headless), written atomically."""
+"""Plots and text tables of result curves (matplotlib, headless), written atomically.
+
+A curve is the results-file record ``{"x": x-axis name, "y": metric name,
+"points": [[x, y], ...]}`` (:func:`dynscale.train.runs.curve`); the
+functions here take several under their labels, ``{label: curve}``.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,23 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 from dynscale.io import write_bytes_atomic
 
 
-def plot_accuracy_by_dp(curves: Mapping[str, Mapping[str, float]], path: str, *,
-                        title: str = "") -> None:
-  """One line per curve; each curve maps a DP percentage ("10") to accuracy in [0, 1]."""
+def axes(curves: Mapping[str, Mapping]) -> tuple[str, str]:
+  """The ``(x, y)`` names the curves share; raises ValueError if they differ or none given."""
+  names = {(c["x"], c["y"]) for c in curves.values()}
+  if len(names) != 1:
+    raise ValueError(f"curves must share one x and one y axis, got {sorted(names)}")
+  return names.pop()
+
+
+def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") -> None:
+  """One line per curve, labelled by its key, saved to ``path`` as PNG."""
+  x_name, y_name = axes(curves)
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  for label, by_dp in curves.items():
-    dps = sorted(by_dp, key=float)
-    ax.plot([float(d) for d in dps], [100 * by_dp[d] for d in dps], marker="o", label=label)
-  ax.set_xlabel("DP (% of channels)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_ylim(0, 100)
+  for label, curve in curves.items():
+    points = sorted(curve["points"])
+    ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+  ax.set_xlabel(x_name)
+  ax.set_ylabel(y_name)
   ax.grid(alpha=0.3)
   if title:
     ax.set_title(title)
@@ -39,13 +51,20 @@ def save_png(fig, path: str, *, dpi: int) -> None:
   write_bytes_atomic(str(path), buffer.getvalue())
 
 
-def format_accuracy_table(curves: Mapping[str, Mapping[str, float]]) -> str:
-  """A text table: one row per DP, one column per curve, accuracy in percent."""
-  names = list(curves)
-  dps = sorted({d for c in curves.values() for d in c}, key=float)
-  lines = ["DP%   " + "  ".join(f"{n:>12}" for n in names)]
-  for d in dps:
-    cells = "  ".join(f"{100 * curves[n][d]:12.2f}" if d in curves[n] else f"{'-':>12}"
-                      for n in names)
-    lines.append(f"{d:>4}  {cells}")
+def format_curves_table(curves: Mapping[str, Mapping]) -> str:
+  """A text table: one row per x value, one column per curve, and a last row of means of y."""
+  x_name, _ = axes(curves)
+  by_label = {label: dict(map(tuple, curve["points"])) for label, curve in curves.items()}
+  width = max([12, *map(len, by_label)])
+  xs = sorted({x for values in by_label.values() for x in values})
+  first = max(len(x_name), len("mean"), *(len(f"{x:g}") for x in xs))
+
+  def row(head: str, cells) -> str:
+    return f"{head:<{first}}  " + "  ".join(f"{cell:>{width}}" for cell in cells)
+
+  lines = [row(x_name, by_label)]
+  lines += [row(f"{x:g}", [f"{values[x]:.4f}" if x in values else "-"
+                           for values in by_label.values()]) for x in xs]
+  lines.append(row("mean", [f"{sum(values.values()) / len(values):.4f}"
+                            for values in by_label.values()]))
   return "\n".join(lines)

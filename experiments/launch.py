@@ -50,17 +50,15 @@ def run(argv, train_and_evaluate: Callable) -> dict:
 
 
 def summary(results: dict, workdir: str) -> str:
-  """The test accuracy-by-DP table (one column per variant) and where results are."""
-  if "variants" in results:
-    curves = {name: v["test_accuracy_by_dp"] for name, v in results["variants"].items()}
-    means = {name: v["mean_test_accuracy"] for name, v in results["variants"].items()}
-    bn_mode = "/".join(sorted({v["bn_mode"] for v in results["variants"].values()}))
-  else:
-    curves = {results["model"]["name"]: results["test_accuracy_by_dp"]}
-    means = {results["model"]["name"]: results["mean_test_accuracy"]}
-    bn_mode = results["bn_mode"]
-  mean_row = "mean  " + "  ".join(f"{100 * m:12.2f}" for m in means.values())
-  return (f"Test accuracy (%) by DP, {bn_mode} batch-norm statistics:\n"
-          f"{plots.format_accuracy_table(curves)}\n{mean_row}\n"
-          f"Results: {workdir}/results.json, plot: {workdir}/accuracy_by_dp.png")
-
+  """Every curve as a table (one column per run or variant), each run's scalar
+  results, and where the files are."""
+  by_label = (results["variants"] if "variants" in results
+              else {results["config"]["method"]: sweep.variant_summary(results)})
+  parts = [f"{name} ({plots.axes(curves)[1]}):\n{plots.format_curves_table(curves)}"
+           for name, curves in sweep.curves_by_name(by_label).items()]
+  for label, entry in by_label.items():
+    scalars = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in entry.items() if k != "curves")
+    parts.append(f"{label}: {scalars}")
+  parts.append(f"Results: {workdir}/results.json; plots: {workdir}/<curve name>.png")
+  return "\n\n".join(parts)

@@ -118,10 +118,15 @@ def test_figure_7_launcher_writes_one_curve_per_profile(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert set(saved["variants"]) == {"all-one", "harmonic", "linear", "half-exp"}
   for name, summary in saved["variants"].items():
-    assert set(summary["test_accuracy_by_dp"]) == {"20", "50", "100"}
+    curve = summary["curves"]["test_accuracy_by_dp"]
+    assert (curve["x"], curve["y"]) == ("dp", "test_accuracy")
+    assert [x for x, _ in curve["points"]] == [0.2, 0.5, 1.0]
     assert summary["bn_mode"] == "shared"
-    assert (tmp_path / name / "results.json").exists()
-  assert (tmp_path / "accuracy_by_dp.png").stat().st_size > 0
+    assert summary["mean_test_accuracy"] == pytest.approx(
+        np.mean([y for _, y in curve["points"]]))
+    run = json.loads((tmp_path / name / "results.json").read_text())
+    assert run["curves"]["test_accuracy_by_dp"] == curve
+  assert (tmp_path / "test_accuracy_by_dp.png").stat().st_size > 0
   assert figure == saved
 
 

@@ -191,10 +191,12 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
   config.tensorboard = False
   results = tesla_training.train_and_evaluate(config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert set(saved["test_accuracy_by_dp"]) == {"10", "50", "100"}
-  assert saved["mean_test_accuracy"] == pytest.approx(
-      np.mean(list(saved["test_accuracy_by_dp"].values())))
-  assert (tmp_path / "accuracy_by_dp.png").stat().st_size > 0
+  curve = saved["curves"]["test_accuracy_by_dp"]
+  assert (curve["x"], curve["y"]) == ("dp", "test_accuracy")
+  assert [x for x, _ in curve["points"]] == [0.1, 0.5, 1.0]
+  assert all(0 <= y <= 1 for _, y in curve["points"])
+  assert saved["mean_test_accuracy"] == pytest.approx(np.mean([y for _, y in curve["points"]]))
+  assert (tmp_path / "test_accuracy_by_dp.png").stat().st_size > 0
   if schedule == "rtesla":
     assert results["epochs"] <= 4
   else:

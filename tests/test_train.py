@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
                          capture_output=True, text=True)
   assert "Resumed stage 'train'" in rerun.stderr
   a, b = read_results(straight), read_results(killed)
-  assert a["test_accuracy_by_dp"] == b["test_accuracy_by_dp"]
+  assert a["curves"] == b["curves"]
   assert a["val_accuracy"] == b["val_accuracy"]
   assert a["steps"] == b["steps"]
 
@@ -285,6 +285,57 @@ def test_unwritable_workdir_is_refused(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="workdir"):
     idp_training.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+# --------------------------------------------------------------------------
+# Curves: a sweep, the tables and the launcher summary read any curve.
+# --------------------------------------------------------------------------
+
+
+class FlopsMethod:
+  """A stand-in method whose curve is not a DP curve: accuracy = level * flops_ratio."""
+
+  @staticmethod
+  def check_config(config):
+    if config.level <= 0:
+      raise ValueError(f"level must be > 0, got {config.level}")
+
+  @staticmethod
+  def train_and_evaluate(config, workdir):
+    from dynscale.train import runs
+    points = [(r, config.level * r) for r in (0.25, 1.0)]
+    return {"curves": {"accuracy_by_flops": runs.curve("flops_ratio", "test_accuracy", points)},
+            "level": config.level, "config": config.to_dict()}
+
+
+def test_a_sweep_gathers_and_plots_any_method_curve(tmp_path):
+  import ml_collections
+  from dynscale.train import sweep
+  from experiments import launch
+  config = ml_collections.ConfigDict({"method": "flops", "level": 0.5, "title": "by FLOPs",
+                                      "variants": {"low": {}, "high": {"level": 0.75}}})
+  figure = sweep.run_variants(config, str(tmp_path), {"flops": FlopsMethod})
+  assert json.loads((tmp_path / "results.json").read_text()) == figure
+  assert figure["variants"]["high"] == {
+      "curves": {"accuracy_by_flops": {"x": "flops_ratio", "y": "test_accuracy",
+                                       "points": [[0.25, 0.1875], [1.0, 0.75]]}},
+      "level": 0.75}
+  assert (tmp_path / "accuracy_by_flops.png").stat().st_size > 0
+  text = launch.summary(figure, str(tmp_path))
+  assert "accuracy_by_flops (test_accuracy):" in text
+  rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+  columns = {label: {x: rows[x][i] for x in ("0.25", "1", "mean")}
+             for i, label in enumerate(rows["flops_ratio"])}
+  assert columns == {"low": {"0.25": "0.1250", "1": "0.5000", "mean": "0.3125"},
+                     "high": {"0.25": "0.1875", "1": "0.7500", "mean": "0.4688"}}
+
+
+def test_curves_with_different_axes_are_not_tabulated_together():
+  from dynscale import plots
+  from dynscale.train import runs
+  with pytest.raises(ValueError, match="share one x and one y axis"):
+    plots.format_curves_table({"a": runs.curve("dp", "test_accuracy", [(1.0, 0.9)]),
+                               "b": runs.curve("flops_ratio", "test_accuracy", [(1.0, 0.9)])})
 
 
 # --------------------------------------------------------------------------

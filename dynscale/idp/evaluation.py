@@ -12,20 +12,13 @@
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
-from absl import logging
 
-from dynscale import plots
 from dynscale.nn import batchnorm, sliced
-from dynscale.train import loop
+from dynscale.train import loop, runs
 from dynscale.train.state import TrainState, merge_model
 
-
-def dp_key(dp: float) -> str:
-  """The results-file key of a DP: its percentage as an integer string ("10")."""
-  return str(int(round(float(dp) * 100)))
+CURVE = "test_accuracy_by_dp"
 
 
 def recalibrated_state(trainer: loop.Trainer, state: TrainState, dp: float,
@@ -37,32 +30,24 @@ def recalibrated_state(trainer: loop.Trainer, state: TrainState, dp: float,
   return state.replace(model_state=sliced.merge_variables(state.model_state, stats))
 
 
-def accuracy_by_dp(run, trainer: loop.Trainer, state: TrainState, split: str,
-                   dps=None) -> dict[str, float]:
-  """Accuracy on ``split`` at each DP of ``run.config.eval.dps`` (or ``dps``)."""
-  config = run.config.eval
-  dps = config.dps if dps is None else dps
-  by_dp = {}
-  for dp in dps:
-    at_dp = (recalibrated_state(trainer, state, dp, config.recalibration_batches)
-             if config.bn_mode == "recalibrated" else state)
-    by_dp[dp_key(dp)] = trainer.evaluate(at_dp, split, jnp.float32(dp))["accuracy"]
-  return by_dp
+def accuracy_by_dp(eval_config, trainer: loop.Trainer, state: TrainState,
+                   split: str) -> list[list[float]]:
+  """``[[dp, accuracy], ...]`` on ``split`` at each DP of ``eval_config.dps``."""
+  points = []
+  for dp in eval_config.dps:
+    at_dp = (recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
+             if eval_config.bn_mode == "recalibrated" else state)
+    points.append([float(dp), trainer.evaluate(at_dp, split, jnp.float32(dp))["accuracy"]])
+  return points
 
 
-def test_report(run, trainer: loop.Trainer, state: TrainState, label: str) -> dict:
-  """Test accuracy at every DP of ``eval.dps``, logged as a table and plotted.
+def test_report(eval_config, trainer: loop.Trainer, state: TrainState) -> dict:
+  """Test accuracy at every DP of ``eval.dps``: the results-file fields.
 
-  Writes ``accuracy_by_dp.png`` (process 0) with one curve named ``label``
-  and the batch-norm mode, and returns the results-file fields
-  ``test_accuracy_by_dp``, ``mean_test_accuracy`` and ``bn_mode``.
+  ``curves`` holds the curve ``test_accuracy_by_dp`` (x ``dp``, y
+  ``test_accuracy``), next to ``mean_test_accuracy`` and the ``bn_mode``.
   """
-  bn_mode = run.config.eval.bn_mode
-  by_dp = accuracy_by_dp(run, trainer, state, "test")
-  curves = {f"{label} ({bn_mode} BN)": by_dp}
-  logging.info("Test accuracy by DP:\n%s", plots.format_accuracy_table(curves))
-  if run.is_main_process:
-    plots.plot_accuracy_by_dp(curves, os.path.join(run.workdir, "accuracy_by_dp.png"),
-                              title=f"{run.config.model.name} on {run.dataset.name}")
-  return {"test_accuracy_by_dp": by_dp, "mean_test_accuracy": sum(by_dp.values()) / len(by_dp),
-          "bn_mode": bn_mode}
+  points = accuracy_by_dp(eval_config, trainer, state, "test")
+  return {"curves": {CURVE: runs.curve("dp", "test_accuracy", points)},
+          "mean_test_accuracy": sum(y for _, y in points) / len(points),
+          "bn_mode": eval_config.bn_mode}

@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       early_stopping=EarlyStopping(patience) if patience else None)
     state = fit.best_state
     epochs_run.append(fit.epochs_run)
-  report = evaluation.test_report(run, trainer, state, f"MP-IDP, {len(ranges)} profiles")
+  report = evaluation.test_report(config.eval, trainer, state)
   return runs.finish(run, {
       **report,
       "profiles": [list(r) for r in ranges],

@@ -34,8 +34,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trainer.place(state), task=jnp.float32(config.train.dp),
       num_epochs=config.train.num_epochs, stage="train", checkpoint_dir=run.checkpoint_dir,
       writer=run.writer, early_stopping=EarlyStopping(patience) if patience else None)
-  report = evaluation.test_report(run, trainer, fit.best_state,
-                                  f"{config.model.name} {config.model.profile}")
+  report = evaluation.test_report(config.eval, trainer, fit.best_state)
   dp = jnp.float32(config.train.dp)
   val = trainer.evaluate(fit.best_state, "val", dp)
   return runs.finish(run, {

@@ -172,9 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
     state = fit.best_state
-  name = config.schedule.name.upper().replace("RTESLA", "R-TESLA")
-  report = evaluation.test_report(run, trainer, state,
-                                  f"{name}{' + ATP' if config.atp.enabled else ''}")
+  report = evaluation.test_report(config.eval, trainer, state)
   extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
   if config.cam.enabled and run.is_main_process:
     extra["cam"] = save_cams(run, state)
@@ -184,4 +182,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "atp": bool(config.atp.enabled),
       "distillation": config.distill.weight > 0,
       "stages": history, "epochs": spent,
-  }, **extra)
+      **extra,
+  })

@@ -1,5 +1,11 @@
-"""What every launcher does around training: check the config, load the data,
+"""What every method does around training: check the config, load the data,
 build the model, open writers and checkpoints, and write ``results.json``.
+
+``results.json`` holds the resolved config, the dataset, the model, the
+devices and the method's metrics. Metrics that vary along an axis are
+*curves* under ``results["curves"][name]``: ``{"x": x-axis name, "y":
+metric name, "points": [[x, y], ...]}`` (:func:`curve`); every curve is
+also logged as a table and plotted to ``<workdir>/<name>.png``.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import nnx
 
-from dynscale import data, io
+from dynscale import data, io, plots
 from dynscale.nn import models
 from dynscale.train import loop, steps, validation
 from dynscale.train.writers import MetricWriter
@@ -88,8 +95,24 @@ def total_steps(run: Run, epochs: int | None = None) -> int:
   return (len(run.dataset.train_y) // run.config.data.batch_size) * epochs
 
 
-def finish(run: Run, metrics: dict, **extra) -> dict:
-  """Writes ``results.json`` (config, dataset, model, metrics) atomically and returns it."""
+def curve(x: str, y: str, points) -> dict:
+  """A results-file curve: metric ``y`` against ``x`` at ``points`` ``[(x, y), ...]``."""
+  return {"x": x, "y": y, "points": [[float(a), float(b)] for a, b in points]}
+
+
+def report_curves(run: Run, curves: dict) -> None:
+  """Logs each curve as a table and plots it to ``<workdir>/<name>.png`` (process 0)."""
+  title = f"{run.arch['name']} on {run.dataset.name}"
+  for name, c in curves.items():
+    labelled = {run.config.method: c}
+    logging.info("%s:\n%s", name, plots.format_curves_table(labelled))
+    if run.is_main_process:
+      plots.plot_curves(labelled, os.path.join(run.workdir, f"{name}.png"), title=title)
+
+
+def finish(run: Run, metrics: dict) -> dict:
+  """Reports the curves, writes ``results.json`` atomically and returns it."""
+  report_curves(run, metrics.get("curves", {}))
   d = run.dataset
   results = {
       "config": run.config.to_dict(),
@@ -97,7 +120,7 @@ def finish(run: Run, metrics: dict, **extra) -> dict:
                   "train": len(d.train_y), "val": len(d.val_y), "test": len(d.test_y)},
       "model": {"name": run.arch["name"], "architecture": run.arch},
       "devices": {"count": jax.device_count(), "platform": jax.devices()[0].platform},
-      **metrics, **extra,
+      **metrics,
   }
   if run.is_main_process:
     io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)

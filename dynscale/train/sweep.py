@@ -1,6 +1,8 @@
 """Several variants of one experiment, one figure: each variant is the base
-config with a few overrides, trained in its own sub-directory; the figure's
-``results.json`` gathers their accuracy-by-DP curves and one plot shows them.
+config with a few overrides, trained by its own method in its own
+sub-directory. The figure's ``results.json`` gathers every variant's curves
+and scalar results, and each curve name gets one plot with a line per
+variant, whatever the methods.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dynscale import io, plots
 
 
 class Method(Protocol):
-  """A training method: a module with these two functions (e.g. ``tesla_training``)."""
+  """A training method: a module with these two functions (e.g. ``dynscale.tesla.training``)."""
 
   def check_config(self, config: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError`` naming the bad field, before any compute."""
@@ -78,25 +80,42 @@ def check_variants(config: ml_collections.ConfigDict,
   return configs
 
 
+def variant_summary(results: Mapping) -> dict:
+  """A variant's entry in the figure: its curves and its scalar results."""
+  scalars = {key: value for key, value in results.items()
+             if isinstance(value, (bool, int, float, str))}
+  return {"curves": results.get("curves", {}), **scalars}
+
+
+def curves_by_name(results_by_label: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
+  """``{curve name: {label: curve}}`` from ``{label: results (or summary) with "curves"}``."""
+  by_name: dict[str, dict[str, dict]] = {}
+  for label, results in results_by_label.items():
+    for name, curve in results.get("curves", {}).items():
+      by_name.setdefault(name, {})[label] = curve
+  return by_name
+
+
 def run_variants(config: ml_collections.ConfigDict, workdir: str,
                  methods: Mapping[str, Method]) -> dict:
   """Trains every variant with its ``method``, then writes the figure.
 
   Every variant's config is checked before the first one trains, so a bad
-  last variant fails before any compute.
+  last variant fails before any compute. Writes ``results.json`` (the
+  title and each variant's :func:`variant_summary`) and ``<curve name>.png``
+  for every curve name, one line per variant that has it.
   """
   configs = check_variants(config, methods)
   workdir = io.check_writable_dir(workdir)
-  curves, summaries = {}, {}
+  summaries = {}
   for name, variant in configs.items():
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
-    curves[name] = results["test_accuracy_by_dp"]
-    summaries[name] = {k: results[k] for k in
-                       ("test_accuracy_by_dp", "mean_test_accuracy", "bn_mode") if k in results}
+    summaries[name] = variant_summary(results)
   title = config.get("title", "")
-  plots.plot_accuracy_by_dp(curves, os.path.join(workdir, "accuracy_by_dp.png"), title=title)
-  logging.info("%s\n%s", title, plots.format_accuracy_table(curves))
+  for curve_name, curves in curves_by_name(summaries).items():
+    plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
+    logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))
   figure = {"title": title, "variants": summaries}
   io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
   return figure

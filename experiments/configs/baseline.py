@@ -8,6 +8,7 @@ from experiments.configs import common
 
 def get_config():
   return common.base(
+      method="idp",
       data=common.data("mnist_sample", batch_size=64, val_size=500),
       model=common.model("mlp", profile="all-one"),
       optimizer=common.optimizer("adam", learning_rate=1e-3),
