@@ -339,6 +339,63 @@ def test_curves_with_different_axes_are_not_tabulated_together():
 
 
 # --------------------------------------------------------------------------
+# Every run exports its best state; model.init_from continues from an export.
+# --------------------------------------------------------------------------
+
+
+def test_a_run_exports_its_best_state_and_a_later_stage_starts_from_it(tmp_path):
+  import jax.numpy as jnp
+  from dynscale import data
+  from dynscale.nn import sliced
+  from dynscale.train import runs
+  config = tiny_config(**{"train.num_epochs": 2, "train.checkpoint": False})
+  first = idp_training.train_and_evaluate(config, str(tmp_path / "first"))
+  assert first["export"] == str(tmp_path / "first" / "export")
+  assert first["model"]["init_from"] is None
+
+  # The export is the evaluated state: its sliced network scores the reported accuracy.
+  exported = sliced.load(tmp_path / "first" / "export")
+  dataset = data.load("mnist_sample", val_size=300)
+  images = data.normalize(dataset.test_x, *data.normalization_stats(dataset.name))
+  accuracy = float(jnp.mean(jnp.argmax(exported(images, 1.0), -1) == dataset.test_y))
+  points = dict(map(tuple, first["curves"]["test_accuracy_by_dp"]["points"]))
+  assert accuracy == pytest.approx(points[1.0], abs=2e-3)
+
+  # A run directory or the export itself; the model fields of the config are not used.
+  for source in (tmp_path / "first", tmp_path / "first" / "export"):
+    later = tiny_config(**{"model.init_from": str(source), "model.width_multiplier": 0.5})
+    run = runs.start(later, str(tmp_path / "later"))
+    assert run.arch == exported.arch
+    jax.tree.map(np.testing.assert_array_equal, run.model.pure_variables(), exported.variables)
+    assert run.init_from == str(tmp_path / "first" / "export")
+  second = tiny_config(**{"model.init_from": str(tmp_path / "first"), "train.num_epochs": 1,
+                          "train.checkpoint": False})
+  idp_training.train_and_evaluate(second, str(tmp_path / "second"))
+  assert read_results(tmp_path / "second")["model"]["init_from"] == str(
+      tmp_path / "first" / "export")
+
+
+def test_init_from_without_an_export_fails_before_anything_is_written(tmp_path):
+  (tmp_path / "run-without-export").mkdir()
+  config = tiny_config(**{"model.init_from": str(tmp_path / "run-without-export")})
+  with pytest.raises(ValueError, match=r"model.init_from must name an exported network"):
+    idp_training.train_and_evaluate(config, str(tmp_path / "later"))
+  assert not (tmp_path / "later").exists()
+
+
+def test_init_from_an_export_for_other_inputs_is_refused(tmp_path):
+  from dynscale.nn import models, sliced
+  arch = models.architecture("mlp", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=0.1)
+  sliced.export(models.build(arch, rngs=models.init_rngs(0)), tmp_path / "cifar-mlp")
+  config = tiny_config(**{"model.init_from": str(tmp_path / "cifar-mlp")})
+  with pytest.raises(ValueError, match=r"model.init_from: the exported network takes inputs "
+                                       r"\(32, 32, 3\) with 10 classes; mnist_sample has "
+                                       r"\(28, 28, 1\)"):
+    idp_training.train_and_evaluate(config, str(tmp_path / "later"))
+
+
+# --------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------
 

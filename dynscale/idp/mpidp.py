@@ -99,11 +99,11 @@ def profile_forward(ranges) -> steps.ForwardFn:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The core blocks, the ``eval`` block and ``model.mp_profiles``."""
+  """The core blocks, the ``eval`` block and ``model.mp_profiles`` (unless the
+  network comes from ``model.init_from``, whose architecture holds them)."""
   validation.check_core(config)
   checks.check_eval(config.eval)
-  ranges = config.model.get("mp_profiles")
-  if not ranges:
+  if not config.model.init_from and not config.model.get("mp_profiles"):
     raise ValueError("model.mp_profiles must list the DP ranges of MP-IDP, e.g. "
                      "((0.0, 0.3), (0.3, 1.0))")
 
@@ -113,6 +113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = runs.start(config, workdir, check=check_config)
   arch = run.arch
   ranges = arch["profiles"]
+  if not ranges:
+    raise ValueError(f"model.init_from: the network in {run.init_from!r} has no MP-IDP "
+                     "profiles (its architecture's 'profiles' is empty)")
   variables = run.model.pure_variables()
   state = None
   graphdef = None
@@ -137,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = fit.best_state
     epochs_run.append(fit.epochs_run)
   report = evaluation.test_report(config.eval, trainer, state)
-  return runs.finish(run, {
+  return runs.finish(run, graphdef, state, {
       **report,
       "profiles": [list(r) for r in ranges],
       "epochs_run": epochs_run,

@@ -37,7 +37,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   report = evaluation.test_report(config.eval, trainer, fit.best_state)
   dp = jnp.float32(config.train.dp)
   val = trainer.evaluate(fit.best_state, "val", dp)
-  return runs.finish(run, {
+  return runs.finish(run, graphdef, fit.best_state, {
       **report,
       "test_accuracy": trainer.evaluate(fit.best_state, "test", dp)["accuracy"],
       "val_accuracy": val["accuracy"],

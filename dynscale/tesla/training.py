@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
   if config.cam.enabled and run.is_main_process:
     extra["cam"] = save_cams(run, state)
-  return runs.finish(run, {
+  return runs.finish(run, graphdef, state, {
       **report,
       "schedule": config.schedule.name, "monitor": config.schedule.monitor,
       "atp": bool(config.atp.enabled),

@@ -20,8 +20,9 @@ from absl import logging
 from flax import nnx
 
 from dynscale import data, io, plots
-from dynscale.nn import models
+from dynscale.nn import models, sliced
 from dynscale.train import loop, steps, validation
+from dynscale.train.state import TrainState, merge_model
 from dynscale.train.writers import MetricWriter
 
 
@@ -34,6 +35,7 @@ class Run:
   model: nnx.Module
   writer: MetricWriter | None
   checkpoint_dir: str | None
+  init_from: str | None  # the exported network the model started from
 
   @property
   def is_main_process(self) -> bool:
@@ -55,20 +57,48 @@ def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
   return arch, model
 
 
+def load_exported(directory: str, config, dataset: data.Dataset
+                  ) -> tuple[dict, nnx.Module]:
+  """The network exported in ``directory``: its architecture, and its variables set
+  into a freshly built NNX model, so a later stage continues from it."""
+  exported = sliced.load(directory)
+  arch = exported.arch
+  needs = (tuple(arch["input_shape"]), arch["num_classes"])
+  has = (tuple(dataset.train_x.shape[1:]), dataset.num_classes)
+  if needs != has:
+    raise ValueError(f"model.init_from: the exported network takes inputs {needs[0]} with "
+                     f"{needs[1]} classes; {dataset.name} has {has[0]} with {has[1]}")
+  model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=compute_dtype(config))
+  state = nnx.state(model)
+  if jax.tree.structure(state.to_pure_dict()) != jax.tree.structure(exported.variables):
+    raise ValueError(f"model.init_from: the variables in {directory!r} do not match its "
+                     "architecture")
+  state.replace_by_pure_dict(exported.variables)
+  nnx.update(model, state)
+  return arch, model
+
+
 def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core
           ) -> Run:
-  """Validates ``config`` (via ``check``) and ``workdir``, loads data, builds the model."""
+  """Validates ``config`` (via ``check``) and ``workdir``, loads data, builds the model.
+
+  With ``model.init_from`` the model is the exported network it names
+  (:func:`load_exported`), and the other model fields are not used.
+  """
   check(config)
   workdir = io.check_writable_dir(workdir)
+  init_from = (validation.exported_network(config.model.init_from)
+               if config.model.init_from else None)
   dataset = data.load(config.data.dataset, data_dir=config.data.data_dir or None,
                       val_size=config.data.val_size, seed=config.seed)
-  arch, model = build_model(config, dataset)
+  arch, model = (load_exported(init_from, config, dataset) if init_from
+                 else build_model(config, dataset))
   main = jax.process_index() == 0
   if main:
     io.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
   writer = MetricWriter(workdir, tensorboard=config.tensorboard) if main else None
   checkpoint_dir = os.path.join(workdir, "checkpoints") if config.train.checkpoint else None
-  return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir)
+  return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir, init_from)
 
 
 def augment(config, dataset_name: str) -> bool:
@@ -110,15 +140,33 @@ def report_curves(run: Run, curves: dict) -> None:
       plots.plot_curves(labelled, os.path.join(run.workdir, f"{name}.png"), title=title)
 
 
-def finish(run: Run, metrics: dict) -> dict:
-  """Reports the curves, writes ``results.json`` atomically and returns it."""
+def export(run: Run, graphdef: nnx.GraphDef, state: TrainState) -> str:
+  """Exports the network of ``state`` to ``<workdir>/export`` (process 0); returns the path.
+
+  ``architecture.json`` and ``params.npz``, each written atomically
+  (:func:`dynscale.nn.sliced.export`); ``model.init_from`` reads them.
+  """
+  path = os.path.join(run.workdir, validation.EXPORT_DIR)
+  if run.is_main_process:
+    sliced.export(merge_model(graphdef, state.params, state.model_state), path)
+  return path
+
+
+def finish(run: Run, graphdef: nnx.GraphDef, state: TrainState, metrics: dict) -> dict:
+  """Exports the final (best) ``state``, reports the curves, writes ``results.json``.
+
+  ``results.json`` is written atomically, last; the results are returned.
+  """
+  exported = export(run, graphdef, state)
   report_curves(run, metrics.get("curves", {}))
   d = run.dataset
   results = {
       "config": run.config.to_dict(),
       "dataset": {"name": d.name, "source": d.source, "num_classes": d.num_classes,
                   "train": len(d.train_y), "val": len(d.val_y), "test": len(d.test_y)},
-      "model": {"name": run.arch["name"], "architecture": run.arch},
+      "model": {"name": run.arch["name"], "architecture": run.arch,
+                "init_from": run.init_from},
+      "export": exported,
       "devices": {"count": jax.device_count(), "platform": jax.devices()[0].platform},
       **metrics,
   }

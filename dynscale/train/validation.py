@@ -9,6 +9,7 @@ field and the values it may take.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from dynscale.kernels import idp
@@ -17,6 +18,9 @@ from dynscale.nn.models import MODELS
 from dynscale.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
+# What dynscale.nn.sliced.export writes, and where a run puts it.
+EXPORT_FILES = ("architecture.json", "params.npz")
+EXPORT_DIR = "export"
 
 
 def one_of(value, allowed: Iterable, field: str) -> None:
@@ -55,6 +59,22 @@ def check_model(config) -> None:
   one_of(config.profile, idp.PROFILES, "model.profile")
   positive(config.width_multiplier, "model.width_multiplier")
   one_of(config.dtype, DTYPES, "model.dtype")
+  if config.init_from:
+    exported_network(config.init_from)
+
+
+def exported_network(path: str) -> str:
+  """The directory of the exported network ``model.init_from`` names.
+
+  ``path`` holds ``architecture.json`` and ``params.npz`` itself, or is a run
+  directory whose ``export/`` does. Returns the absolute directory.
+  """
+  for candidate in (path, os.path.join(path, EXPORT_DIR)):
+    if all(os.path.isfile(os.path.join(candidate, name)) for name in EXPORT_FILES):
+      return os.path.abspath(candidate)
+  raise ValueError(f"model.init_from must name an exported network (a directory with "
+                   f"{' and '.join(EXPORT_FILES)}) or a run directory with {EXPORT_DIR}/ "
+                   f"holding them, got {path!r}")
 
 
 def check_optimizer(config) -> None:

@@ -29,6 +29,8 @@ def model(name: str = "mlp", *, profile: str = "linear") -> ml_collections.Confi
       mp_profiles=ml_collections.config_dict.placeholder(tuple),  # MP-IDP DP ranges
       width_multiplier=1.0,
       dtype="float32",       # or 'bfloat16' compute with float32 parameters
+      init_from="",          # an exported network (or a run directory with export/) to
+                             # start from; its architecture replaces the fields above
   ))
 
 
