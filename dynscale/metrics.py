@@ -83,6 +83,17 @@ def _kernel_area(kernel: Kernel) -> int:
 # --------------------------------------------------------------------------
 
 
+def sanp_flops(h_out, w_out, c_in, c_out, kernel_area, bias):
+  """SANP §4.1.1's ``H·W·(C_in·k² + b)·C_out`` with no checks: the one FLOPs formula.
+
+  Every argument may be a Python int or a ``jnp`` array (e.g. per-sample
+  active channel counts ``(B,)`` under a gate, traced), so static widths and
+  per-sample gating are costed by the same expression. ``b`` is 1 for a
+  layer with a bias and 0 without.
+  """
+  return h_out * w_out * (c_in * kernel_area + int(bias)) * c_out
+
+
 def conv_flops(h_out: int,
                w_out: int,
                c_in: int,
@@ -105,8 +116,7 @@ def conv_flops(h_out: int,
   w = _check_positive_int("w_out", w_out)
   ci = _check_positive_int("c_in", c_in)
   co = _check_positive_int("c_out", c_out)
-  area = _kernel_area(kernel)
-  return h * w * (ci * area + int(bias)) * co
+  return sanp_flops(h, w, ci, co, _kernel_area(kernel), bias)
 
 
 def dense_flops(c_in: int, c_out: int, *, bias: bool = True) -> int:

@@ -82,8 +82,8 @@ def test_recalibrate_is_precise_batch_norm(dp):
 
 def test_recalibrated_statistics_differ_by_dp():
   model = _model()
-  by_dp = batchnorm.recalibrate_all(model, [0.25, 1.0], [(x, None) for x in _batches()])
-  assert sorted(by_dp) == [0.25, 1.0]
+  by_dp = {dp: batchnorm.recalibrate(model, dp, [(x, None) for x in _batches()])
+           for dp in (0.25, 1.0)}
   a = by_dp[0.25]["layers"][1]["bn"]["mean"][:2]
   b = by_dp[1.0]["layers"][1]["bn"]["mean"][:2]
   assert np.max(np.abs(a - b)) > 1e-3
@@ -115,36 +115,23 @@ def test_per_dp_statistics_are_used():
   np.testing.assert_allclose(runner(x, 0.5), recal, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(runner(x, 1.0), sliced.apply_sliced(arch, variables, x, 1.0),
                              rtol=1e-5, atol=1e-6)
-  masked = batchnorm.with_bn_stats(model, stats)
+  masked = models.build(arch, rngs=models.init_rngs(1))
+  nnx.update(masked.layers, nnx.State(sliced.merge_variables(variables, stats)["layers"]))
   np.testing.assert_allclose(masked(x, 0.5, train=False), recal, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model(x, 0.5, train=False), shared, rtol=1e-5, atol=1e-6)
-
-
-def test_modes():
-  assert batchnorm.BN_MODES == ("shared", "recalibrated")
-  with pytest.raises(ValueError, match="bn_mode must be one of"):
-    batchnorm.check_bn_mode("per-dp")
-  model = _model()
-  assert batchnorm.bn_stats_for_mode(model, "shared", [0.5]) == {}
-  stats = batchnorm.bn_stats_for_mode(model, "recalibrated", [0.5], _batches())
-  assert list(stats) == [0.5]
-  with pytest.raises(ValueError, match="needs batches"):
-    batchnorm.bn_stats_for_mode(model, "recalibrated", [0.5])
 
 
 def test_bad_batches():
   model = _model()
   with pytest.raises(ValueError, match="empty"):
     batchnorm.recalibrate(model, 0.5, [])
-  with pytest.raises(ValueError, match="re-iterable"):
-    batchnorm.recalibrate_all(model, [0.5], iter(_batches()))
   with pytest.raises(ValueError, match="IDPNet, a SlicedModel"):
     batchnorm.recalibrate("model", 0.5, _batches())
 
 
 def test_recalibrated_statistics_survive_export(tmp_path):
   model = _model()
-  stats = batchnorm.recalibrate_all(model, [0.25, 0.5], _batches())
+  stats = {dp: batchnorm.recalibrate(model, dp, _batches()) for dp in (0.25, 0.5)}
   runner = sliced.SlicedModel.from_model(model, stats)
   sliced.export(runner, tmp_path / "net")
   loaded = sliced.load(tmp_path / "net")

@@ -92,7 +92,7 @@ def test_dense_costs_match_xla():
                            is_leaf=lambda s: isinstance(s, tuple))
   for dp in (0.3, 1.0):
     compact = sliced.slice_variables(arch, variables, dp)
-    xla = metrics.xla_flops(functools.partial(sliced.apply_sliced, arch, dp=dp), compact,
+    xla = metrics.xla_flops(functools.partial(sliced.apply_sliced, arch, widths=dp), compact,
                             np.zeros((1, 28, 28, 1), np.float32))
     analytic = costs.flops(arch, dp)
     assert abs(xla - 2 * analytic) / (2 * analytic) < 0.01, (dp, xla, analytic)

@@ -116,15 +116,20 @@ def test_dense_on_a_map_has_a_per_channel_profile():
 
 
 def test_train_mode_updates_running_stats_of_kept_channels_only():
-  block = layers.IDPDense(5, 6, bn=True, out_idp=True, rngs=_rngs())
+  # flatten -> FC 6 (BN) -> IDP FC 3: at DP 0.5 the hidden group keeps 3 of 6 channels.
+  arch = {"name": "t", "input_shape": [5], "num_classes": 3, "layers": [
+      {"kind": "dense", "features": 6, "bn": True},
+      {"kind": "dense", "features": 3, "idp": True}]}
+  model = models.build(arch, rngs=_rngs())
   x = RNG.standard_normal((8, 5)).astype(np.float32)
-  block(x, 0.5, train=True)
-  h = x @ np.asarray(block.kernel[...])
+  model(x, 0.5, train=True)
+  bn = model.layers[0].bn
+  h = x @ np.asarray(model.layers[0].kernel[...])
   k = _kept(6, 0.5)
-  np.testing.assert_allclose(block.bn.mean[...][:k], 0.1 * h.mean(0)[:k], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(block.bn.var[...][:k], 0.9 + 0.1 * h.var(0)[:k], rtol=1e-5)
-  np.testing.assert_array_equal(block.bn.mean[...][k:], 0.0)
-  np.testing.assert_array_equal(block.bn.var[...][k:], 1.0)
+  np.testing.assert_allclose(bn.mean[...][:k], 0.1 * h.mean(0)[:k], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.var[...][:k], 0.9 + 0.1 * h.var(0)[:k], rtol=1e-5)
+  np.testing.assert_array_equal(bn.mean[...][k:], 0.0)
+  np.testing.assert_array_equal(bn.var[...][k:], 1.0)
 
 
 def _net():
@@ -200,12 +205,12 @@ def test_mobilenet_masked_equals_sliced():
   run = jax.jit(masked, static_argnums=2, compiler_options=fast)
   for dp, train in [(0.1, False), (0.25, False), (0.5, False), (1.0, False), (0.25, True)]:
     y_m, stats_m = run(state, dp, train)
-    out = jax.jit(functools.partial(sliced.apply_sliced, arch, dp=dp, train=train),
+    out = jax.jit(functools.partial(sliced.apply_sliced, arch, widths=dp, train=train),
                   compiler_options=fast)(variables, x)
     y_s = out[0] if train else out
     atol = float(jnp.max(jnp.abs(y_m))) * (1e-4 if train else 1e-5)
     np.testing.assert_allclose(y_m, y_s, rtol=1e-4, atol=atol)
     if train:
-      flat_m = sliced._flatten(stats_m)
-      for key, value in sliced._flatten(out[1]).items():
+      flat_m = sliced.flatten_tree(stats_m)
+      for key, value in sliced.flatten_tree(out[1]).items():
         np.testing.assert_allclose(flat_m[key], value, rtol=1e-4, atol=1e-5, err_msg=key)

@@ -29,7 +29,9 @@ def _params(arch):
 
 
 def test_registry_names():
-  assert set(models.MODELS) == {"mlp", "tesla_mlp", "vgg16", "vgg16_gap", "mobilenet", "binary_net"}
+  assert set(models.MODELS) == {"mlp", "tesla_mlp", "vgg16", "vgg16_gap", "mobilenet",
+                                "binary_net", "resnet18", "mobilenet_v2",
+                                "mobilenet_v2_imagenet", "m_cifarnet"}
 
 
 def test_unknown_model_lists_models():
@@ -120,7 +122,7 @@ def _tiny(**layer):
 
 
 @pytest.mark.parametrize("arch,match", [
-    (_tiny(kind="lstm"), r"kind must be one of \('conv', 'sconv', 'dense'"),
+    (_tiny(kind="lstm"), r"kind must be one of \('dense', 'conv', 'sconv', 'resblock'"),
     (_tiny(featurs=3), "unknown keys"),
     (_tiny(act="gelu"), "act must be one of"),
     (_tiny(idp="yes"), "idp must be true or false"),
@@ -252,10 +254,10 @@ def _agree(model, x, *, train, dps, grads):
     scale = float(jnp.max(jnp.abs(y_m))) * (1e-4 if train else 1e-5)
     np.testing.assert_allclose(y_m, y_s, rtol=1e-4, atol=scale)
     if train:
-      for key, value in sliced._flatten(st_s).items():
-        np.testing.assert_allclose(sliced._flatten(st_m)[key], value, rtol=1e-4, atol=1e-5)
+      for key, value in sliced.flatten_tree(st_s).items():
+        np.testing.assert_allclose(sliced.flatten_tree(st_m)[key], value, rtol=1e-4, atol=1e-5)
     if grads:
-      flat_m, flat_s = sliced._flatten(a.to_pure_dict()), sliced._flatten(b)
+      flat_m, flat_s = sliced.flatten_tree(a.to_pure_dict()), sliced.flatten_tree(b)
       g_scale = max(float(np.max(np.abs(g))) for g in flat_m.values())
       for key, value in flat_s.items():
         np.testing.assert_allclose(flat_m[key], value, rtol=1e-3, atol=1e-4 * g_scale,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynscale.nn import models, sliced
+from dynscale.nn import spec, models, sliced
 
 DPS = (0.1, 0.25, 0.5, 1.0)
 FAST = {"xla_backend_optimization_level": 0}  # compile speed for tests only
@@ -106,7 +106,7 @@ def _assert_trees_close(a, b, *, rtol, atol_scale):
   arithmetic (a single kept channel: rescaling it leaves the normalised
   output unchanged), which float32 gives as noise near 1e-6 of the scale.
   """
-  fa, fb = sliced._flatten(a), sliced._flatten(b)
+  fa, fb = sliced.flatten_tree(a), sliced.flatten_tree(b)
   assert fa.keys() == fb.keys()
   scale = max(float(np.max(np.abs(v))) for v in fa.values())
   for key in fa:
@@ -209,9 +209,11 @@ def test_sliced_model_compiles_once_per_dp():
   runner = sliced.SlicedModel.from_model(model)
   y1 = runner(x, 0.5)
   y2 = runner(x + 1.0, 0.5)
-  assert runner.trace_count == 1 and runner.compiled_dps == (0.5,)
+  half, quarter = spec.widths_at_dp(model.arch, 0.5), spec.widths_at_dp(model.arch, 0.25)
+  assert runner.trace_count == 1 and runner.compiled_widths == (half,)
   runner(x, 0.25)
-  assert runner.trace_count == 2 and runner.compiled_dps == (0.25, 0.5)
+  assert runner.trace_count == 2 and runner.compiled_widths == (quarter, half)
+  runner(x, list(half))  # the same widths given as a vector reuse the executable
   runner(x, 0.5)
   assert runner.trace_count == 2
   np.testing.assert_allclose(y1, model(x, 0.5, train=False), rtol=1e-5, atol=1e-6)

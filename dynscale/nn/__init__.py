@@ -11,15 +11,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "spec": ("validate_architecture", "plan", "LayerPlan", "Feature", "LAYER_KINDS",
-             "ACTIVATIONS", "select_profile"),
+    "spec": ("validate_architecture", "graph", "plan", "LayerPlan", "Feature", "LAYER_KINDS",
+             "ACTIVATIONS", "select_profile", "prunable_groups", "resolve_widths",
+             "widths_at_dp", "trimmed_architecture"),
+    "kinds": ("KINDS",),
     "layers": ("Profile", "IDPDense", "IDPConv", "IDPSeparableConv", "IDPNet"),
     "models": ("MODELS", "architecture", "build", "init_rngs"),
-    "sliced": ("apply_sliced", "features_sliced", "slice_variables", "SlicedModel", "export", "load",
-               "bn_stats_of", "merge_variables", "variable_shapes", "batch_moments"),
-    "batchnorm": ("BN_MODES", "check_bn_mode", "recalibrate", "recalibrate_all",
-                  "bn_stats_for_mode", "with_bn_stats"),
-    "costs": ("layer_costs", "flops", "params"),
+    "sliced": ("apply_sliced", "features_sliced", "slice_variables", "SlicedModel", "export",
+               "load", "bn_stats_of", "merge_variables", "variable_shapes", "batch_moments"),
+    "batchnorm": ("BN_MODES", "recalibrate"),
+    "costs": ("layer_costs", "flops", "params", "sample_flops"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

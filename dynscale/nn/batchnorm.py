@@ -21,33 +21,24 @@ channel of a middle layer sums only the first ``p`` of its inputs. Two modes:
   that DP change; the model's own statistics are never touched.
 
 Evaluation with given statistics: :func:`dynscale.nn.sliced.apply_sliced`
-takes ``bn_stats=``, :class:`~dynscale.nn.sliced.SlicedModel` takes
-``bn_stats_by_dp``, and :func:`with_bn_stats` returns a copy of a masked
-model carrying them.
+takes ``bn_stats=`` and :class:`~dynscale.nn.sliced.SlicedModel` takes
+``bn_stats_by_dp``; a training state takes them with
+:func:`dynscale.nn.sliced.merge_variables`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from dynscale import idp
 from dynscale.nn import sliced, spec
 from dynscale.nn.layers import IDPNet
 
 BN_MODES = ("shared", "recalibrated")
-
-
-def check_bn_mode(mode: str) -> str:
-  """Returns ``mode`` if it is one of ``BN_MODES``, else raises ValueError."""
-  if mode not in BN_MODES:
-    raise ValueError(f"bn_mode must be one of {BN_MODES}, got {mode!r}")
-  return mode
 
 
 def _arch_and_variables(model: Any) -> tuple[dict, dict]:
@@ -81,26 +72,28 @@ def _finish(stats: Mapping, sums: Mapping, count: int) -> dict:
   return out
 
 
-def recalibrate(model: Any, dp: float, batches: Iterable[Any], *,
+def recalibrate(model: Any, widths: Any, batches: Iterable[Any], *,
                 profile_index: int | None = None, dtype=jnp.float32) -> dict:
-  """Precise batch-norm statistics of ``model`` at DP ``dp`` over ``batches``.
+  """Precise batch-norm statistics of ``model`` at ``widths`` over ``batches``.
 
   Args:
     model: an IDPNet, a SlicedModel or an ``(arch, variables)`` pair.
-    dp: the DP (static float in (0, 1]).
+    widths: a DP (static float in (0, 1]) or a width vector.
     batches: input batches ``x`` (or ``(x, labels)`` tuples); labels unused.
     profile_index: MP-IDP only: the profile (else chosen from ``dp``).
     dtype: compute dtype of the forward.
 
   Returns:
     Full statistics in the ``bn_stats_of`` layout: the channels computed at
-    ``dp`` recalibrated (module docstring), all others as in the model. The
+    ``widths`` recalibrated (module docstring), all others as in the model. The
     model is not modified.
   """
   arch, variables = _arch_and_variables(model)
-  dp = idp.check_dp(dp)
-  compact = sliced.slice_variables(arch, variables, dp)
-  moments = jax.jit(functools.partial(sliced.batch_moments, arch, dp=dp,
+  if profile_index is None and isinstance(widths, float):
+    profile_index = spec.select_profile(arch, widths, None)
+  widths = spec.resolve_widths(arch, widths)
+  compact = sliced.slice_variables(arch, variables, widths)
+  moments = jax.jit(functools.partial(sliced.batch_moments, arch, widths=widths,
                                       profile_index=profile_index, dtype=dtype))
   sums, count = None, 0
   for batch in batches:
@@ -111,42 +104,3 @@ def recalibrate(model: Any, dp: float, batches: Iterable[Any], *,
   if sums is None:
     raise ValueError("batches is empty: recalibration needs at least one batch")
   return _finish(sliced.bn_stats_of(variables), sums, count)
-
-
-def recalibrate_all(model: Any, dps: Sequence[float], batches: Sequence[Any], *,
-                    dtype=jnp.float32) -> dict[float, dict]:
-  """``{dp: recalibrate(model, dp, batches)}`` for every DP in ``dps``.
-
-  ``batches`` is read once per DP, so it must be a re-iterable sequence (a
-  list of arrays), not a one-shot iterator.
-  """
-  if iter(batches) is batches:
-    raise ValueError("batches must be a re-iterable sequence (e.g. a list), not an iterator")
-  return {idp.check_dp(dp): recalibrate(model, dp, batches, dtype=dtype) for dp in dps}
-
-
-def bn_stats_for_mode(model: Any, mode: str, dps: Sequence[float],
-                      batches: Sequence[Any] | None = None) -> dict[float, dict]:
-  """Per-DP statistics for ``mode``: ``{}`` for shared, :func:`recalibrate_all` otherwise.
-
-  The result is what :class:`~dynscale.nn.sliced.SlicedModel` takes as
-  ``bn_stats_by_dp``.
-  """
-  if check_bn_mode(mode) == "shared":
-    return {}
-  if batches is None:
-    raise ValueError("bn_mode 'recalibrated' needs batches")
-  return recalibrate_all(model, dps, batches)
-
-
-def with_bn_stats(model: IDPNet, bn_stats: Mapping) -> IDPNet:
-  """A copy of the masked ``model`` whose batch-norm statistics are ``bn_stats``.
-
-  ``bn_stats`` has the ``bn_stats_of`` layout (e.g. from :func:`recalibrate`);
-  the original model is unchanged.
-  """
-  copy = nnx.clone(model)
-  state = nnx.state(copy, nnx.BatchStat)
-  state.replace_by_pure_dict(dict(bn_stats))
-  nnx.update(copy, state)
-  return copy

@@ -1,11 +1,19 @@
-"""Analytic per-layer FLOPs and parameters of an architecture at a DP.
+"""Analytic per-layer FLOPs and parameters at a width vector, or per sample under gates.
 
-The network is costed as the sliced path runs it (:func:`dynscale.nn.spec.plan`):
-each layer with its ACTIVE input channels ``k`` and computed output channels
-``n`` at that DP, at its output resolution, with the SANP formula of
-:mod:`dynscale.metrics` (``H W (C_in k^2 + 1) C_out``, one multiply-add = one
-FLOP, ``+1`` only for layers with a bias). A middle IDP layer therefore costs
-about ``dp**2`` of its full cost (001 §I).
+The network is costed as the sliced path runs it: each layer with its ACTIVE
+input and output channels, at its output resolution, with SANP's formula
+``H W (C_in k^2 + b) C_out`` (:func:`dynscale.metrics.sanp_flops`; one
+multiply-add = one FLOP, ``b = 1`` only for layers with a bias). Each kind's
+:meth:`~dynscale.nn.kinds.Kind.costs` writes its own entries once; the walk
+here propagates the channel *activity* of every tensor:
+
+* static (:func:`layer_costs`, :func:`flops`, :func:`params`): the first
+  ``w_g`` channels of each group (a DP or a width vector), so a middle IDP
+  layer costs about ``dp**2`` of its full cost (001 §I);
+* per sample (:func:`sample_flops`): the activity the gate hook recorded,
+  ``(B, C)`` per gated output, traceable, zero active channels allowed.
+  Activity passes through activations, pooling and flatten; a residual add
+  takes the union; an ungated output is active over its width.
 
 Conventions: a dense layer on a flattened ``H x W`` map counts ``H W k``
 inputs; a depthwise-separable block is a depthwise and a pointwise entry;
@@ -18,59 +26,84 @@ run, so only one copy is counted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from dynscale import metrics
 from dynscale.nn import spec
+from dynscale.nn.kinds import KINDS, Activity, gate_name
 
 
-def _block_costs(layer: dict, p: spec.LayerPlan) -> list[metrics.LayerCost]:
-  name, bias = f"layers.{p.index}", not layer["bn"]
-  k, n, out = p.in_width, p.out_width, p.outputs
-  costs = []
-  if layer["kind"] == "dense":
-    c_in = p.inputs.positions * k
-    costs.append(metrics.LayerCost(f"{name}.dense", "dense",
-                                   metrics.dense_flops(c_in, n, bias=bias),
-                                   metrics.dense_params(c_in, n, bias=bias)))
-  elif layer["kind"] == "conv":
-    kernel = layer["kernel"]
-    costs.append(metrics.LayerCost(
-        f"{name}.conv", "conv",
-        metrics.conv_flops(out.height, out.width, k, n, kernel, bias=bias),
-        metrics.conv_params(k, n, kernel, bias=bias)))
-  else:
-    kernel = layer["kernel"]
-    costs.append(metrics.LayerCost(
-        f"{name}.depthwise", "depthwise",
-        metrics.depthwise_conv_flops(out.height, out.width, k, kernel, bias=bias),
-        metrics.depthwise_conv_params(k, kernel, bias=bias)))
-    if layer["bn"]:
-      costs.append(metrics.LayerCost(f"{name}.depthwise_bn", "bn", 0,
-                                     metrics.batchnorm_params(k)))
-    costs.append(metrics.LayerCost(
-        f"{name}.pointwise", "pointwise",
-        metrics.pointwise_conv_flops(out.height, out.width, k, n, bias=bias),
-        metrics.pointwise_conv_params(k, n, bias=bias)))
-  if layer["bn"]:
-    costs.append(metrics.LayerCost(f"{name}.bn", "bn", 0, metrics.batchnorm_params(n)))
-  return costs
+def _walk(arch: dict, masks: Mapping[int, Any], activity: Mapping[str, Any]) -> list:
+  """(name, kind, flops, params) of every parametric layer, propagating channel activity.
+
+  ``masks``: the width mask of every group (numpy ints for static widths,
+  jnp floats for traced ones); ``activity``: recorded gate activity by name.
+  """
+  active, entries = masks[0], []
+  for node in spec.graph(arch).nodes:
+    layer, path = arch["layers"][node.index], f"layers.{node.index}"
+
+    def width(slot, node=node):
+      return masks[node.slots[slot]]
+
+    def gated(point, slot, path=path, width=width):
+      recorded = activity.get(gate_name(path, point))
+      return width(slot) if recorded is None else recorded
+
+    costs, active = KINDS[layer["kind"]].costs(layer, node.inputs, node.outputs,
+                                               Activity(active, width, gated))
+    entries += [(f"{path}.{name}", kind, flops, params) for name, kind, flops, params in costs]
+  return entries
 
 
-def layer_costs(arch: dict, dp: float = 1.0) -> list[metrics.LayerCost]:
-  """Per-layer costs of the sliced network of ``arch`` at DP ``dp`` (module docstring).
+def layer_costs(arch: dict, widths: Any = 1.0) -> list[metrics.LayerCost]:
+  """Per-layer costs of the sliced network of ``arch`` at ``widths`` (a DP or a width vector).
 
   Entries are named after the variable paths: ``layers.3.conv``,
-  ``layers.3.bn``, ``layers.5.depthwise``, ``layers.5.pointwise``, ...
+  ``layers.3.bn``, ``layers.5.depthwise``, ``layers.5.pointwise``,
+  ``layers.7.conv1``, ``layers.7.shortcut``, ...
   """
   arch = spec.validate_architecture(arch)
-  return [cost for p in spec.plan(arch, dp) if p.kind in spec.PARAMETRIC_KINDS
-          for cost in _block_costs(arch["layers"][p.index], p)]
+  kept = spec.group_widths(arch, spec.resolve_widths(arch, widths))
+  masks = {g.id: (np.arange(g.size) < kept[g.id]).astype(np.int64)
+           for g in spec.graph(arch).groups}
+  return [metrics.LayerCost(name, kind, int(flops), int(params))
+          for name, kind, flops, params in _walk(arch, masks, {})]
 
 
-def flops(arch: dict, dp: float = 1.0) -> int:
-  """Total analytic FLOPs of the network at DP ``dp``."""
-  return metrics.total(layer_costs(arch, dp)).flops
+def flops(arch: dict, widths: Any = 1.0) -> int:
+  """Total analytic FLOPs of the network at ``widths`` (a DP or a width vector)."""
+  return metrics.total(layer_costs(arch, widths)).flops
 
 
-def params(arch: dict, dp: float = 1.0) -> int:
-  """Parameters used by the network at DP ``dp`` (all of them at 1.0)."""
-  return metrics.total(layer_costs(arch, dp)).params
+def params(arch: dict, widths: Any = 1.0) -> int:
+  """Parameters used by the network at ``widths`` (all of one profile's at 1.0)."""
+  return metrics.total(layer_costs(arch, widths)).params
+
+
+def sample_flops(arch: dict, widths: Any, activity: Mapping[str, jax.Array]) -> jax.Array:
+  """FLOPs of each sample ``(B,)`` float32, from the gate activity of a masked run.
+
+  ``activity``: ``{gate name: (B, C) 0/1}`` as :meth:`dynscale.nn.layers.
+  IDPNet.run` records it; ``widths``: the widths of that run (a DP, a width
+  vector, or an int array over the prunable groups, which may be traced).
+  Traceable. With every gate open it equals :func:`flops` at the same widths.
+  """
+  if not activity:
+    raise ValueError("activity is empty: sample_flops needs the gate activity of a run "
+                     "(build the model with a gate factory)")
+  if not isinstance(widths, jax.Array):
+    widths = jnp.asarray(spec.resolve_widths(arch, widths))
+  prunable = spec.group_masks(arch, widths)
+  masks = {g.id: prunable.get(g.id, jnp.ones((g.size,), jnp.float32))
+           for g in spec.graph(arch).groups}
+  batch = next(iter(activity.values())).shape[0]
+  total = jnp.zeros((batch,), jnp.float32)
+  for _, kind, value, _ in _walk(arch, masks, activity):
+    total = total + jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch,))
+  return total

@@ -31,6 +31,28 @@ default IDP layers follow the figures as described in the text:
   B-Conv 64 x2, pool, B-FC classes. All but the first layer are IDP; the
   B-FC sees a 3x3x64 map, so its profile is per channel.
 
+* ``resnet18`` (He et al. 2016, CIFAR variant as in the common CIFAR code):
+  a 3x3 conv 64 stem (stride 1, no pool), four stages of two basic blocks
+  (64, 128/2, 256/2, 512/2), global average pooling, FC classes. The
+  channels of each stage are one tied group (its residual adds); the first
+  block of stages 2-4 projects its shortcut with a 1x1 conv.
+* ``mobilenet_v2`` (Sandler et al. 2018, Table 2) for 32x32: a 3x3 conv 32
+  stem, seventeen inverted residual blocks (t, c, n, s) = (1, 16, 1, 1),
+  (6, 24, 2, s), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+  (6, 320, 1, 1), a 1x1 conv 1280, global average pooling, FC classes. The
+  CIFAR variant changes two strides for 32x32 inputs: the stem and the
+  24-channel stage use stride 1 instead of 2, so the last map is 4x4 (with
+  the paper's strides it would be 1x1). ``mobilenet_v2_imagenet`` keeps the
+  paper's strides (2 and 2): at 224x224 it is the published network (about
+  300 M multiply-adds, 3.5 M parameters), at 32x32 it ends at 1x1 as
+  CompactNet's code does.
+* ``m_cifarnet`` (SANP, paper 002 §4.1, from FBS): 3x3 convs 64 (VALID),
+  64, 128/2, 128, 128, 192/2, 192, 192, global average pooling, FC classes:
+  174.3 M multiply-adds at 32x32.
+
+In the residual networks every layer but the stem is IDP (a block's
+profile weights the inputs of its convolutions, not of its shortcut).
+
 ``width_multiplier`` scales every hidden width (not the classifier), so tests
 can build the same topologies tiny.
 """
@@ -45,13 +67,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynscale.nn import spec
-from dynscale.nn.layers import IDPNet
+from dynscale.nn.layers import GateFactory, IDPNet
 
 Width = Callable[[int], int]
 
 
-def _conv(features: int, *, idp: bool = True, **extra: Any) -> dict:
-  return {"kind": "conv", "features": features, "kernel": 3, "stride": 1, "idp": idp,
+def _conv(features: int, *, idp: bool = True, kernel: int = 3, stride: int = 1,
+          **extra: Any) -> dict:
+  return {"kind": "conv", "features": features, "kernel": kernel, "stride": stride, "idp": idp,
           "bn": True, "act": "relu", **extra}
 
 
@@ -122,6 +145,45 @@ def _binary_net(width: Width, classes: int) -> list[dict]:
           _dense(classes, idp=True, bn=True, binary=True)]
 
 
+def _resnet18(width: Width, classes: int) -> list[dict]:
+  blocks = [{"kind": "resblock", "features": width(features), "stride": stride, "idp": True}
+            for features, first_stride in ((64, 1), (128, 2), (256, 2), (512, 2))
+            for stride in (first_stride, 1)]
+  return ([_conv(width(64), idp=False)] + blocks
+          + [{"kind": "global_avgpool"}, _dense(classes, idp=True)])
+
+
+_MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, None), (6, 32, 3, 2), (6, 64, 4, 2),
+                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def _mobilenet_v2_layers(width: Width, classes: int, stem_stride: int,
+                         second_stride: int) -> list[dict]:
+  blocks = []
+  for t, c, n, s in _MOBILENET_V2_STAGES:
+    s = second_stride if s is None else s
+    blocks += [{"kind": "invres", "features": width(c), "expansion": t,
+                "stride": s if i == 0 else 1, "idp": True} for i in range(n)]
+  return ([_conv(width(32), idp=False, stride=stem_stride, act="relu6")] + blocks
+          + [_conv(width(1280), kernel=1, act="relu6"), {"kind": "global_avgpool"},
+             _dense(classes, idp=True)])
+
+
+def _mobilenet_v2(width: Width, classes: int) -> list[dict]:
+  return _mobilenet_v2_layers(width, classes, stem_stride=1, second_stride=1)
+
+
+def _mobilenet_v2_imagenet(width: Width, classes: int) -> list[dict]:
+  return _mobilenet_v2_layers(width, classes, stem_stride=2, second_stride=2)
+
+
+def _m_cifarnet(width: Width, classes: int) -> list[dict]:
+  convs = [_conv(width(64), idp=False, padding="VALID")]
+  convs += [_conv(width(f), stride=s) for f, s in ((64, 1), (128, 2), (128, 1), (128, 1),
+                                                   (192, 2), (192, 1), (192, 1))]
+  return convs + [{"kind": "global_avgpool"}, _dense(classes, idp=True)]
+
+
 MODELS: dict[str, Callable[[Width, int], list[dict]]] = {
     "mlp": _mlp,
     "tesla_mlp": _tesla_mlp,
@@ -129,6 +191,10 @@ MODELS: dict[str, Callable[[Width, int], list[dict]]] = {
     "vgg16_gap": _vgg16_gap,
     "mobilenet": _mobilenet,
     "binary_net": _binary_net,
+    "resnet18": _resnet18,
+    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v2_imagenet": _mobilenet_v2_imagenet,
+    "m_cifarnet": _m_cifarnet,
 }
 
 
@@ -196,6 +262,11 @@ def init_rngs(seed: int) -> nnx.Rngs:
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def build(arch: dict, *, rngs: nnx.Rngs, dtype=jnp.float32) -> IDPNet:
-  """The masked NNX network of ``arch`` (validated first)."""
-  return IDPNet(arch, rngs=rngs, dtype=dtype)
+def build(arch: dict, *, rngs: nnx.Rngs, dtype=jnp.float32,
+          gate: GateFactory | None = None) -> IDPNet:
+  """The masked NNX network of ``arch`` (validated first), with the gate hook's modules.
+
+  ``gate``: optional ``factory(name, in_channels, out_channels, rngs) ->
+  module or None`` called for every gate point (:mod:`dynscale.nn.layers`).
+  """
+  return IDPNet(arch, rngs=rngs, dtype=dtype, gate=gate)

@@ -1,26 +1,26 @@
-"""Whole-network slicing: the sliced path of an IDP network, and export / load.
+"""Whole-network slicing at a width vector, and export / load.
 
 McDanel et al. (paper 001) Fig. 1 and §I: at DP ``p`` an IDP layer uses the
 first ``p`` of its input channels, "Furthermore, only 50% of these filters are
 used since output channels for the other filters will not be utilized in the
-next layer", so a middle layer costs about ``p**2``. DESIGN invariants 1-2:
-this is the SLICED path. ``dp`` is a static Python float; every layer takes
-the kept prefix of its weights (:func:`dynscale.nn.spec.plan` gives the
-widths) and computes only the outputs its consumer keeps, with the
-``*_sliced`` kernels of :mod:`dynscale.idp`. The masked network
-(:class:`dynscale.nn.layers.IDPNet`) computes the same function; the tests
-prove it in logits, gradients and batch-norm state.
+next layer", so a middle layer costs about ``p**2``. DESIGN invariants 1-2
+and 9: this is the SLICED path. A static width vector (or a DP, which
+:func:`dynscale.nn.spec.widths_at_dp` turns into one) cuts every variable to
+the kept channels of its groups, and :func:`dynscale.nn.forward.run` computes
+only those. The masked network (:class:`dynscale.nn.layers.IDPNet`) runs the
+same forward with masks; the tests prove the two equal in logits, gradients
+and batch-norm state.
 
-Variables are the pure nested dict of the model, ``nnx.state(model)
-.to_pure_dict()`` (``model.pure_variables()``): ``{'layers': {i: {'kernel',
-'bias' | 'bn': {'scale', 'bias', 'mean', 'var'}, 'gamma', ...}}}``, with
-``{s: ...}`` one level deeper for the per-profile first and last layers of
-MP-IDP. Batch-norm statistics (``bn_stats``) use the same layout restricted to
-the ``mean`` / ``var`` leaves.
+Variables are the pure nested dict of the model, ``model.pure_variables()``:
+``{'layers': {i: {'kernel', 'bias' | 'bn': {'scale', 'bias', 'mean', 'var'},
+'gamma', ...}}}`` (blocks nest their parts: ``{'conv1': {'kernel'}, 'bn1':
+{...}, ...}``), with ``{s: ...}`` one level deeper for the per-profile first
+and last layers of MP-IDP. Batch-norm statistics (``bn_stats``) use the same
+layout restricted to the ``mean`` / ``var`` leaves.
 
-Everything here needs only JAX, NumPy, :mod:`dynscale.idp` and
-:mod:`dynscale.nn.spec`: an exported network reloads without Flax or the
-model classes.
+Everything here needs only JAX, NumPy, the kernels and
+:mod:`dynscale.nn.spec` / ``kinds`` / ``forward``: an exported network
+reloads without Flax or the model classes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import numpy as np
 
 from dynscale import idp
 from dynscale.io import write_bytes_atomic
-from dynscale.nn import spec
+from dynscale.nn import forward, spec
+from dynscale.nn.kinds import KINDS, Var
 
 Array = jax.Array
 TreePath = tuple[Any, ...]
@@ -46,7 +47,7 @@ TreePath = tuple[Any, ...]
 ARCHITECTURE_FILE = "architecture.json"
 PARAMS_FILE = "params.npz"
 _STATS_PREFIX = "bn_stats@"
-_BN_NAMES = ("bn", "depthwise_bn")
+BN_LEAVES = ("bias", "mean", "scale", "var")
 
 
 # --------------------------------------------------------------------------
@@ -54,93 +55,66 @@ _BN_NAMES = ("bn", "depthwise_bn")
 # --------------------------------------------------------------------------
 
 
-def _layer_vars(variables: Mapping, index: int, s: int | None) -> Mapping:
-  """Variables of layer ``index`` (of profile ``s`` for an MP-IDP separate layer)."""
-  v = variables["layers"][index]
-  return v if s is None else v[s]
+def layer_variables(arch: dict, node: spec.Node) -> dict:
+  """The :class:`~dynscale.nn.kinds.Var` tree of one parametric layer."""
+  return KINDS[node.kind].variables(arch["layers"][node.index], node.inputs, node.outputs)
 
 
-def _leaf_specs(layer: dict, p: spec.LayerPlan) -> dict[str, tuple[tuple[int, ...], dict]]:
-  """Full shape and prefix slicing ``{axis: size}`` of every variable of a block.
-
-  Batch-norm leaves are listed by their block-level name (``bn``,
-  ``depthwise_bn``) and stand for scale, bias, mean and var.
-  """
-  k, n = p.in_width, p.out_width
-  c, m = p.inputs.channels, p.outputs.channels
-  if layer["kind"] == "dense":
-    # A map dense kernel is cut per channel by _slice_map_dense_kernel instead.
-    main = {"kernel": ((p.inputs.size, m), {0: p.inputs.positions * k, 1: n}),
-            "gamma": ((c,), {0: k})}
-  elif layer["kind"] == "conv":
-    kh = layer["kernel"]
-    main = {"kernel": ((kh, kh, c, m), {2: k, 3: n}), "gamma": ((c,), {0: k})}
-  else:
-    kh = layer["kernel"]
-    main = {"depthwise_kernel": ((kh, kh, 1, c), {3: k}), "depthwise_gamma": ((c,), {0: k}),
-            "kernel": ((1, 1, c, m), {2: k, 3: n}), "gamma": ((c,), {0: k})}
-    main.update({"depthwise_bn": ((c,), {0: k})} if layer["bn"]
-                else {"depthwise_bias": ((c,), {0: k})})
-    if not layer["idp_depthwise"]:
-      del main["depthwise_gamma"]
-  if not layer["idp"]:
-    del main["gamma"]
-  main.update({"bn": ((m,), {0: n})} if layer["bn"] else {"bias": ((m,), {0: n})})
-  return main
+def _map_vars(tree: Mapping, fn: Callable[[Var], Any]) -> dict:
+  return {name: fn(v) if isinstance(v, Var) else _map_vars(v, fn) for name, v in tree.items()}
 
 
-def _take(a: Array, sizes: Mapping[int, int]) -> Array:
-  """The prefix ``a[..., :sizes[axis], ...]`` (a no-op where ``a`` is already that size)."""
-  index = [slice(None)] * a.ndim
-  for axis, size in sizes.items():
-    index[axis] = slice(0, size)
-  return a[tuple(index)]
-
-
-def _slice_map_dense_kernel(w: Array, p: spec.LayerPlan) -> Array:
-  """Kernel ``(H*W*C, M)`` of a map dense layer -> ``(H*W*k, n)`` (per-channel prefix)."""
-  h, wd = p.inputs.height, p.inputs.width
-  w4 = w.reshape(h, wd, -1, w.shape[-1])
-  return _take(w4, {2: p.in_width, 3: p.out_width}).reshape(-1, p.out_width)
-
-
-def _slice_block(layer: dict, p: spec.LayerPlan, v: Mapping) -> dict:
-  out = {}
-  for name, (_, sizes) in _leaf_specs(layer, p).items():
-    if name in _BN_NAMES:
-      out[name] = {leaf: _take(a, sizes) for leaf, a in v[name].items()}
-    elif name == "kernel" and spec.uses_map_dense(layer, p.inputs):
-      out[name] = _slice_map_dense_kernel(v[name], p)
-    else:
-      out[name] = _take(v[name], sizes)
-  return out
+def _per_layer(arch: dict, fn: Callable[[spec.Node], Any]) -> dict:
+  """``{'layers': {i: fn(node)}}`` over the parametric layers (per profile under MP-IDP)."""
+  separate = spec.separate_layers(arch)
+  layers = {}
+  for node in spec.graph(arch).nodes:
+    if node.kind in spec.PARAMETRIC_KINDS:
+      layers[node.index] = ({s: fn(node) for s in range(len(arch["profiles"]))}
+                            if node.index in separate else fn(node))
+  return {"layers": layers}
 
 
 def variable_shapes(arch: dict) -> dict:
   """The pure-dict layout of a network's variables with each leaf's full shape.
 
-  The same layout as ``nnx.state(IDPNet(arch)).to_pure_dict()``.
+  The same layout as ``IDPNet(arch).pure_variables()``.
   """
   arch = spec.validate_architecture(arch)
-  separate = spec.separate_layers(arch)
-  layers = {}
-  for p in spec.plan(arch, 1.0):
-    layer = arch["layers"][p.index]
-    if layer["kind"] not in spec.PARAMETRIC_KINDS:
-      continue
-    shapes = {}
-    for name, (shape, _) in _leaf_specs(layer, p).items():
-      shapes[name] = ({leaf: shape for leaf in ("bias", "mean", "scale", "var")}
-                      if name in _BN_NAMES else shape)
-    layers[p.index] = ({s: shapes for s in range(len(arch["profiles"]))}
-                       if p.index in separate else shapes)
-  return {"layers": layers}
+
+  def shapes(var: Var):
+    return {leaf: var.shape for leaf in BN_LEAVES} if var.role == "bn" else var.shape
+  return _per_layer(arch, lambda node: _map_vars(layer_variables(arch, node), shapes))
+
+
+def _take(a: Array, var: Var, widths: Mapping[str, int]) -> Array:
+  """The kept prefix of ``a`` along every axis ``var`` ties to a slot."""
+  axes = dict(var.axes)
+  if var.positions > 1:  # a dense kernel on a flattened map: cut each position's channels
+    rows = a.reshape(var.positions, -1, a.shape[-1])[:, :widths[axes[0]], :widths[axes[1]]]
+    return rows.reshape(-1, rows.shape[-1])
+  index = [slice(None)] * a.ndim
+  for axis, slot in axes.items():
+    index[axis] = slice(0, widths[slot])
+  return a[tuple(index)]
+
+
+def _slice_tree(specs: Mapping, v: Mapping, widths: Mapping[str, int]) -> dict:
+  out = {}
+  for name, var in specs.items():
+    if not isinstance(var, Var):
+      out[name] = _slice_tree(var, v[name], widths)
+    elif var.role == "bn":
+      out[name] = {leaf: _take(a, var, widths) for leaf, a in v[name].items()}
+    else:
+      out[name] = _take(v[name], var, widths)
+  return out
 
 
 def check_variables(arch: dict, variables: Mapping) -> None:
   """Raises ValueError unless ``variables`` has exactly the layout and shapes of ``arch``."""
-  expected = _flatten(variable_shapes(arch))
-  got = _flatten(variables)
+  expected = flatten_tree(variable_shapes(arch))
+  got = flatten_tree(variables)
   missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
   if missing or extra:
     raise ValueError(f"variables do not match the architecture: missing {missing[:5]}, "
@@ -151,39 +125,44 @@ def check_variables(arch: dict, variables: Mapping) -> None:
                        f"architecture needs {shape}")
 
 
-def slice_variables(arch: dict, variables: Mapping, dp: float) -> dict:
-  """The variables of the network at DP ``dp``: every array cut to the part that is used.
+def slice_variables(arch: dict, variables: Mapping, widths: Any) -> dict:
+  """The variables of the network at ``widths``: every array cut to the part that is used.
 
-  Conv kernels ``(kh, kw, C, M) -> (kh, kw, k, n)``, profiles ``-> (k,)``,
-  biases and batch norm ``-> (n,)`` with ``k`` / ``n`` the kept input /
-  computed output widths of :func:`dynscale.nn.spec.plan`. Idempotent:
-  :func:`apply_sliced` accepts full or already-sliced variables. MP-IDP
-  per-profile layers are sliced for every profile.
+  ``widths``: a DP or a width vector (:func:`dynscale.nn.spec.resolve_widths`).
+  A conv kernel ``(kh, kw, C, M) -> (kh, kw, k, n)``, profiles ``-> (k,)``,
+  biases and batch norm ``-> (n,)``, with ``k`` / ``n`` the kept widths of its
+  input / output groups. Idempotent: :func:`apply_sliced` accepts full or
+  already-sliced variables. MP-IDP per-profile layers are cut for every
+  profile.
   """
   arch = spec.validate_architecture(arch)
+  plans = spec.plan(arch, widths)
   separate = spec.separate_layers(arch)
   layers = {}
-  for p in spec.plan(arch, dp):
-    layer = arch["layers"][p.index]
-    if layer["kind"] not in spec.PARAMETRIC_KINDS:
+  for node in spec.graph(arch).nodes:
+    if node.kind not in spec.PARAMETRIC_KINDS:
       continue
-    v = variables["layers"][p.index]
-    layers[p.index] = ({s: _slice_block(layer, p, vs) for s, vs in v.items()}
-                       if p.index in separate else _slice_block(layer, p, v))
+    specs, kept, v = layer_variables(arch, node), plans[node.index].widths, \
+        variables["layers"][node.index]
+    layers[node.index] = ({s: _slice_tree(specs, vs, kept) for s, vs in v.items()}
+                          if node.index in separate else _slice_tree(specs, v, kept))
   return {**variables, "layers": layers}
+
+
+def _is_bn(value: Any) -> bool:
+  return isinstance(value, Mapping) and set(value) == set(BN_LEAVES)
 
 
 def bn_stats_of(variables: Mapping) -> dict:
   """The batch-norm running statistics (``mean``/``var`` leaves) of a variables dict."""
   out = {}
   for key, value in variables.items():
-    if isinstance(value, Mapping):
-      if key in _BN_NAMES:
-        out[key] = {"mean": value["mean"], "var": value["var"]}
-      else:
-        sub = bn_stats_of(value)
-        if sub:
-          out[key] = sub
+    if _is_bn(value):
+      out[key] = {"mean": value["mean"], "var": value["var"]}
+    elif isinstance(value, Mapping):
+      sub = bn_stats_of(value)
+      if sub:
+        out[key] = sub
   return out
 
 
@@ -200,135 +179,96 @@ def merge_variables(base: Mapping, update: Mapping) -> dict:
   return out
 
 
-# --------------------------------------------------------------------------
-# The sliced forward
-# --------------------------------------------------------------------------
-
-
-def _batch_norm(v: Mapping, y: Array, *, train: bool, epsilon: float
-                ) -> tuple[Array, tuple[Array, Array] | None]:
-  """Batch norm with nnx.BatchNorm's arithmetic; returns the batch moments in train mode.
-
-  Train mode normalises with the batch mean and the biased variance
-  ``E[y^2] - E[y]^2`` (at least float32, clipped at 0) and returns ``(E[y], E[y^2])``
-  per channel; eval mode uses the running ``mean`` / ``var``.
-  """
-  yf = y.astype(jnp.promote_types(y.dtype, jnp.float32))
-  if train:
-    axes = tuple(range(y.ndim - 1))
-    mean, mean_sq = yf.mean(axes), (yf * yf).mean(axes)
-    var, moments = jnp.maximum(0.0, mean_sq - mean * mean), (mean, mean_sq)
-  else:
-    mean, var, moments = v["mean"], v["var"], None
-  mul = jax.lax.rsqrt(var + epsilon) * v["scale"]
-  out = (yf - mean) * mul + v["bias"]
-  return out.astype(y.dtype), moments
-
-
-def _tail(v: Mapping, y: Array, layer: dict, bn: str, bias: str, arch: dict, train: bool,
-          moments: dict, path: TreePath) -> Array:
-  """act(BN(y)) or act(y + bias); batch moments are recorded under ``path + (bn,)``."""
-  if layer["bn"]:
-    y, m = _batch_norm(v[bn], y, train=train, epsilon=arch["bn_epsilon"])
-    if m is not None:
-      moments[path + (bn,)] = m
-  else:
-    y = y + v[bias].astype(y.dtype)
-  return spec.activate(layer["act"], y)
-
-
-def _weight(v: Mapping, name: str, binary: bool) -> Array:
-  return idp.binarize(v[name]) if binary else v[name]
-
-
-def _gamma(v: Mapping, name: str, n: int) -> Array:
-  """A block's profile, or all-one coefficients for a complete (CDP) layer."""
-  return v[name] if name in v else jnp.ones((n,), jnp.float32)
-
-
-def _apply_block(layer: dict, p: spec.LayerPlan, v: Mapping, x: Array, arch: dict,
-                 train: bool, moments: dict, path: TreePath) -> Array:
-  """One block on sliced variables ``v`` (the ``*_sliced`` kernels with k, n_out)."""
-  k, n, kind = p.in_width, p.out_width, layer["kind"]
-  w = _weight(v, "kernel", layer["binary"])
-  if kind == "dense" and spec.uses_map_dense(layer, p.inputs):
-    h, wd = p.inputs.height, p.inputs.width
-    y = idp.conv_sliced(x.reshape(-1, h, wd, k), w.reshape(h, wd, k, n), v["gamma"], k, n,
-                        padding="VALID").reshape(x.shape[0], n)
-  elif kind == "dense":
-    rows = p.inputs.positions * k
-    y = idp.dense_sliced(x, w, _gamma(v, "gamma", rows), rows, n)
-  elif kind == "conv":
-    y = idp.conv_sliced(x, w, _gamma(v, "gamma", k), k, n, strides=layer["stride"])
-  else:
-    f = _weight(v, "depthwise_kernel", layer["binary"])
-    h = idp.depthwise_conv_sliced(x, f, _gamma(v, "depthwise_gamma", k), k,
-                                  strides=layer["stride"])
-    h = _tail(v, h, layer, "depthwise_bn", "depthwise_bias", arch, train, moments, path)
-    y = idp.conv_sliced(h, w, _gamma(v, "gamma", k), k, n)
-  return _tail(v, y, layer, "bn", "bias", arch, train, moments, path)
-
-
-def _forward(arch: dict, variables: Mapping, x: Array, dp: float, *, train: bool,
-             profile_index: int | None, dtype, upto: int | None = None
-             ) -> tuple[Array, dict, dict]:
-  """(float32 logits, sliced variables, batch moments by BN path) of the sliced network.
-
-  With ``upto``, only layers ``0 .. upto - 1`` run and the first item is the
-  activations entering layer ``upto`` instead of the logits.
-  """
-  spec.check_input(arch, x)
-  s = spec.select_profile(arch, dp, profile_index)
-  separate = spec.separate_layers(arch)
-  compact = slice_variables(arch, variables, dp)
-  moments: dict[TreePath, tuple[Array, Array]] = {}
-  y = jnp.asarray(x, dtype)
-  for p in spec.plan(arch, dp)[:upto]:
-    layer = arch["layers"][p.index]
-    if layer["kind"] not in spec.PARAMETRIC_KINDS:
-      y = spec.apply_stateless(layer, y)
-      continue
-    chosen = s if p.index in separate else None
-    path = ("layers", p.index) + (() if chosen is None else (chosen,))
-    y = _apply_block(layer, p, _layer_vars(compact, p.index, chosen), y, arch, train,
-                     moments, path)
-  return y.astype(jnp.float32), compact, moments
-
-
-def _get(tree: Mapping, path: TreePath) -> Any:
+def get_path(tree: Mapping, path: TreePath) -> Any:
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _set(tree: Mapping, path: TreePath, value: Any) -> dict:
+def set_path(tree: Mapping, path: TreePath, value: Any) -> dict:
   """A copy of ``tree`` with ``path`` set to ``value`` (copies along the path only)."""
   out = dict(tree)
-  out[path[0]] = value if len(path) == 1 else _set(tree.get(path[0], {}), path[1:], value)
+  out[path[0]] = value if len(path) == 1 else set_path(tree.get(path[0], {}), path[1:], value)
   return out
 
 
-def _scatter(full: Array, part: Array) -> Array:
+def running_stats(moments: Mapping, stats: Mapping, momentum: float,
+                  keep: Callable[[int, Array, Array], Array]) -> dict:
+  """Batch-norm running statistics after one train step, as ``nnx.BatchNorm`` updates them.
+
+  ``m * old + (1 - m) * batch`` for each batch norm in ``moments`` (``{path:
+  (group, E[y], E[y^2])}`` from :func:`dynscale.nn.forward.run`), with the
+  biased batch variance ``E[y^2] - E[y]^2``; ``keep(group, old, new)``
+  returns the full-size leaf (the masked path keeps the channels beyond the
+  width, the sliced path writes the computed prefix). Not differentiated.
+  """
+  for path, (group, mean, mean_sq) in moments.items():
+    old = get_path(stats, path)
+    var = jnp.maximum(0.0, mean_sq - mean * mean)
+    new = {"mean": mean, "var": var}
+    stats = set_path(stats, path, {
+        key: jax.lax.stop_gradient(keep(group, old[key], momentum * old[key][:new[key].shape[0]]
+                                        + (1 - momentum) * new[key]))
+        for key in new})
+  return stats
+
+
+# --------------------------------------------------------------------------
+# The sliced forward
+# --------------------------------------------------------------------------
+
+
+def _dp_of(widths: Any) -> float | None:
+  """The DP when ``widths`` is one (chooses the MP-IDP profile), else None."""
+  if isinstance(widths, (int, float)) and not isinstance(widths, bool):
+    return float(widths)
+  return None
+
+
+def _sliced_input(arch: dict, x: Array, widths: tuple[int, ...]) -> Array:
+  """``x``, cut to the kept input channels when an IDP first layer trims them."""
+  if not spec.graph(arch).groups[0].prunable:
+    return x
+  return x[..., :spec.plan(arch, widths)[0].in_width]
+
+
+def _run_sliced(arch: dict, variables: Mapping, x: Array, widths: Any, *, train: bool,
+                profile_index: int | None, dtype, upto: int | None = None
+                ) -> tuple[forward.Trace, dict, tuple[int, ...]]:
+  spec.check_input(arch, x)
+  s = spec.select_profile(arch, _dp_of(widths), profile_index)
+  kept = spec.resolve_widths(arch, widths)
+  compact = slice_variables(arch, variables, kept)
+  trace = forward.run(arch, compact, _sliced_input(arch, x, kept), widths=None, train=train,
+                      profile=s, dtype=dtype, upto=upto)
+  return trace, compact, kept
+
+
+def _scatter(group: int, full: Array, part: Array) -> Array:
   """``full`` with its leading prefix replaced by ``part``."""
-  return full.at[tuple(slice(0, d) for d in part.shape)].set(part.astype(full.dtype))
+  del group
+  return full.at[:part.shape[0]].set(part.astype(full.dtype))
 
 
-def apply_sliced(arch: dict, variables: Mapping, x: Array, dp: float, *, train: bool = False,
-                 bn_stats: Mapping | None = None, profile_index: int | None = None,
+def apply_sliced(arch: dict, variables: Mapping, x: Array, widths: Any = 1.0, *,
+                 train: bool = False, bn_stats: Mapping | None = None,
+                 profile_index: int | None = None,
                  dtype=jnp.float32) -> Array | tuple[Array, dict]:
-  """The network at static DP ``dp``, computing only the kept channels (sliced path).
+  """The network at static ``widths``, computing only the kept channels (sliced path).
 
   Args:
     arch: the architecture dict.
     variables: the model's pure variable dict (full, or already sliced by
-      :func:`slice_variables` at this dp).
+      :func:`slice_variables` at these widths).
     x: a batch ``(B, *input_shape)``.
-    dp: a static Python float in (0, 1].
+    widths: a DP in (0, 1] or a static width vector (any form of
+      :func:`dynscale.nn.spec.resolve_widths`).
     train: False (default) normalises with the running statistics; True uses
       batch statistics and also returns the updated running statistics.
     bn_stats: optional statistics (``bn_stats_of`` layout) used instead of
       the ones in ``variables`` (e.g. recalibrated for this dp).
-    profile_index: MP-IDP only: force profile s (else chosen from ``dp``).
+    profile_index: MP-IDP: force profile s (else chosen from a DP; required
+      with a width vector).
     dtype: compute dtype (the input is cast; logits are float32).
 
   Returns:
@@ -340,81 +280,71 @@ def apply_sliced(arch: dict, variables: Mapping, x: Array, dp: float, *, train: 
     Differentiable with respect to ``variables``.
   """
   arch = spec.validate_architecture(arch)
-  dp = idp.check_dp(dp)
   if bn_stats is not None:
     variables = merge_variables(variables, bn_stats)
-  logits, compact, moments = _forward(arch, variables, x, dp, train=train,
-                                      profile_index=profile_index, dtype=dtype)
+  trace, compact, _ = _run_sliced(arch, variables, x, widths, train=train,
+                                  profile_index=profile_index, dtype=dtype)
   if not train:
-    return logits
-  m = arch["bn_momentum"]
-  stats = bn_stats_of(variables)
-  for path, (mean, mean_sq) in moments.items():
-    old = _get(compact, path)
-    var = jnp.maximum(0.0, mean_sq - mean * mean)
-    new = {"mean": m * old["mean"] + (1 - m) * mean, "var": m * old["var"] + (1 - m) * var}
-    full = _get(stats, path)
-    stats = _set(stats, path, {key: jax.lax.stop_gradient(_scatter(full[key], new[key]))
-                               for key in new})
-  return logits, stats
+    return trace.output
+  stats = running_stats(trace.moments, bn_stats_of(variables), arch["bn_momentum"], _scatter)
+  return trace.output, stats
 
 
-def features_sliced(arch: dict, variables: Mapping, x: Array, dp: float, upto: int, *,
+def features_sliced(arch: dict, variables: Mapping, x: Array, widths: Any, upto: int, *,
                     profile_index: int | None = None, dtype=jnp.float32) -> Array:
-  """The activations entering layer ``upto`` of the sliced network at DP ``dp`` (eval mode).
+  """The activations entering layer ``upto`` of the sliced network (eval mode).
 
   Layers ``0 .. upto - 1`` run exactly as in :func:`apply_sliced`, so only
   the computed channels are there: ``(B, H, W, k)`` for a map, with ``k =
-  plan(arch, dp)[upto].in_width`` (the prefix the consumer keeps); float32.
-  ``upto = len(arch["layers"])`` gives the logits. Used for class
-  activation maps (:mod:`dynscale.cam`).
+  plan(arch, widths)[upto].in_width``; float32. ``upto =
+  len(arch["layers"])`` gives the logits. Used for class activation maps
+  (:mod:`dynscale.cam`).
   """
   arch = spec.validate_architecture(arch)
-  dp = idp.check_dp(dp)
   n = len(arch["layers"])
   if isinstance(upto, bool) or not isinstance(upto, int) or not 0 <= upto <= n:
     raise ValueError(f"upto must be a layer index in [0, {n}], got {upto!r}")
-  y, _, _ = _forward(arch, variables, x, dp, train=False, profile_index=profile_index,
-                     dtype=dtype, upto=upto)
-  return y
+  trace, _, _ = _run_sliced(arch, variables, x, widths, train=False,
+                            profile_index=profile_index, dtype=dtype, upto=upto)
+  return trace.output
 
 
-def batch_moments(arch: dict, variables: Mapping, x: Array, dp: float, *,
+def batch_moments(arch: dict, variables: Mapping, x: Array, widths: Any, *,
                   profile_index: int | None = None, dtype=jnp.float32) -> dict:
-  """Per batch-norm layer ``(E[y], E[y^2])`` over this batch, in train mode, at ``dp``.
+  """Per batch-norm layer ``(E[y], E[y^2])`` over this batch, in train mode, at ``widths``.
 
   The layout is that of :func:`bn_stats_of` with leaves ``mean`` (E[y]) and
   ``mean_sq`` (E[y^2]) over the computed channels only (sliced shapes).
   Precise batch-norm recalibration averages these over batches.
   """
   arch = spec.validate_architecture(arch)
-  dp = idp.check_dp(dp)
-  _, _, moments = _forward(arch, variables, x, dp, train=True, profile_index=profile_index,
-                           dtype=dtype)
+  trace, _, _ = _run_sliced(arch, variables, x, widths, train=True,
+                            profile_index=profile_index, dtype=dtype)
   out: dict = {}
-  for path, (mean, mean_sq) in moments.items():
-    out = _set(out, path, {"mean": mean, "mean_sq": mean_sq})
+  for path, (_, mean, mean_sq) in trace.moments.items():
+    out = set_path(out, path, {"mean": mean, "mean_sq": mean_sq})
   return out
 
 
 # --------------------------------------------------------------------------
-# SlicedModel: one cached executable per DP
+# SlicedModel: one cached executable per width vector
 # --------------------------------------------------------------------------
 
 
 class SlicedModel:
-  """A network run by its sliced path, with one jitted executable per DP.
+  """A network run by its sliced path, with one jitted executable per width vector.
 
-  ``model(x, dp)`` slices the variables for ``dp`` once (so the executable
-  receives only the kept weights), jits :func:`apply_sliced` at that static
-  dp and caches both in a dict on this instance (no module-level caches).
-  ``compiled_dps`` lists the DPs in the cache and ``trace_count`` counts the
-  traces, so callers can check that a DP compiles once.
+  ``model(x, widths)`` (a DP or a width vector) slices the variables once (so
+  the executable receives only the kept weights), jits :func:`apply_sliced`
+  at those static widths and caches both on this instance (no module-level
+  caches). ``compiled_widths`` lists the cached width vectors and
+  ``trace_count`` counts the traces, so callers can check that a width
+  vector compiles once.
 
   ``bn_stats_by_dp`` maps a DP (matched by float value after
-  :func:`dynscale.idp.check_dp`) to batch-norm statistics used at that DP
-  instead of the shared ones, e.g. from
-  :func:`dynscale.nn.batchnorm.recalibrate_all`.
+  :func:`dynscale.idp.check_dp`) to batch-norm statistics used when the
+  model is called at that DP instead of the shared ones, e.g. from
+  :func:`dynscale.nn.batchnorm.recalibrate`.
   """
 
   def __init__(self, arch: dict, variables: Mapping, bn_stats_by_dp: Mapping | None = None,
@@ -429,7 +359,7 @@ class SlicedModel:
       self.bn_stats_by_dp[dp] = jax.tree.map(jnp.asarray, dict(stats))
     self.dtype = dtype
     self.trace_count = 0
-    self._executables: dict[float, tuple[Callable, dict]] = {}
+    self._executables: dict[tuple, tuple[Callable, dict]] = {}
 
   @classmethod
   def from_model(cls, model: Any, bn_stats_by_dp: Mapping | None = None, *,
@@ -439,30 +369,36 @@ class SlicedModel:
                dtype=model.dtype if dtype is None else dtype)
 
   @property
-  def compiled_dps(self) -> tuple[float, ...]:
-    """The DPs with a cached executable, ascending."""
-    return tuple(sorted(self._executables))
+  def compiled_widths(self) -> tuple[tuple[int, ...], ...]:
+    """The width vectors with a cached executable, sorted."""
+    return tuple(sorted(key[0] for key in self._executables))
 
-  def sliced_variables(self, dp: float) -> dict:
-    """The variables used at ``dp`` (per-DP statistics applied), sliced to the kept widths."""
-    dp = idp.check_dp(dp)
+  def _key(self, widths: Any, profile_index: int | None) -> tuple:
+    dp = _dp_of(widths)
+    s = spec.select_profile(self.arch, dp, profile_index)
+    stats = dp is not None and idp.check_dp(dp) in self.bn_stats_by_dp
+    return spec.resolve_widths(self.arch, widths), s, idp.check_dp(dp) if stats else None
+
+  def sliced_variables(self, widths: Any, profile_index: int | None = None) -> dict:
+    """The variables used at ``widths`` (per-DP statistics applied), cut to the kept widths."""
+    kept, _, stats_dp = self._key(widths, profile_index)
     variables = self.variables
-    if dp in self.bn_stats_by_dp:
-      variables = merge_variables(variables, self.bn_stats_by_dp[dp])
-    return slice_variables(self.arch, variables, dp)
+    if stats_dp is not None:
+      variables = merge_variables(variables, self.bn_stats_by_dp[stats_dp])
+    return slice_variables(self.arch, variables, kept)
 
-  def _compile(self, dp: float) -> tuple[Callable, dict]:
-    def run(compact: dict, x: Array) -> Array:
-      self.trace_count += 1
-      return apply_sliced(self.arch, compact, x, dp, dtype=self.dtype)
-    return jax.jit(run), self.sliced_variables(dp)
+  def __call__(self, x: Array, widths: Any = 1.0, *,
+               profile_index: int | None = None) -> Array:
+    """Logits ``(B, num_classes)`` float32 of the sliced network (eval mode)."""
+    key = self._key(widths, profile_index)
+    if key not in self._executables:
+      kept, s, stats_dp = key
 
-  def __call__(self, x: Array, dp: float) -> Array:
-    """Logits ``(B, num_classes)`` float32 of the sliced network at DP ``dp`` (eval mode)."""
-    dp = idp.check_dp(dp)
-    if dp not in self._executables:
-      self._executables[dp] = self._compile(dp)
-    run, compact = self._executables[dp]
+      def run(compact: dict, x: Array) -> Array:
+        self.trace_count += 1
+        return apply_sliced(self.arch, compact, x, kept, profile_index=s, dtype=self.dtype)
+      self._executables[key] = (jax.jit(run), self.sliced_variables(widths, profile_index))
+    run, compact = self._executables[key]
     return run(compact, x)
 
 
@@ -471,28 +407,28 @@ class SlicedModel:
 # --------------------------------------------------------------------------
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  """``{'a': {0: x}} -> {'a/0': x}``."""
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """``{'a': {0: x}} -> {'a/0': x}``: the '/'-joined leaf paths of a nested dict."""
   flat = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, name + "/"))
+      flat.update(flatten_tree(value, name + "/"))
     else:
       flat[name] = value
   return flat
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict:
-  """Inverse of :func:`_flatten`; all-digit key parts become ints (nnx list indices)."""
+  """Inverse of :func:`flatten_tree`; all-digit key parts become ints (nnx list indices)."""
   tree: dict = {}
   for name, value in flat.items():
     path = tuple(int(part) if part.isdigit() else part for part in name.split("/"))
-    tree = _set(tree, path, value)
+    tree = set_path(tree, path, value)
   return tree
 
 
-def export(model_or_sliced: Any, directory: str | os.PathLike) -> Path:
+def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = None) -> Path:
   """Saves a network so that :func:`load` rebuilds it from two files alone.
 
   ``architecture.json``: the architecture dict (plain JSON). ``params.npz``:
@@ -505,15 +441,23 @@ def export(model_or_sliced: Any, directory: str | os.PathLike) -> Path:
     model_or_sliced: a :class:`SlicedModel`, or a model with ``arch`` and
       ``pure_variables()`` (an :class:`IDPNet`).
     directory: created if missing.
+    widths: optional width vector (or DP): export the network trimmed to it,
+      a smaller standalone network (:func:`dynscale.nn.spec.
+      trimmed_architecture`) with the kept variables; per-DP statistics are
+      then left out.
 
   Returns:
     The directory as a Path.
   """
   sliced = (model_or_sliced if isinstance(model_or_sliced, SlicedModel)
             else SlicedModel.from_model(model_or_sliced))
-  arrays = _flatten(sliced.variables)
-  for dp, stats in sliced.bn_stats_by_dp.items():
-    arrays.update(_flatten(stats, f"{_STATS_PREFIX}{dp!r}/"))
+  arch, variables, stats_by_dp = sliced.arch, sliced.variables, sliced.bn_stats_by_dp
+  if widths is not None:
+    arch = spec.trimmed_architecture(arch, widths)
+    variables, stats_by_dp = slice_variables(sliced.arch, variables, widths), {}
+  arrays = flatten_tree(variables)
+  for dp, stats in stats_by_dp.items():
+    arrays.update(flatten_tree(stats, f"{_STATS_PREFIX}{dp!r}/"))
   arrays = {name: np.asarray(value) for name, value in arrays.items()}
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -521,7 +465,7 @@ def export(model_or_sliced: Any, directory: str | os.PathLike) -> Path:
   np.savez(buffer, **arrays)
   write_bytes_atomic(str(directory / PARAMS_FILE), buffer.getvalue())
   write_bytes_atomic(str(directory / ARCHITECTURE_FILE),
-                     json.dumps(sliced.arch, indent=2, sort_keys=True).encode())
+                     json.dumps(arch, indent=2, sort_keys=True).encode())
   return directory
 
 

@@ -1,33 +1,43 @@
-"""Architecture dicts: the JSON-able description of an incomplete network.
+"""Architecture dicts, their channel groups, and width vectors.
 
-An architecture is a plain dict (the single source of truth: the model zoo
-produces it, :class:`~dynscale.nn.layers.IDPNet` builds from it, the sliced
-path and the cost model read it, and export saves exactly it)::
+An architecture is a plain dict, the single source of truth: the zoo
+produces it, the masked NNX network builds from it, the sliced path and the
+cost model read it, and export saves exactly it::
 
-    {"name": "vgg16", "input_shape": [32, 32, 3], "num_classes": 10,
+    {"name": "resnet18", "input_shape": [32, 32, 3], "num_classes": 10,
      "profile": "linear",            # a name from idp.PROFILES
      "profiles": None,               # or MP-IDP DP ranges [[0, .3], [.3, 1]]
      "bn_momentum": 0.9, "bn_epsilon": 1e-5,
      "layers": [{"kind": "conv", "features": 64, "kernel": 3, "stride": 1,
-                 "idp": False, "bn": True, "act": "relu", "binary": False,
-                 "profile": None}, ...]}
+                 "padding": "SAME", "idp": False, "bn": True, "act": "relu",
+                 "binary": False, "profile": None},
+                {"kind": "resblock", "features": 64, "stride": 1, ...}, ...]}
 
-``"idp": True`` on a layer puts the profile on that layer's INPUT channels
-(001 §II-C, y_j = sum_i gamma_i w_ji x_i): at DP ``p`` it uses the first
-``num_kept(C_in, p)`` input channels, so the layer before it need compute only
-those outputs (001 Fig. 1). A layer may override the network profile with its
+Each layer kind (fields, shape rule, groups, variables, apply, cost) is
+defined once in :mod:`dynscale.nn.kinds`.
+
+Channel groups and widths (DESIGN invariant 9). :func:`graph` assigns the
+channels of every tensor to a group. A layer's output is a new group, except
+that pooling and flatten pass their input's group on, and a residual block
+whose output is added to its input keeps the input's group: the channels that
+meet at a residual add are one *tied* group. A *width vector* keeps the first
+``w_g`` channels of every prunable group ``g`` (every group but the network
+input and the logits; the input only when an IDP layer reads it), in the
+order of :func:`prunable_groups`. It may also be given per member layer
+(``{"layers.3": 40, "layers.5.mid": 64, ...}``), and then the members of a
+tied group must agree. IDP's DP is one way to produce widths
+(:func:`widths_at_dp`): a group read by an IDP profile keeps
+``num_kept(C, dp)`` channels (001 Fig. 1), every other group all of them.
+
+``"idp": True`` on a layer puts the profile on the input channels of its
+convolutions (001 §II-C). A layer may override the network profile with its
 own ``"profile"`` (a name, or explicit non-increasing values, one per input
-channel). Layers with batch norm have no bias; layers without one have a bias.
-
-Dense layers after ``flatten`` of an ``H x W x C`` map: the profile is defined
-per CHANNEL (length C, shared by all H*W positions), so DP keeps the first
-channels of every position and the layer before computes only those. When
-``H * W > 1`` the dense layer is evaluated as an ``H x W`` VALID convolution
-over the map (the same arithmetic with a reshaped kernel), which lets the
-channel-prefix kernels of :mod:`dynscale.idp` slice it.
+channel). Dense layers after ``flatten`` of an ``H x W x C`` map address
+channels: the profile is per channel, shared by every position.
 
 Nothing here depends on Flax, so an exported network reloads with only
-:mod:`dynscale.nn.sliced`, this module and :mod:`dynscale.idp`.
+:mod:`dynscale.nn.sliced`, this module, :mod:`dynscale.nn.kinds` and the
+kernels.
 """
 
 from __future__ import annotations
@@ -35,88 +45,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynscale import idp
+from dynscale.nn.kinds import ACTIVATIONS, KINDS, REQUIRED, Feature
 
-LAYER_KINDS = ("conv", "sconv", "dense", "maxpool", "global_avgpool", "flatten")
-PARAMETRIC_KINDS = ("conv", "sconv", "dense")
-ACTIVATIONS = ("relu", "sign", None)
-
-_REQUIRED = object()
-
-_LAYER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "conv": dict(features=_REQUIRED, kernel=3, stride=1, idp=False, bn=True, act="relu",
-                 binary=False, profile=None),
-    "sconv": dict(features=_REQUIRED, kernel=3, stride=1, idp=False, idp_depthwise=False,
-                  bn=True, act="relu", binary=False, profile=None),
-    "dense": dict(features=_REQUIRED, idp=False, bn=False, act=None, binary=False,
-                  profile=None),
-    "maxpool": dict(window=2, stride=None),
-    "global_avgpool": {},
-    "flatten": {},
-}
+LAYER_KINDS = tuple(KINDS)
+PARAMETRIC_KINDS = tuple(name for name, kind in KINDS.items() if kind.parametric)
 
 _ARCH_DEFAULTS: dict[str, Any] = dict(
-    name=_REQUIRED, input_shape=_REQUIRED, num_classes=_REQUIRED, profile="linear",
-    profiles=None, layers=_REQUIRED, bn_momentum=0.9, bn_epsilon=1e-5)
+    name=REQUIRED, input_shape=REQUIRED, num_classes=REQUIRED, profile="linear",
+    profiles=None, layers=REQUIRED, bn_momentum=0.9, bn_epsilon=1e-5)
 
 # DP ranges of MP-IDP are compared with this slack (0.3 vs 0.30000000000000004).
 _RANGE_TOLERANCE = 1e-9
+# dp * n is compared to an integer with this slack (as idp.num_kept does).
+_KEEP_TOLERANCE = 1e-3
 
-
-# --------------------------------------------------------------------------
-# Shapes
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Feature:
-  """The per-example shape of a tensor between two layers.
-
-  A map is ``(height, width, channels)``; a vector (``flat``) has
-  ``height * width * channels`` features laid out HWC, where ``height`` and
-  ``width`` are those of the map it was flattened from (1 x 1 otherwise), so
-  that IDP can address its channels.
-  """
-
-  height: int
-  width: int
-  channels: int
-  flat: bool
-
-  @property
-  def size(self) -> int:
-    return self.height * self.width * self.channels
-
-  @property
-  def positions(self) -> int:
-    return self.height * self.width
-
-  def shape(self) -> tuple[int, ...]:
-    """The per-example array shape."""
-    return (self.size,) if self.flat else (self.height, self.width, self.channels)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerPlan:
-  """One layer of the network at a DP.
-
-  inputs / outputs: the full shapes. in_width: channels of the input that
-  take part (the kept prefix for an IDP layer, all otherwise). out_width:
-  output channels computed (the prefix the next parametric layer keeps).
-  """
-
-  index: int
-  kind: str
-  inputs: Feature
-  outputs: Feature
-  in_width: int
-  out_width: int
+__all__ = ["Feature", "Group", "Node", "Graph", "LayerPlan", "LAYER_KINDS", "ACTIVATIONS"]
 
 
 # --------------------------------------------------------------------------
@@ -149,7 +100,7 @@ def _fill(where: str, given: dict, defaults: dict) -> dict:
   for key, default in defaults.items():
     if key in given:
       filled[key] = given[key]
-    elif default is _REQUIRED:
+    elif default is REQUIRED:
       raise ValueError(f"{where} needs the key {key!r}")
     else:
       filled[key] = default
@@ -169,30 +120,23 @@ def _check_layer(i: int, layer: Any) -> dict:
   where = f"layers[{i}]"
   if not isinstance(layer, dict):
     raise ValueError(f"{where} must be a dict, got {type(layer).__name__}")
-  kind = layer.get("kind")
-  if kind not in LAYER_KINDS:
-    raise ValueError(f"{where}.kind must be one of {LAYER_KINDS}, got {kind!r}")
-  out = {"kind": kind, **_fill(where, {k: v for k, v in layer.items() if k != "kind"},
-                               _LAYER_DEFAULTS[kind])}
-  for key in ("features", "kernel", "window"):
-    if key in out:
-      out[key] = _positive_int(f"{where}.{key}", out[key])
-  if "stride" in out and not (kind == "maxpool" and out["stride"] is None):
-    out["stride"] = _positive_int(f"{where}.stride", out["stride"])
-  if kind == "maxpool" and out["stride"] is None:
-    out["stride"] = out["window"]
-  for key in ("idp", "idp_depthwise", "bn", "binary"):
-    if key in out:
-      out[key] = _boolean(f"{where}.{key}", out[key])
+  name = layer.get("kind")
+  if name not in KINDS:
+    raise ValueError(f"{where}.kind must be one of {LAYER_KINDS}, got {name!r}")
+  kind = KINDS[name]
+  out = {"kind": name, **_fill(where, {k: v for k, v in layer.items() if k != "kind"},
+                               kind.fields)}
+  for key in kind.int_fields:
+    out[key] = _positive_int(f"{where}.{key}", out[key])
+  for key in kind.bool_fields:
+    out[key] = _boolean(f"{where}.{key}", out[key])
   if "act" in out and out["act"] not in ACTIVATIONS:
     raise ValueError(f"{where}.act must be one of {ACTIVATIONS}, got {out['act']!r}")
   if "profile" in out:
     out["profile"] = _check_profile_spec(f"{where}.profile", out["profile"])
     if out["profile"] is not None and not out["idp"]:
       raise ValueError(f"{where}.profile is set but the layer is not IDP (idp is false)")
-  if out.get("idp_depthwise") and not out["idp"]:
-    raise ValueError(f"{where}.idp_depthwise needs idp=true (the depthwise part keeps "
-                     "the same channels as the pointwise part)")
+  kind.check(where, out)
   return out
 
 
@@ -218,30 +162,6 @@ def _check_ranges(value: Any) -> list[list[float]] | None:
   if abs(previous - 1.0) > _RANGE_TOLERANCE:
     raise ValueError(f"{where} must end at 1.0, got {previous}")
   return ranges
-
-
-def _next_feature(i: int, layer: dict, x: Feature) -> Feature:
-  """Shape inference for one layer (convolutions use SAME, pooling VALID)."""
-  kind, where = layer["kind"], f"layers[{i}] ({layer['kind']})"
-  if kind == "dense":
-    if not x.flat:
-      raise ValueError(f"{where} needs a flat input: put a 'flatten' or 'global_avgpool' "
-                       f"layer before it (input is {x.shape()})")
-    return Feature(1, 1, layer["features"], True)
-  if kind == "flatten":
-    return dataclasses.replace(x, flat=True)
-  if x.flat:
-    raise ValueError(f"{where} needs an H x W x C input, got a flat one")
-  if kind in ("conv", "sconv"):
-    s = layer["stride"]
-    return Feature(-(-x.height // s), -(-x.width // s), layer["features"], False)
-  if kind == "maxpool":
-    w, s = layer["window"], layer["stride"]
-    h, wd = (x.height - w) // s + 1, (x.width - w) // s + 1
-    if h < 1 or wd < 1:
-      raise ValueError(f"{where}: window {w} is larger than the {x.height}x{x.width} input")
-    return Feature(h, wd, x.channels, False)
-  return Feature(1, 1, x.channels, True)  # global_avgpool
 
 
 def _input_feature(shape: Any) -> Feature:
@@ -295,23 +215,236 @@ def validate_architecture(arch: Any) -> dict:
   return out
 
 
-# --------------------------------------------------------------------------
-# Queries on a (validated) architecture
-# --------------------------------------------------------------------------
-
-
 def _features(arch: dict) -> list[Feature]:
   """Input feature of every layer, plus the network output at the end."""
   x = _input_feature(arch["input_shape"])
   features = [x]
   for i, layer in enumerate(arch["layers"]):
-    x = _next_feature(i, layer, x)
+    x = KINDS[layer["kind"]].output(f"layers[{i}] ({layer['kind']})", layer, x)
     features.append(x)
   return features
 
 
+# --------------------------------------------------------------------------
+# The graph: shapes and channel groups
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """A set of channels trimmed or gated together.
+
+  members: the layer outputs in the group (``"layers.3"``, ``"layers.5.mid"``,
+  ``"input"``); more than one for a tied residual group. idp: an IDP
+  profile reads it. prunable: a width vector has an entry for it.
+  """
+
+  id: int
+  name: str
+  size: int
+  members: tuple[str, ...]
+  idp: bool
+  prunable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One layer: its full input / output shapes and the group of each slot."""
+
+  index: int
+  kind: str
+  inputs: Feature
+  outputs: Feature
+  slots: Mapping[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  nodes: tuple[Node, ...]
+  groups: tuple[Group, ...]
+
+  @property
+  def prunable(self) -> tuple[Group, ...]:
+    return tuple(g for g in self.groups if g.prunable)
+
+
+def graph(arch: dict) -> Graph:
+  """Shapes and channel groups of a validated architecture (module docstring)."""
+  features = _features(arch)
+  sizes, members, idp_read = [features[0].channels], [["input"]], [False]
+  nodes, current = [], 0
+
+  def new_group(size: int, member: str) -> int:
+    sizes.append(size)
+    members.append([member])
+    idp_read.append(False)
+    return len(sizes) - 1
+
+  for i, layer in enumerate(arch["layers"]):
+    kind, x, out = KINDS[layer["kind"]], features[i], features[i + 1]
+    slots = {"in": current}
+    mid = kind.mid_width(layer, x)
+    if mid is not None:
+      slots["mid"] = new_group(mid, f"layers.{i}.mid")
+    if not kind.parametric:
+      slots["out"] = current
+    elif kind.ties_output(layer, x):
+      slots["out"] = current
+      members[current].append(f"layers.{i}")
+    else:
+      slots["out"] = new_group(out.channels, f"layers.{i}")
+    for slot in kind.idp_slots(layer):
+      idp_read[slots[slot]] = True
+    nodes.append(Node(i, layer["kind"], x, out, slots))
+    current = slots["out"]
+  groups = tuple(
+      Group(g, members[g][0], sizes[g], tuple(members[g]), idp_read[g],
+            prunable=g != current and (g != 0 or idp_read[g]))
+      for g in range(len(sizes)))
+  return Graph(tuple(nodes), groups)
+
+
+def prunable_groups(arch: dict) -> tuple[Group, ...]:
+  """The groups a width vector covers, in its order."""
+  return graph(arch).prunable
+
+
+# --------------------------------------------------------------------------
+# Width vectors
+# --------------------------------------------------------------------------
+
+
+def widths_at_dp(arch: dict, dp) -> tuple[int, ...] | jax.Array:
+  """IDP's widths at DP ``dp``: ``num_kept(C, dp)`` for groups an IDP profile reads.
+
+  A concrete ``dp`` gives a tuple of ints (checked to lie in (0, 1]); a
+  traced one an int32 array, for the masked path.
+  """
+  groups = prunable_groups(arch)
+  if isinstance(dp, jax.core.Tracer):
+    dp = jnp.asarray(dp, jnp.float32)
+    return jnp.stack([jnp.maximum(1, jnp.ceil(dp * g.size - _KEEP_TOLERANCE)).astype(jnp.int32)
+                      if g.idp else jnp.int32(g.size) for g in groups])
+  return tuple(idp.num_kept(g.size, dp) if g.idp else g.size for g in groups)
+
+
+def _member_widths(groups: Sequence[Group], widths: Mapping) -> list[int]:
+  """Group widths from per-member widths; members of a tied group must agree."""
+  known = {m: g for g in groups for m in g.members}
+  unknown = sorted(set(widths) - set(known))
+  if unknown:
+    raise ValueError(f"widths has unknown layers {unknown}; the prunable layer outputs are "
+                     f"{sorted(known)}")
+  out = []
+  for g in groups:
+    given = {m: widths[m] for m in g.members if m in widths}
+    values = set(given.values()) | ({g.size} if len(given) < len(g.members) else set())
+    if len(values) > 1:
+      raise ValueError(f"widths break the tied group {g.name!r} (members {list(g.members)} "
+                       f"meet at a residual add and keep the same channels): got {given}")
+    out.append(values.pop())
+  return out
+
+
+def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
+  """A checked width vector (one int per prunable group) from any accepted form.
+
+  ``widths``: a DP in (0, 1] (:func:`widths_at_dp`); a sequence of ints, one
+  per group of :func:`prunable_groups`; or a mapping from member layer names
+  to ints (missing members keep their full width; tied members must agree).
+  Each width must lie in [1, group size]. Errors name the group.
+  """
+  groups = prunable_groups(arch)
+  if isinstance(widths, numbers.Real) and not isinstance(widths, (bool, numbers.Integral)):
+    return widths_at_dp(arch, idp.check_dp(widths))
+  if isinstance(widths, Mapping):
+    values = _member_widths(groups, widths)
+  elif isinstance(widths, (Sequence, np.ndarray)) and not isinstance(widths, str):
+    values = list(np.asarray(widths).tolist()) if isinstance(widths, np.ndarray) else list(widths)
+    if len(values) != len(groups):
+      raise ValueError(f"widths must have one entry per prunable group ({len(groups)}: "
+                       f"{[g.name for g in groups]}), got {len(values)}")
+  else:
+    raise ValueError("widths must be a DP in (0, 1], a sequence of ints (one per prunable "
+                     f"group) or a mapping from layer names to ints, got {widths!r}")
+  for g, w in zip(groups, values):
+    if not _is_int(w) or not 1 <= w <= g.size:
+      raise ValueError(f"widths[{g.name!r}] must be an int in [1, {g.size}], got {w!r}")
+  return tuple(int(w) for w in values)
+
+
+def group_masks(arch: dict, widths: jax.Array) -> dict[int, jax.Array]:
+  """``{group id: (C,) float 0/1 mask of the first widths[g] channels}``; widths may be traced."""
+  widths = jnp.asarray(widths)
+  return {g.id: (jnp.arange(g.size) < widths[j]).astype(jnp.float32)
+          for j, g in enumerate(prunable_groups(arch))}
+
+
+def group_widths(arch: dict, widths: Sequence[int]) -> dict[int, int]:
+  """``{group id: width}`` for every group (non-prunable ones at full size)."""
+  groups = graph(arch).groups
+  out = {g.id: g.size for g in groups}
+  out.update({g.id: int(w) for g, w in zip((g for g in groups if g.prunable), widths)})
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """One layer at a width vector: full shapes and the kept width of each slot."""
+
+  index: int
+  kind: str
+  inputs: Feature
+  outputs: Feature
+  widths: Mapping[str, int]
+
+  @property
+  def in_width(self) -> int:
+    return self.widths["in"]
+
+  @property
+  def out_width(self) -> int:
+    return self.widths["out"]
+
+
+def plan(arch: dict, widths: Any = 1.0) -> list[LayerPlan]:
+  """Per-layer shapes and kept slot widths at ``widths`` (any form of :func:`resolve_widths`)."""
+  by_group = group_widths(arch, resolve_widths(arch, widths))
+  return [LayerPlan(n.index, n.kind, n.inputs, n.outputs,
+                    {slot: by_group[g] for slot, g in n.slots.items()})
+          for n in graph(arch).nodes]
+
+
+def trimmed_architecture(arch: dict, widths: Any) -> dict:
+  """The architecture of the network cut to ``widths``: every group at its kept width.
+
+  Its full network is the trimmed one (a width vector of all-full widths).
+  The profile fields describe initialisation only; exported profile values
+  are in the parameters.
+  """
+  arch = validate_architecture(arch)
+  layers = []
+  for p in plan(arch, widths):
+    layer = arch["layers"][p.index]
+    layers.append(KINDS[layer["kind"]].with_widths(layer, p.widths) if p.kind in
+                  PARAMETRIC_KINDS else layer)
+    if isinstance(layer.get("profile"), list):
+      layers[-1] = {**layers[-1], "profile": layer["profile"][:p.in_width]}
+  out = {**arch, "layers": layers}
+  if graph(arch).groups[0].prunable:
+    shape = list(arch["input_shape"])
+    shape[-1] = plan(arch, widths)[0].in_width
+    out["input_shape"] = shape
+  return validate_architecture(out)
+
+
+# --------------------------------------------------------------------------
+# Other queries on a (validated) architecture
+# --------------------------------------------------------------------------
+
+
 def parametric_indices(arch: dict) -> list[int]:
-  """Indices of the layers with weights (conv, sconv, dense)."""
+  """Indices of the layers with weights."""
   return [i for i, layer in enumerate(arch["layers"]) if layer["kind"] in PARAMETRIC_KINDS]
 
 
@@ -331,39 +464,6 @@ def layer_profile(arch: dict, index: int) -> str | list[float]:
   """The profile spec of layer ``index``: its own, else the network's."""
   own = arch["layers"][index].get("profile")
   return arch["profile"] if own is None else own
-
-
-def uses_map_dense(layer: dict, inputs: Feature) -> bool:
-  """Whether a dense layer is evaluated as a VALID conv over an H x W map.
-
-  True for an IDP dense layer whose flat input came from an H x W x C map with
-  H * W > 1: its profile is per channel (see the module docstring).
-  """
-  return layer["kind"] == "dense" and layer["idp"] and inputs.positions > 1
-
-
-def plan(arch: dict, dp: float) -> list[LayerPlan]:
-  """Per-layer shapes and computed channel widths of the network at DP ``dp``.
-
-  Walking backwards: the input of an IDP layer keeps ``num_kept(C, dp)``
-  channels; the output of a layer has the width its consumer keeps (the next
-  parametric layer; pooling and flatten pass widths through); the logits are
-  complete. This is 001 Fig. 1: a layer computes only the outputs the next
-  layer uses, so a middle layer's cost falls to about ``dp**2``.
-  """
-  dp = idp.check_dp(dp)
-  features = _features(arch)
-  layers = arch["layers"]
-  widths = [0] * (len(layers) + 1)
-  widths[-1] = features[-1].channels
-  for i in range(len(layers) - 1, -1, -1):
-    layer, c = layers[i], features[i].channels
-    if layer["kind"] not in PARAMETRIC_KINDS:
-      widths[i] = widths[i + 1]
-    else:
-      widths[i] = idp.num_kept(c, dp) if layer["idp"] else c
-  return [LayerPlan(i, layer["kind"], features[i], features[i + 1], widths[i], widths[i + 1])
-          for i, layer in enumerate(layers)]
 
 
 def select_profile(arch: dict, dp: float | None, profile_index: int | None) -> int | None:
@@ -387,49 +487,9 @@ def select_profile(arch: dict, dp: float | None, profile_index: int | None) -> i
     return int(profile_index)
   if dp is None or isinstance(dp, jax.core.Tracer):
     raise ValueError("an MP-IDP network needs a concrete dp or an explicit profile_index "
-                     "to choose its profile (dp is traced)")
+                     "to choose its profile (dp is traced or widths were given)")
   dp = idp.check_dp(dp)
   return next(s for s, (_, hi) in enumerate(ranges) if hi >= dp - _RANGE_TOLERANCE)
-
-
-# --------------------------------------------------------------------------
-# Parameter-free pieces shared by the masked and sliced paths
-# --------------------------------------------------------------------------
-
-
-def activate(name: str | None, y: jax.Array) -> jax.Array:
-  """Applies a block activation: ReLU, sign (binarized, straight-through), or none."""
-  if name == "relu":
-    return jax.nn.relu(y)
-  if name == "sign":
-    return idp.binarize(y)
-  return y
-
-
-def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """VALID max pooling of an NHWC map."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
-                               (1, window, window, 1), (1, stride, stride, 1), "VALID")
-
-
-def global_avg_pool(x: jax.Array) -> jax.Array:
-  """Mean over the spatial axes: ``(B, H, W, C) -> (B, C)``."""
-  return jnp.mean(x, axis=(1, 2))
-
-
-def flatten(x: jax.Array) -> jax.Array:
-  """``(B, ...) -> (B, prod(...))`` in HWC order."""
-  return x.reshape(x.shape[0], -1)
-
-
-def apply_stateless(layer: dict, x: jax.Array) -> jax.Array:
-  """Runs a parameter-free layer (maxpool, global_avgpool, flatten)."""
-  kind = layer["kind"]
-  if kind == "maxpool":
-    return max_pool(x, layer["window"], layer["stride"])
-  if kind == "global_avgpool":
-    return global_avg_pool(x)
-  return flatten(x)
 
 
 def check_input(arch: dict, x: jax.Array) -> None:
