@@ -16,7 +16,7 @@ from dynscale.nn import models
 from dynscale.idp import evaluation, mpidp
 from dynscale.train import loop, steps
 from dynscale.train.state import create_train_state
-from experiments import idp as idp_launcher
+from experiments import main as launcher
 from experiments.configs import idp_fig7, idp_fig9
 
 
@@ -114,7 +114,7 @@ def tiny_figure(config, epochs=2):
 
 def test_figure_7_launcher_writes_one_curve_per_profile(tmp_path):
   config = tiny_figure(idp_fig7.get_config("sample"), epochs=1)
-  figure = idp_launcher.train_and_evaluate(config, str(tmp_path))
+  figure = launcher.train_and_evaluate(config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
   assert set(saved["variants"]) == {"all-one", "harmonic", "linear", "half-exp"}
   for name, summary in saved["variants"].items():
@@ -132,7 +132,7 @@ def test_figure_7_launcher_writes_one_curve_per_profile(tmp_path):
 
 def test_figure_9_mp_idp_runs_each_profile(tmp_path):
   config = tiny_figure(idp_fig9.get_config("mlp"))
-  figure = idp_launcher.train_and_evaluate(config, str(tmp_path))
+  figure = launcher.train_and_evaluate(config, str(tmp_path))
   mp = json.loads((tmp_path / "mp-idp" / "results.json").read_text())
   assert mp["profiles"] == [[0.0, 0.2], [0.2, 0.4], [0.4, 1.0]]
   assert len(mp["epochs_run"]) == 3
@@ -143,5 +143,5 @@ def test_unknown_variant_field_is_refused_before_training(tmp_path):
   config = tiny_figure(idp_fig7.get_config("sample"))
   config.variants["linear"]["model"]["profil"] = "linear"
   with pytest.raises(ValueError, match="variants.linear: unknown config field 'model.profil'"):
-    idp_launcher.train_and_evaluate(config, str(tmp_path / "fig"))
+    launcher.train_and_evaluate(config, str(tmp_path / "fig"))
   assert not (tmp_path / "fig").exists()

@@ -18,7 +18,7 @@ from dynscale.tesla import multitask, training as tesla_training
 from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
-from experiments import tesla as tesla_launcher
+from experiments import main as launcher
 from experiments.configs import tesla_main, tesla_mlp_mnist
 
 TASKS = (1.0, 0.5, 0.2)
@@ -228,7 +228,7 @@ def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
 
 @pytest.mark.parametrize("subset", ("all", "linear", "atp", "monitors"))
 def test_every_table_1_variant_passes_its_method_check(subset):
-  configs = sweep.check_variants(tesla_mlp_mnist.get_config(subset), tesla_launcher.METHODS)
+  configs = sweep.check_variants(tesla_mlp_mnist.get_config(subset), launcher.METHODS)
   if subset == "monitors":
     assert {(c.schedule.monitor, c.seed) for c in configs.values()} == {
         (m, s) for m in tesla_training.MONITORS for s in tesla_mlp_mnist.MONITOR_SEEDS}
@@ -239,7 +239,7 @@ def test_a_bad_last_variant_fails_before_the_first_trains(tmp_path):
   last = sorted(config.variants)[-1]
   config.variants[last]["schedule"] = {"monitor": "test_accuracy"}
   with pytest.raises(ValueError, match=rf"variants.{last}: schedule.monitor must be one of"):
-    tesla_launcher.train_and_evaluate(config, str(tmp_path / "fig"))
+    launcher.train_and_evaluate(config, str(tmp_path / "fig"))
   assert not (tmp_path / "fig").exists()
 
 

@@ -40,7 +40,7 @@ def tiny_config(**overrides):
 
 
 def launcher_command(workdir, *overrides):
-  return [sys.executable, "-m", "experiments.baseline",
+  return [sys.executable, "-m", "experiments.main",
           "--config=experiments/configs/baseline.py", f"--workdir={workdir}",
           "--config.data.val_size=300", "--config.model.width_multiplier=0.1",
           "--config.train.num_epochs=6", "--config.train.steps_per_chunk=20",
@@ -311,7 +311,7 @@ class FlopsMethod:
 def test_a_sweep_gathers_and_plots_any_method_curve(tmp_path):
   import ml_collections
   from dynscale.train import sweep
-  from experiments import launch
+  from experiments import main as launcher
   config = ml_collections.ConfigDict({"method": "flops", "level": 0.5, "title": "by FLOPs",
                                       "variants": {"low": {}, "high": {"level": 0.75}}})
   figure = sweep.run_variants(config, str(tmp_path), {"flops": FlopsMethod})
@@ -321,7 +321,7 @@ def test_a_sweep_gathers_and_plots_any_method_curve(tmp_path):
                                        "points": [[0.25, 0.1875], [1.0, 0.75]]}},
       "level": 0.75}
   assert (tmp_path / "accuracy_by_flops.png").stat().st_size > 0
-  text = launch.summary(figure, str(tmp_path))
+  text = launcher.summary(figure, str(tmp_path))
   assert "accuracy_by_flops (test_accuracy):" in text
   rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
   columns = {label: {x: rows[x][i] for x in ("0.25", "1", "mean")}
@@ -393,6 +393,40 @@ def test_init_from_an_export_for_other_inputs_is_refused(tmp_path):
                                        r"\(32, 32, 3\) with 10 classes; mnist_sample has "
                                        r"\(28, 28, 1\)"):
     idp_training.train_and_evaluate(config, str(tmp_path / "later"))
+
+
+# --------------------------------------------------------------------------
+# One launcher: every config names a registered method and passes its checks.
+# --------------------------------------------------------------------------
+
+CONFIGS = [("baseline", None), ("tesla_main", None), ("idp_fig7", "sample"),
+           *[("idp_fig8", panel) for panel in ("mlp", "binary_net", "vgg16", "mobilenet")],
+           ("idp_fig9", "mlp"), ("idp_fig9", "vgg16"),
+           *[("tesla_mlp_mnist", subset) for subset in ("all", "atp", "monitors")],
+           ("tesla_vgg16_cifar", "cifar10"), ("tesla_vgg16_cifar", "cifar100")]
+
+
+@pytest.mark.parametrize("name, arg", CONFIGS)
+def test_every_config_names_a_registered_method_and_passes_its_checks(name, arg):
+  import importlib
+  from dynscale.train import sweep
+  from experiments import main as launcher
+  module = importlib.import_module(f"experiments.configs.{name}")
+  config = module.get_config() if arg is None else module.get_config(arg)
+  assert config.method in launcher.METHODS
+  if config.get("variants"):
+    sweep.check_variants(config, launcher.METHODS)
+  else:
+    launcher.METHODS[config.method].check_config(config)
+
+
+def test_the_launcher_refuses_an_unknown_method(tmp_path):
+  from experiments import main as launcher
+  config = tiny_config(method="sanp")
+  with pytest.raises(ValueError, match=r"method must be one of \('idp', 'mpidp', 'tesla'\), "
+                                       r"got 'sanp'"):
+    launcher.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------

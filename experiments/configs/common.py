@@ -1,4 +1,4 @@
-"""Config blocks shared by every launcher: data, model, optimizer, train, eval.
+"""Config blocks shared by every method: data, model, optimizer, train, eval.
 
 A config file composes these and overrides what its experiment needs; any
 field can also be set on the command line, e.g. ``--config.train.num_epochs=3``.
@@ -84,9 +84,11 @@ def overrides(**dotted) -> dict:
   return nested
 
 
-def base(**blocks) -> ml_collections.ConfigDict:
-  """A full config: every block at its default unless given."""
+def base(method: str, **blocks) -> ml_collections.ConfigDict:
+  """A full config for ``method`` (a key of ``experiments.main.METHODS``): every
+  block at its default unless given."""
   config = ml_collections.ConfigDict()
+  config.method = method
   config.seed = 0
   config.data = blocks.pop("data", data())
   config.model = blocks.pop("model", model())
@@ -134,9 +136,8 @@ def cam(enabled: bool = False) -> ml_collections.ConfigDict:
 
 def tesla_base(**blocks) -> ml_collections.ConfigDict:
   """A TESLA config: the common blocks plus schedule, atp, distill and cam."""
-  config = base(**{k: blocks.pop(k) for k in list(blocks)
-                   if k in ("data", "model", "optimizer", "train", "eval")})
-  config.method = "tesla"
+  config = base("tesla", **{k: blocks.pop(k) for k in list(blocks)
+                            if k in ("data", "model", "optimizer", "train", "eval")})
   config.schedule = blocks.pop("schedule", schedule())
   config.atp = blocks.pop("atp", atp())
   config.distill = blocks.pop("distill", distill())

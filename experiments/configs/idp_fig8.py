@@ -21,12 +21,12 @@ def get_config(arg: str = "mlp"):
   optimizer = (common.cifar_sgd(lr) if opt == "sgd"
                else common.optimizer(opt, learning_rate=lr))
   config = common.base(
+      "idp",
       data=common.data(dataset, batch_size=batch, val_size=5000),
       model=common.model(arg),
       optimizer=optimizer,
       train=common.train(num_epochs=epochs),
   )
-  config.method = "idp"
   config.title = f"001 Fig. 8: {arg}, all-one vs linear"
   config.variants = {p: common.overrides(**{"model.profile": p}) for p in ("all-one", "linear")}
   return config

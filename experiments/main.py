@@ -1,0 +1,80 @@
+r"""The launcher: trains and evaluates the method ``config.method`` names.
+
+python -m experiments.main --config=experiments/configs/tesla_main.py --workdir=runs/tesla
+python -m experiments.main --config=experiments/configs/idp_fig8.py:vgg16 --workdir=runs/fig8-vgg16
+
+A config with ``variants`` is a figure: each variant runs the method it
+names (:mod:`dynscale.train.sweep`). A new method adds one entry to
+``METHODS`` (a module with ``check_config`` and ``train_and_evaluate``) and a
+config that names it.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dynscale import plots
+from dynscale.idp import mpidp, training as idp_training
+from dynscale.tesla import training as tesla_training
+from dynscale.train import sweep
+
+METHODS: dict[str, sweep.Method] = {
+    "idp": idp_training,
+    "mpidp": mpidp,
+    "tesla": tesla_training,
+}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (one process per host).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs ``config.method`` (or a figure's variants) from ``METHODS``; returns the results."""
+  if config.get("variants"):
+    return sweep.run_variants(config, workdir, METHODS)
+  method = config.get("method")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+  return METHODS[method].train_and_evaluate(config, workdir)
+
+
+def summary(results: dict, workdir: str) -> str:
+  """Every curve as a table (one column per run or variant), each run's scalar
+  results, and where the files are."""
+  by_label = (results["variants"] if "variants" in results
+              else {results["config"]["method"]: sweep.variant_summary(results)})
+  by_name = sweep.curves_by_name(by_label)
+  parts = [f"{name} ({plots.axes(curves)[1]}):\n{plots.format_curves_table(curves)}"
+           for name, curves in by_name.items()]
+  for label, entry in by_label.items():
+    scalars = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in entry.items() if k != "curves")
+    parts.append(f"{label}: {scalars}")
+  plotted = "".join(f", {workdir}/{name}.png" for name in by_name)
+  parts.append(f"Results: {workdir}/results.json{plotted}")
+  return "\n\n".join(parts)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  logging.info("JAX devices: %s", jax.devices())
+  logging.info("Config:\n%s", FLAGS.config)
+  print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir), FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
