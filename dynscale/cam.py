@@ -20,7 +20,7 @@ and the map is computed by the SLICED network (only the k channels that the
 classifier reads are ever computed, DESIGN invariant 2). Channels dropped at
 this DP contribute nothing, by construction.
 
-The architecture is :func:`vgg16_gap_architecture`: VGG-16's 13 conv layers
+The architecture is the zoo's ``vgg16_gap``: VGG-16's 13 conv layers
 with the last two max-pools removed, so a 32x32 image keeps a 4x4 final map
 (input / 8) instead of 1x1. TESLA's text says it "replace[s] the max-pooling
 layers with average-pooling layers"; the architecture spec has no
@@ -40,11 +40,10 @@ from matplotlib.figure import Figure
 
 from dynscale import idp, plots
 from dynscale.data.pipeline import normalize
-from dynscale.nn import models, sliced, spec
+from dynscale.nn import sliced, spec
 
 Array = jax.Array
 
-# VGG-16 has five 2x2 pools (models._vgg16); the CAM variant drops the last two.
 # The grid is CELL_INCHES per row and per column at DPI dots per inch; the
 # margins below (inches) hold the column headers and the per-cell titles.
 CELL_INCHES = 1.6
@@ -52,24 +51,6 @@ DPI = 100
 _TOP_INCHES, _ROW_GAP_INCHES, _EDGE_INCHES = 0.45, 0.25, 0.05
 _OVERLAY_ALPHA = 0.5
 _COLORMAP = "jet"
-
-
-# --------------------------------------------------------------------------
-# Architecture
-# --------------------------------------------------------------------------
-
-
-def vgg16_gap_architecture(*, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
-                           profile: str = "linear", width_multiplier: float = 1.0) -> dict:
-  """The zoo's ``vgg16_gap``: VGG-16 with a GAP + linear head for CAM (000 §4.2).
-
-  The 13 conv layers of VGG-16 (first one complete, the other 12 IDP), with
-  max-pools after the first three groups only: a 32x32 input gives a 4x4 map
-  (``input / 8``) after the last conv. Then ``global_avgpool`` and one IDP
-  dense classifier (a bias, no batch norm, no activation).
-  """
-  return models.architecture("vgg16_gap", num_classes=num_classes, input_shape=input_shape,
-                             profile=profile, width_multiplier=width_multiplier)
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +100,7 @@ def class_maps(arch: dict, variables: Mapping, images: Array, dp: float
   Args:
     arch: an architecture ending in a CAM head (map -> global_avgpool ->
       dense without batch norm or activation), e.g.
-      :func:`vgg16_gap_architecture` or the zoo's ``mobilenet``.
+      the zoo's ``vgg16_gap`` or ``mobilenet``.
     variables: the model's pure variable dict (``model.pure_variables()``).
     images: ``(B, *input_shape)`` network inputs (already normalised).
     dp: static DP in (0, 1].

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dynscale import cam
-from dynscale.nn import sliced, spec
+from dynscale.nn import models, sliced, spec
 
 FAST = {"xla_backend_optimization_level": 0}  # compile speed for tests only
 NUM_CLASSES = 10
@@ -56,7 +56,8 @@ def _random_variables(arch, seed):
 
 @pytest.fixture(scope="module")
 def vgg():
-  arch = cam.vgg16_gap_architecture(num_classes=NUM_CLASSES, width_multiplier=1 / 16)
+  arch = models.architecture("vgg16_gap", num_classes=NUM_CLASSES, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 16)
   x = jax.random.normal(jax.random.key(1), (BATCH, 32, 32, 3))
   return arch, _random_variables(arch, 0), x
 
@@ -82,8 +83,9 @@ def _bilinear_numpy(a, size):
   return out
 
 
-def test_vgg16_gap_architecture():
-  arch = cam.vgg16_gap_architecture(num_classes=NUM_CLASSES, width_multiplier=1 / 16)
+def test_the_zoo_vgg16_gap_has_a_cam_head():
+  arch = models.architecture("vgg16_gap", num_classes=NUM_CLASSES, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 16)
   kinds = [layer["kind"] for layer in arch["layers"]]
   assert kinds.count("conv") == 13 and kinds.count("maxpool") == 3
   assert kinds[-2:] == ["global_avgpool", "dense"]

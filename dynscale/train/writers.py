@@ -42,11 +42,6 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 class Progress:
   """Logs step, epoch, images/s and ETA for a run of ``total_steps`` steps."""
 
