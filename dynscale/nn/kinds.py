@@ -329,11 +329,28 @@ class Kind:
     return [], a.inp
 
 
+class _OneOutput(Kind):
+  """A layer with one output group of ``features`` channels and IDP on its input."""
+
+  def idp_slots(self, layer):
+    return ("in",) if layer["idp"] else ()
+
+  def with_widths(self, layer, widths):
+    return {**layer, "features": widths["out"]}
+
+
+class _GatedOutput(_OneOutput):
+  """... whose output is a gate point of the hook."""
+
+  def gate_points(self, layer, x):
+    return {"": (x.channels, layer["features"])}
+
+
 _CONV_FIELDS = dict(features=REQUIRED, kernel=3, stride=1, padding="SAME", idp=False, bn=True,
                     act="relu", binary=False, profile=None)
 
 
-class Dense(Kind):
+class Dense(_OneOutput):
   """FC / B-FC block: ``act(BN(sum_i gamma_i w_ji x_i))`` (001 §II-C).
 
   On a flattened ``H x W x C`` map the profile is per channel (length C,
@@ -351,17 +368,11 @@ class Dense(Kind):
                        f"layer before it (input is {x.shape()})")
     return Feature(1, 1, layer["features"], True)
 
-  def idp_slots(self, layer):
-    return ("in",) if layer["idp"] else ()
-
   def variables(self, layer, x, out):
     m = layer["features"]
     kernel = Var((x.size, m), "kernel", ((0, "in"), (1, "out")), positions=x.positions)
     return {"kernel": kernel, **_gamma(layer["idp"], x.channels, "in"),
             **_norm(layer["bn"], "bn", "bias", m, "out")}
-
-  def with_widths(self, layer, widths):
-    return {**layer, "features": widths["out"]}
 
   def apply(self, layer, v, x, ctx, inputs, out):
     w = _weight(v, layer["binary"])
@@ -381,7 +392,7 @@ class Dense(Kind):
     return entries + _bn_cost(layer["bn"], "bn", a_out), a_out
 
 
-class Conv(Kind):
+class Conv(_GatedOutput):
   """Conv / B-Conv block: ``act(s * BN(sum_i gamma_i (f_ji * x_i)))`` (001 §II-C; 002 Eq. 3).
 
   NHWC, HWIO kernel, ``padding`` SAME or VALID.
@@ -408,19 +419,10 @@ class Conv(Kind):
                        f"{x.height}x{x.width} input")
     return Feature(h, w, layer["features"], False)
 
-  def idp_slots(self, layer):
-    return ("in",) if layer["idp"] else ()
-
-  def gate_points(self, layer, x):
-    return {"": (x.channels, layer["features"])}
-
   def variables(self, layer, x, out):
     k, c, m = layer["kernel"], x.channels, layer["features"]
     return {"kernel": _kernel((k, k, c, m), ((2, "in"), (3, "out"))),
             **_gamma(layer["idp"], c, "in"), **_norm(layer["bn"], "bn", "bias", m, "out")}
-
-  def with_widths(self, layer, widths):
-    return {**layer, "features": widths["out"]}
 
   def apply(self, layer, v, x, ctx, inputs, out):
     w = _weight(v, layer["binary"])
@@ -439,7 +441,7 @@ class Conv(Kind):
     return entries + _bn_cost(layer["bn"], "bn", a_out), a_out
 
 
-class SeparableConv(Kind):
+class SeparableConv(_GatedOutput):
   """S-Conv block (001 §II-C, Fig. 4): depthwise -> BN -> act -> pointwise -> BN -> act.
 
   IDP is on the pointwise part, ``y_j = sum_i gamma_i g_ji * (f_i * x_i)``;
@@ -461,12 +463,6 @@ class SeparableConv(Kind):
   def output(self, where, layer, x):
     return _strided_map(where, layer, x)
 
-  def idp_slots(self, layer):
-    return ("in",) if layer["idp"] else ()
-
-  def gate_points(self, layer, x):
-    return {"": (x.channels, layer["features"])}
-
   def variables(self, layer, x, out):
     k, c, m = layer["kernel"], x.channels, layer["features"]
     dw_gamma = ({"depthwise_gamma": Var((c,), "gamma", ((0, "in"),))}
@@ -475,9 +471,6 @@ class SeparableConv(Kind):
             **_norm(layer["bn"], "depthwise_bn", "depthwise_bias", c, "in"),
             "kernel": _kernel((1, 1, c, m), ((2, "in"), (3, "out"))),
             **_gamma(layer["idp"], c, "in"), **_norm(layer["bn"], "bn", "bias", m, "out")}
-
-  def with_widths(self, layer, widths):
-    return {**layer, "features": widths["out"]}
 
   def apply(self, layer, v, x, ctx, inputs, out):
     f = idp.binarize(v["depthwise_kernel"]) if layer["binary"] else v["depthwise_kernel"]
