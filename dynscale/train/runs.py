@@ -69,12 +69,12 @@ def load_exported(directory: str, config, dataset: data.Dataset
     raise ValueError(f"model.init_from: the exported network takes inputs {needs[0]} with "
                      f"{needs[1]} classes; {dataset.name} has {has[0]} with {has[1]}")
   model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=compute_dtype(config))
-  state = nnx.state(model)
-  if jax.tree.structure(state.to_pure_dict()) != jax.tree.structure(exported.variables):
+  state = nnx.state(model.layers)
+  if jax.tree.structure(state.to_pure_dict()) != jax.tree.structure(exported.variables["layers"]):
     raise ValueError(f"model.init_from: the variables in {directory!r} do not match its "
                      "architecture")
-  state.replace_by_pure_dict(exported.variables)
-  nnx.update(model, state)
+  state.replace_by_pure_dict(exported.variables["layers"])
+  nnx.update(model.layers, state)
   return arch, model
 
 
