@@ -377,3 +377,18 @@ def test_exported_resnet18_at_a_width_vector_reloads_without_flax(tmp_path):
   assert not report["flax"]
   expected = model(x, widths=widths, train=False)
   np.testing.assert_allclose(report["out"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_costs_benchmark_counts_m_cifarnet_by_hand():
+  from benchmarks import model_costs
+  record, = model_costs.records("m_cifarnet", 32, 3, 10, [1.0])
+  # SANP §4.1.1, H W C_in k^2 C_out per conv (batch norm, no bias), 32x32 input:
+  # the VALID stem gives 30x30, the stride-2 convs 15x15 and 8x8.
+  by_hand = (30 * 30 * 3 * 9 * 64 + 30 * 30 * 64 * 9 * 64 + 15 * 15 * 64 * 9 * 128
+             + 2 * 15 * 15 * 128 * 9 * 128 + 8 * 8 * 128 * 9 * 192
+             + 2 * 8 * 8 * 192 * 9 * 192 + (192 + 1) * 10)
+  assert record["flops"] == by_hand
+  assert round(by_hand / 1e6, 1) == 174.3
+  weights = 9 * (3 * 64 + 64 * 64 + 64 * 128 + 2 * 128 * 128 + 128 * 192 + 2 * 192 * 192)
+  bn = 2 * (64 * 2 + 128 * 3 + 192 * 3)
+  assert record["params"] == weights + bn + 192 * 10 + 10
