@@ -11,7 +11,6 @@ are restored after each forward. At inference the DP picks the profile.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,7 +18,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from dynscale.nn import sliced, spec
+from dynscale.data.datasets import dataset_spec
+from dynscale.nn import models, sliced, spec
 from dynscale.idp import checks, evaluation
 from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
@@ -99,13 +99,25 @@ def profile_forward(ranges) -> steps.ForwardFn:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The core blocks, the ``eval`` block and ``model.mp_profiles`` (unless the
-  network comes from ``model.init_from``, whose architecture holds them)."""
+  """The core blocks, the ``eval`` block, and ``model.mp_profiles`` with the
+  architecture they give (unless the network comes from ``model.init_from``,
+  whose architecture holds them): the ranges, and an IDP layer the profiles
+  share (:func:`dynscale.nn.spec.validate_architecture`). Reads no data."""
   validation.check_core(config)
   checks.check_eval(config.eval)
-  if not config.model.init_from and not config.model.get("mp_profiles"):
+  if config.model.init_from:
+    return
+  if not config.model.get("mp_profiles"):
     raise ValueError("model.mp_profiles must list the DP ranges of MP-IDP, e.g. "
                      "((0.0, 0.3), (0.3, 1.0))")
+  dataset = dataset_spec(config.data.dataset)
+  try:
+    models.architecture(
+        config.model.name, num_classes=dataset.num_classes, input_shape=dataset.image_shape,
+        profile=config.model.profile, idp_layers=config.model.idp_layers,
+        width_multiplier=config.model.width_multiplier, mp_profiles=config.model.mp_profiles)
+  except ValueError as error:
+    raise ValueError(f"model.mp_profiles on model.name={config.model.name!r}: {error}") from error
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

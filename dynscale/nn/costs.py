@@ -21,7 +21,8 @@ batch norm is its own entry with its ``2 n`` trainable parameters and no
 FLOPs (it folds into the preceding layer at inference); pooling and flatten
 are free; profiles are not parameters (``gamma_i w_ji`` folds into the
 weights at inference). Under MP-IDP one profile's first and last layers
-run, so only one copy is counted.
+run, so :func:`params` counts one copy; :func:`stored_params` counts every
+profile's copy, the size a compression rate (003 Eq. 8) divides by.
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ def flops(arch: dict, widths: Any = 1.0) -> int:
 def params(arch: dict, widths: Any = 1.0) -> int:
   """Parameters used by the network at ``widths`` (all of one profile's at 1.0)."""
   return metrics.total(layer_costs(arch, widths)).params
+
+
+def stored_params(arch: dict) -> int:
+  """Parameters the network stores: under MP-IDP, every profile's own layers too.
+
+  With ``P`` profiles each holds its own first and last parametric layer
+  (001 §III), so ``stored = params(arch) + (P - 1) * params(separate layers)``;
+  without profiles it equals :func:`params`. This is the size ``|W|`` that
+  the compression rate ``|W| / |W*|`` (003 Eq. 8) needs.
+  """
+  arch = spec.validate_architecture(arch)
+  entries = layer_costs(arch, 1.0)
+  separate = {f"layers.{i}" for i in spec.separate_layers(arch)}
+  own = sum(c.params for c in entries if ".".join(c.name.split(".")[:2]) in separate)
+  copies = len(arch["profiles"]) - 1 if arch["profiles"] else 0
+  return metrics.total(entries).params + copies * own
 
 
 def sample_flops(arch: dict, widths: Any, activity: Mapping[str, jax.Array]) -> jax.Array:

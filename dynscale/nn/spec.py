@@ -212,7 +212,30 @@ def validate_architecture(arch: Any) -> dict:
   if not last.flat or last.size != out["num_classes"]:
     raise ValueError(f"the network must end in {out['num_classes']} logits (num_classes), "
                      f"its output shape is {last.shape()}")
+  _check_shared_idp_layer(out)
   return out
+
+
+def _check_shared_idp_layer(arch: dict) -> None:
+  """MP-IDP needs an IDP layer that the profiles share (001 §III, Fig. 9).
+
+  Each profile holds its own first and last parametric layer
+  (:func:`separate_layers`); the profiles share the channels of the middle
+  IDP layers ("the beginning 40% of input channels in the IDP layer are
+  shared between all three profiles", 001 §IV-D). With no IDP layer in the
+  middle, the "profiles" would be independent networks.
+  """
+  if arch["profiles"] is None:
+    return
+  separate = separate_layers(arch)
+  shared = [i for i in parametric_indices(arch) if i not in separate
+            and KINDS[arch["layers"][i]["kind"]].idp_slots(arch["layers"][i])]
+  if not shared:
+    raise ValueError(
+        f"profiles: an MP-IDP network needs an IDP layer shared between its profiles, but "
+        f"every IDP layer of {arch['name']!r} is a first or last parametric layer "
+        f"(layers {list(separate)}), which each profile holds on its own; use a network "
+        "with an IDP layer in the middle (e.g. tesla_mlp rather than mlp)")
 
 
 def _features(arch: dict) -> list[Feature]:
