@@ -13,6 +13,18 @@ score (:func:`stage_validation`):
   every active task's accuracy weighted by its Eq. 3 coefficient;
 * ``'newest_task'``: the accuracy at the newest task's DP alone.
 
+``schedule.selection`` says which state the run reports and exports:
+
+* ``'final'`` (default): the state the schedule ends with, the last stage's
+  best-validation state, as Algorithms 1-2 return it;
+* ``'best_mean'``: across the whole run (every epoch of every stage), the
+  state with the best mean validation accuracy over all tasks
+  (:class:`RunBest`). 000 §3.3 notes that R-TESLA's random order may leave
+  the final model without the best representation; this reading keeps the
+  best one seen, by validation only. The results then also hold the final
+  state's reading (curve ``test_accuracy_by_dp_final_state``), so one run
+  gives both.
+
 * ``schedule.name='tesla'``: tasks in decreasing DP, one stage per task.
 * ``schedule.name='rtesla'``: after the first task, each stage's task is
   sampled from ``schedule.distribution`` until ``schedule.epoch_budget``
@@ -29,6 +41,7 @@ score (:func:`stage_validation`):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +56,15 @@ from dynscale.nn import layers, sliced
 from dynscale.idp import checks, evaluation
 from dynscale.tesla import atp, multitask, schedules
 from dynscale.train import runs, validation
+from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
-from dynscale.train.state import create_train_state
+from dynscale.train.state import TrainState, create_train_state
 
 SCHEDULES = ("tesla", "rtesla")
 MONITORS = ("objective", "newest_task")
+SELECTIONS = ("final", "best_mean")
+FINAL_STATE_CURVE = f"{evaluation.CURVE}_final_state"
 CAM_MODELS = ("vgg16_gap", "mobilenet")
 
 
@@ -59,6 +75,7 @@ def check_config(config) -> None:
   s = config.schedule
   validation.one_of(s.name, SCHEDULES, "schedule.name")
   validation.one_of(s.monitor, MONITORS, "schedule.monitor")
+  validation.one_of(s.selection, SELECTIONS, "schedule.selection")
   schedules.check_tasks(s.tasks, decreasing=s.name == "tesla")
   schedules.check_alpha(s.alpha)
   if s.name == "rtesla":
@@ -121,6 +138,78 @@ def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str):
   return validate
 
 
+def mean_validation_accuracy(trainer, tasks) -> Callable[[TrainState], float]:
+  """The ``'best_mean'`` score of a state: ``(1/N) sum_k acc_val(d_k)`` over all N tasks.
+
+  ``acc_val(d_k)``: accuracy on the validation split at task ``k``'s DP
+  (never the test split), whether or not the task has been trained yet.
+  """
+
+  def score(state) -> float:
+    return sum(trainer.evaluate(state, "val", jnp.float32(dp))["accuracy"]
+               for dp in tasks) / len(tasks)
+
+  return score
+
+
+class RunBest:
+  """The state with the best :func:`mean_validation_accuracy` seen in a whole run.
+
+  :meth:`observe` is called at every epoch end of every stage; a strictly
+  better score replaces the kept state. With a ``checkpoint_dir`` the kept
+  state and its ``meta`` (``stage``, ``epoch`` counted over the whole run,
+  ``mean_val_accuracy``) are saved under ``<checkpoint_dir>/best-mean`` and
+  restored on construction, so a resumed run keeps what it had found.
+  """
+
+  def __init__(self, score: Callable[[TrainState], float], checkpoint_dir: str | None,
+               template: TrainState):
+    self.score = score
+    self.state, self.meta = None, None
+    self.store = (None if checkpoint_dir is None else
+                  Checkpoints(os.path.join(checkpoint_dir, "best-mean"), max_to_keep=1))
+    restored = None if self.store is None else self.store.restore(template)
+    if restored is not None:
+      _, self.state, self.meta = restored
+
+  def callback(self, stage: int, epochs_before: int) -> Callable[[int, TrainState], None]:
+    """``on_epoch_end`` for stage ``stage``, which starts after ``epochs_before`` epochs."""
+    return lambda epoch, state: self.observe(stage, epochs_before + epoch, state)
+
+  def observe(self, stage: int, run_epoch: int, state: TrainState) -> None:
+    value = self.score(state)
+    if self.meta is not None and value <= self.meta["mean_val_accuracy"]:
+      return
+    self.state = jax.tree.map(jnp.copy, state)
+    self.meta = {"stage": stage, "epoch": run_epoch, "mean_val_accuracy": value}
+    if self.store is not None:
+      self.store.save(run_epoch, self.state, self.meta)
+
+
+def selected(trainer, config, final: TrainState, run_best: RunBest | None
+             ) -> tuple[TrainState, dict]:
+  """The state ``schedule.selection`` picks, and its results fields.
+
+  ``'final'``: ``final`` and its test report. ``'best_mean'``: the kept
+  state's test report, where it was found and its mean validation accuracy,
+  next to the final state's curve (``test_accuracy_by_dp_final_state``) and
+  mean validation and test accuracies.
+  """
+  if run_best is None:
+    return final, evaluation.test_report(config.eval, trainer, final)
+  best = trainer.place(run_best.state)
+  report = evaluation.test_report(config.eval, trainer, best)
+  last = evaluation.test_report(config.eval, trainer, final)
+  return best, {
+      **report,
+      "curves": {**report["curves"], FINAL_STATE_CURVE: last["curves"][evaluation.CURVE]},
+      "selected_stage": run_best.meta["stage"], "selected_epoch": run_best.meta["epoch"],
+      "mean_val_accuracy": run_best.meta["mean_val_accuracy"],
+      "final_state_mean_val_accuracy": run_best.score(final),
+      "final_state_mean_test_accuracy": last["mean_test_accuracy"],
+  }
+
+
 def learned_profiles(params) -> dict[str, list[float]]:
   """Every profile in a parameter dict, by layer path (for ATP's results)."""
   found = {}
@@ -153,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                temperature=config.distill.temperature)
   trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
   state = trainer.place(state)
+  run_best = (RunBest(mean_validation_accuracy(trainer, tasks), run.checkpoint_dir, state)
+              if config.schedule.selection == "best_mean" else None)
   spent, history = 0, []
   for stage in stage_plan(config):
     limit = config.train.num_epochs
@@ -166,19 +257,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       validate=stage_validation(trainer, stage, tasks, config.schedule.monitor),
                       num_epochs=limit,
                       stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
-                      writer=run.writer, early_stopping=EarlyStopping(config.train.patience))
+                      writer=run.writer, early_stopping=EarlyStopping(config.train.patience),
+                      on_epoch_end=run_best and run_best.callback(stage.index, spent))
     spent += fit.epochs
     history.append({"stage": stage.index, "task_dp": stage.dp,
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
     state = fit.best_state
-  report = evaluation.test_report(config.eval, trainer, state)
+  state, report = selected(trainer, config, state, run_best)
   extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
   if config.cam.enabled and run.is_main_process:
     extra["cam"] = save_cams(run, state)
   return runs.finish(run, graphdef, state, {
       **report,
       "schedule": config.schedule.name, "monitor": config.schedule.monitor,
+      "selection": config.schedule.selection,
       "atp": bool(config.atp.enabled),
       "distillation": config.distill.weight > 0,
       "stages": history, "epochs": spent,

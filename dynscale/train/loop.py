@@ -169,7 +169,8 @@ class Trainer:
     ``early_stopping``, the state is checkpointed under
     ``<checkpoint_dir>/<stage>``, and the best-validation state is kept under
     ``<checkpoint_dir>/<stage>-best``. An existing checkpoint of this stage is
-    resumed.
+    resumed. ``on_epoch_end(epoch, state)`` runs before the epoch's checkpoint,
+    so what it saves is never behind the epoch a resumed run starts from.
     """
     if validate is None:
       validate = functools.partial(self.evaluate, split="val", task=task)
@@ -208,12 +209,12 @@ class Trainer:
         writer.write(int(state.step), {f"{stage}/val_accuracy": val["accuracy"],
                                        f"{stage}/val_loss": val["loss"], "epoch": epoch})
       logging.info("stage %s epoch %d: val accuracy %.4f", stage, epoch, val["accuracy"])
+      if on_epoch_end is not None:
+        on_epoch_end(epoch, state)
       if store is not None:
         store.save(epoch, state, {
             "epoch": epoch, "stage": stage,
             "early_stopping": early_stopping.to_json() if early_stopping else None})
-      if on_epoch_end is not None:
-        on_epoch_end(epoch, state)
     for manager in (store, best_store):
       if manager is not None:
         manager.close()

@@ -101,7 +101,8 @@ def base(method: str, **blocks) -> ml_collections.ConfigDict:
 
 
 def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 0.5,
-             epoch_budget: int = 50, monitor: str = "objective") -> ml_collections.ConfigDict:
+             epoch_budget: int = 50, monitor: str = "objective",
+             selection: str = "final") -> ml_collections.ConfigDict:
   """TESLA / R-TESLA (000 Algorithms 1-2); ``train.patience`` is the stopping rule."""
   return ml_collections.ConfigDict(dict(
       name=name,             # 'tesla' (decreasing DP) or 'rtesla' (sampled tasks)
@@ -109,6 +110,9 @@ def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 
       alpha=alpha,           # Eq. 3 aggregation coefficient
       monitor=monitor,       # early stopping reads: 'objective' (Eq. 3-weighted val accuracy)
                              # or 'newest_task' (val accuracy at the newest task's DP)
+      selection=selection,   # the state reported: 'final' (the schedule's last, as in
+                             # Algorithms 1-2) or 'best_mean' (best mean val accuracy
+                             # over all tasks across the whole run)
       epoch_budget=epoch_budget,  # R-TESLA: total epochs over all stages
       distribution="uniform",     # R-TESLA task distribution, or explicit probabilities
   ))

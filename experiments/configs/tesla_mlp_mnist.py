@@ -5,7 +5,10 @@ after 4 epochs without improvement, R-TESLA has 50 epochs in all. Variants:
 the original IDP, TESLA and R-TESLA with the linear, harmonic and all-one
 profiles, and both with ATP. ``:linear`` (or another profile, or ``atp``)
 runs that subset only. ``:monitors`` is a seed study instead: TESLA linear
-with each early-stopping monitor over seeds 0..3. Needs the MNIST files
+with each early-stopping monitor over seeds 0..3. ``:rtesla_selection`` is
+another: R-TESLA linear and all-one over seeds 0..3 under
+``schedule.selection='best_mean'``, whose results hold both readings (the
+best-mean state's and the final state's). Needs the MNIST files
 (DYNSCALE_DATA_DIR).
 """
 
@@ -14,6 +17,7 @@ from experiments.configs import common
 
 PROFILES = ("linear", "harmonic", "all-one")
 MONITOR_SEEDS = (0, 1, 2, 3)
+SELECTION_PROFILES = ("linear", "all-one")  # the R-TESLA rows far below TESLA (issue 10)
 
 
 def variants(subset: str) -> dict:
@@ -33,9 +37,15 @@ def variants(subset: str) -> dict:
       for seed in MONITOR_SEEDS:
         chosen[f"tesla-linear-{monitor}-seed{seed}"] = {"schedule.monitor": monitor,
                                                         "seed": seed}
+  if subset == "rtesla_selection":
+    for profile in SELECTION_PROFILES:
+      for seed in MONITOR_SEEDS:
+        chosen[f"rtesla-{profile}-seed{seed}"] = {"model.profile": profile, "seed": seed,
+                                                  "schedule.name": "rtesla",
+                                                  "schedule.selection": "best_mean"}
   if not chosen:
-    raise ValueError(f"tesla_mlp_mnist subset must be 'all', 'atp', 'monitors' or one of "
-                     f"{PROFILES}, got {subset!r}")
+    raise ValueError(f"tesla_mlp_mnist subset must be 'all', 'atp', 'monitors', "
+                     f"'rtesla_selection' or one of {PROFILES}, got {subset!r}")
   return {name: common.overrides(**dotted) for name, dotted in chosen.items()}
 
 
