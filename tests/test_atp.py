@@ -271,3 +271,45 @@ def test_nnx_optimizer_projects_profile():
   # sgd: gamma -> [0.6, 1.0, 1.4, 1.0, 1.0] -> isotonic [1.0, 1.0, 1.0, 1.0, 1.0].
   np.testing.assert_allclose(model.gamma[...], np.ones(5), atol=1e-6)
   np.testing.assert_allclose(model.w[...], np.full((5, 2), 0.5), atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# ATP's alternation (000 §3.4)
+# --------------------------------------------------------------------------
+
+
+def test_alternating_updates_weights_and_profiles_only_in_their_periods():
+  """Period 2, SGD with momentum on each side, the paper's clip, checked by hand.
+
+  Step t is in period t // 2: even periods update the weights (and their
+  momentum) only, odd periods the profile (and its momentum) only, and each
+  profile update lands on the running minimum of (profile + update).
+  """
+  lr, beta, period = 0.1, 0.9, 2
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0]), "g": jnp.asarray([1.0, 0.9, 0.8, 0.7])}
+  tx = atp.alternating(optax.sgd(lr, momentum=beta), optax.sgd(lr, momentum=beta),
+                       period=period, is_profile={"w": False, "g": True}, method="clip")
+  state = tx.init(params)
+  w, g = np.asarray(params["w"], np.float64), np.asarray(params["g"], np.float64)
+  trace_w, trace_g = np.zeros(3), np.zeros(4)
+  rng = np.random.default_rng(3)
+  clipped = 0
+  for t in range(10):
+    grads = {"w": jnp.asarray(rng.normal(size=3), jnp.float32),
+             "g": jnp.asarray(3 * rng.normal(size=4), jnp.float32)}
+    before = jax.tree.map(np.asarray, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    if (t // period) % 2 == 0:
+      trace_w = beta * trace_w + np.asarray(grads["w"], np.float64)
+      w = w - lr * trace_w
+      np.testing.assert_array_equal(params["g"], before["g"])
+    else:
+      trace_g = beta * trace_g + np.asarray(grads["g"], np.float64)
+      moved = g - lr * trace_g
+      g = np.minimum.accumulate(moved)
+      clipped += int(np.any(np.diff(moved) > 0))
+      np.testing.assert_array_equal(params["w"], before["w"])
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["g"], g, rtol=1e-5, atol=1e-6)
+  assert clipped >= 2, "the gradients must make the projection act"

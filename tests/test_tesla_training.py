@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from dynscale import data, tesla
-from dynscale.nn import models
+from dynscale.nn import models, sliced
 from dynscale.tesla import multitask, training as tesla_training
 from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
@@ -202,8 +202,9 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
   else:
     assert [s["task_dp"] for s in results["stages"]] == [1.0, 0.7, 0.4, 0.1]
   if atp_enabled:
-    for gamma in results["learned_profiles"].values():
-      assert np.all(np.diff(gamma) <= 1e-6), "ATP profiles must stay non-increasing"
+    (gamma,) = results["learned_profiles"].values()  # the one IDP layer of tesla_mlp
+    assert np.all(np.diff(gamma) <= 0), "ATP profiles must stay non-increasing"
+    assert np.max(np.abs(np.asarray(gamma) - 1.0)) > 1e-3, "ATP must move the profile from one"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -279,3 +280,37 @@ def test_cam_needs_a_gap_model(tmp_path):
   config.cam.enabled = True
   with pytest.raises(ValueError, match=r"model.name \(CAM needs a GAP head\) must be one of"):
     tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_atp_learns_every_profile_of_a_separable_network(tmp_path):
+  """ATP trains and projects each profile, found by type: the depthwise one too.
+
+  A separable block with IDP on its depthwise part has two profiles
+  (``gamma`` and ``depthwise_gamma``); the dense classifier a third. The
+  network is exported at all-one and continued by TESLA + ATP.
+  """
+  arch = {"name": "sep", "input_shape": [28, 28, 1], "num_classes": 10, "profile": "all-one",
+          "layers": [{"kind": "conv", "features": 4, "stride": 2},
+                     {"kind": "sconv", "features": 8, "stride": 2, "idp": True,
+                      "idp_depthwise": True},
+                     {"kind": "global_avgpool"},
+                     {"kind": "dense", "features": 10, "idp": True}]}
+  exported = sliced.export(models.build(arch, rngs=models.init_rngs(0)), tmp_path / "net")
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.init_from = str(exported)
+  config.model.profile = "all-one"
+  config.atp.enabled = True
+  config.atp.learning_rate = 1e-2
+  config.schedule.tasks = (1.0, 0.5)
+  config.train.num_epochs = 1
+  config.train.patience = 1
+  config.eval.dps = (0.5, 1.0)
+  config.tensorboard = False
+  results = tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
+  learned = results["learned_profiles"]
+  assert set(learned) == {"['layers'][1]['depthwise_gamma']", "['layers'][1]['gamma']",
+                          "['layers'][3]['gamma']"}
+  for path, gamma in learned.items():
+    assert np.all(np.diff(gamma) <= 0), (path, gamma)
+    assert np.max(np.abs(np.asarray(gamma) - 1.0)) > 1e-3, f"{path} never moved"

@@ -224,19 +224,29 @@ def only_every_other_period(inner: optax.GradientTransformation, period: int,
 
 
 def alternating(weights: optax.GradientTransformation, profile: optax.GradientTransformation,
-                *, period: int, method: str = "clip", min_value: Optional[float] = None,
-                is_profile: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
-  """ATP's optimizer: weights and profiles updated in alternate periods of ``period`` steps.
+                *, period: int, is_profile: Mask, method: str = "clip",
+                min_value: Optional[float] = None) -> optax.GradientTransformation:
+  """ATP's optimizer (000 §3.4): weights and profiles updated in alternate periods.
 
-  Weights (every leaf not selected by ``is_profile``, default ``name_mask('gamma')``)
-  follow ``weights`` in even periods; profiles follow ``profile`` in odd
-  periods, each update projected back to a non-increasing sequence by
-  ``method``. ``period=1`` alternates every step; ``period=steps_per_epoch``
+  With step ``t`` (0-based) in period ``floor(t / period)``:
+
+    even periods:  w <- w + weights(g_w),   gamma unchanged
+    odd periods:   gamma <- P(gamma + profile(g_gamma)),   w unchanged
+
+  where ``P`` is the non-increasing projection ``method`` (the paper's clip
+  or the isotonic one). Each inner optimizer's state (momentum, ...) moves
+  only in its own periods. ``is_profile`` selects the profile leaves: a bool
+  pytree shaped like the parameters, or a callable from parameters to one
+  (e.g. :func:`name_mask`; for an NNX network,
+  :func:`dynscale.tesla.training.profile_mask` selects every profile by
+  type). ``period=1`` alternates every step; ``period=steps_per_epoch``
   every epoch.
   """
-  is_profile = name_mask("gamma") if is_profile is None else is_profile
-  labels = lambda params: jax.tree.map(lambda p: "profile" if p else "weights",
-                                       is_profile(params))
+
+  def labels(params):
+    flags = is_profile(params) if callable(is_profile) else is_profile
+    return jax.tree.map(lambda p: "profile" if p else "weights", flags)
+
   return optax.multi_transform(
       {"weights": only_every_other_period(weights, period, 0),
        "profile": only_every_other_period(

@@ -98,13 +98,30 @@ def check_config(config) -> None:
                      f"{config.distill.weight}, {config.distill.temperature}")
 
 
-def optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  """The weights' optimizer, or ATP's alternation of weights and profiles."""
+# What ATP trains: the weights and every profile.
+ATP_TRAINABLE = nnx.Any(nnx.Param, layers.Profile)
+
+
+def profile_mask(model: nnx.Module) -> dict:
+  """Bool tree over the variables ATP trains: True for every profile.
+
+  Profiles are found by type (:class:`dynscale.nn.layers.Profile`), so every
+  kind's profiles are covered whatever their names (``gamma``, a separable
+  block's ``depthwise_gamma``, ...).
+  """
+  state = nnx.state(model, ATP_TRAINABLE)
+  return nnx.State(jax.tree.map(lambda v: isinstance(v, layers.Profile), state,
+                                is_leaf=lambda v: isinstance(v, nnx.Variable))).to_pure_dict()
+
+
+def optimizer(config, total_steps: int, model: nnx.Module) -> optax.GradientTransformation:
+  """The weights' optimizer, or ATP's alternation of weights and ``model``'s profiles."""
   weights = make_optimizer(config.optimizer, total_steps)
   if not config.atp.enabled:
     return weights
   return atp.alternating(weights, optax.adam(config.atp.learning_rate),
-                         period=config.atp.period_steps, method=config.atp.projection)
+                         period=config.atp.period_steps, is_profile=profile_mask(model),
+                         method=config.atp.projection)
 
 
 def stage_plan(config):
@@ -186,17 +203,19 @@ class RunBest:
       self.store.save(run_epoch, self.state, self.meta)
 
 
-def selected(trainer, config, final: TrainState, run_best: RunBest | None
-             ) -> tuple[TrainState, dict]:
+def selected(trainer, config, final: TrainState, run_best: RunBest | None,
+             score: Callable[[TrainState], float]) -> tuple[TrainState, dict]:
   """The state ``schedule.selection`` picks, and its results fields.
 
-  ``'final'``: ``final`` and its test report. ``'best_mean'``: the kept
-  state's test report, where it was found and its mean validation accuracy,
-  next to the final state's curve (``test_accuracy_by_dp_final_state``) and
-  mean validation and test accuracies.
+  ``'final'``: ``final``, its test report and its ``mean_val_accuracy``
+  (``score``). ``'best_mean'``: the kept state's test report, where it was
+  found and its ``mean_val_accuracy``, next to the final state's curve
+  (``test_accuracy_by_dp_final_state``) and mean validation and test
+  accuracies.
   """
   if run_best is None:
-    return final, evaluation.test_report(config.eval, trainer, final)
+    return final, {**evaluation.test_report(config.eval, trainer, final),
+                   "mean_val_accuracy": score(final)}
   best = trainer.place(run_best.state)
   report = evaluation.test_report(config.eval, trainer, best)
   last = evaluation.test_report(config.eval, trainer, final)
@@ -205,18 +224,16 @@ def selected(trainer, config, final: TrainState, run_best: RunBest | None
       "curves": {**report["curves"], FINAL_STATE_CURVE: last["curves"][evaluation.CURVE]},
       "selected_stage": run_best.meta["stage"], "selected_epoch": run_best.meta["epoch"],
       "mean_val_accuracy": run_best.meta["mean_val_accuracy"],
-      "final_state_mean_val_accuracy": run_best.score(final),
+      "final_state_mean_val_accuracy": score(final),
       "final_state_mean_test_accuracy": last["mean_test_accuracy"],
   }
 
 
-def learned_profiles(params) -> dict[str, list[float]]:
-  """Every profile in a parameter dict, by layer path (for ATP's results)."""
-  found = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if getattr(path[-1], "key", None) == "gamma":
-      found[jax.tree_util.keystr(path[:-1])] = [round(float(g), 5) for g in np.asarray(leaf)]
-  return found
+def learned_profiles(params, mask) -> dict[str, list[float]]:
+  """Every profile of ATP's parameters (``mask``: :func:`profile_mask`), by variable path."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return {jax.tree_util.keystr(path): [round(float(g), 5) for g in np.asarray(leaf)]
+          for (path, leaf), is_profile in zip(leaves, jax.tree.leaves(mask)) if is_profile}
 
 
 def save_cams(run: runs.Run, state) -> str:
@@ -233,16 +250,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the TESLA or R-TESLA schedule of ``config``; writes and returns results."""
   run = runs.start(config, workdir, check=check_config)
   tasks = tuple(config.schedule.tasks)
-  trainable = nnx.Any(nnx.Param, layers.Profile) if config.atp.enabled else nnx.Param
+  trainable = ATP_TRAINABLE if config.atp.enabled else nnx.Param
   budget = (config.schedule.epoch_budget if config.schedule.name == "rtesla"
             else config.train.num_epochs * len(tasks))
-  tx = optimizer(config, runs.total_steps(run, budget))
+  tx = optimizer(config, runs.total_steps(run, budget), run.model)
   graphdef, state = create_train_state(run.model, tx, trainable)
   loss = multitask.sliced_loss(tasks, distill_weight=config.distill.weight,
                                temperature=config.distill.temperature)
   trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
   state = trainer.place(state)
-  run_best = (RunBest(mean_validation_accuracy(trainer, tasks), run.checkpoint_dir, state)
+  score = mean_validation_accuracy(trainer, tasks)
+  run_best = (RunBest(score, run.checkpoint_dir, state)
               if config.schedule.selection == "best_mean" else None)
   spent, history = 0, []
   for stage in stage_plan(config):
@@ -264,8 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
     state = fit.best_state
-  state, report = selected(trainer, config, state, run_best)
-  extra = {"learned_profiles": learned_profiles(state.params)} if config.atp.enabled else {}
+  state, report = selected(trainer, config, state, run_best, score)
+  extra = ({"learned_profiles": learned_profiles(state.params, profile_mask(run.model))}
+           if config.atp.enabled else {})
   if config.cam.enabled and run.is_main_process:
     extra["cam"] = save_cams(run, state)
   return runs.finish(run, graphdef, state, {
