@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from dynscale import data, idp
-from dynscale.nn import models
+from dynscale.nn import models, spec
 from dynscale.idp import evaluation, mpidp
 from dynscale.train import loop, steps
 from dynscale.train.state import create_train_state
@@ -137,6 +137,20 @@ def test_figure_9_mp_idp_runs_each_profile(tmp_path):
   assert mp["profiles"] == [[0.0, 0.2], [0.2, 0.4], [0.4, 1.0]]
   assert len(mp["epochs_run"]) == 3
   assert set(figure["variants"]) == {"linear", "mp-idp"}
+  # The profiles share an IDP layer (001 Fig. 9): one that is not a per-profile copy.
+  arch = mp["model"]["architecture"]
+  shared_idp = [i for i, layer in enumerate(arch["layers"])
+                if layer.get("idp") and i not in spec.separate_layers(arch)]
+  assert shared_idp, arch["layers"]
+
+
+def test_a_figure_with_an_mp_idp_network_sharing_nothing_fails_before_training(tmp_path):
+  config = tiny_figure(idp_fig9.get_config("mlp"))
+  config.model.name = "mlp"  # its one IDP layer is the per-profile classifier
+  with pytest.raises(ValueError, match="variants.mp-idp: model.mp_profiles on "
+                     "model.name='mlp': .*IDP layer shared between its profiles"):
+    launcher.train_and_evaluate(config, str(tmp_path / "fig"))
+  assert not (tmp_path / "fig").exists()
 
 
 def test_unknown_variant_field_is_refused_before_training(tmp_path):

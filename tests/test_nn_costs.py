@@ -84,6 +84,25 @@ def test_mp_idp_counts_one_profile():
   assert costs.layer_costs(single, 0.3) == costs.layer_costs(multi, 0.3)
 
 
+def test_stored_params_count_every_profiles_own_layers():
+  # tesla_mlp: FC 784->100, FC 100->100 (IDP, shared), FC 100->10, each with a bias.
+  first, middle, last = 784 * 100 + 100, 100 * 100 + 100, 100 * 10 + 10
+  single = models.architecture("tesla_mlp", num_classes=10, input_shape=[28, 28, 1])
+  three = models.architecture("tesla_mlp", num_classes=10, input_shape=[28, 28, 1],
+                              mp_profiles=[[0, 0.2], [0.2, 0.4], [0.4, 1]])
+  assert costs.stored_params(single) == costs.params(single) == first + middle + last
+  assert costs.params(three) == first + middle + last  # one profile runs at a time
+  assert costs.stored_params(three) == 3 * first + middle + 3 * last
+  # VGG-16 with a second profile: one more first conv (64 3x3x3 filters, its BN) and
+  # classifier (512 -> 10): the layers 001 §III names.
+  vgg = models.architecture("vgg16", num_classes=10, input_shape=[32, 32, 3],
+                            mp_profiles=[[0, 0.3], [0.3, 1]])
+  extra = (3 * 3 * 3 * 64 + 2 * 64) + (512 * 10 + 10)
+  assert costs.stored_params(vgg) - costs.params(vgg) == extra
+  assert metrics.compression_rate(costs.stored_params(vgg), costs.params(vgg)) == pytest.approx(
+      (costs.params(vgg) + extra) / costs.params(vgg))
+
+
 def test_dense_costs_match_xla():
   # XLA counts 2 flops per multiply-add plus elementwise ops (bias, ReLU, profile scaling),
   # so the sliced executable reports about twice the analytic count.

@@ -178,6 +178,16 @@ def test_mp_idp_profile_selection():
     spec.select_profile(single, 0.5, 0)
 
 
+@pytest.mark.parametrize("name, idp_layers", [("mlp", None), ("tesla_mlp", [1, 3])])
+def test_mp_idp_needs_an_idp_layer_the_profiles_share(name, idp_layers):
+  # mlp's only IDP layer is its classifier, tesla_mlp's here its first and last layers:
+  # each profile holds those on its own (001 §III), so the profiles would share nothing.
+  with pytest.raises(ValueError, match="IDP layer shared between its profiles"):
+    models.architecture(name, num_classes=10, input_shape=[28, 28, 1],
+                        idp_layers=idp_layers, mp_profiles=[[0, 0.5], [0.5, 1]])
+  models.architecture(name, num_classes=10, input_shape=[28, 28, 1], idp_layers=idp_layers)
+
+
 def test_mp_idp_separate_first_and_last_layers():
   arch = _mp_mlp()
   model = models.build(arch, rngs=_rngs())
