@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynscale.kernels.conv import Padding, conv2d
+
 Array = jax.Array
-Padding = Union[str, Sequence[tuple[int, int]]]
 
 PROFILES = ("all-one", "harmonic", "linear", "half-exp")
 
@@ -188,10 +187,8 @@ def _scale_channels(x: Array, coefficients: Array) -> Array:
 
 
 def _conv(x: Array, f: Array, strides, padding: Padding, groups: int = 1) -> Array:
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  return jax.lax.conv_general_dilated(
-      x, f.astype(x.dtype), window_strides=strides, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  """The convolution itself, by the fastest implementation for the shape and backend."""
+  return conv2d(x, f, strides, padding, groups)
 
 
 def dense(x: Array, w: Array, gamma: Array, dp) -> Array:

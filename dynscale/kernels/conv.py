@@ -1,0 +1,174 @@
+"""2-D convolution that picks its implementation per shape and backend (DESIGN invariant 11).
+
+XLA:CPU runs some convolutions far below the machine's rate: a 3x3
+convolution on a 2x2 map at batch 64 reached 2 GFLOP/s where the same
+arithmetic as one matrix product reached 280, 1x1 convolutions and the
+gradient of a 3-channel first layer ran at a fraction of a matmul, and
+depthwise convolutions (``feature_group_count``) are slow at every size
+(``benchmarks.conv_speed`` measures each shape). :func:`conv2d` computes
+the same function, NHWC input and HWIO filters, with one of:
+
+* ``"xla"``: ``lax.conv_general_dilated``;
+* ``"patches"``: the ``kh x kw`` shifted, strided windows of the padded
+  input concatenated along channels and multiplied by the reshaped filter
+  in ONE ``dot`` (im2col); for a 1x1 kernel this is the plain matrix
+  product over the (strided) pixels;
+* ``"shifted"``: for a depthwise filter, the sum over taps of each shifted
+  window times that tap's per-channel weights (multiply-adds, no dot).
+
+:func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
+CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels and
+for outputs of at most 4x4 positions, ``"xla"`` otherwise (where XLA:CPU is
+at or near the matmul rate). The measurements behind it are in
+docs/RESULTS.md (issue 9). Every implementation gives the same values and
+gradients up to float rounding (tested against ``lax.conv`` for every kind,
+stride, padding and odd size). :func:`forced` overrides the rule inside a
+``with`` block, for benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Padding = Union[str, Sequence[tuple[int, int]]]
+
+IMPLEMENTATIONS = ("xla", "patches", "shifted")
+# The most output positions (H_out * W_out) at which a CPU convolution is
+# computed as one matrix product (RESULTS.md, issue 9: 4x4 and below).
+CPU_PATCHES_MAX_POSITIONS = 16
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_implementation",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def forced(name: str) -> Iterator[None]:
+  """Within the block, every convolution traced uses implementation ``name``.
+
+  ``"patches"`` and ``"shifted"`` both mean the matmul-free-of-XLA-conv
+  forms: ``"shifted"`` for depthwise filters, ``"patches"`` for the others
+  (grouped convolutions other than depthwise always use ``"xla"``).
+  Functions already traced and cached by ``jit`` keep their implementation.
+  """
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+  token = _FORCED.set(name)
+  try:
+    yield
+  finally:
+    _FORCED.reset(token)
+
+
+def _pads(size: int, k: int, stride: int, padding) -> tuple[int, int, int]:
+  """(pad before, pad after, output size) along one spatial axis."""
+  if padding == "VALID":
+    return 0, 0, (size - k) // stride + 1
+  if padding == "SAME":
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2, out
+  lo, hi = padding
+  return lo, hi, (size + lo + hi - k) // stride + 1
+
+
+def _axis_padding(padding: Padding) -> tuple:
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      raise ValueError(f"padding must be 'SAME', 'VALID' or ((lo, hi), (lo, hi)), "
+                       f"got {padding!r}")
+    return padding, padding
+  return tuple(tuple(p) for p in padding)
+
+
+def output_shape(x_shape, f_shape, strides, padding: Padding) -> tuple[int, int]:
+  """(H_out, W_out) of a convolution."""
+  ph, pw = _axis_padding(padding)
+  return (_pads(x_shape[1], f_shape[0], strides[0], ph)[2],
+          _pads(x_shape[2], f_shape[1], strides[1], pw)[2])
+
+
+def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
+                   backend: str | None = None) -> str:
+  """The implementation :func:`conv2d` uses for these shapes (module docstring)."""
+  channels = x_shape[3]
+  depthwise = groups == channels and f_shape[2] == 1 and groups > 1
+  forced_name = _FORCED.get()
+  if forced_name is not None or groups not in (1, channels):
+    if forced_name == "xla" or not (groups == 1 or depthwise):
+      return "xla"
+    return "shifted" if depthwise else "patches"
+  if (backend or jax.default_backend()) != "cpu":
+    return "xla"
+  if depthwise:
+    return "shifted"
+  h, w = output_shape(x_shape, f_shape, strides, padding)
+  if f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS:
+    return "patches"
+  return "xla"
+
+
+def _windows(x: Array, f_shape, strides, padding: Padding) -> list[Array]:
+  """The ``kh * kw`` shifted, strided windows ``(B, H_out, W_out, C)`` of padded ``x``."""
+  (ph, pw), (sh, sw) = _axis_padding(padding), strides
+  kh, kw = f_shape[0], f_shape[1]
+  lh, rh, oh = _pads(x.shape[1], kh, sh, ph)
+  lw, rw, ow = _pads(x.shape[2], kw, sw, pw)
+  if lh or rh or lw or rw:
+    x = jnp.pad(x, ((0, 0), (lh, rh), (lw, rw), (0, 0)))
+  b, c = x.shape[0], x.shape[3]
+  return [jax.lax.slice(x, (0, u, v, 0), (b, u + (oh - 1) * sh + 1, v + (ow - 1) * sw + 1, c),
+                        (1, sh, sw, 1))
+          for u in range(kh) for v in range(kw)]
+
+
+def _patches(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """im2col: the windows side by side along channels, times the ``(kh kw C, M)`` filter."""
+  windows = _windows(x, f.shape, strides, padding)
+  cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+  b, oh, ow, _ = cols.shape
+  y = cols.reshape(b * oh * ow, -1) @ f.reshape(-1, f.shape[3])
+  return y.reshape(b, oh, ow, f.shape[3])
+
+
+def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """``sum_{u,v} window_{u,v}(x) * f[u, v, 0, :]``: a depthwise conv as multiply-adds."""
+  windows = _windows(x, f.shape, strides, padding)
+  taps = f.reshape(-1, f.shape[3])
+  y = windows[0] * taps[0]
+  for window, tap in zip(windows[1:], taps[1:]):
+    y = y + window * tap
+  return y
+
+
+def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
+           groups: int = 1) -> Array:
+  """``lax.conv_general_dilated(x, f, ...)`` (NHWC, HWIO), computed the fastest way here.
+
+  Args:
+    x: ``(B, H, W, C)``.
+    f: ``(kh, kw, C // groups, M)``, cast to ``x``'s dtype.
+    strides: an int or ``(sh, sw)``.
+    padding: ``"SAME"``, ``"VALID"`` or ``((lo, hi), (lo, hi))``.
+    groups: ``feature_group_count``; ``groups == C`` with ``f.shape[2] == 1``
+      is a depthwise convolution.
+
+  Returns:
+    ``(B, H_out, W_out, M)`` in ``x``'s dtype.
+  """
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  f = f.astype(x.dtype)
+  name = implementation(x.shape, f.shape, strides, padding, groups)
+  if name == "shifted":
+    return _shifted_depthwise(x, f, strides, padding)
+  if name == "patches":
+    return _patches(x, f, strides, padding)
+  return jax.lax.conv_general_dilated(
+      x, f, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)

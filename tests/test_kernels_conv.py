@@ -1,0 +1,94 @@
+"""The convolution dispatcher: every implementation equals lax.conv, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynscale.kernels import conv
+
+RNG = np.random.default_rng(0)
+
+# (input H, W, C), (kh, kw, C_in per group, M), groups
+SHAPES = {
+    "dense 3x3": ((7, 5, 3), (3, 3, 3, 4), 1),
+    "dense 1x1": ((5, 6, 4), (1, 1, 4, 3), 1),
+    "dense 2x3 kernel": ((6, 7, 2), (2, 3, 2, 3), 1),
+    "depthwise 3x3": ((7, 5, 4), (3, 3, 1, 4), 4),
+    "tiny map": ((2, 2, 5), (3, 3, 5, 6), 1),
+}
+PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1))]
+
+
+def _reference(x, f, strides, padding, groups):
+  return jax.lax.conv_general_dilated(x, f, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
+def _arrays(shape, fshape):
+  return (jnp.asarray(RNG.standard_normal((2, *shape)), jnp.float32),
+          jnp.asarray(RNG.standard_normal(fshape), jnp.float32))
+
+
+@pytest.mark.parametrize("impl", ["patches", "shifted"])
+@pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_every_implementation_equals_lax_conv(name, stride, padding, impl):
+  shape, fshape, groups = SHAPES[name]
+  x, f = _arrays(shape, fshape)
+  strides = (stride, stride)
+  if conv.output_shape(x.shape, f.shape, strides, padding)[0] < 1:
+    pytest.skip("empty output")
+  proj = jnp.asarray(RNG.standard_normal(_reference(x, f, strides, padding, groups).shape))
+
+  def loss(fn, x, f):
+    return jnp.sum(fn(x, f) * proj)
+
+  with conv.forced(impl):
+    got = jax.jit(lambda x, f: conv.conv2d(x, f, strides, padding, groups))(x, f)
+    grads = jax.jit(jax.grad(lambda x, f: loss(
+        lambda a, b: conv.conv2d(a, b, strides, padding, groups), x, f), argnums=(0, 1)))(x, f)
+  want = _reference(x, f, strides, padding, groups)
+  want_grads = jax.grad(lambda x, f: loss(
+      lambda a, b: _reference(a, b, strides, padding, groups), x, f), argnums=(0, 1))(x, f)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["patches", "shifted"])
+def test_under_vmap_and_bf16(impl):
+  x, f = _arrays((5, 5, 4), (3, 3, 1, 4))
+  xs = jnp.stack([x, 2 * x])
+  with conv.forced(impl):
+    batched = jax.vmap(lambda x: conv.conv2d(x, f, 2, "SAME", 4))(xs)
+    half = conv.conv2d(x.astype(jnp.bfloat16), f, 1, "SAME", 4)
+  for i in range(2):
+    np.testing.assert_allclose(batched[i], _reference(xs[i], f, (2, 2), "SAME", 4),
+                               rtol=1e-5, atol=1e-5)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), _reference(x, f, (1, 1), "SAME", 4),
+                             rtol=0.05, atol=0.1)
+
+
+def test_the_rule():
+  dense, depthwise = (3, 3, 64, 64), (3, 3, 1, 64)
+  rule = conv.implementation
+  assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 4, 4, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 8, 8, 64), dense, (2, 2), "SAME", 1, "cpu") == "patches"  # 4x4 out
+  assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
+  assert rule((64, 32, 32, 64), (1, 1, 64, 64), (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 32, 32, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "shifted"
+  for backend in ("gpu", "tpu"):
+    assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, backend) == "xla"
+    assert rule((64, 8, 8, 64), depthwise, (1, 1), "SAME", 64, backend) == "xla"
+  with conv.forced("xla"):
+    assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
+  with conv.forced("shifted"):
+    assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "gpu") == "patches"
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    with conv.forced("winograd"):
+      pass
