@@ -47,6 +47,16 @@ def launcher_command(workdir, *overrides):
           "--config.eval.dps=(0.5,1.0)", "--config.tensorboard=False", *overrides]
 
 
+def tesla_command(workdir, *overrides):
+  """The main TESLA job at test size: tasks 100/50/20% DP, 2-3 epochs a stage."""
+  return [sys.executable, "-m", "experiments.main",
+          "--config=experiments/configs/tesla_main.py", f"--workdir={workdir}",
+          "--config.data.val_size=200", "--config.model.width_multiplier=0.1",
+          "--config.train.num_epochs=3", "--config.train.patience=1",
+          "--config.train.steps_per_chunk=20", "--config.schedule.tasks=(1.0,0.5,0.2)",
+          "--config.eval.dps=(0.2,0.5,1.0)", "--config.tensorboard=False", *overrides]
+
+
 def read_results(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
@@ -57,30 +67,61 @@ def read_results(workdir):
 # --------------------------------------------------------------------------
 
 
-def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  straight = tmp_path / "straight"
-  subprocess.run(launcher_command(straight), cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+def straight_and_resumed(tmp_path, command, checkpoint: str, *also_there: str):
+  """Results of ``command`` run straight, and run, SIGKILLed, then run again.
 
-  killed = tmp_path / "killed"
-  first_checkpoint = killed / "checkpoints" / "train" / "1"
-  process = subprocess.Popen(launcher_command(killed), cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  The kill comes as soon as ``checkpoints/<checkpoint>`` exists (an epoch
+  inside some stage); ``also_there``: paths under the killed workdir that must
+  exist by then. The rerun must say it resumed that stage.
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True)
+  marker = killed / "checkpoints" / checkpoint
+  process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
-  while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+  while not marker.exists() and process.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
   assert not (killed / "results.json").exists()
+  for path in also_there:
+    assert (killed / path).exists(), path
+  rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True)
+  stage = checkpoint.split("/")[0]
+  assert f"Resumed stage {stage!r}" in rerun.stderr
+  return read_results(straight), read_results(killed)
 
-  rerun = subprocess.run(launcher_command(killed), cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True)
-  assert "Resumed stage 'train'" in rerun.stderr
-  a, b = read_results(straight), read_results(killed)
+
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+  a, b = straight_and_resumed(tmp_path, launcher_command, "train/1")
   assert a["curves"] == b["curves"]
   assert a["val_accuracy"] == b["val_accuracy"]
   assert a["steps"] == b["steps"]
+
+
+def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path):
+  # Killed after the first epoch of the second stage: stage 0's best state, the
+  # running stage's state, optimizer state and early stopping come from checkpoints.
+  a, b = straight_and_resumed(tmp_path, tesla_command, "stage1/1", "checkpoints/stage0-best")
+  assert [s["task_dp"] for s in a["stages"]] == [1.0, 0.5, 0.2]
+  for key in ("curves", "stages", "epochs", "mean_val_accuracy"):
+    assert a[key] == b[key], key
+
+
+def test_rtesla_killed_mid_run_resumes_to_the_same_final_metrics(tmp_path):
+  # R-TESLA with an 8-epoch budget and best-mean selection, killed inside its second
+  # stage: the sampled plan, the epochs spent and the best-mean state are restored.
+  command = lambda workdir: tesla_command(
+      workdir, "--config.schedule.name=rtesla", "--config.schedule.epoch_budget=8",
+      "--config.schedule.selection=best_mean")
+  a, b = straight_and_resumed(tmp_path, command, "stage1/1", "checkpoints/best-mean")
+  assert a["epochs"] == 8 and len(a["stages"]) >= 2
+  for key in ("curves", "stages", "epochs", "selected_stage", "selected_epoch",
+              "mean_val_accuracy", "final_state_mean_val_accuracy"):
+    assert a[key] == b[key], key
 
 
 # --------------------------------------------------------------------------
