@@ -27,7 +27,10 @@ def axes(curves: Mapping[str, Mapping]) -> tuple[str, str]:
 
 
 def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") -> None:
-  """One line per curve, labelled by its key, saved to ``path`` as PNG."""
+  """One line per curve, labelled by its key, saved to ``path`` as PNG.
+
+  ``title`` is drawn above the axes and stored as the PNG's ``Title`` text.
+  """
   x_name, y_name = axes(curves)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for label, curve in curves.items():
@@ -40,14 +43,14 @@ def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") ->
     ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  save_png(fig, path, dpi=120)
+  save_png(fig, path, dpi=120, title=title)
   plt.close(fig)
 
 
-def save_png(fig, path: str, *, dpi: int) -> None:
-  """Writes a matplotlib figure to ``path`` as PNG, atomically."""
+def save_png(fig, path: str, *, dpi: int, title: str = "") -> None:
+  """Writes a matplotlib figure to ``path`` as PNG, atomically, with ``title`` as its Title text."""
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=dpi)
+  fig.savefig(buffer, format="png", dpi=dpi, metadata={"Title": title} if title else None)
   write_bytes_atomic(str(path), buffer.getvalue())
 
 

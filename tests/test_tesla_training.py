@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import jax
+import PIL.Image
 import matplotlib.image
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import main as launcher
-from experiments.configs import tesla_main, tesla_mlp_mnist
+from experiments.configs import tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
 
 TASKS = (1.0, 0.5, 0.2)
 
@@ -227,12 +228,67 @@ def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("subset", ("all", "linear", "atp", "monitors"))
-def test_every_table_1_variant_passes_its_method_check(subset):
+def _table_1_rows(profiles, atp):
+  """000 Table 1's MLP rows, written out: (method, profile, schedule, ATP) by variant."""
+  rows = {}
+  for p in profiles:
+    rows[f"idp-{p}"] = ("idp", p, "tesla", False)
+    rows[f"tesla-{p}"] = ("tesla", p, "tesla", False)
+    rows[f"rtesla-{p}"] = ("tesla", p, "rtesla", False)
+  if atp:
+    rows.update({"tesla-atp": ("tesla", "all-one", "tesla", True),
+                 "rtesla-atp": ("tesla", "all-one", "rtesla", True)})
+  return rows
+
+
+@pytest.mark.parametrize("subset, rows", [
+    ("all", _table_1_rows(("linear", "harmonic", "all-one"), atp=True)),
+    ("linear", _table_1_rows(("linear",), atp=False)),
+    ("atp", _table_1_rows((), atp=True)),
+    ("monitors", {f"tesla-linear-{m}-seed{s}": ("tesla", "linear", "tesla", False)
+                  for m in ("objective", "newest_task") for s in range(4)}),
+    ("rtesla_selection", {f"rtesla-{p}-seed{s}": ("tesla", p, "rtesla", False)
+                          for p in ("linear", "all-one") for s in range(4)}),
+])
+def test_table_1_variants_are_the_papers_rows(subset, rows):
   configs = sweep.check_variants(tesla_mlp_mnist.get_config(subset), launcher.METHODS)
+  got = {name: (c.method, c.model.profile, c.schedule.name, c.atp.enabled)
+         for name, c in configs.items()}
+  assert got == rows
+  for name, c in configs.items():
+    # Table 1, MLP column: tasks 100/70/40/10, Adam 1e-3, batch 28, alpha 0.5,
+    # 4 epochs of patience, R-TESLA 50 epochs.
+    assert c.schedule.tasks == (1.0, 0.7, 0.4, 0.1) and c.schedule.alpha == 0.5, name
+    assert (c.optimizer.name, c.optimizer.learning_rate, c.data.batch_size) == (
+        "adam", 1e-3, 28), name
+    assert (c.train.patience, c.schedule.epoch_budget) == (4, 50), name
+    seed = int(name[-1]) if "seed" in name else 0
+    assert c.seed == seed, name
   if subset == "monitors":
     assert {(c.schedule.monitor, c.seed) for c in configs.values()} == {
-        (m, s) for m in tesla_training.MONITORS for s in tesla_mlp_mnist.MONITOR_SEEDS}
+        (m, s) for m in ("objective", "newest_task") for s in range(4)}
+  if subset == "rtesla_selection":
+    assert {c.schedule.selection for c in configs.values()} == {"best_mean"}
+
+
+@pytest.mark.parametrize("column, tasks, batch", [("cifar10", (1.0, 0.5, 0.2), 32),
+                                                  ("cifar100", (1.0, 0.7, 0.5, 0.3), 64)])
+def test_vgg16_table_1_configs_have_the_papers_settings_and_a_named_recipe(column, tasks,
+                                                                          batch):
+  # 000 Table 1: SGD momentum 0.9, lr 0.004, alpha 0.5, patience 4, R-TESLA 35 epochs;
+  # no weight decay and no learning-rate schedule.
+  config = tesla_vgg16_cifar.get_config(column)
+  o = config.optimizer
+  assert (o.name, o.learning_rate, o.momentum, o.nesterov, o.weight_decay, o.schedule,
+          o.warmup_steps) == ("sgd", 0.004, 0.9, False, 0.0, "constant", 0)
+  assert (config.data.batch_size, config.schedule.tasks, config.schedule.alpha) == (
+      batch, tasks, 0.5)
+  assert (config.train.patience, config.schedule.epoch_budget) == (4, 35)
+  recipe = tesla_vgg16_cifar.get_config(f"{column}-recipe")
+  assert (recipe.optimizer.weight_decay, recipe.optimizer.schedule,
+          recipe.optimizer.learning_rate) == (5e-4, "cosine", 0.004)
+  assert "weight decay 5e-4, cosine decay" in recipe.title
+  assert "weight decay" not in config.title
 
 
 def test_a_bad_last_variant_fails_before_the_first_trains(tmp_path):
@@ -314,3 +370,27 @@ def test_atp_learns_every_profile_of_a_separable_network(tmp_path):
   for path, gamma in learned.items():
     assert np.all(np.diff(gamma) <= 0), (path, gamma)
     assert np.max(np.abs(np.asarray(gamma) - 1.0)) > 1e-3, f"{path} never moved"
+
+
+def test_titles_and_summary_name_the_dataset_model_and_method_that_ran(tmp_path):
+  config = tesla_mlp_mnist.get_config("linear")  # Table 1's MNIST column ...
+  config.data.dataset = "mnist_sample"          # ... run on another dataset
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.train.num_epochs = 1
+  config.train.patience = 1
+  config.train.checkpoint = False
+  config.schedule.epoch_budget = 2
+  config.eval.dps = (0.5, 1.0)
+  config.tensorboard = False
+  figure = launcher.train_and_evaluate(config, str(tmp_path))
+  title = "000 Table 1 column 1 / Fig. 3: tesla_mlp on mnist_sample (idp, tesla)"
+  assert figure["title"] == title
+  assert PIL.Image.open(tmp_path / "test_accuracy_by_dp.png").text["Title"] == title
+  for variant, method in (("idp-linear", "idp"), ("tesla-linear", "tesla"),
+                          ("rtesla-linear", "tesla")):
+    plot = PIL.Image.open(tmp_path / variant / "test_accuracy_by_dp.png")
+    assert plot.text["Title"] == f"{method}: tesla_mlp on mnist_sample"
+    line, = [l for l in launcher.summary(figure, str(tmp_path)).splitlines()
+             if l.startswith(f"{variant}: ")]
+    assert f"method={method}, model=tesla_mlp, dataset=mnist_sample," in line, line

@@ -346,7 +346,8 @@ class FlopsMethod:
     from dynscale.train import runs
     points = [(r, config.level * r) for r in (0.25, 1.0)]
     return {"curves": {"accuracy_by_flops": runs.curve("flops_ratio", "test_accuracy", points)},
-            "level": config.level, "config": config.to_dict()}
+            "level": config.level, "config": config.to_dict(),
+            "model": {"name": "stand-in"}, "dataset": {"name": "none"}}
 
 
 def test_a_sweep_gathers_and_plots_any_method_curve(tmp_path):
@@ -358,9 +359,11 @@ def test_a_sweep_gathers_and_plots_any_method_curve(tmp_path):
   figure = sweep.run_variants(config, str(tmp_path), {"flops": FlopsMethod})
   assert json.loads((tmp_path / "results.json").read_text()) == figure
   assert figure["variants"]["high"] == {
+      "method": "flops", "model": "stand-in", "dataset": "none",
       "curves": {"accuracy_by_flops": {"x": "flops_ratio", "y": "test_accuracy",
                                        "points": [[0.25, 0.1875], [1.0, 0.75]]}},
       "level": 0.75}
+  assert figure["title"] == "by FLOPs: stand-in on none (flops)"
   assert (tmp_path / "accuracy_by_flops.png").stat().st_size > 0
   text = launcher.summary(figure, str(tmp_path))
   assert "accuracy_by_flops (test_accuracy):" in text
@@ -443,8 +446,10 @@ def test_init_from_an_export_for_other_inputs_is_refused(tmp_path):
 CONFIGS = [("baseline", None), ("tesla_main", None), ("idp_fig7", "sample"),
            *[("idp_fig8", panel) for panel in ("mlp", "binary_net", "vgg16", "mobilenet")],
            ("idp_fig9", "mlp"), ("idp_fig9", "vgg16"),
-           *[("tesla_mlp_mnist", subset) for subset in ("all", "atp", "monitors")],
-           ("tesla_vgg16_cifar", "cifar10"), ("tesla_vgg16_cifar", "cifar100")]
+           *[("tesla_mlp_mnist", subset)
+             for subset in ("all", "atp", "monitors", "rtesla_selection")],
+           *[("tesla_vgg16_cifar", column)
+             for column in ("cifar10", "cifar100", "cifar10-recipe", "cifar100-recipe")]]
 
 
 @pytest.mark.parametrize("name, arg", CONFIGS)

@@ -130,14 +130,20 @@ def curve(x: str, y: str, points) -> dict:
   return {"x": x, "y": y, "points": [[float(a), float(b)] for a, b in points]}
 
 
+def title(method: str, model: str, dataset: str) -> str:
+  """A plot title naming what ran: ``'<method>: <model> on <dataset>'``."""
+  return f"{method}: {model} on {dataset}"
+
+
 def report_curves(run: Run, curves: dict) -> None:
-  """Logs each curve as a table and plots it to ``<workdir>/<name>.png`` (process 0)."""
-  title = f"{run.arch['name']} on {run.dataset.name}"
+  """Logs each curve as a table and plots it to ``<workdir>/<name>.png`` (process 0),
+  titled with the method, model and dataset that ran."""
+  heading = title(run.config.method, run.arch["name"], run.dataset.name)
   for name, c in curves.items():
     labelled = {run.config.method: c}
-    logging.info("%s:\n%s", name, plots.format_curves_table(labelled))
+    logging.info("%s, %s:\n%s", heading, name, plots.format_curves_table(labelled))
     if run.is_main_process:
-      plots.plot_curves(labelled, os.path.join(run.workdir, f"{name}.png"), title=title)
+      plots.plot_curves(labelled, os.path.join(run.workdir, f"{name}.png"), title=heading)
 
 
 def export(run: Run, graphdef: nnx.GraphDef, state: TrainState) -> str:

@@ -81,10 +81,22 @@ def check_variants(config: ml_collections.ConfigDict,
 
 
 def variant_summary(results: Mapping) -> dict:
-  """A variant's entry in the figure: its curves and its scalar results."""
+  """A variant's entry in the figure: the method, model and dataset that ran (from
+  the results of :func:`dynscale.train.runs.finish`), its curves and its scalar results."""
   scalars = {key: value for key, value in results.items()
              if isinstance(value, (bool, int, float, str))}
-  return {"curves": results.get("curves", {}), **scalars}
+  return {"method": results["config"]["method"], "model": results["model"]["name"],
+          "dataset": results["dataset"]["name"], "curves": results.get("curves", {}),
+          **scalars}
+
+
+def figure_title(title: str, summaries: Mapping[str, Mapping]) -> str:
+  """``title`` followed by every model, dataset and method the variants ran, e.g.
+  ``'000 Table 1: tesla_mlp on fashion_mnist (idp, tesla)'``."""
+  def names(key: str) -> str:
+    return ", ".join(sorted({summary[key] for summary in summaries.values()}))
+  ran = f"{names('model')} on {names('dataset')} ({names('method')})"
+  return f"{title}: {ran}" if title else ran
 
 
 def curves_by_name(results_by_label: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
@@ -102,8 +114,9 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
 
   Every variant's config is checked before the first one trains, so a bad
   last variant fails before any compute. Writes ``results.json`` (the
-  title and each variant's :func:`variant_summary`) and ``<curve name>.png``
-  for every curve name, one line per variant that has it.
+  title, :func:`figure_title` of ``config.title``, and each variant's
+  :func:`variant_summary`) and ``<curve name>.png`` for every curve name,
+  one line per variant that has it.
   """
   configs = check_variants(config, methods)
   workdir = io.check_writable_dir(workdir)
@@ -112,7 +125,7 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
-  title = config.get("title", "")
+  title = figure_title(config.get("title", ""), summaries)
   for curve_name, curves in curves_by_name(summaries).items():
     plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
     logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))

@@ -16,7 +16,7 @@ def get_config(arg: str = "mnist"):
       optimizer=common.optimizer("adam", learning_rate=1e-3),
       train=common.train(num_epochs=20),
   )
-  config.title = "001 Fig. 7: MLP on MNIST, four profiles"
+  config.title = "001 Fig. 7: four profiles"
   config.variants = {p: common.overrides(**{"model.profile": p})
                      for p in ("all-one", "harmonic", "linear", "half-exp")}
   return config

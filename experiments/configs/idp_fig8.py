@@ -27,6 +27,6 @@ def get_config(arg: str = "mlp"):
       optimizer=optimizer,
       train=common.train(num_epochs=epochs),
   )
-  config.title = f"001 Fig. 8: {arg}, all-one vs linear"
+  config.title = "001 Fig. 8: all-one vs linear"
   config.variants = {p: common.overrides(**{"model.profile": p}) for p in ("all-one", "linear")}
   return config

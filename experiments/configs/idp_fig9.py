@@ -32,7 +32,7 @@ def get_config(arg: str = "mlp"):
       optimizer=optimizer,
       train=common.train(num_epochs=epochs),
   )
-  config.title = f"001 Fig. 9: MP-IDP, {arg}"
+  config.title = "001 Fig. 9: MP-IDP against one profile"
   config.variants = {
       "linear": {},
       "mp-idp": common.overrides(**{"method": "mpidp", "model.mp_profiles": ranges}),

@@ -58,6 +58,6 @@ def get_config(arg: str = "all"):
       schedule=common.schedule("tesla", tasks=(1.0, 0.7, 0.4, 0.1), alpha=0.5,
                                epoch_budget=50),
   )
-  config.title = "000 Table 1 / Fig. 3: MLP on MNIST"
+  config.title = "000 Table 1 column 1 / Fig. 3"
   config.variants = variants(arg)
   return config
