@@ -1,6 +1,8 @@
 """001 Fig. 8: all-one against linear for the MLP, VGG-16, MobileNet and the
 binarized network. ``:mlp`` and ``:binary_net`` run on MNIST, ``:vgg16`` and
-``:mobilenet`` on CIFAR-10 (both from DYNSCALE_DATA_DIR).
+``:mobilenet`` on CIFAR-10 (both from DYNSCALE_DATA_DIR). 001 gives no training
+settings; the CIFAR panels use our recipe (``common.cifar_sgd``: SGD momentum
+0.9, weight decay 5e-4, cosine decay), which their results must name.
 """
 
 from experiments.configs import common

@@ -7,7 +7,9 @@ not 001's one-hidden-layer ``mlp``: MP-IDP holds the first and last layers
 once per profile, and the one-hidden-layer MLP has no other layer, so its
 profiles would share nothing. In ``tesla_mlp`` the profiles share the middle
 IDP layer, as Fig. 9 says ("the beginning 40% of input channels in the IDP
-layer are shared between all three profiles").
+layer are shared between all three profiles"). 001 gives no training
+settings; the VGG-16 panel uses our recipe (``common.cifar_sgd``: SGD momentum
+0.9, weight decay 5e-4, cosine decay), which its results must name.
 """
 
 from experiments.configs import common
