@@ -394,3 +394,32 @@ def test_titles_and_summary_name_the_dataset_model_and_method_that_ran(tmp_path)
     line, = [l for l in launcher.summary(figure, str(tmp_path)).splitlines()
              if l.startswith(f"{variant}: ")]
     assert f"method={method}, model=tesla_mlp, dataset=mnist_sample," in line, line
+
+
+def test_best_mean_selection_keeps_the_run_state_with_the_best_mean_validation_accuracy(
+    tmp_path):
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.train.patience = 1
+  config.schedule.name = "rtesla"
+  config.schedule.tasks = (1.0, 0.5, 0.2)
+  config.schedule.epoch_budget = 6
+  config.schedule.selection = "best_mean"
+  config.eval.dps = (0.2, 0.5, 1.0)
+  config.tensorboard = False
+  results = tesla_training.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  scores = [(r["run_epoch"], r["run/mean_val_accuracy"]) for r in lines
+            if "run/mean_val_accuracy" in r]
+  assert [epoch for epoch, _ in scores] == list(range(1, 7))  # every epoch of every stage
+  best = max(scores, key=lambda s: (s[1], -s[0]))  # the first epoch with the best score
+  assert (results["selected_epoch"], results["mean_val_accuracy"]) == best
+  assert results["final_state_mean_val_accuracy"] <= best[1]
+  # The exported network is the selected state: its mean validation accuracy by hand.
+  network = sliced.load(tmp_path / "export")
+  dataset = data.load("mnist_sample", val_size=200, seed=0)
+  images = data.normalize(dataset.val_x, *data.normalization_stats(dataset.name))
+  by_hand = np.mean([np.mean(np.argmax(network(images, dp), -1) == dataset.val_y)
+                     for dp in (1.0, 0.5, 0.2)])
+  assert by_hand == pytest.approx(best[1], abs=2e-3)

@@ -60,6 +60,7 @@ from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state
+from dynscale.train.writers import MetricWriter
 
 SCHEDULES = ("tesla", "rtesla")
 MONITORS = ("objective", "newest_task")
@@ -173,15 +174,18 @@ class RunBest:
   """The state with the best :func:`mean_validation_accuracy` seen in a whole run.
 
   :meth:`observe` is called at every epoch end of every stage; a strictly
-  better score replaces the kept state. With a ``checkpoint_dir`` the kept
-  state and its ``meta`` (``stage``, ``epoch`` counted over the whole run,
-  ``mean_val_accuracy``) are saved under ``<checkpoint_dir>/best-mean`` and
-  restored on construction, so a resumed run keeps what it had found.
+  better score replaces the kept state. Every score is logged to ``writer``
+  as ``run/mean_val_accuracy`` with the ``run_epoch`` (epochs counted over
+  the whole run). With a ``checkpoint_dir`` the kept state and its ``meta``
+  (``stage``, ``epoch``, ``mean_val_accuracy``) are saved under
+  ``<checkpoint_dir>/best-mean`` and restored on construction, so a resumed
+  run keeps what it had found.
   """
 
   def __init__(self, score: Callable[[TrainState], float], checkpoint_dir: str | None,
-               template: TrainState):
+               template: TrainState, writer: MetricWriter | None = None):
     self.score = score
+    self.writer = writer
     self.state, self.meta = None, None
     self.store = (None if checkpoint_dir is None else
                   Checkpoints(os.path.join(checkpoint_dir, "best-mean"), max_to_keep=1))
@@ -195,12 +199,19 @@ class RunBest:
 
   def observe(self, stage: int, run_epoch: int, state: TrainState) -> None:
     value = self.score(state)
+    if self.writer is not None:
+      self.writer.write(int(state.step), {"run/mean_val_accuracy": value,
+                                          "run_epoch": run_epoch})
     if self.meta is not None and value <= self.meta["mean_val_accuracy"]:
       return
     self.state = jax.tree.map(jnp.copy, state)
     self.meta = {"stage": stage, "epoch": run_epoch, "mean_val_accuracy": value}
     if self.store is not None:
       self.store.save(run_epoch, self.state, self.meta)
+
+  def close(self) -> None:
+    if self.store is not None:
+      self.store.close()
 
 
 def selected(trainer, config, final: TrainState, run_best: RunBest | None,
@@ -260,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
   state = trainer.place(state)
   score = mean_validation_accuracy(trainer, tasks)
-  run_best = (RunBest(score, run.checkpoint_dir, state)
+  run_best = (RunBest(score, run.checkpoint_dir, state, run.writer)
               if config.schedule.selection == "best_mean" else None)
   spent, history = 0, []
   for stage in stage_plan(config):
@@ -282,6 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,
                     "best_val_accuracy": fit.early_stopping.best})
     state = fit.best_state
+  if run_best is not None:
+    run_best.close()
   state, report = selected(trainer, config, state, run_best, score)
   extra = ({"learned_profiles": learned_profiles(state.params, profile_mask(run.model))}
            if config.atp.enabled else {})
