@@ -215,6 +215,8 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
     ({"schedule.alpha": 0.0}, r"alpha"),
     ({"schedule.monitor": "test"},
      r"schedule.monitor must be one of \('objective', 'newest_task'\)"),
+    ({"schedule.selection": "best_test"},
+     r"schedule.selection must be one of \('final', 'best_mean'\)"),
     ({"atp.enabled": True}, r"model.profile \(ATP starts at one\) must be one of"),
     ({"train.patience": 0}, r"train.patience must be >= 1"),
 ])
