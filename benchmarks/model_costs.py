@@ -15,11 +15,6 @@ from absl import app, flags
 
 from dynscale.nn import costs, models
 
-_MODEL = flags.DEFINE_enum("model", "resnet18", sorted(models.MODELS), "Network of the zoo.")
-_INPUT = flags.DEFINE_integer("input", 32, "Input height and width.")
-_CHANNELS = flags.DEFINE_integer("channels", 3, "Input channels.")
-_CLASSES = flags.DEFINE_integer("classes", 10, "Classifier outputs.")
-_DPS = flags.DEFINE_list("dps", ["1.0", "0.5", "0.25"], "DPs (IDP widths) to count.")
 
 
 def records(model: str, input_size: int, channels: int, classes: int,
@@ -37,12 +32,23 @@ def records(model: str, input_size: int, channels: int, classes: int,
   return out
 
 
+def _define_flags() -> None:
+  """Defines the command-line flags; only when run as a script, so that tests can
+  import :func:`records` next to other benchmarks with flags of the same names."""
+  flags.DEFINE_enum("model", "resnet18", sorted(models.MODELS), "Network of the zoo.")
+  flags.DEFINE_integer("input", 32, "Input height and width.")
+  flags.DEFINE_integer("channels", 3, "Input channels.")
+  flags.DEFINE_integer("classes", 10, "Classifier outputs.")
+  flags.DEFINE_list("dps", ["1.0", "0.5", "0.25"], "DPs (IDP widths) to count.")
+
+
 def main(argv):
   del argv
-  for record in records(_MODEL.value, _INPUT.value, _CHANNELS.value, _CLASSES.value,
-                        [float(dp) for dp in _DPS.value]):
+  f = flags.FLAGS
+  for record in records(f.model, f.input, f.channels, f.classes, [float(dp) for dp in f.dps]):
     print(json.dumps(record))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -80,6 +80,8 @@ def test_the_rule():
   assert rule((64, 4, 4, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 8, 8, 64), dense, (2, 2), "SAME", 1, "cpu") == "patches"  # 4x4 out
   assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
+  assert rule((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 32, 32, 8), (3, 3, 8, 64), (1, 1), "SAME", 1, "cpu") == "xla"
   assert rule((64, 32, 32, 64), (1, 1, 64, 64), (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 32, 32, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "shifted"
   for backend in ("gpu", "tpu"):

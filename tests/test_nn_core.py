@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from dynscale import metrics
+from dynscale.kernels import conv
 from dynscale.nn import costs, forward, models, sliced, spec
 
 FAST = {"xla_backend_optimization_level": 0}  # compile speed for tests only
@@ -49,11 +50,18 @@ def _perturbed_model(arch, seed=0):
 
 
 def _close(a, b, rtol=2e-3):
+  """Leaves equal to rtol, with an absolute floor of 5e-4 of the tree's largest entry.
+
+  Train-mode batch norm subtracts batch means, so float32 rounding in a
+  kernel's gradient shows up near 2e-4 of the largest gradient (MobileNetV2's
+  depthwise kernels; in float64 the two paths agree to 1e-12 there). A
+  structural error is of the order of the values themselves.
+  """
   fa, fb = sliced.flatten_tree(a), sliced.flatten_tree(b)
   assert fa.keys() == fb.keys()
   scale = max(float(np.max(np.abs(v))) for v in fa.values())
   for key in fa:
-    np.testing.assert_allclose(fa[key], fb[key], rtol=rtol, atol=1e-4 * scale, err_msg=key)
+    np.testing.assert_allclose(fa[key], fb[key], rtol=rtol, atol=5e-4 * scale, err_msg=key)
 
 
 # --------------------------------------------------------------------------
@@ -261,8 +269,9 @@ def test_resnet18_flops_against_xla(dp):
   model = models.build(arch, rngs=models.init_rngs(0))
   widths = spec.widths_at_dp(arch, dp)
   compact = sliced.slice_variables(arch, model.pure_variables(), widths)
-  xla = metrics.xla_flops(lambda v, x: sliced.apply_sliced(arch, v, x, widths), compact,
-                          jnp.zeros((1, 16, 16, 3)))
+  with conv.forced("xla"):  # every convolution as lax.conv, whose skipped taps we count
+    xla = metrics.xla_flops(lambda v, x: sliced.apply_sliced(arch, v, x, widths), compact,
+                            jnp.zeros((1, 16, 16, 3)))
   expected = _resnet_xla_expected(arch, widths)
   assert expected <= xla <= 1.03 * expected
   # The analytic count of all taps is larger by the border fraction alone.

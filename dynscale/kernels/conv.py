@@ -3,7 +3,7 @@
 XLA:CPU runs some convolutions far below the machine's rate: a 3x3
 convolution on a 2x2 map at batch 64 reached 2 GFLOP/s where the same
 arithmetic as one matrix product reached 280, 1x1 convolutions and the
-gradient of a 3-channel first layer ran at a fraction of a matmul, and
+gradient of a 3-channel first layer ran at a third of a matmul, and
 depthwise convolutions (``feature_group_count``) are slow at every size
 (``benchmarks.conv_speed`` measures each shape). :func:`conv2d` computes
 the same function, NHWC input and HWIO filters, with one of:
@@ -17,8 +17,9 @@ the same function, NHWC input and HWIO filters, with one of:
   window times that tap's per-channel weights (multiply-adds, no dot).
 
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
-CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels and
-for outputs of at most 4x4 positions, ``"xla"`` otherwise (where XLA:CPU is
+CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
+outputs of at most 4x4 positions and for at most 4 input channels (a first
+layer on RGB images), ``"xla"`` otherwise (where XLA:CPU is
 at or near the matmul rate). The measurements behind it are in
 docs/RESULTS.md (issue 9). Every implementation gives the same values and
 gradients up to float rounding (tested against ``lax.conv`` for every kind,
@@ -43,6 +44,9 @@ IMPLEMENTATIONS = ("xla", "patches", "shifted")
 # The most output positions (H_out * W_out) at which a CPU convolution is
 # computed as one matrix product (RESULTS.md, issue 9: 4x4 and below).
 CPU_PATCHES_MAX_POSITIONS = 16
+# ... and with at most this many input channels (a first layer on RGB: XLA:CPU's
+# filter gradient for it ran at a third of a matmul, im2col's at full rate).
+CPU_PATCHES_MAX_INPUT_CHANNELS = 4
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_implementation",
                                                                      default=None)
@@ -109,7 +113,8 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if depthwise:
     return "shifted"
   h, w = output_shape(x_shape, f_shape, strides, padding)
-  if f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS:
+  if (f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS
+      or f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS):
     return "patches"
   return "xla"
 

@@ -1,0 +1,202 @@
+r"""Convolution speed against the machine: every conv shape of a network, and whole steps.
+
+python -m benchmarks.conv_speed --models=vgg16,resnet18,mobilenet_v2 --widths=1.0,0.5,0.25 --batch=64
+
+For every distinct convolution of each network's sliced form at each IDP
+width (the shapes of its jaxpr), prints one JSON line (``"kind":
+"conv"``) with the forward and forward+backward (gradients of input and
+filter) rates in GFLOP/s of
+
+* ``chosen``: :func:`dynscale.kernels.conv.conv2d` under the backend's rule
+  (``implementation`` names what it picked);
+* ``xla``: ``lax.conv_general_dilated`` itself;
+* ``dot``: one ``jnp.dot`` of the same FLOPs, ``(B H_out W_out, kh kw C_in)
+  x (kh kw C_in, C_out)``: the machine's attainable rate for this size
+  (for a depthwise filter, the same number of multiply-adds as one
+  elementwise product and sum over taps).
+
+and ``chosen_over_dot``. FLOPs count 2 per multiply-add over every tap
+(padding included); forward+backward counts 3x the forward. Then one line
+per network (``"kind": "network"``): images/s of a plain train step (SGD,
+masked network at 100% DP) and of sliced inference at 100% DP, with every
+convolution under the rule (``chosen``) and forced to ``lax.conv``
+(``xla``), measured in one run with interleaved rounds, and their ratios.
+"""
+
+import contextlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from dynscale import timing
+from dynscale.kernels import conv
+from dynscale.nn import models, sliced, spec
+from dynscale.train import steps
+from dynscale.train.state import create_train_state
+
+INPUTS = {"vgg16": (32, 32, 3), "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3),
+          "mobilenet": (32, 32, 3), "m_cifarnet": (32, 32, 3)}
+
+
+
+def conv_shapes(arch: dict, widths, batch: int) -> list[dict]:
+  """The distinct convolutions of the sliced network of ``arch`` at ``widths``."""
+  variables = jax.eval_shape(lambda: models.build(arch, rngs=models.init_rngs(0))
+                             .pure_variables())
+  x = jax.ShapeDtypeStruct((batch, *arch["input_shape"]), jnp.float32)
+  with conv.forced("xla"):
+    jaxpr = jax.make_jaxpr(lambda v, x: sliced.apply_sliced(arch, v, x, widths))(variables, x)
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      record = {"input": list(eqn.invars[0].aval.shape),
+                "filter": list(eqn.invars[1].aval.shape),
+                "strides": list(eqn.params["window_strides"]),
+                "padding": [list(p) for p in eqn.params["padding"]],
+                "groups": int(eqn.params["feature_group_count"])}
+      if record not in shapes:
+        shapes.append(record)
+  return shapes
+
+
+def _conv_flops(shape: dict) -> int:
+  """2 x multiply-adds over every tap (padding included)."""
+  b, kh, kw, c_group, m = (shape["input"][0], *shape["filter"])
+  h, w = conv.output_shape(shape["input"], shape["filter"], shape["strides"],
+                           shape["padding"])
+  return 2 * b * h * w * kh * kw * c_group * m
+
+
+def time_shape(shape: dict, repeats: int) -> dict:
+  """Forward and forward+backward GFLOP/s of the chosen kernel, lax.conv and a dot."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape["input"]), jnp.float32)
+  f = jnp.asarray(rng.standard_normal(shape["filter"]), jnp.float32)
+  strides, padding, groups = tuple(shape["strides"]), [tuple(p) for p in shape["padding"]], \
+      shape["groups"]
+  flops = _conv_flops(shape)
+  chosen = conv.implementation(x.shape, f.shape, strides, padding, groups)
+
+  def fns(impl):
+    def run(x, f):
+      with conv.forced(impl):
+        return conv.conv2d(x, f, strides, padding, groups)
+    forward = jax.jit(run)
+    backward = jax.jit(jax.grad(lambda x, f: jnp.sum(run(x, f)), argnums=(0, 1)))
+    return (lambda: forward(x, f)), (lambda: backward(x, f))
+
+  kh, kw, c_group, m = shape["filter"]
+  h, w = conv.output_shape(x.shape, f.shape, strides, padding)
+  a = jnp.asarray(rng.standard_normal((x.shape[0] * h * w, kh * kw * c_group)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((kh * kw * c_group, m)), jnp.float32)
+  dot = jax.jit(lambda a, b: jnp.dot(a, b))
+  dot_grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.dot(a, b)), argnums=(0, 1)))
+  chosen_fwd, chosen_bwd = fns("xla" if chosen == "xla" else "patches")
+  xla_fwd, xla_bwd = fns("xla")
+  stats = timing.interleaved_latencies({
+      "chosen_fwd": chosen_fwd, "chosen_bwd": chosen_bwd, "xla_fwd": xla_fwd,
+      "xla_bwd": xla_bwd, "dot_fwd": lambda: dot(a, b), "dot_bwd": lambda: dot_grad(a, b)},
+      warmup=1, repeats=repeats)
+  rate = {name: (flops if name.endswith("fwd") else 3 * flops) / s["median_s"] / 1e9
+          for name, s in stats.items()}
+  return {"kind": "conv", **shape, "implementation": chosen, "gflops": flops / 1e9,
+          **{f"{name}_gflops_per_s": round(r, 1) for name, r in rate.items()},
+          "chosen_over_dot_fwd": round(rate["chosen_fwd"] / rate["dot_fwd"], 3),
+          "chosen_over_dot_bwd": round(rate["chosen_bwd"] / rate["dot_bwd"], 3)}
+
+
+def _synthetic_batch(data, idx, key):
+  """``batch_fn`` of the train chunk: a gather from resident (images, labels)."""
+  del key
+  images, labels = data
+  return images[idx], labels[idx]
+
+
+def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 1.0) -> dict:
+  """Train-step and inference images/s with the rule and with lax.conv, one run.
+
+  The train step is the trainer's own (:func:`dynscale.train.steps.
+  make_train_chunk`, classification loss at 100% DP, SGD with momentum);
+  inference is the sliced network at 100% DP. Each candidate is traced
+  inside its ``conv.forced`` block (the first call), then timed.
+  """
+  shape = INPUTS[name]
+  arch = models.architecture(name, num_classes=10, input_shape=shape,
+                             width_multiplier=width_multiplier)
+  model = models.build(arch, rngs=models.init_rngs(0))
+  tx = optax.sgd(0.01, momentum=0.9)
+  graphdef, state = create_train_state(model, tx)
+  mesh = steps.data_mesh()
+  data = (jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32),
+          jax.random.randint(jax.random.key(2), (batch,), 0, 10))
+  idx = jnp.arange(batch).reshape(1, batch)
+  variables = model.pure_variables()
+  x = data[0]
+
+  def candidates(impl):
+    chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
+                                   mesh)
+    infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
+    holder = [jax.tree.map(jnp.copy, state)]
+
+    def train():
+      holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), jnp.float32(1.0))
+      return metrics
+
+    with conv.forced(impl) if impl else contextlib.nullcontext():
+      jax.block_until_ready((train(), infer(variables, x)))  # traced under the block
+    return train, lambda: infer(variables, x)
+
+  train_chosen, infer_chosen = candidates(None)
+  train_xla, infer_xla = candidates("xla")
+  stats = timing.interleaved_latencies({
+      "train_chosen": train_chosen, "train_xla": train_xla, "infer_chosen": infer_chosen,
+      "infer_xla": infer_xla}, warmup=1, repeats=repeats)
+  per_s = {k: batch / s["median_s"] for k, s in stats.items()}
+  return {"kind": "network", "model": name, "batch": batch,
+          **{f"{k}_images_per_s": round(v, 1) for k, v in per_s.items()},
+          **{f"{k}_spread": round(s["spread"], 3) for k, s in stats.items()},
+          "train_speedup": round(per_s["train_chosen"] / per_s["train_xla"], 2),
+          "inference_speedup": round(per_s["infer_chosen"] / per_s["infer_xla"], 2),
+          "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+          "jax": jax.__version__, "cpu_load_1m": round(os.getloadavg()[0], 2)}
+
+
+def _define_flags() -> None:
+  """Defines the command-line flags; only when run as a script, so that tests can
+  import this module next to other benchmarks with flags of the same names."""
+  flags.DEFINE_list("models", ["vgg16", "resnet18", "mobilenet_v2"],
+                    f"Networks, from {sorted(INPUTS)}.")
+  flags.DEFINE_list("widths", ["1.0", "0.5", "0.25"], "IDP widths (DPs) of the shapes.")
+  flags.DEFINE_integer("batch", 64, "Batch size.")
+  flags.DEFINE_integer("repeats", 5, "Timed rounds.")
+  flags.DEFINE_bool("networks", True, "Also time whole train steps and inference.")
+  flags.DEFINE_bool("shapes", True, "Time every convolution shape.")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  for name in f.models:
+    if name not in INPUTS:
+      raise app.UsageError(f"--models entries must be in {sorted(INPUTS)}, got {name!r}")
+  for name in f.models:
+    arch = models.architecture(name, num_classes=10, input_shape=INPUTS[name])
+    if f.shapes:
+      for width in f.widths:
+        widths = spec.widths_at_dp(arch, float(width))
+        for shape in conv_shapes(arch, widths, f.batch):
+          print(json.dumps({"model": name, "width": float(width),
+                            **time_shape(shape, f.repeats)}), flush=True)
+    if f.networks:
+      print(json.dumps(time_network(name, f.batch, f.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

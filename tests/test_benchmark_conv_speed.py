@@ -1,0 +1,43 @@
+"""benchmarks.conv_speed: the shapes it times, its FLOP count, and its records."""
+
+import pytest
+
+from benchmarks import conv_speed
+from dynscale.nn import models, spec
+
+
+def test_conv_shapes_are_the_sliced_networks_convolutions():
+  arch = models.architecture("vgg16", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 16)  # 4, 4 | 8, 8 | 16 x3 | 32 x3 | 32 x3
+  shapes = conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, 0.5), batch=2)
+  # At 50% every IDP conv reads and computes half its channels; duplicates counted once.
+  # The two 16 -> 16 convolutions of blocks 4 and 5 run on 4x4 and 2x2 maps: two shapes.
+  assert [tuple(s["filter"]) for s in shapes] == [
+      (3, 3, 3, 2), (3, 3, 2, 2), (3, 3, 2, 4), (3, 3, 4, 4), (3, 3, 4, 8), (3, 3, 8, 8),
+      (3, 3, 8, 16), (3, 3, 16, 16), (3, 3, 16, 16)]
+  assert [s["input"][1] for s in shapes] == [32, 32, 16, 16, 8, 8, 4, 4, 2]
+  assert all(s["groups"] == 1 and s["strides"] == [1, 1] for s in shapes)
+  # 2 x multiply-adds over every tap: B H W kh kw C M.
+  assert conv_speed._conv_flops(shapes[1]) == 2 * 2 * 32 * 32 * 9 * 2 * 2
+
+
+def test_depthwise_shapes_and_records():
+  arch = models.architecture("mobilenet_v2", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 8)
+  shapes = conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, 1.0), batch=2)
+  depthwise = [s for s in shapes if s["groups"] > 1]
+  assert depthwise and all(s["filter"][2] == 1 and s["groups"] == s["filter"][3]
+                           for s in depthwise)
+  record = conv_speed.time_shape(depthwise[0], repeats=1)
+  assert record["implementation"] == "shifted"
+  for key in ("chosen_fwd", "chosen_bwd", "xla_fwd", "xla_bwd", "dot_fwd", "dot_bwd"):
+    assert record[f"{key}_gflops_per_s"] > 0
+  assert record["chosen_over_dot_fwd"] == pytest.approx(
+      record["chosen_fwd_gflops_per_s"] / record["dot_fwd_gflops_per_s"], rel=0.1)
+
+
+def test_network_record():
+  record = conv_speed.time_network("resnet18", batch=2, repeats=1, width_multiplier=1 / 16)
+  assert record["model"] == "resnet18" and record["batch"] == 2
+  assert record["train_speedup"] == pytest.approx(
+      record["train_chosen_images_per_s"] / record["train_xla_images_per_s"], rel=0.02)
