@@ -41,3 +41,13 @@ def test_network_record():
   assert record["model"] == "resnet18" and record["batch"] == 2
   assert record["train_speedup"] == pytest.approx(
       record["train_chosen_images_per_s"] / record["train_xla_images_per_s"], rel=0.02)
+
+
+@pytest.mark.slow  # compiles conv gradients inside scan and cond: minutes on CPU
+def test_nested_control_flow_record():
+  from benchmarks import nested_control_flow
+  record = nested_control_flow.measure("vgg16", batch=2, width_multiplier=1 / 16, repeats=1)
+  assert record["scan_over_loop"] == pytest.approx(
+      record["scan_ms_per_step"] / record["loop_ms_per_step"], rel=0.1)
+  assert record["cond_over_all"] == pytest.approx(
+      record["tesla_cond_ms_per_step"] / record["tesla_all_ms_per_step"], rel=0.1)

@@ -72,8 +72,9 @@ def eval_forward(model: nnx.Module, images, dp) -> jax.Array:
 def nested_control_flow_is_slow() -> bool:
   """True on XLA:CPU, where convolution gradients inside ``lax.scan`` bodies or
   ``lax.cond`` branches take a layout path 10-30x slower than at top level
-  (jax-ml/jax#12868; measured here on VGG-16). Callers then keep such
-  gradients at the top level of the jitted function.
+  (jax-ml/jax#12868; measured here on VGG-16, and again with the
+  per-shape convolution kernels: ``benchmarks.nested_control_flow``).
+  Callers then keep such gradients at the top level of the jitted function.
   """
   return jax.default_backend() == "cpu"
 
