@@ -28,7 +28,7 @@ Every kernel returns the dtype of its input ``x``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np

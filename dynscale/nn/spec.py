@@ -67,9 +67,6 @@ _RANGE_TOLERANCE = 1e-9
 # dp * n is compared to an integer with this slack (as idp.num_kept does).
 _KEEP_TOLERANCE = 1e-3
 
-__all__ = ["Feature", "Group", "Node", "Graph", "LayerPlan", "LAYER_KINDS", "ACTIVATIONS"]
-
-
 # --------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------
