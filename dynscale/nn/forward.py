@@ -81,7 +81,7 @@ def run(arch: dict, variables: Mapping, x: Array, *, widths: Array | None, train
     layer = arch["layers"][node.index]
     kind = KINDS[layer["kind"]]
     path = layer_path(node.index, profile if node.index in separate else None)
-    v = _get(variables, path) if kind.parametric else {}
+    v = get_path(variables, path) if kind.parametric else {}
 
     def record(name, slot, first, second, path=path, node=node):
       if second is None:
@@ -96,7 +96,8 @@ def run(arch: dict, variables: Mapping, x: Array, *, widths: Array | None, train
   return Trace(y.astype(jnp.float32), moments, activity)
 
 
-def _get(tree: Mapping, path: TreePath) -> Any:
+def get_path(tree: Mapping, path: TreePath) -> Any:
+  """``tree[path[0]][path[1]]...``."""
   for key in path:
     tree = tree[key]
   return tree

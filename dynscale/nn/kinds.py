@@ -236,6 +236,11 @@ def _strided_map(where: str, layer: dict, x: Feature) -> Feature:
   return Feature(_same(x.height, s), _same(x.width, s), layer["features"], False)
 
 
+def _identity_shortcut(layer: dict, x: Feature) -> bool:
+  """A residual block adds its input as it is when stride and width are kept."""
+  return layer["stride"] == 1 and x.channels == layer["features"]
+
+
 def _check_mid_features(where: str, layer: dict) -> None:
   mid = layer["mid_features"]
   if mid is not None and (isinstance(mid, bool) or not isinstance(mid, int) or mid < 1):
@@ -523,7 +528,7 @@ class ResBlock(Kind):
     return layer["mid_features"] or layer["features"]
 
   def ties_output(self, layer, x):
-    return layer["stride"] == 1 and x.channels == layer["features"]
+    return _identity_shortcut(layer, x)
 
   def idp_slots(self, layer):
     return ("in", "mid") if layer["idp"] else ()
@@ -614,7 +619,7 @@ class InvertedResidual(Kind):
     return layer["mid_features"] or layer["expansion"] * x.channels
 
   def ties_output(self, layer, x):
-    return layer["stride"] == 1 and x.channels == layer["features"]
+    return _identity_shortcut(layer, x)
 
   def _mid_slot(self, layer) -> str:
     return "mid" if self._expands(layer) else "in"

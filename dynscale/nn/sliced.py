@@ -179,12 +179,6 @@ def merge_variables(base: Mapping, update: Mapping) -> dict:
   return out
 
 
-def get_path(tree: Mapping, path: TreePath) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def set_path(tree: Mapping, path: TreePath, value: Any) -> dict:
   """A copy of ``tree`` with ``path`` set to ``value`` (copies along the path only)."""
   out = dict(tree)
@@ -203,7 +197,7 @@ def running_stats(moments: Mapping, stats: Mapping, momentum: float,
   width, the sliced path writes the computed prefix). Not differentiated.
   """
   for path, (group, mean, mean_sq) in moments.items():
-    old = get_path(stats, path)
+    old = forward.get_path(stats, path)
     var = jnp.maximum(0.0, mean_sq - mean * mean)
     new = {"mean": mean, "var": var}
     stats = set_path(stats, path, {

@@ -380,7 +380,7 @@ def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
   if isinstance(widths, Mapping):
     values = _member_widths(groups, widths)
   elif isinstance(widths, (Sequence, np.ndarray)) and not isinstance(widths, str):
-    values = list(np.asarray(widths).tolist()) if isinstance(widths, np.ndarray) else list(widths)
+    values = widths.tolist() if isinstance(widths, np.ndarray) else list(widths)
     if len(values) != len(groups):
       raise ValueError(f"widths must have one entry per prunable group ({len(groups)}: "
                        f"{[g.name for g in groups]}), got {len(values)}")
