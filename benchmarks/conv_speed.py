@@ -44,8 +44,11 @@ INPUTS = {"vgg16": (32, 32, 3), "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32
 
 
 
-def conv_shapes(arch: dict, widths, batch: int) -> list[dict]:
-  """The distinct convolutions of the sliced network of ``arch`` at ``widths``."""
+def conv_shapes(arch: dict, widths, batch: int, *, distinct: bool = True) -> list[dict]:
+  """The convolutions of the sliced network of ``arch`` at ``widths``, in order.
+
+  With ``distinct``, each shape once (what the sweep times).
+  """
   variables = jax.eval_shape(lambda: models.build(arch, rngs=models.init_rngs(0))
                              .pure_variables())
   x = jax.ShapeDtypeStruct((batch, *arch["input_shape"]), jnp.float32)
@@ -59,7 +62,7 @@ def conv_shapes(arch: dict, widths, batch: int) -> list[dict]:
                 "strides": list(eqn.params["window_strides"]),
                 "padding": [list(p) for p in eqn.params["padding"]],
                 "groups": int(eqn.params["feature_group_count"])}
-      if record not in shapes:
+      if not distinct or record not in shapes:
         shapes.append(record)
   return shapes
 

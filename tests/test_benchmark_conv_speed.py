@@ -51,3 +51,27 @@ def test_nested_control_flow_record():
       record["scan_ms_per_step"] / record["loop_ms_per_step"], rel=0.1)
   assert record["cond_over_all"] == pytest.approx(
       record["tesla_cond_ms_per_step"] / record["tesla_all_ms_per_step"], rel=0.1)
+
+
+def test_conv_time_by_layer_adds_every_repeated_shape():
+  from benchmarks import conv_time_by_layer
+  arch = models.architecture("vgg16", num_classes=10, input_shape=(32, 32, 3))
+  sweep = []
+  for dp in (1.0, 0.5):
+    for s in conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, dp), batch=2):
+      # 1 GFLOP/s everywhere but 2x2 maps, which run at 2: time = GFLOPs / rate.
+      sweep.append({"kind": "conv", "model": "vgg16", **s,
+                    "gflops": conv_speed._conv_flops(s) / 1e9,
+                    "chosen_fwd_gflops_per_s": 2.0 if s["input"][1] == 2 else 1.0})
+  full, half = conv_time_by_layer.predict(sweep, "vgg16", [0.5], batch=2)
+  every = [conv_speed._conv_flops(s) / 1e9 for s in
+           conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, 1.0), 2, distinct=False)]
+  on_2x2 = [conv_speed._conv_flops(s) / 1e9 for s in
+            conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, 1.0), 2, distinct=False)
+            if s["input"][1] == 2]
+  assert len(every) == 13 and len(on_2x2) == 3  # VGG-16's block 5 repeats one shape 3 times
+  assert full["predicted_conv_ms"] == pytest.approx(1e3 * (sum(every) - sum(on_2x2) / 2),
+                                                    abs=0.1)
+  assert half["conv_flops_ratio"] == pytest.approx(0.251, abs=0.001)
+  with pytest.raises(ValueError, match="--sweep has no record"):
+    conv_time_by_layer.predict(sweep, "vgg16", [0.25], batch=2)
