@@ -108,7 +108,7 @@ def time_shape(shape: dict, repeats: int) -> dict:
   rate = {name: (flops if name.endswith("fwd") else 3 * flops) / s["median_s"] / 1e9
           for name, s in stats.items()}
   return {"kind": "conv", **shape, "implementation": chosen, "gflops": flops / 1e9,
-          **{f"{name}_gflops_per_s": round(r, 1) for name, r in rate.items()},
+          **{f"{name}_gflops_per_s": round(r, 3) for name, r in rate.items()},
           "chosen_over_dot_fwd": round(rate["chosen_fwd"] / rate["dot_fwd"], 3),
           "chosen_over_dot_bwd": round(rate["chosen_bwd"] / rate["dot_bwd"], 3)}
 
