@@ -291,7 +291,7 @@ def _gated_net():
 class _SignGate(nnx.Module):
   """A data-dependent 0/1 gate: channel c of sample b is open where mean(y[b, :, :, c]) > 0."""
 
-  def __call__(self, x, y):
+  def __call__(self, x, y, train):
     return (jnp.mean(y, axis=(1, 2)) > 0).astype(y.dtype)
 
 
@@ -327,7 +327,7 @@ def test_per_sample_flops_under_a_gate_by_hand():
 
 
 class _OpenGate(nnx.Module):
-  def __call__(self, x, y):
+  def __call__(self, x, y, train):
     return jnp.ones((y.shape[0], y.shape[-1]), y.dtype)
 
 
@@ -339,7 +339,7 @@ def test_gated_channels_are_exact_zeros_and_the_hook_sees_batch_norm_output():
     def __init__(self, name):
       self.name = name
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, train):
       seen[self.name] = (x.shape, y.shape)
       return jnp.zeros((y.shape[0], y.shape[-1]), y.dtype).at[:, 0].set(1.0)
 

@@ -64,7 +64,7 @@ def run(arch: dict, variables: Mapping, x: Array, *, widths: Array | None, train
       prunable_groups` (may be traced); None for the sliced path.
     train: batch statistics (recorded in ``moments``) or running ones.
     profile: the MP-IDP profile (None for a single-profile network).
-    gates: ``{gate name: callable(x_in, y) -> (B, C)}`` (names
+    gates: ``{gate name: callable(x_in, y, train) -> (B, C)}`` (names
       ``layers.i`` or ``layers.i.<point>``).
     dtype: compute dtype; the output is float32.
     upto: run only layers ``0 .. upto - 1`` and return their output.

@@ -165,7 +165,7 @@ class Context:
     return out.astype(y.dtype)
 
   def gate(self, point: str, x: Array, y: Array, slot: str) -> Array:
-    """``s * y`` with ``s = gate(x, y)`` per sample and channel, if a gate hooks ``point``.
+    """``s * y`` with ``s = gate(x, y, train)`` per sample and channel, if a gate hooks ``point``.
 
     The gate's nonzero pattern, within the slot's width, is recorded as the
     activity of this output (``(B, C)`` 0/1).
@@ -173,7 +173,7 @@ class Context:
     gate = self.gates.get(self._name(point))
     if gate is None:
       return y
-    s = gate(x, y).astype(y.dtype)
+    s = gate(x, y, self.train).astype(y.dtype)
     if s.shape != (y.shape[0], y.shape[-1]):
       raise ValueError(f"gate {self._name(point)} returned shape {s.shape}, expected "
                        f"(batch, channels) = {(y.shape[0], y.shape[-1])}")

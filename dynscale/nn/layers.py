@@ -23,8 +23,9 @@ The gate hook (DESIGN invariant 10; SANP, paper 002, Eq. 3): ``build(...,
 gate=factory)`` calls ``factory(name, in_channels, out_channels, rngs)`` for
 every gate point of the network (``layers.3``, ``layers.5.conv1``, ...) and
 keeps the modules it returns (None skips a point). At run time each one
-maps ``(x_in, y)`` (the convolution's input and its batch-normed output) to
-a per-sample, per-channel multiplier ``s`` of shape ``(B, C)`` applied
+maps ``(x_in, y, train)`` (the convolution's input, its batch-normed output,
+and whether the network runs in train mode: a gate may be stochastic in
+training only) to a per-sample, per-channel multiplier ``s`` of shape ``(B, C)`` applied
 before the activation, and :meth:`IDPNet.run` records which channels each
 sample kept.
 """

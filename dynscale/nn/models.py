@@ -49,6 +49,12 @@ default IDP layers follow the figures as described in the text:
 * ``m_cifarnet`` (SANP, paper 002 §4.1, from FBS): 3x3 convs 64 (VALID),
   64, 128/2, 128, 128, 192/2, 192, 192, global average pooling, FC classes:
   174.3 M multiply-adds at 32x32.
+* ``vgg19`` (SANP's "VGGNet", 002 Table 1: Network Slimming's CIFAR VGG-19,
+  whose 6.34% / 26.74% unpruned errors SANP reports): sixteen 3x3 convs
+  (64 x2 | 128 x2 | 256 x4 | 512 x4 | 512 x4) with a 2x2 max-pool after
+  each of the first four groups, so 32x32 reaches 2x2x512, then global
+  average pooling (NS's 2x2 average pool) and FC classes: 398.5 M FLOPs by
+  SANP's formula, 20.04 M parameters.
 
 In the residual networks every layer but the stem is IDP (a block's
 profile weights the inputs of its convolutions, not of its shortcut).
@@ -177,6 +183,19 @@ def _mobilenet_v2_imagenet(width: Width, classes: int) -> list[dict]:
   return _mobilenet_v2_layers(width, classes, stem_stride=2, second_stride=2)
 
 
+_VGG19_GROUPS = (64, 128, 256, 512, 512)
+
+
+def _vgg19(width: Width, classes: int) -> list[dict]:
+  """Network Slimming's CIFAR VGG-19 (SANP's "VGGNet", 002 Table 1)."""
+  layers = []
+  for group, features in enumerate(_VGG19_GROUPS):
+    layers += [_conv(width(features), idp=bool(layers))
+               for _ in range(2 if group < 2 else 4)]
+    layers += [_POOL] if group < len(_VGG19_GROUPS) - 1 else []
+  return layers + [{"kind": "global_avgpool"}, _dense(classes, idp=True)]
+
+
 def _m_cifarnet(width: Width, classes: int) -> list[dict]:
   convs = [_conv(width(64), idp=False, padding="VALID")]
   convs += [_conv(width(f), stride=s) for f, s in ((64, 1), (128, 2), (128, 1), (128, 1),
@@ -195,6 +214,7 @@ MODELS: dict[str, Callable[[Width, int], list[dict]]] = {
     "mobilenet_v2": _mobilenet_v2,
     "mobilenet_v2_imagenet": _mobilenet_v2_imagenet,
     "m_cifarnet": _m_cifarnet,
+    "vgg19": _vgg19,
 }
 
 

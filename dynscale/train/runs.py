@@ -21,7 +21,7 @@ from flax import nnx
 
 from dynscale import data, io, plots
 from dynscale.nn import models, sliced
-from dynscale.train import loop, steps, validation
+from dynscale.train import loop, protocols, steps, validation
 from dynscale.train.state import TrainState, merge_model
 from dynscale.train.writers import MetricWriter
 
@@ -130,15 +130,16 @@ def curve(x: str, y: str, points) -> dict:
   return {"x": x, "y": y, "points": [[float(a), float(b)] for a, b in points]}
 
 
-def title(method: str, model: str, dataset: str) -> str:
-  """A plot title naming what ran: ``'<method>: <model> on <dataset>'``."""
-  return f"{method}: {model} on {dataset}"
+def title(method: str, model: str, dataset: str, protocol: str = "paper") -> str:
+  """A plot title naming what ran: ``'<method>: <model> on <dataset>'``, and the
+  protocol unless it is the paper's."""
+  return f"{method}: {model} on {dataset}" + ("" if protocol == "paper" else f", {protocol} protocol")
 
 
 def report_curves(run: Run, curves: dict) -> None:
   """Logs each curve as a table and plots it to ``<workdir>/<name>.png`` (process 0),
   titled with the method, model and dataset that ran."""
-  heading = title(run.config.method, run.arch["name"], run.dataset.name)
+  heading = title(run.config.method, run.arch["name"], run.dataset.name, run.config.protocol)
   for name, c in curves.items():
     labelled = {run.config.method: c}
     logging.info("%s, %s:\n%s", heading, name, plots.format_curves_table(labelled))
@@ -168,6 +169,7 @@ def finish(run: Run, graphdef: nnx.GraphDef, state: TrainState, metrics: dict) -
   d = run.dataset
   results = {
       "config": run.config.to_dict(),
+      "protocol": protocols.record(run.config),
       "dataset": {"name": d.name, "source": d.source, "num_classes": d.num_classes,
                   "train": len(d.train_y), "val": len(d.val_y), "test": len(d.test_y)},
       "model": {"name": run.arch["name"], "architecture": run.arch,

@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from dynscale import io, plots
+from dynscale.train import protocols
 
 
 class Method(Protocol):
@@ -90,12 +91,15 @@ def variant_summary(results: Mapping) -> dict:
           **scalars}
 
 
-def figure_title(title: str, summaries: Mapping[str, Mapping]) -> str:
+def figure_title(title: str, summaries: Mapping[str, Mapping], protocol: str = "paper") -> str:
   """``title`` followed by every model, dataset and method the variants ran, e.g.
-  ``'000 Table 1: tesla_mlp on fashion_mnist (idp, tesla)'``."""
+  ``'000 Table 1: tesla_mlp on fashion_mnist (idp, tesla)'``, and the protocol
+  unless it is the paper's."""
   def names(key: str) -> str:
     return ", ".join(sorted({summary[key] for summary in summaries.values()}))
   ran = f"{names('model')} on {names('dataset')} ({names('method')})"
+  if protocol != "paper":
+    ran += f", {protocol} protocol"
   return f"{title}: {ran}" if title else ran
 
 
@@ -125,10 +129,10 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
-  title = figure_title(config.get("title", ""), summaries)
+  title = figure_title(config.get("title", ""), summaries, config.protocol)
   for curve_name, curves in curves_by_name(summaries).items():
     plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
     logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))
-  figure = {"title": title, "variants": summaries}
+  figure = {"title": title, "protocol": protocols.record(config), "variants": summaries}
   io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
   return figure

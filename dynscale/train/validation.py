@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dynscale.kernels import idp
 from dynscale.data import DATASETS
 from dynscale.nn.models import MODELS
+from dynscale.train import protocols
 from dynscale.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -94,7 +95,8 @@ def check_train(config) -> None:
 
 
 def check_core(config) -> None:
-  """Checks the blocks every method shares: seed, data, model, optimizer, train."""
+  """Checks the blocks every method shares: protocol, seed, data, model, optimizer, train."""
+  protocols.check(config.get("protocol"))
   non_negative_int(config.seed, "seed")
   check_data(config.data)
   check_model(config.model)

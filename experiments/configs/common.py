@@ -6,6 +6,8 @@ field can also be set on the command line, e.g. ``--config.train.num_epochs=3``.
 
 import ml_collections
 
+from dynscale.train import protocols
+
 DPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -68,6 +70,26 @@ def evaluation(*, dps=DPS, bn_mode: str = "shared") -> ml_collections.ConfigDict
   ))
 
 
+def split_arg(arg: str, field: str, allowed, *, cpu_allowed=None) -> tuple[str, str]:
+  """A config argument ``'<choice>[,<protocol>]'`` -> ``(choice, protocol)``, e.g.
+  ``'vgg16,cpu' -> ('vgg16', 'cpu')``; the protocol defaults to ``'paper'``.
+
+  Raises naming ``field`` and its allowed values, or the protocols
+  (:data:`dynscale.train.protocols.NAMES`); ``cpu_allowed`` lists the choices the
+  ``cpu`` protocol applies to (default: all).
+  """
+  choice, _, protocol = arg.partition(",")
+  if choice not in allowed:
+    raise ValueError(f"{field} must be one of {tuple(allowed)}, optionally followed by "
+                     f"',<protocol>', got {arg!r}")
+  protocol = protocol or "paper"
+  protocols.check(protocol)
+  cpu_allowed = tuple(allowed if cpu_allowed is None else cpu_allowed)
+  if protocol == "cpu" and choice not in cpu_allowed:
+    raise ValueError(f"{field}: the cpu protocol is for {cpu_allowed} (CIFAR), got {arg!r}")
+  return choice, protocol
+
+
 def overrides(**dotted) -> dict:
   """Nested overrides from dotted paths: ``overrides(**{"model.profile": "linear"})``.
 
@@ -89,6 +111,7 @@ def base(method: str, **blocks) -> ml_collections.ConfigDict:
   block at its default unless given."""
   config = ml_collections.ConfigDict()
   config.method = method
+  config.protocol = "paper"  # or 'cpu': dynscale.train.protocols, set by with_protocol
   config.seed = 0
   config.data = blocks.pop("data", data())
   config.model = blocks.pop("model", model())

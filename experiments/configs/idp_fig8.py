@@ -3,8 +3,11 @@ binarized network. ``:mlp`` and ``:binary_net`` run on MNIST, ``:vgg16`` and
 ``:mobilenet`` on CIFAR-10 (both from DYNSCALE_DATA_DIR). 001 gives no training
 settings; the CIFAR panels use our recipe (``common.cifar_sgd``: SGD momentum
 0.9, weight decay 5e-4, cosine decay), which their results must name.
+``:vgg16,cpu`` and ``:mobilenet,cpu`` run a CIFAR panel under the ``cpu``
+protocol (:mod:`dynscale.train.protocols`), without early stopping.
 """
 
+from dynscale.train import protocols
 from experiments.configs import common
 
 PANELS = {
@@ -17,18 +20,18 @@ PANELS = {
 
 
 def get_config(arg: str = "mlp"):
-  if arg not in PANELS:
-    raise ValueError(f"idp_fig8 panel must be one of {tuple(PANELS)}, got {arg!r}")
-  dataset, batch, opt, lr, epochs = PANELS[arg]
+  panel, protocol = common.split_arg(arg, "idp_fig8 panel", PANELS,
+                                     cpu_allowed=("vgg16", "mobilenet"))
+  dataset, batch, opt, lr, epochs = PANELS[panel]
   optimizer = (common.cifar_sgd(lr) if opt == "sgd"
                else common.optimizer(opt, learning_rate=lr))
   config = common.base(
       "idp",
       data=common.data(dataset, batch_size=batch, val_size=5000),
-      model=common.model(arg),
+      model=common.model(panel),
       optimizer=optimizer,
       train=common.train(num_epochs=epochs),
   )
   config.title = "001 Fig. 8: all-one vs linear"
   config.variants = {p: common.overrides(**{"model.profile": p}) for p in ("all-one", "linear")}
-  return config
+  return protocols.apply(config, protocol)

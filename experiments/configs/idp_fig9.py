@@ -10,8 +10,10 @@ IDP layer, as Fig. 9 says ("the beginning 40% of input channels in the IDP
 layer are shared between all three profiles"). 001 gives no training
 settings; the VGG-16 panel uses our recipe (``common.cifar_sgd``: SGD momentum
 0.9, weight decay 5e-4, cosine decay), which its results must name.
+``:vgg16,cpu`` runs it under the ``cpu`` protocol (:mod:`dynscale.train.protocols`).
 """
 
+from dynscale.train import protocols
 from experiments.configs import common
 
 PANELS = {
@@ -22,9 +24,8 @@ PANELS = {
 
 
 def get_config(arg: str = "mlp"):
-  if arg not in PANELS:
-    raise ValueError(f"idp_fig9 panel must be one of {tuple(PANELS)}, got {arg!r}")
-  model, dataset, batch, opt, lr, epochs, ranges = PANELS[arg]
+  panel, protocol = common.split_arg(arg, "idp_fig9 panel", PANELS, cpu_allowed=("vgg16",))
+  model, dataset, batch, opt, lr, epochs, ranges = PANELS[panel]
   optimizer = (common.cifar_sgd(lr) if opt == "sgd"
                else common.optimizer(opt, learning_rate=lr))
   config = common.base(
@@ -39,4 +40,4 @@ def get_config(arg: str = "mlp"):
       "linear": {},
       "mp-idp": common.overrides(**{"method": "mpidp", "model.mp_profiles": ranges}),
   }
-  return config
+  return protocols.apply(config, protocol)

@@ -10,10 +10,16 @@ their results name it in the title. The paper starts from ImageNet weights;
 none can be downloaded here, so VGG-16 trains from scratch (first the 100%
 task, as every schedule does). Variants: original IDP with all-one and linear
 profiles, MP-IDP, TESLA and R-TESLA (linear), and TESLA on the GAP variant of
-VGG-16 with class activation maps at 20/50/100% DP (000 §4.2, Figs. 5-6).
+VGG-16 with class activation maps at 10/20/30/50/100% DP (000 §4.2, Figs. 5-6).
 Needs CIFAR files (DYNSCALE_DATA_DIR); meant for a GPU.
+
+``:cifar10,cpu`` / ``:cifar100,cpu`` run the column under the ``cpu`` protocol
+(:mod:`dynscale.train.protocols`: width x 0.25, 10 epochs per stage, one SGD
+recipe); its ``idp-all-one`` variant, the plain network trained at 100%,
+is the unpruned baseline, and the IDP variants train without early stopping.
 """
 
+from dynscale.train import protocols
 from experiments.configs import common
 
 COLUMNS = {
@@ -22,14 +28,15 @@ COLUMNS = {
 }
 RECIPE = "-recipe"
 LEARNING_RATE = 0.004  # Table 1
+CAM_DPS = (0.1, 0.2, 0.3, 0.5, 1.0)  # Figs. 5-6
 
 
 def get_config(arg: str = "cifar10"):
-  column = arg.removesuffix(RECIPE)
-  if column not in COLUMNS:
-    raise ValueError(f"tesla_vgg16_cifar column must be one of {tuple(COLUMNS)}, optionally "
-                     f"with {RECIPE!r}, got {arg!r}")
-  recipe = arg.endswith(RECIPE)
+  recipes = tuple(column + RECIPE for column in COLUMNS)
+  choice, protocol = common.split_arg(arg, "tesla_vgg16_cifar column", (*COLUMNS, *recipes),
+                                      cpu_allowed=tuple(COLUMNS))
+  column = choice.removesuffix(RECIPE)
+  recipe = choice.endswith(RECIPE)
   tasks, batch, mp_ranges = COLUMNS[column]
   optimizer = (common.cifar_sgd(LEARNING_RATE) if recipe
                else common.optimizer("sgd", learning_rate=LEARNING_RATE, momentum=0.9))
@@ -42,13 +49,14 @@ def get_config(arg: str = "cifar10"):
   )
   config.title = "000 Table 1 / Fig. 4, from scratch" + (
       ", not Table 1's optimizer: weight decay 5e-4, cosine decay" if recipe else "")
-  idp = {"method": "idp", "train.num_epochs": 60, "train.patience": 8}
+  idp = ({"method": "idp", "train.num_epochs": 60, "train.patience": 8} if protocol == "paper"
+         else {"method": "idp", "train.patience": 0})
   config.variants = {name: common.overrides(**dotted) for name, dotted in {
       "idp-all-one": {**idp, "model.profile": "all-one"},
       "idp-linear": idp,
       "mp-idp": {**idp, "method": "mpidp", "model.mp_profiles": mp_ranges},
       "tesla": {},
       "rtesla": {"schedule.name": "rtesla"},
-      "tesla-gap-cam": {"model.name": "vgg16_gap", "cam.enabled": True},
+      "tesla-gap-cam": {"model.name": "vgg16_gap", "cam.enabled": True, "cam.dps": CAM_DPS},
   }.items()}
-  return config
+  return protocols.apply(config, protocol)

@@ -1,0 +1,242 @@
+"""SANP's gates: saliency, binarization and the gated layer (paper 002, §3.1-3.3).
+
+A gate sits on a convolution's output through the core's gate hook
+(:mod:`dynscale.nn.layers`) and returns Eq. 3's per-sample, per-channel
+multiplier ``s * b``: the saliency ``s`` rescales the channels it keeps and
+the decision ``b`` zeroes the others exactly, so a closed channel costs
+nothing (Eq. 4) and :func:`dynscale.nn.costs.sample_flops` counts it out.
+
+* :class:`SPM` (the paper's Saliency-and-Pruning Module, Eq. 1, 5-6):
+  ``s = W2 ReLU(W1 GAP(x))`` from the layer's input ``x``, then ``b`` by
+  :func:`binarize` (Eq. 7-8). Eq. 2 writes ``b^l = Binarize(s^{l-1})``; the
+  decision of layer ``l`` must come from the saliency of layer ``l``'s own
+  channels, so it is read as ``s^l``.
+* :class:`StaticSaliency` (§5.1's STATIC ablation): ``s`` is one learned
+  vector per layer, the same for every sample; same binarization.
+* :class:`FixedK` (§5.1's FIXED-K ablation): ``s`` from an SPM, ``b`` keeps
+  the ``k`` channels of highest saliency per sample, ``k`` fixed per layer.
+
+Every gate starts at ``s = 1`` (``W2 = 0``, bias one), where the
+evaluation-mode decision keeps every channel: inserting gates into a
+trained backbone leaves its evaluation-mode function unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+MIX_PER = ("sample", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Binarization:
+  """Improved semantic hashing (Kaiser & Bengio 2018), 002 Eq. 7-8.
+
+  a, b: the saturating sigmoid ``max(0, min(1, a sigma(s + xi) - b))``.
+  sigma: standard deviation of the training noise ``xi`` (the paper: 1).
+  mix: probability that the forward uses the hard code ``s2`` rather than
+    ``s1`` (the paper: half the time).
+  mix_per: ``'sample'`` draws that choice per sample, ``'step'`` once per call.
+  """
+
+  a: float = 1.2
+  b: float = 0.1
+  sigma: float = 1.0
+  mix: float = 0.5
+  mix_per: str = "sample"
+
+  def __post_init__(self):
+    if not self.a > 0:
+      raise ValueError(f"binarization.a must be > 0, got {self.a}")
+    if not 0 <= self.b < self.a:
+      raise ValueError(f"binarization.b must be in [0, a) = [0, {self.a}), got {self.b}")
+    if not self.sigma >= 0:
+      raise ValueError(f"binarization.sigma must be >= 0, got {self.sigma}")
+    if not 0 <= self.mix <= 1:
+      raise ValueError(f"binarization.mix must be in [0, 1], got {self.mix}")
+    if self.mix_per not in MIX_PER:
+      raise ValueError(f"binarization.mix_per must be one of {MIX_PER}, got {self.mix_per!r}")
+
+
+def saturating_sigmoid(s: Array, a: float, b: float) -> Array:
+  """``max(0, min(1, a sigma(s) - b))`` (002 Eq. 7 without the noise)."""
+  return jnp.clip(a * jax.nn.sigmoid(s) - b, 0.0, 1.0)
+
+
+class Code(NamedTuple):
+  """A binarization's output: the decision ``b`` the forward uses, and the relaxed
+  code ``s1`` the cost loss reads (``sat(s)`` in evaluation)."""
+
+  decision: Array
+  relaxed: Array
+
+
+def binarize(s: Array, key: Array | None, config: Binarization, *, train: bool) -> Code:
+  """The pruning decision ``b`` of saliency ``s`` ``(B, C)``, 002 Eq. 7-8.
+
+  Training: ``s1 = sat(s + xi)`` with ``xi ~ N(0, sigma^2)``, ``s2 = 1(s1 > 0.5)``;
+  the forward uses ``s2`` with probability ``mix`` (per sample or per call)
+  and ``s1`` otherwise, and the gradient always flows through ``s1``
+  (``s1 + stop_gradient(s2 - s1)``). Evaluation: ``s2`` of ``sat(s)``, no noise.
+  A code of 0 is an exact zero either way.
+  """
+  if not train:
+    s1 = saturating_sigmoid(s, config.a, config.b)
+    return Code((s1 > 0.5).astype(s.dtype), s1)
+  noise_key, mix_key = jax.random.split(key)
+  xi = config.sigma * jax.random.normal(noise_key, s.shape, s.dtype)
+  s1 = saturating_sigmoid(s + xi, config.a, config.b)
+  s2 = (s1 > 0.5).astype(s.dtype)
+  hard = s1 + jax.lax.stop_gradient(s2 - s1)
+  draws = (s.shape[0], 1) if config.mix_per == "sample" else (1, 1)
+  use_hard = jax.random.bernoulli(mix_key, config.mix, draws)
+  return Code(jnp.where(use_hard, hard, s1), s1)
+
+
+def top_k_mask(s: Array, k: int) -> Array:
+  """1 at the ``k`` largest entries of each row of ``s`` ``(B, C)``, else 0 (FIXED-K)."""
+  _, index = jax.lax.top_k(s, k)
+  return jnp.sum(jax.nn.one_hot(index, s.shape[-1], dtype=s.dtype), axis=-2)
+
+
+def kept_channels(keep: float, channels: int) -> int:
+  """FIXED-K's ``k`` of a layer: ``keep`` of its channels, rounded, at least one."""
+  return max(1, min(channels, round(keep * channels)))
+
+
+class NoiseKey(nnx.Variable):
+  """A gate's noise stream: the raw data of its next PRNG key (uint32, so it
+  checkpoints as a plain array and a resumed run draws what it would have)."""
+
+
+class _Gate(nnx.Module):
+  """Eq. 3's multiplier ``s * b`` from a saliency and a decision rule."""
+
+  def saliency(self, x: Array) -> Array:
+    raise NotImplementedError
+
+  def decide(self, s: Array, train: bool) -> Code:
+    raise NotImplementedError
+
+  def __call__(self, x: Array, y: Array, train: bool) -> Array:
+    """Eq. 3's ``s * b``; sows the saliency and the relaxed code as ``nnx.Intermediate``
+    ``saliency_out`` / ``relaxed_out`` for the cost loss (:mod:`dynscale.sanp.objective`)."""
+    s = self.saliency(x).astype(jnp.float32)
+    code = self.decide(s, train)
+    self.sow(nnx.Intermediate, "saliency_out", s)
+    self.sow(nnx.Intermediate, "relaxed_out", code.relaxed)
+    return s * code.decision
+
+
+class _BinarizedGate(_Gate):
+  """A gate whose decision is :func:`binarize` of its saliency, with its own noise stream."""
+
+  def __init__(self, binarization: Binarization, rngs: nnx.Rngs):
+    self.binarization = binarization
+    key = rngs.params()
+    self.key_impl = str(jax.random.key_impl(key))
+    self.noise = NoiseKey(jax.random.key_data(key))
+
+  def next_key(self) -> Array:
+    key, draw = jax.random.split(jax.random.wrap_key_data(self.noise.value, impl=self.key_impl))
+    self.noise.value = jax.random.key_data(key)
+    return draw
+
+  def decide(self, s, train):
+    return binarize(s, self.next_key() if train else None, self.binarization, train=train)
+
+
+def _descriptor(x: Array) -> Array:
+  """Eq. 5: the channel descriptor, global average pooling of ``x`` ``(B, H, W, C)``."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class _SPMHead(nnx.Module):
+  """Eq. 6's ``W2 ReLU(W1 d)``, ``W1: C_in -> C_out / r``, starting at ``s = 1``
+  (``W2 = 0``, bias 1: its gradient is not zero, so the head learns from there)."""
+
+  def __init__(self, c_in: int, c_out: int, reduction: int, rngs: nnx.Rngs):
+    if not 1 <= reduction <= c_out:
+      raise ValueError(f"sanp.reduction must be in [1, {c_out}] (the layer's output "
+                       f"channels), got {reduction}")
+    hidden = max(1, c_out // reduction)
+    self.w1 = nnx.Linear(c_in, hidden, rngs=rngs)
+    self.w2 = nnx.Linear(hidden, c_out, kernel_init=nnx.initializers.zeros,
+                         bias_init=nnx.initializers.ones, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.w2(jax.nn.relu(self.w1(_descriptor(x))))
+
+
+class SPM(_BinarizedGate):
+  """The Saliency-and-Pruning Module (002 Eq. 1-8): per-sample saliency from the
+  layer's input, binarized."""
+
+  def __init__(self, c_in: int, c_out: int, *, reduction: int, binarization: Binarization,
+               rngs: nnx.Rngs):
+    super().__init__(binarization, rngs)
+    self.head = _SPMHead(c_in, c_out, reduction, rngs)
+
+  def saliency(self, x):
+    return self.head(x)
+
+
+class StaticSaliency(_BinarizedGate):
+  """STATIC (002 §5.1): one learned saliency vector for every sample, binarized."""
+
+  def __init__(self, c_out: int, *, binarization: Binarization, rngs: nnx.Rngs):
+    super().__init__(binarization, rngs)
+    self.vector = nnx.Param(jnp.ones((c_out,), jnp.float32))
+
+  def saliency(self, x):
+    return jnp.broadcast_to(self.vector.value, (x.shape[0], self.vector.value.shape[0]))
+
+
+class FixedK(_Gate):
+  """FIXED-K (002 §5.1): SPM saliency, keep the ``k`` most salient channels per sample."""
+
+  def __init__(self, c_in: int, c_out: int, *, reduction: int, keep: float, rngs: nnx.Rngs):
+    self.head = _SPMHead(c_in, c_out, reduction, rngs)
+    self.k = kept_channels(keep, c_out)
+
+  def saliency(self, x):
+    return self.head(x)
+
+  def decide(self, s, train):
+    del train
+    mask = top_k_mask(s, self.k)
+    return Code(mask, mask)
+
+
+VARIANTS = ("sanp", "static", "fixed_k")
+
+GateFactory = Callable[[str, int, int, nnx.Rngs], nnx.Module]
+
+
+def gate_factory(variant: str, *, reduction: int = 16,
+                 binarization: Binarization = Binarization(),
+                 keep: float | None = None) -> GateFactory:
+  """The ``gate=`` factory of :func:`dynscale.nn.models.build` for ``variant``
+  (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels."""
+  if variant not in VARIANTS:
+    raise ValueError(f"sanp.variant must be one of {VARIANTS}, got {variant!r}")
+  if variant == "fixed_k" and not (keep is not None and 0 < keep <= 1):
+    raise ValueError(f"sanp.keep must be in (0, 1] for fixed_k, got {keep}")
+
+  def factory(name: str, c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Module:
+    del name
+    if variant == "sanp":
+      return SPM(c_in, c_out, reduction=reduction, binarization=binarization,
+                 rngs=rngs)
+    if variant == "static":
+      return StaticSaliency(c_out, binarization=binarization, rngs=rngs)
+    return FixedK(c_in, c_out, reduction=reduction, keep=keep, rngs=rngs)
+  return factory

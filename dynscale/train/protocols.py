@@ -1,0 +1,93 @@
+"""Experiment protocols: the papers' settings, or a size that finishes on two CPU cores.
+
+Every config has a ``protocol`` field, and every ``results.json`` records it
+(:func:`record`).
+
+* ``'paper'``: the config file's own settings, as close to the paper as the
+  paper says (meant for a GPU on CIFAR).
+* ``'cpu'``: the same method, network family, data and comparisons at a size
+  one variant of which trains in under an hour on 2 cores (:data:`CPU`):
+  the full CIFAR training split with 5,000 of its images held out for
+  validation (drawn with the run's seed), always the full test split; every
+  hidden width x 0.25; at most 10 epochs per training stage; one optimizer
+  recipe for every method, from scratch (the papers start VGG-16 from
+  ImageNet weights, which cannot be had here): SGD, momentum 0.9, batch 128,
+  learning rate 0.05 with cosine decay over the run, weight decay 5e-4,
+  random crop and flip; R-TESLA's total budget 20 epochs.
+
+:func:`apply` sets a protocol's settings on a config (before command-line
+overrides); :func:`deviations` lists the fields a run changed afterwards, so
+that a shortened smoke run never passes for the protocol itself.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+NAMES = ("paper", "cpu")
+
+CPU = {
+    "data.val_size": 5000,
+    "data.batch_size": 128,
+    "data.augment": "auto",
+    "model.width_multiplier": 0.25,
+    "train.num_epochs": 10,
+    "optimizer.name": "sgd",
+    "optimizer.learning_rate": 0.05,
+    "optimizer.momentum": 0.9,
+    "optimizer.nesterov": False,
+    "optimizer.schedule": "cosine",
+    "optimizer.weight_decay": 5e-4,
+    "optimizer.warmup_steps": 0,
+    "schedule.epoch_budget": 20,  # R-TESLA's total epochs (TESLA configs only)
+}
+"""The ``cpu`` protocol's settings: dotted config path -> value."""
+
+
+def check(name) -> None:
+  """Raises unless ``name`` is a protocol, naming the allowed values."""
+  if name not in NAMES:
+    raise ValueError(f"protocol must be one of {NAMES}, got {name!r}")
+
+
+def settings(name: str, config: ml_collections.ConfigDict) -> dict[str, object]:
+  """The fields protocol ``name`` fixes in ``config``, as ``{dotted path: value}``
+  (none for ``'paper'``: the config file's own values are the paper's)."""
+  check(name)
+  if name == "paper":
+    return {}
+  return {path: value for path, value in CPU.items() if path.split(".")[0] in config}
+
+
+def _parent(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collections.ConfigDict, str]:
+  block, leaf = path.split(".")
+  return config[block], leaf
+
+
+def apply(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` under protocol ``name``: its settings applied and
+  ``config.protocol`` set."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path, value in settings(name, config).items():
+    node, leaf = _parent(config, path)
+    node[leaf] = value
+  config.protocol = name
+  return config
+
+
+def deviations(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """The fields of ``config`` that differ from its protocol's settings:
+  ``{path: {"protocol": value, "run": value}}`` (empty when the run is the protocol)."""
+  found = {}
+  for path, value in settings(config.protocol, config).items():
+    node, leaf = _parent(config, path)
+    if node[leaf] != value:
+      found[path] = {"protocol": value, "run": node[leaf]}
+  return found
+
+
+def record(config: ml_collections.ConfigDict) -> dict:
+  """What ``results.json`` says of the protocol: its name, the settings it fixes
+  and the fields this run changed."""
+  return {"name": config.protocol, "settings": settings(config.protocol, config),
+          "deviations": deviations(config)}

@@ -1,0 +1,163 @@
+"""The ``cpu`` protocol of the CIFAR experiments: its documented settings, bad
+protocols refused before compute, what results record, and a tiny-size run
+of every CIFAR config under it."""
+
+import io
+import json
+import lzma
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from dynscale.train import protocols, sweep
+from experiments import main as launcher
+from experiments.configs import common, idp_fig8, idp_fig9, tesla_vgg16_cifar
+
+# The protocol as README and dynscale.train.protocols document it, written out here.
+CPU_SETTINGS = {
+    ("data", "val_size"): 5000, ("data", "batch_size"): 128, ("data", "augment"): "auto",
+    ("model", "width_multiplier"): 0.25, ("train", "num_epochs"): 10,
+    ("optimizer", "name"): "sgd", ("optimizer", "learning_rate"): 0.05,
+    ("optimizer", "momentum"): 0.9, ("optimizer", "nesterov"): False,
+    ("optimizer", "schedule"): "cosine", ("optimizer", "weight_decay"): 5e-4,
+    ("optimizer", "warmup_steps"): 0,
+}
+RTESLA_EPOCH_BUDGET = 20
+
+CIFAR_CONFIGS = [(idp_fig8, "vgg16"), (idp_fig8, "mobilenet"), (idp_fig9, "vgg16"),
+                 (tesla_vgg16_cifar, "cifar10"), (tesla_vgg16_cifar, "cifar100")]
+IDS = [f"{module.__name__.split('.')[-1]}:{arg}" for module, arg in CIFAR_CONFIGS]
+
+
+@pytest.mark.parametrize("module, arg", CIFAR_CONFIGS, ids=IDS)
+def test_every_variant_of_a_cifar_config_under_the_cpu_protocol_has_the_documented_settings(
+    module, arg):
+  config = module.get_config(f"{arg},cpu")
+  paper = module.get_config(arg)
+  for name, variant in sweep.variant_configs(config).items():
+    assert variant.protocol == "cpu"
+    for (block, field), value in CPU_SETTINGS.items():
+      assert variant[block][field] == value, (name, block, field)
+    if "schedule" in variant:
+      assert variant.schedule.epoch_budget == RTESLA_EPOCH_BUDGET
+    assert protocols.deviations(variant) == {}, name
+    # Everything else is the paper config's: same data, method, network, comparisons.
+    paper_variant = sweep.variant_configs(paper)[name]
+    assert (variant.data.dataset, variant.method, variant.model.name, variant.model.profile) == (
+        paper_variant.data.dataset, paper_variant.method, paper_variant.model.name,
+        paper_variant.model.profile)
+  assert set(config.variants) == set(paper.variants)
+
+
+def test_idp_variants_of_table_1_train_the_cpu_epochs_without_early_stopping():
+  variants = sweep.variant_configs(tesla_vgg16_cifar.get_config("cifar10,cpu"))
+  for name in ("idp-all-one", "idp-linear", "mp-idp"):
+    assert (variants[name].train.num_epochs, variants[name].train.patience) == (10, 0)
+  assert variants["tesla"].train.patience == 4  # TESLA's stopping rule stays Table 1's
+  assert variants["tesla-gap-cam"].cam.dps == (0.1, 0.2, 0.3, 0.5, 1.0)  # Figs. 5-6
+
+
+def test_the_paper_protocol_is_the_default_and_changes_nothing():
+  config = tesla_vgg16_cifar.get_config("cifar10")
+  assert config.protocol == "paper"
+  assert (config.model.width_multiplier, config.optimizer.learning_rate,
+          config.data.batch_size) == (1.0, 0.004, 32)
+  assert protocols.record(config) == {"name": "paper", "settings": {}, "deviations": {}}
+
+
+@pytest.mark.parametrize("module, arg, message", [
+    (tesla_vgg16_cifar, "cifar10,gpu", r"protocol must be one of \('paper', 'cpu'\), got 'gpu'"),
+    (idp_fig8, "vgg16,laptop", r"protocol must be one of \('paper', 'cpu'\), got 'laptop'"),
+    (idp_fig8, "mlp,cpu", r"idp_fig8 panel: the cpu protocol is for \('vgg16', 'mobilenet'\)"),
+    (idp_fig9, "mlp,cpu", r"idp_fig9 panel: the cpu protocol is for \('vgg16',\)"),
+    (tesla_vgg16_cifar, "cifar10-recipe,cpu",
+     r"the cpu protocol is for \('cifar10', 'cifar100'\)"),
+])
+def test_a_config_argument_with_a_bad_protocol_names_the_allowed_values(module, arg, message):
+  with pytest.raises(ValueError, match=message):
+    module.get_config(arg)
+
+
+def test_an_unknown_protocol_set_on_the_command_line_fails_before_anything_is_written(
+    tmp_path):
+  config = idp_fig8.get_config("vgg16,cpu")
+  config.protocol = "gpu"
+  with pytest.raises(ValueError, match=r"variants.all-one: protocol must be one of "
+                                       r"\('paper', 'cpu'\), got 'gpu'"):
+    launcher.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_split_arg_defaults_to_the_paper_protocol():
+  assert common.split_arg("vgg16", "panel", ("vgg16",)) == ("vgg16", "paper")
+  assert common.split_arg("vgg16,cpu", "panel", ("vgg16",)) == ("vgg16", "cpu")
+  with pytest.raises(ValueError, match=r"panel must be one of \('vgg16',\), optionally followed "
+                                       r"by ',<protocol>', got 'resnet'"):
+    common.split_arg("resnet", "panel", ("vgg16",))
+
+
+# --------------------------------------------------------------------------
+# A tiny-size run of every CIFAR config under the cpu protocol.
+# --------------------------------------------------------------------------
+
+def write_fake_cifar(directory, name: str, num_classes: int) -> None:
+  """Random images in the ``<name>_uint8.npz.xz`` layout: two per class to
+  train on plus a few, and a small test split."""
+  rng = np.random.default_rng(0)
+  num_train, num_test = 2 * num_classes + 24, 20
+  arrays = {"x_train": rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
+            "y_train": np.arange(num_train) % num_classes,
+            "x_test": rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
+            "y_test": np.arange(num_test) % num_classes}
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  (directory / f"{name}_uint8.npz.xz").write_bytes(lzma.compress(buffer.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("cifar")
+  write_fake_cifar(directory, "cifar10", 10)
+  write_fake_cifar(directory, "cifar100", 100)
+  return directory
+
+
+def shrunk(config, data_dir):
+  """``config`` at smoke-test size: what a user would override on the command line."""
+  config.data.data_dir = str(data_dir)
+  config.data.val_size = 12
+  config.data.batch_size = 16
+  config.data.eval_batch_size = 20
+  config.model.width_multiplier = 1 / 16
+  config.train.num_epochs = 1
+  config.eval.dps = (0.5, 1.0)
+  config.tensorboard = False
+  if "schedule" in config:
+    config.train.patience = 1
+    config.schedule.epoch_budget = 2
+    config.cam.num_images = 2
+  return config
+
+
+@pytest.mark.parametrize("module, arg", [
+    (idp_fig8, "vgg16"), (idp_fig8, "mobilenet"), (idp_fig9, "vgg16"),
+    (tesla_vgg16_cifar, "cifar10"),
+    pytest.param(tesla_vgg16_cifar, "cifar100", marks=pytest.mark.slow),
+], ids=IDS)
+def test_a_tiny_run_of_every_cifar_config_under_the_cpu_protocol_records_it(
+    module, arg, fake_cifar, tmp_path):
+  config = shrunk(module.get_config(f"{arg},cpu"), fake_cifar)
+  figure = launcher.train_and_evaluate(config, str(tmp_path))
+  assert figure["title"].endswith(", cpu protocol")
+  assert PIL.Image.open(tmp_path / "test_accuracy_by_dp.png").text["Title"] == figure["title"]
+  recorded = figure["protocol"]
+  assert recorded["name"] == "cpu"
+  assert recorded["deviations"]["model.width_multiplier"] == {"protocol": 0.25, "run": 1 / 16}
+  assert recorded["deviations"]["train.num_epochs"] == {"protocol": 10, "run": 1}
+  assert "optimizer.learning_rate" not in recorded["deviations"]  # left as the protocol has it
+  for name in config.variants:
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["protocol"] == recorded
+    assert results["config"]["model"]["width_multiplier"] == 1 / 16
+    assert len(results["curves"]["test_accuracy_by_dp"]["points"]) == 2

@@ -1,0 +1,291 @@
+"""SANP's gates and objective (paper 002 Eq. 3-10), checked against the
+equations written out here, and its backbones' published sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynscale.nn import costs, models, spec
+from dynscale.sanp import gates, objective
+
+
+def paper_s1(s, xi=0.0, a=1.2, b=0.1):
+  """Eq. 7 by hand: max(0, min(1, a * sigmoid(s + xi) - b))."""
+  return np.clip(a / (1.0 + np.exp(-(np.asarray(s, np.float64) + xi))) - b, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Binarization (Eq. 7-8)
+# --------------------------------------------------------------------------
+
+def test_evaluation_codes_are_deterministic_hard_codes_of_eq_7_without_noise():
+  s = jnp.linspace(-3, 3, 61, dtype=jnp.float32).reshape(1, -1)
+  config = gates.Binarization()
+  first = gates.binarize(s, None, config, train=False)
+  second = gates.binarize(s, None, config, train=False)
+  np.testing.assert_array_equal(first.decision, second.decision)
+  np.testing.assert_array_equal(first.decision, (paper_s1(s) > 0.5).astype(np.float32))
+  np.testing.assert_allclose(first.relaxed, paper_s1(s), atol=1e-6)
+
+
+def test_training_noise_has_the_configured_spread_and_s1_follows_eq_7():
+  s = jnp.zeros((1, 20000), jnp.float32)
+  key = jax.random.key(0)
+  code = gates.binarize(s, key, gates.Binarization(sigma=1.0, mix=0.0), train=True)
+  xi = jax.random.normal(jax.random.split(key)[0], s.shape, s.dtype)  # the noise it drew
+  np.testing.assert_allclose(code.relaxed, paper_s1(s, np.asarray(xi)), atol=1e-6)
+  np.testing.assert_allclose(code.decision, code.relaxed)  # mix 0: the forward uses s1
+  assert 0.97 < float(jnp.std(xi)) < 1.03
+
+
+def test_the_gradient_through_a_hard_code_is_the_s1_paths_under_the_same_noise():
+  s = jax.random.normal(jax.random.key(1), (8, 16))
+  weights = jax.random.normal(jax.random.key(2), (8, 16))
+  key = jax.random.key(3)
+  config = gates.Binarization(mix=1.0)  # every sample uses s2 in the forward
+
+  def through_binarize(s):
+    return jnp.sum(weights * gates.binarize(s, key, config, train=True).decision)
+
+  xi = jax.random.normal(jax.random.split(key)[0], s.shape, s.dtype)
+
+  def through_s1(s):
+    return jnp.sum(weights * jnp.clip(1.2 * jax.nn.sigmoid(s + xi) - 0.1, 0.0, 1.0))
+
+  np.testing.assert_allclose(jax.grad(through_binarize)(s), jax.grad(through_s1)(s),
+                             rtol=1e-6, atol=1e-7)
+  decision = gates.binarize(s, key, config, train=True).decision
+  np.testing.assert_array_equal(decision, (paper_s1(s, np.asarray(xi)) > 0.5))
+  assert set(np.unique(np.asarray(decision))) <= {0.0, 1.0}  # closed channels: exact zeros
+
+
+@pytest.mark.parametrize("mix_per", ["sample", "step"])
+def test_half_of_the_forwards_use_the_hard_code(mix_per):
+  # s = 0.3 without noise: s1 = 0.589 (a soft value), s2 = 1; a row of ones used s2.
+  s = jnp.full((4000, 3), 0.3, jnp.float32)
+  config = gates.Binarization(sigma=0.0, mix=0.5, mix_per=mix_per)
+  if mix_per == "sample":
+    decision = gates.binarize(s, jax.random.key(4), config, train=True).decision
+    hard = np.all(np.asarray(decision) == 1.0, axis=1)
+    assert abs(hard.mean() - 0.5) <= 0.05
+  else:
+    rows = [np.asarray(gates.binarize(s, jax.random.key(k), config, train=True).decision)
+            for k in range(200)]
+    assert all(np.all(r == r[0]) for r in rows)  # one draw for the whole batch
+    assert abs(np.mean([r[0, 0] == 1.0 for r in rows]) - 0.5) <= 0.1
+
+
+@pytest.mark.parametrize("field, kwargs, message", [
+    ("a", {"a": 0.0}, r"binarization.a must be > 0, got 0.0"),
+    ("b", {"b": 1.2}, r"binarization.b must be in \[0, a\) = \[0, 1.2\), got 1.2"),
+    ("b", {"b": -0.1}, r"binarization.b must be in \[0, a\)"),
+    ("sigma", {"sigma": -1.0}, r"binarization.sigma must be >= 0, got -1.0"),
+    ("mix", {"mix": 1.5}, r"binarization.mix must be in \[0, 1\], got 1.5"),
+    ("mix_per", {"mix_per": "batch"}, r"binarization.mix_per must be one of \('sample', "
+                                      r"'step'\), got 'batch'"),
+])
+def test_bad_binarization_settings_name_the_field(field, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    gates.Binarization(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# Gates in a network (Eq. 1-6 through the core's gate hook)
+# --------------------------------------------------------------------------
+
+ARCH = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                           width_multiplier=0.125)  # convs of 8 .. 24 channels
+# Images that differ in their channel means, so that per-sample saliencies differ.
+IMAGES = (jax.random.normal(jax.random.key(5), (6, 32, 32, 3))
+          + 2 * jax.random.normal(jax.random.key(9), (6, 1, 1, 3)))
+
+
+def gated(variant, **kwargs):
+  return models.build(ARCH, rngs=models.init_rngs(0),
+                      gate=gates.gate_factory(variant, reduction=4, **kwargs))
+
+
+@pytest.mark.parametrize("variant", ["sanp", "static"])
+def test_inserted_gates_keep_the_backbones_evaluation_logits(variant):
+  backbone = models.build(ARCH, rngs=models.init_rngs(0))
+  model = gated(variant)
+  np.testing.assert_array_equal(model.pure_variables()["layers"][3]["kernel"],
+                                backbone.pure_variables()["layers"][3]["kernel"])
+  trace = model.run(IMAGES, 1.0, train=False)
+  np.testing.assert_allclose(trace.output, backbone(IMAGES, 1.0, train=False), rtol=1e-6,
+                             atol=1e-6)
+  assert all(np.all(np.asarray(a) == 1) for a in trace.activity.values())
+
+
+def test_the_spm_is_eq_6_on_the_global_average_pool_of_the_layer_input():
+  spm = gates.SPM(5, 8, reduction=4, binarization=gates.Binarization(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  for linear in (spm.head.w1, spm.head.w2):  # away from the initial W2 = 0
+    linear.kernel.value = jnp.asarray(rng.standard_normal(linear.kernel.value.shape),
+                                      jnp.float32)
+    linear.bias.value = jnp.asarray(rng.standard_normal(linear.bias.value.shape), jnp.float32)
+  x = rng.standard_normal((3, 4, 4, 5)).astype(np.float32)
+  d = x.mean(axis=(1, 2))                                     # Eq. 5
+  h = np.maximum(d @ np.asarray(spm.head.w1.kernel.value) + np.asarray(spm.head.w1.bias.value),
+                 0)
+  s = h @ np.asarray(spm.head.w2.kernel.value) + np.asarray(spm.head.w2.bias.value)  # Eq. 6
+  assert spm.head.w1.kernel.value.shape == (5, 2)             # C_l / r = 8 / 4 hidden units
+  out = spm(jnp.asarray(x), None, False)
+  np.testing.assert_allclose(out, s * (paper_s1(s) > 0.5), rtol=1e-5, atol=1e-5)  # Eq. 3
+
+
+def test_gated_channels_are_exact_zeros_in_the_layer_output():
+  model = gated("sanp")
+  spm = model.gates["layers.1"]
+  spm.head.w2.bias.value = jnp.where(jnp.arange(spm.head.w2.bias.value.shape[0]) % 2 == 0,
+                                     1.0, -5.0)  # odd channels: s = -5, closed
+  trace = model.run(IMAGES, 1.0, train=False)
+  active = np.asarray(trace.activity["layers.1"])
+  np.testing.assert_array_equal(active, np.tile(np.arange(active.shape[1]) % 2 == 0,
+                                                (IMAGES.shape[0], 1)))
+  from dynscale.nn import forward
+  out = forward.run(ARCH, model.pure_variables(), IMAGES,
+                    widths=jnp.asarray(spec.resolve_widths(ARCH, 1.0)), train=False,
+                    profile=None, gates=dict(model.gates), upto=2).output
+  assert np.all(np.asarray(out)[..., 1::2] == 0.0)
+  assert np.any(np.asarray(out)[..., 0::2] != 0.0)
+
+
+def test_fixed_k_keeps_exactly_k_channels_of_highest_saliency_per_sample():
+  s = jax.random.normal(jax.random.key(6), (5, 12))
+  mask = np.asarray(gates.top_k_mask(s, 4))
+  assert np.all(mask.sum(1) == 4)
+  order = np.argsort(-np.asarray(s), axis=1)[:, :4]
+  for row, top in zip(mask, order):
+    assert set(np.flatnonzero(row)) == set(top)
+  model = gated("fixed_k", keep=0.5)
+  model.gates["layers.2"].head.w2.kernel.value = jax.random.normal(
+      jax.random.key(7), model.gates["layers.2"].head.w2.kernel.value.shape)
+  model.gates["layers.2"].head.w1.bias.value += 1.0  # so the head's hidden units are active
+  trace = model.run(IMAGES, 1.0, train=True)
+  for name, active in trace.activity.items():
+    channels = active.shape[1]
+    assert np.all(np.asarray(active).sum(1) == max(1, round(0.5 * channels))), name
+  assert len({tuple(row) for row in np.asarray(trace.activity["layers.2"])}) > 1  # per sample
+
+
+def test_static_gates_are_the_same_for_every_sample():
+  model = gated("static")
+  gate = model.gates["layers.1"]
+  gate.vector.value = jax.random.normal(jax.random.key(8), gate.vector.value.shape)
+  active = np.asarray(model.run(IMAGES, 1.0, train=False).activity["layers.1"])
+  assert np.all(active == active[0]) and 0 < active[0].sum() < active.shape[1]
+
+
+def test_a_gates_noise_stream_advances_and_resumes_from_its_saved_state():
+  model = gated("sanp")
+  saved = nnx.state(model, gates.NoiseKey).to_pure_dict()  # what a checkpoint holds
+  first = model.run(IMAGES, 1.0, train=True).output
+  second = model.run(IMAGES, 1.0, train=True).output
+  assert not np.allclose(first, second)  # a new draw each call
+  resumed = gated("sanp")
+  nnx.replace_by_pure_dict(state := nnx.state(resumed, gates.NoiseKey), saved)
+  nnx.update(resumed, state)
+  np.testing.assert_array_equal(resumed.run(IMAGES, 1.0, train=True).output, first)
+  before = nnx.state(model, gates.NoiseKey).to_pure_dict()
+  model.run(IMAGES, 1.0, train=False)  # evaluation draws no noise
+  assert jax.tree.all(jax.tree.map(np.array_equal, before,
+                                   nnx.state(model, gates.NoiseKey).to_pure_dict()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "dynamic"}, r"sanp.variant must be one of \('sanp', 'static', 'fixed_k'\), "
+                             r"got 'dynamic'"),
+    ({"variant": "fixed_k", "keep": 0.0}, r"sanp.keep must be in \(0, 1\] for fixed_k, got 0.0"),
+    ({"variant": "fixed_k"}, r"sanp.keep must be in \(0, 1\] for fixed_k, got None"),
+])
+def test_bad_gate_settings_name_the_field(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    gates.gate_factory(**kwargs)
+
+
+def test_a_reduction_outside_one_to_the_layer_width_is_refused():
+  with pytest.raises(ValueError, match=r"sanp.reduction must be in \[1, 8\] \(the layer's "
+                                       r"output channels\), got 16"):
+    models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp", reduction=16))
+
+
+# --------------------------------------------------------------------------
+# Objective (Eq. 9-10)
+# --------------------------------------------------------------------------
+
+def test_lambda_follows_eq_10_by_hand_and_passes_no_gradient():
+  lambda0, budget = 0.01, 0.3
+  assert float(objective.cost_weight(0.6, budget, lambda0)) == pytest.approx(0.01 * 0.3)
+  assert float(objective.cost_weight(0.1, budget, lambda0)) == pytest.approx(-0.01 * 0.2)
+  assert float(objective.cost_weight(budget, budget, lambda0)) == 0.0
+  for p_t in np.linspace(0, 1, 11):
+    for p in (0.05, 0.5, 0.95):
+      assert abs(float(objective.cost_weight(p_t, p, lambda0))) <= lambda0
+  assert float(jax.grad(lambda p: objective.cost_weight(p, budget, lambda0))(0.7)) == 0.0
+
+
+def test_the_cost_loss_normalisations_by_hand():
+  codes = {"layers.0": jnp.asarray([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]),
+           "layers.1": jnp.asarray([[1.0, 1.0], [1.0, 0.0]])}
+  # Eq. 9: the L1 of every code over the N_c = 6 gated channels, mean over samples.
+  assert float(objective.cost_loss(ARCH, codes, "filters")) == pytest.approx(
+      ((2.0 + 0.0) / 2 + (2.0 + 1.0) / 2) / 6)
+  assert float(objective.cost_loss(ARCH, codes, "layers")) == pytest.approx(
+      ((2.0 / 4 + 0.0) / 2 + (2.0 / 2 + 1.0 / 2) / 2) / 2)
+  with pytest.raises(ValueError, match=r"sanp.cost must be one of \('filters', 'layers', "
+                                       r"'flops'\), got 'l2'"):
+    objective.cost_loss(ARCH, codes, "l2")
+
+
+def test_the_flops_cost_is_the_section_4_formula_with_soft_activities():
+  arch = spec.validate_architecture({
+      "name": "two_convs", "input_shape": [6, 6, 2], "num_classes": 3, "layers": [
+          {"kind": "conv", "features": 4, "bn": True, "act": "relu"},
+          {"kind": "conv", "features": 5, "bn": True, "act": "relu"},
+          {"kind": "global_avgpool"}, {"kind": "flatten"}, {"kind": "dense", "features": 3}]})
+  first = jnp.asarray([[1.0, 0.5, 0.0, 0.25], [1.0, 1.0, 1.0, 1.0]])
+  second = jnp.asarray([[0.0] * 5, [1.0, 0.0, 1.0, 0.0, 1.0]])
+  per_sample = [36 * (2 * 9) * first[b].sum()                   # conv 1: all 2 inputs
+                + 36 * (first[b].sum() * 9) * second[b].sum()   # conv 2: both sides soft
+                + (second[b].sum() + 1) * 3 for b in range(2)]  # classifier with bias
+  full = 36 * 18 * 4 + 36 * 36 * 5 + 6 * 3
+  assert costs.flops(arch) == full
+  np.testing.assert_allclose(objective.cost_loss(arch, {"layers.0": first, "layers.1": second},
+                                                 "flops"), np.mean(per_sample) / full,
+                             rtol=1e-6)
+  # An all-off layer: no sample pays for the layer after it either.
+  off = {"layers.0": jnp.zeros((2, 4)), "layers.1": jnp.ones((2, 5))}
+  np.testing.assert_allclose(costs.sample_flops(arch, 1.0, off), [(5 + 1) * 3] * 2)
+
+
+def test_the_cost_gradient_can_reopen_a_channel_through_the_relaxed_code():
+  """With lambda < 0 the penalty on s1 pushes s up (the literal L1 of s cannot
+  when s < 0: it pushes |s| down)."""
+  s = jnp.asarray([[-0.5, 0.2]])
+
+  def penalty(s, code):
+    c = (gates.binarize(s, None, gates.Binarization(), train=False).relaxed if code == "relaxed"
+         else jnp.abs(s))
+    return -0.01 * objective.cost_loss(ARCH, {"layers.0": c}, "filters")  # lambda < 0
+
+  relaxed = jax.grad(penalty)(s, "relaxed")
+  literal = jax.grad(penalty)(s, "saliency")
+  assert np.all(np.asarray(relaxed) < 0)        # descent raises every saliency
+  assert float(literal[0, 0]) > 0               # the L1 of s lowers s = -0.5 further
+
+
+# --------------------------------------------------------------------------
+# Backbones (002 §4.1.2): all-open totals
+# --------------------------------------------------------------------------
+
+def test_sanp_backbones_have_the_published_sizes():
+  def arch(name):
+    return models.architecture(name, num_classes=10, input_shape=(32, 32, 3))
+  assert costs.flops(arch("m_cifarnet")) / 1e6 == pytest.approx(174.3, abs=0.05)
+  assert costs.flops(arch("vgg19")) / 1e6 == pytest.approx(398.5, abs=0.5)
+  assert costs.params(arch("vgg19")) / 1e6 == pytest.approx(20.04, abs=0.01)
+  convs = [layer for layer in arch("vgg19")["layers"] if layer["kind"] == "conv"]
+  assert [c["features"] for c in convs] == [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8
