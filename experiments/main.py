@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from dynscale import plots
 from dynscale.idp import mpidp, training as idp_training
+from dynscale.sanp import training as sanp_training
 from dynscale.tesla import training as tesla_training
 from dynscale.train import sweep
 
@@ -24,6 +25,7 @@ METHODS: dict[str, sweep.Method] = {
     "idp": idp_training,
     "mpidp": mpidp,
     "tesla": tesla_training,
+    "sanp": sanp_training,
 }
 
 FLAGS = flags.FLAGS

@@ -3,11 +3,9 @@ parallel, early stopping, config validation, atomic results."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -67,42 +65,15 @@ def read_results(workdir):
 # --------------------------------------------------------------------------
 
 
-def straight_and_resumed(tmp_path, command, checkpoint: str, *also_there: str):
-  """Results of ``command`` run straight, and run, SIGKILLed, then run again.
-
-  The kill comes as soon as ``checkpoints/<checkpoint>`` exists (an epoch
-  inside some stage); ``also_there``: paths under the killed workdir that must
-  exist by then. The rerun must say it resumed that stage.
-  """
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True)
-  marker = killed / "checkpoints" / checkpoint
-  process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not marker.exists() and process.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  assert not (killed / "results.json").exists()
-  for path in also_there:
-    assert (killed / path).exists(), path
-  rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
-                         text=True)
-  stage = checkpoint.split("/")[0]
-  assert f"Resumed stage {stage!r}" in rerun.stderr
-  return read_results(straight), read_results(killed)
-
-
-def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, straight_and_resumed):
   a, b = straight_and_resumed(tmp_path, launcher_command, "train/1")
   assert a["curves"] == b["curves"]
   assert a["val_accuracy"] == b["val_accuracy"]
   assert a["steps"] == b["steps"]
 
 
-def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path):
+def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path,
+                                                                     straight_and_resumed):
   # Killed after the first epoch of the second stage: stage 0's best state, the
   # running stage's state, optimizer state and early stopping come from checkpoints.
   a, b = straight_and_resumed(tmp_path, tesla_command, "stage1/1", "checkpoints/stage0-best")
@@ -111,7 +82,7 @@ def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path)
     assert a[key] == b[key], key
 
 
-def test_rtesla_killed_mid_run_resumes_to_the_same_final_metrics(tmp_path):
+def test_rtesla_killed_mid_run_resumes_to_the_same_final_metrics(tmp_path, straight_and_resumed):
   # R-TESLA with an 8-epoch budget and best-mean selection, killed inside its second
   # stage: the sampled plan, the epochs spent and the best-mean state are restored.
   command = lambda workdir: tesla_command(

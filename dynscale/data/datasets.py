@@ -298,6 +298,28 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
   return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+SUBSET_SEED = 0
+"""Seed of :func:`balanced_subset`: one fixed subset, whatever the run's seed."""
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+  """Sorted indices of ``size`` examples, ``size / num_classes`` of each class,
+  drawn uniformly within each class with ``numpy.random.default_rng(SUBSET_SEED)``."""
+  per_class, remainder = divmod(size, num_classes)
+  if remainder or size <= 0:
+    raise ValueError(f"train_examples must be a positive multiple of the {num_classes} "
+                     f"classes, got {size}")
+  rng = np.random.default_rng(SUBSET_SEED)
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < per_class:
+      raise ValueError(f"train_examples={size} needs {per_class} examples of class {c}; "
+                       f"the training split has {len(members)}")
+    chosen.append(rng.choice(members, per_class, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
   a.setflags(write=False)
   return a
@@ -309,6 +331,7 @@ def load(
     data_dir: str | os.PathLike | None = None,
     val_size: int,
     seed: int = 0,
+    train_examples: int = 0,
     tfds_data_dir: str | None = None,
     download: bool = False,
 ) -> Dataset:
@@ -321,6 +344,9 @@ def load(
       val_size: number of training examples held out as validation, in
         [0, len(train) - 1]; 0 gives empty val arrays.
       seed: seed of the validation draw (same seed, same split).
+      train_examples: 0 for the whole training split, else a class-balanced
+        subset of it of this size (:func:`balanced_subset`, the same subset
+        for every seed); validation is carved from the subset.
       tfds_data_dir: tensorflow-datasets data directory (default: tfds's own).
       download: let tensorflow-datasets download and prepare the dataset
         when it is not found locally (needs network access).
@@ -344,6 +370,10 @@ def load(
                                     image_shape=entry.image_shape,
                                     num_classes=entry.num_classes,
                                     where=source)
+  if train_examples:
+    subset = balanced_subset(splits.train_y, int(train_examples), entry.num_classes)
+    splits = Splits(splits.train_x[subset], splits.train_y[subset], splits.test_x,
+                    splits.test_y)
   train_idx, val_idx = split_indices(len(splits.train_x), int(val_size), int(seed))
   arrays = [
       splits.train_x[train_idx],

@@ -191,17 +191,25 @@ class Stateless(nnx.Module):
   """A parameter-free layer of an architecture (maxpool, global_avgpool, flatten)."""
 
 
+def gate_points(arch: dict) -> dict[str, tuple[int, int]]:
+  """``{gate name: (input channels, output channels)}`` of every gateable
+  convolution of ``arch``, in network order."""
+  points = {}
+  for node in spec.graph(arch).nodes:
+    layer = arch["layers"][node.index]
+    for point, channels in KINDS[layer["kind"]].gate_points(layer, node.inputs).items():
+      points[gate_name(f"layers.{node.index}", point)] = channels
+  return points
+
+
 def _gate_modules(arch: dict, gate: GateFactory | None, rngs: nnx.Rngs) -> nnx.Dict:
   """The gate hook's modules by gate name (module docstring)."""
   modules = {}
   if gate is not None:
-    for node in spec.graph(arch).nodes:
-      layer = arch["layers"][node.index]
-      for point, (c_in, c_out) in KINDS[layer["kind"]].gate_points(layer, node.inputs).items():
-        name = gate_name(f"layers.{node.index}", point)
-        module = gate(name, c_in, c_out, rngs)
-        if module is not None:
-          modules[name] = module
+    for name, (c_in, c_out) in gate_points(arch).items():
+      module = gate(name, c_in, c_out, rngs)
+      if module is not None:
+        modules[name] = module
   return nnx.Dict(modules)
 
 

@@ -118,7 +118,15 @@ class NoiseKey(nnx.Variable):
 
 
 class _Gate(nnx.Module):
-  """Eq. 3's multiplier ``s * b`` from a saliency and a decision rule."""
+  """Eq. 3's multiplier ``s * b`` from a saliency and a decision rule.
+
+  ``deterministic``: decide as in evaluation even when the network runs in
+  train mode (batch statistics), e.g. to estimate batch-norm statistics
+  and costs under the gates the network will have at inference
+  (:func:`set_deterministic`).
+  """
+
+  deterministic: bool = False
 
   def saliency(self, x: Array) -> Array:
     raise NotImplementedError
@@ -127,20 +135,31 @@ class _Gate(nnx.Module):
     raise NotImplementedError
 
   def __call__(self, x: Array, y: Array, train: bool) -> Array:
-    """Eq. 3's ``s * b``; sows the saliency and the relaxed code as ``nnx.Intermediate``
-    ``saliency_out`` / ``relaxed_out`` for the cost loss (:mod:`dynscale.sanp.objective`)."""
+    """Eq. 3's ``s * b``. In (stochastic) training, sows the saliency and the
+    relaxed code as ``nnx.Intermediate`` ``saliency_out`` / ``relaxed_out`` for
+    the cost loss (:mod:`dynscale.sanp.objective`), which pops them."""
+    stochastic = train and not self.deterministic
     s = self.saliency(x).astype(jnp.float32)
-    code = self.decide(s, train)
-    self.sow(nnx.Intermediate, "saliency_out", s)
-    self.sow(nnx.Intermediate, "relaxed_out", code.relaxed)
+    code = self.decide(s, stochastic)
+    if stochastic:
+      self.sow(nnx.Intermediate, "saliency_out", s)
+      self.sow(nnx.Intermediate, "relaxed_out", code.relaxed)
     return s * code.decision
 
 
-class _BinarizedGate(_Gate):
-  """A gate whose decision is :func:`binarize` of its saliency, with its own noise stream."""
+def set_deterministic(model: nnx.Module, value: bool) -> None:
+  """Makes every gate of ``model`` decide as in evaluation (``True``) or not."""
+  for gate in model.gates.values():
+    gate.deterministic = value
 
-  def __init__(self, binarization: Binarization, rngs: nnx.Rngs):
+
+class _BinarizedGate(_Gate):
+  """A gate whose decision is :func:`binarize` of its saliency, with its own noise
+  stream; the ``floor`` most salient channels of each sample stay open."""
+
+  def __init__(self, binarization: Binarization, floor: int, rngs: nnx.Rngs):
     self.binarization = binarization
+    self.floor = floor
     key = rngs.params()
     self.key_impl = str(jax.random.key_impl(key))
     self.noise = NoiseKey(jax.random.key_data(key))
@@ -151,7 +170,10 @@ class _BinarizedGate(_Gate):
     return draw
 
   def decide(self, s, train):
-    return binarize(s, self.next_key() if train else None, self.binarization, train=train)
+    code = binarize(s, self.next_key() if train else None, self.binarization, train=train)
+    if not self.floor:
+      return code
+    return code._replace(decision=jnp.maximum(code.decision, top_k_mask(s, self.floor)))
 
 
 def _descriptor(x: Array) -> Array:
@@ -181,8 +203,8 @@ class SPM(_BinarizedGate):
   layer's input, binarized."""
 
   def __init__(self, c_in: int, c_out: int, *, reduction: int, binarization: Binarization,
-               rngs: nnx.Rngs):
-    super().__init__(binarization, rngs)
+               floor: int = 0, rngs: nnx.Rngs):
+    super().__init__(binarization, floor, rngs)
     self.head = _SPMHead(c_in, c_out, reduction, rngs)
 
   def saliency(self, x):
@@ -192,8 +214,9 @@ class SPM(_BinarizedGate):
 class StaticSaliency(_BinarizedGate):
   """STATIC (002 §5.1): one learned saliency vector for every sample, binarized."""
 
-  def __init__(self, c_out: int, *, binarization: Binarization, rngs: nnx.Rngs):
-    super().__init__(binarization, rngs)
+  def __init__(self, c_out: int, *, binarization: Binarization, floor: int = 0,
+               rngs: nnx.Rngs):
+    super().__init__(binarization, floor, rngs)
     self.vector = nnx.Param(jnp.ones((c_out,), jnp.float32))
 
   def saliency(self, x):
@@ -223,9 +246,10 @@ GateFactory = Callable[[str, int, int, nnx.Rngs], nnx.Module]
 
 def gate_factory(variant: str, *, reduction: int = 16,
                  binarization: Binarization = Binarization(),
-                 keep: float | None = None) -> GateFactory:
+                 keep: float | None = None, floor: int = 0) -> GateFactory:
   """The ``gate=`` factory of :func:`dynscale.nn.models.build` for ``variant``
-  (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels."""
+  (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels,
+  ``floor`` the channels a binarized gate keeps open at least."""
   if variant not in VARIANTS:
     raise ValueError(f"sanp.variant must be one of {VARIANTS}, got {variant!r}")
   if variant == "fixed_k" and not (keep is not None and 0 < keep <= 1):
@@ -234,9 +258,9 @@ def gate_factory(variant: str, *, reduction: int = 16,
   def factory(name: str, c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Module:
     del name
     if variant == "sanp":
-      return SPM(c_in, c_out, reduction=reduction, binarization=binarization,
+      return SPM(c_in, c_out, reduction=reduction, binarization=binarization, floor=floor,
                  rngs=rngs)
     if variant == "static":
-      return StaticSaliency(c_out, binarization=binarization, rngs=rngs)
+      return StaticSaliency(c_out, binarization=binarization, floor=floor, rngs=rngs)
     return FixedK(c_in, c_out, reduction=reduction, keep=keep, rngs=rngs)
   return factory

@@ -27,6 +27,7 @@ import ml_collections
 NAMES = ("paper", "cpu")
 
 CPU = {
+    "data.train_examples": 0,
     "data.val_size": 5000,
     "data.batch_size": 128,
     "data.augment": "auto",
@@ -52,11 +53,15 @@ def check(name) -> None:
 
 def settings(name: str, config: ml_collections.ConfigDict) -> dict[str, object]:
   """The fields protocol ``name`` fixes in ``config``, as ``{dotted path: value}``
-  (none for ``'paper'``: the config file's own values are the paper's)."""
+  (none for ``'paper'``: the config file's own values are the paper's), with
+  the experiment's own sizes (``config.protocol_sizes``, see :func:`apply`)."""
   check(name)
   if name == "paper":
     return {}
-  return {path: value for path, value in CPU.items() if path.split(".")[0] in config}
+  sizes = config.get("protocol_sizes") or {}
+  fixed = {**CPU, **{f"{block}.{leaf}": value for block, leaves in sizes.items()
+                     for leaf, value in leaves.items()}}
+  return {path: value for path, value in fixed.items() if path.split(".")[0] in config}
 
 
 def _parent(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -64,10 +69,20 @@ def _parent(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collection
   return config[block], leaf
 
 
-def apply(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+def apply(config: ml_collections.ConfigDict, name: str,
+          sizes: dict[str, dict] | None = None) -> ml_collections.ConfigDict:
   """A copy of ``config`` under protocol ``name``: its settings applied and
-  ``config.protocol`` set."""
+  ``config.protocol`` set.
+
+  ``sizes`` (``cpu`` only): settings an experiment fixes differently as part of
+  its protocol, nested as ``{"data": {"train_examples": 10000}}`` (e.g. SANP's
+  10,000-image training set); kept in ``config.protocol_sizes`` and recorded.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  if sizes:
+    if name != "cpu":
+      raise ValueError(f"protocol sizes apply to the cpu protocol only, got {name!r}")
+    config.protocol_sizes = sizes
   for path, value in settings(name, config).items():
     node, leaf = _parent(config, path)
     node[leaf] = value

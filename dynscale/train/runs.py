@@ -90,7 +90,8 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
   init_from = (validation.exported_network(config.model.init_from)
                if config.model.init_from else None)
   dataset = data.load(config.data.dataset, data_dir=config.data.data_dir or None,
-                      val_size=config.data.val_size, seed=config.seed)
+                      val_size=config.data.val_size, seed=config.seed,
+                      train_examples=config.data.train_examples)
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
   main = jax.process_index() == 0

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from dynscale import io, plots
@@ -57,13 +58,40 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
 
 
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
-  """The config of every variant in ``config.variants`` (name -> nested overrides)."""
+  """The config of every run of the figure: each variant of ``config.variants``
+  (name -> nested overrides), and with ``config.seeds`` each variant once per
+  seed, named ``<variant>-seed<k>``."""
   if not config.get("variants"):
     raise ValueError("variants must map at least one variant name to its overrides")
   base = ml_collections.ConfigDict(config.to_dict())
   del base["variants"]
-  return {name: with_overrides(base, overrides.to_dict(), f"variants.{name}")
-          for name, overrides in config.variants.items()}
+  seeds = base.get("seeds")
+  if seeds:
+    del base["seeds"]
+  configs = {name: with_overrides(base, overrides.to_dict(), f"variants.{name}")
+             for name, overrides in config.variants.items()}
+  if not seeds:
+    return configs
+  for seed in seeds:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
+  return {f"{name}-seed{seed}": with_overrides(variant, {"seed": seed}, "seeds")
+          for name, variant in configs.items() for seed in seeds}
+
+
+def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mapping]) -> dict:
+  """Over the seeds of each variant: the mean and standard deviation of every
+  numeric result, and each seed's summary (``by_seed``)."""
+  grouped = {}
+  for name in config.variants:
+    runs = {seed: summaries[f"{name}-seed{seed}"] for seed in config.seeds}
+    numeric = [key for key, value in next(iter(runs.values())).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    values = {key: np.array([run[key] for run in runs.values()], np.float64) for key in numeric}
+    grouped[name] = {"mean": {key: float(v.mean()) for key, v in values.items()},
+                     "std": {key: float(v.std()) for key, v in values.items()},
+                     "by_seed": {str(seed): run for seed, run in runs.items()}}
+  return grouped
 
 
 def check_variants(config: ml_collections.ConfigDict,
@@ -134,5 +162,7 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
     logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))
   figure = {"title": title, "protocol": protocols.record(config), "variants": summaries}
+  if config.get("seeds"):
+    figure["by_variant"] = by_variant(config, summaries)
   io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
   return figure

@@ -50,6 +50,7 @@ def check_data(config) -> None:
   positive(config.batch_size, "data.batch_size", integer=True)
   positive(config.eval_batch_size, "data.eval_batch_size", integer=True)
   non_negative_int(config.val_size, "data.val_size")
+  non_negative_int(config.train_examples, "data.train_examples")
   one_of(config.augment, ("auto", True, False), "data.augment")
 
 

@@ -17,6 +17,8 @@ def data(dataset: str = "mnist_sample", *, batch_size: int = 128, val_size: int 
       dataset=dataset,
       data_dir="",           # '' -> $DYNSCALE_DATA_DIR, then tensorflow-datasets
       val_size=val_size,     # examples held out of train for validation
+      train_examples=0,      # 0: the whole train split; else a class-balanced subset of
+                             # this size (one fixed subset), validation carved from it
       batch_size=batch_size,
       eval_batch_size=500,
       augment=augment,       # 'auto': crop+flip for CIFAR, none for MNIST
@@ -171,3 +173,31 @@ def tesla_base(**blocks) -> ml_collections.ConfigDict:
   config.cam = blocks.pop("cam", cam())
   config.update(blocks)
   return config
+
+
+def sanp(variant: str = "sanp", *, budget: float = 0.3, lambda0: float = 0.01
+         ) -> ml_collections.ConfigDict:
+  """SANP (002; :mod:`dynscale.sanp.training`): the gates, the budget and the stages."""
+  return ml_collections.ConfigDict(dict(
+      variant=variant,       # 'sanp', or the ablations 'static' and 'fixed_k' (§5.1)
+      budget=budget,         # FLOPs as a fraction of the backbone's, in (0, 1)
+      lambda0=lambda0,       # Eq. 10
+      cost="filters",        # Eq. 9's 1/N_c; or 'layers', 'flops' (dynscale.sanp.objective)
+      code="relaxed",        # penalise the relaxed codes s1; 'saliency': the literal L1 of s
+      flops_window=20,       # p_t: mean evaluation-mode FLOPs of the last N batches
+      reduction=16,          # r of Eq. 6
+      floor=0,               # channels every gated layer keeps open at least
+      binarization=dict(a=1.2, b=0.1, sigma=1.0, mix=0.5, mix_per="sample"),  # Eq. 7-8
+      pretrain_epochs=6,     # the backbone alone, unless model.init_from names one
+      warmup_epochs=2,       # the gates alone, convolutions fixed
+  ))
+
+
+def sanp_base(**blocks) -> ml_collections.ConfigDict:
+  """A SANP config: the common blocks plus ``sanp``; ``train.num_epochs`` is the fine-tune's."""
+  config = base("sanp", **{k: blocks.pop(k) for k in list(blocks)
+                           if k in ("data", "model", "optimizer", "train", "eval")})
+  config.sanp = blocks.pop("sanp", sanp())
+  config.update(blocks)
+  return config
+

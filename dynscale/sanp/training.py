@@ -1,0 +1,276 @@
+"""SANP training (paper 002 §4.1.2): pretrain, warm up the gates, fine-tune under a budget.
+
+Three stages, each checkpointed and resumed by rerunning the same command:
+
+1. ``pretrain``: the backbone alone (no gates), plain cross-entropy, for
+   ``sanp.pretrain_epochs`` epochs; skipped when ``model.init_from`` names a
+   trained backbone.
+2. ``warmup``: gates (``sanp.variant``, :mod:`dynscale.sanp.gates`) are
+   inserted after every convolution's batch norm; inserted, they leave the
+   backbone's function unchanged. For ``sanp.warmup_epochs`` epochs only the
+   gates learn, from the classification loss; the convolutions and batch
+   norm parameters stay fixed.
+3. ``finetune``: everything learns from Eq. 9's ``CE + lambda L_cost`` for
+   ``train.num_epochs`` epochs. ``lambda`` is Eq. 10 with ``p_t`` the mean
+   FLOPs of the last ``sanp.flops_window`` training batches with the gates
+   deciding as at inference (noisy training codes misread the cost the
+   network will have). FIXED-K has no cost term: its ``k`` holds the budget.
+
+Both gated stages keep the batch-norm running statistics those of the
+network inference runs (:func:`sanp_loss`).
+
+The run reports what the test split costs and how it is gated: accuracy,
+mean FLOPs per image as a fraction of the backbone's (``flops_ratio``), its
+spread over images (``flops_ratio_std``), the fraction of images for which
+some gated layer is entirely off (``dead_layer_rate``), and the analyses of
+:mod:`dynscale.sanp.analysis`. Model selection reads the validation split
+only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dynscale.data.datasets import dataset_spec
+from dynscale.nn import costs, layers, models
+from dynscale.sanp import analysis, budget, gates, objective
+from dynscale.train import loop, runs, steps, validation
+from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.optim import make_optimizer
+from dynscale.train.state import TrainState, create_train_state, merge_model
+
+
+class FlopsWindow(nnx.Variable):
+  """The evaluation-mode FLOPs fractions of the last N training batches (Eq. 10's p_t)."""
+
+
+def binarization(config) -> gates.Binarization:
+  return gates.Binarization(**config.sanp.binarization.to_dict())
+
+
+def architecture(config) -> dict:
+  """The backbone's architecture from the config alone (no data read)."""
+  spec = dataset_spec(config.data.dataset)
+  return models.architecture(config.model.name, num_classes=spec.num_classes,
+                             input_shape=spec.image_shape, profile="all-one",
+                             width_multiplier=config.model.width_multiplier)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The core blocks and ``sanp``; every error names its field, before any compute."""
+  validation.check_core(config)
+  s = config.sanp
+  validation.one_of(s.variant, gates.VARIANTS, "sanp.variant")
+  budget.check_budget(s.budget)
+  if isinstance(s.lambda0, bool) or not isinstance(s.lambda0, (int, float)) or s.lambda0 < 0:
+    raise ValueError(f"sanp.lambda0 must be a number >= 0, got {s.lambda0!r}")
+  validation.one_of(s.cost, objective.COSTS, "sanp.cost")
+  validation.one_of(s.code, objective.CODES, "sanp.code")
+  validation.positive(s.flops_window, "sanp.flops_window", integer=True)
+  validation.positive(s.reduction, "sanp.reduction", integer=True)
+  validation.non_negative_int(s.floor, "sanp.floor")
+  validation.non_negative_int(s.pretrain_epochs, "sanp.pretrain_epochs")
+  validation.non_negative_int(s.warmup_epochs, "sanp.warmup_epochs")
+  binarization(config)  # raises naming the binarization field
+  if config.model.init_from:
+    return  # the exported backbone's widths are checked when it is loaded
+  narrowest = min(c_out for _, c_out in layers.gate_points(architecture(config)).values())
+  if s.reduction > narrowest:
+    raise ValueError(f"sanp.reduction must be in [1, {narrowest}] (the narrowest gated "
+                     f"layer's channels), got {s.reduction}")
+  if s.floor > narrowest:
+    raise ValueError(f"sanp.floor must be at most {narrowest} (the narrowest gated layer's "
+                     f"channels), got {s.floor}")
+
+
+def gate_factory(config, arch: dict) -> gates.GateFactory:
+  s = config.sanp
+  keep = budget.fixed_k_keep(arch, s.budget) if s.variant == "fixed_k" else None
+  return gates.gate_factory(s.variant, reduction=s.reduction, binarization=binarization(config),
+                            keep=keep, floor=s.floor)
+
+
+def gated_model(config, arch: dict, backbone: nnx.Module) -> nnx.Module:
+  """``backbone`` with the variant's gates at every gate point (same layer variables)."""
+  model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=runs.compute_dtype(config),
+                       gate=gate_factory(config, arch))
+  nnx.update(model.layers, nnx.state(backbone.layers))
+  model.flops_window = FlopsWindow(jnp.ones((config.sanp.flops_window,), jnp.float32))
+  return model
+
+
+def _codes(intermediates: nnx.State, code: str) -> dict[str, jax.Array]:
+  """``{gate name: (B, C)}`` of what the train-mode forward sowed (its last call)."""
+  sown = intermediates.to_pure_dict()["gates"]
+  if code == "relaxed":
+    return {name: values["relaxed_out"][-1] for name, values in sown.items()}
+  return {name: jnp.abs(values["saliency_out"][-1]) for name, values in sown.items()}
+
+
+def sanp_loss(arch: dict, config, *, penalised: bool) -> steps.LossFn:
+  """Eq. 9-10: ``CE + lambda L_cost`` (``lambda = 0`` unless ``penalised``).
+
+  Two forwards of the batch in train mode (batch statistics):
+
+  1. with the gates as in training (noise, the s1/s2 mix): the logits of the
+     cross-entropy and the codes of the cost; the batch-norm running
+     statistics it would update are put back;
+  2. with the gates as in evaluation (:func:`dynscale.sanp.gates.
+     set_deterministic`): it updates the running statistics, so that they
+     describe the network inference will run (noisy codes scale the
+     channels differently), and its FLOPs join the window of Eq. 10's
+     ``p_t``. No gradient flows through it.
+  """
+  s = config.sanp
+  full = costs.flops(arch)
+  lambda0 = s.lambda0 if penalised else 0.0
+
+  def loss_fn(model, images, labels, task):
+    del task
+    statistics = nnx.state(model.layers, nnx.BatchStat)
+    before = statistics.to_pure_dict()
+    trace = model.run(images, 1.0, train=True)
+    codes = _codes(nnx.pop(model, nnx.Intermediate), s.code)
+    statistics.replace_by_pure_dict(before)
+    nnx.update(model.layers, statistics)
+    gates.set_deterministic(model, True)
+    measured = model.run(images, 1.0, train=True)
+    gates.set_deterministic(model, False)
+    batch_flops = jax.lax.stop_gradient(
+        jnp.mean(costs.sample_flops(arch, 1.0, measured.activity)) / full)
+    window = jnp.concatenate([model.flops_window.value[1:], batch_flops[None]])
+    model.flops_window.value = window
+    ce = jnp.mean(steps.cross_entropy(trace.output, labels))
+    lam = objective.cost_weight(jnp.mean(window), s.budget, lambda0)
+    cost = objective.cost_loss(arch, codes, s.cost)
+    loss = ce + lam * cost
+    return loss, {"loss": loss, "accuracy": steps.accuracy(trace.output, labels),
+                  "cross_entropy": ce, "cost": cost, "lambda": lam,
+                  "eval_flops_ratio": batch_flops}
+  return loss_fn
+
+
+def gated_forward(arch: dict) -> steps.ForwardFn:
+  """Evaluation: logits, FLOPs per image as a fraction of the backbone's (and its
+  square, for the spread), and whether some gated layer was entirely off."""
+  full = costs.flops(arch)
+
+  def forward(model, images, task):
+    del task
+    trace = model.run(images, 1.0, train=False)
+    ratio = costs.sample_flops(arch, 1.0, trace.activity) / full
+    dead = jnp.any(jnp.stack([jnp.all(a == 0, axis=-1) for a in trace.activity.values()]),
+                   axis=0)
+    return trace.output, {"flops_ratio": ratio, "flops_ratio_sq": ratio * ratio,
+                          "dead_layer": dead.astype(jnp.float32)}
+  return forward
+
+
+@dataclasses.dataclass
+class Stage:
+  """A training stage: its checkpoint name, epochs, what learns, its objective,
+  its evaluation forward, and which state it hands on (``'best'`` validation
+  accuracy, or ``'final'``)."""
+
+  name: str
+  epochs: int
+  trainable: Any  # an nnx filter
+  loss_fn: steps.LossFn
+  forward: steps.ForwardFn
+  keep: str = "best"
+
+
+@dataclasses.dataclass
+class Fitted:
+  """A stage's outcome: its trainer, the model's graph and the state handed on."""
+
+  trainer: loop.Trainer
+  graphdef: nnx.GraphDef
+  state: TrainState
+
+
+def fit_stage(run: runs.Run, model: nnx.Module, stage: Stage) -> Fitted:
+  """Trains ``model`` through ``stage``, resuming its checkpoint, and sets
+  ``model``'s variables to the state the stage hands on."""
+  tx = make_optimizer(run.config.optimizer, runs.total_steps(run, stage.epochs))
+  graphdef, state = create_train_state(model, tx, stage.trainable)
+  trainer = runs.make_trainer(run, graphdef, tx, stage.loss_fn, stage.forward,
+                              trainable=stage.trainable)
+  patience = run.config.train.patience
+  fit = trainer.fit(trainer.place(state), task=jnp.float32(1.0), num_epochs=stage.epochs,
+                    stage=stage.name, checkpoint_dir=run.checkpoint_dir, writer=run.writer,
+                    early_stopping=EarlyStopping(patience) if patience else None)
+  state = fit.best_state if stage.keep == "best" else fit.state
+  nnx.update(model, nnx.state(merge_model(graphdef, state.params, state.model_state)))
+  return Fitted(trainer, graphdef, state)
+
+
+def pretrain(run: runs.Run) -> None:
+  """Stage 1: the backbone ``run.model`` alone, plain cross-entropy."""
+  fit_stage(run, run.model, Stage("pretrain", run.config.sanp.pretrain_epochs, nnx.Param,
+                                  steps.classification_loss, steps.eval_forward))
+
+
+def warm_up(run: runs.Run, model: nnx.Module) -> Fitted:
+  """Stage 2: the gates of ``model`` alone learn; convolutions and batch-norm
+  parameters stay as they are."""
+  return fit_stage(run, model, Stage(
+      "warmup", run.config.sanp.warmup_epochs, nnx.All(nnx.Param, nnx.PathContains("gates")),
+      sanp_loss(run.arch, run.config, penalised=False), gated_forward(run.arch)))
+
+
+def fine_tune(run: runs.Run, model: nnx.Module) -> Fitted:
+  """Stage 3: everything learns under Eq. 9-10; hands on the final state (the best
+  validation accuracy is often an early epoch still over budget)."""
+  return fit_stage(run, model, Stage(
+      "finetune", run.config.train.num_epochs, nnx.Param,
+      sanp_loss(run.arch, run.config, penalised=run.config.sanp.variant != "fixed_k"),
+      gated_forward(run.arch), keep="final"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the three stages of ``config``; writes and returns results."""
+  run = runs.start(config, workdir, check=check_config)
+  s = config.sanp
+  if not run.init_from and s.pretrain_epochs:
+    pretrain(run)
+  model = gated_model(config, run.arch, run.model)
+  if s.warmup_epochs:
+    warm_up(run, model)
+  tuned = fine_tune(run, model)
+  test = tuned.trainer.evaluate(tuned.state, "test", jnp.float32(1.0))
+  val = tuned.trainer.evaluate(tuned.state, "val", jnp.float32(1.0))
+  usage = analysis.channel_usage(model, run.dataset, "test", config.data.eval_batch_size)
+  analysis.plot(usage, run.workdir, runs.title("sanp", run.arch["name"], run.dataset.name,
+                                               config.protocol))
+  return runs.finish(run, tuned.graphdef, tuned.state, {
+      "variant": s.variant,
+      "budget": s.budget,
+      "test_accuracy": test["accuracy"],
+      "val_accuracy": val["accuracy"],
+      "flops_ratio": test["flops_ratio"],
+      "flops_ratio_std": float(max(0.0, test["flops_ratio_sq"] - test["flops_ratio"] ** 2)
+                               ** 0.5),
+      "dead_layer_rate": test["dead_layer"],
+      "val_flops_ratio": val["flops_ratio"],
+      "flops_full": costs.flops(run.arch),
+      "gate_flops": gate_overhead(run.arch, s),
+      **analysis.summary(usage),
+  })
+
+
+def gate_overhead(arch: dict, sanp_config) -> int:
+  """Multiply-adds of the gates themselves per image (listed apart from the network's)."""
+  if sanp_config.variant == "static":
+    return 0
+  total = 0
+  for c_in, c_out in layers.gate_points(arch).values():
+    hidden = max(1, c_out // sanp_config.reduction)
+    total += c_in * hidden + hidden * c_out
+  return total

@@ -1,0 +1,71 @@
+"""SANP (002) under the ``cpu`` protocol: is per-sample gating worth it at a budget?
+
+``m_cifarnet`` at width 0.25 on a class-balanced 10,000-image CIFAR-10
+training set (1,000 of them held out for validation; the full test split),
+a 30% FLOPs budget, the ``cpu`` protocol's optimizer (SGD momentum 0.9,
+batch 128, lr 0.05 cosine, weight decay 5e-4; :mod:`dynscale.train.protocols`),
+seeds 0-2. Every gated variant pretrains the backbone for 6 epochs (the
+same network for every variant of a seed: same seed, same steps), warms
+its gates up for 2 and fine-tunes for 10:
+
+* ``sanp``: SPM gates (Eq. 1-8), Eq. 9-10's budget loss;
+* ``static``: one learned gate vector per layer (§5.1 STATIC);
+* ``fixed_k``: the k most salient channels of every layer, k set by the
+  budget (§5.1 FIXED-K);
+* ``sanp-paper``: ``sanp`` with the paper's literal loss, the L1 of the
+  saliencies over N_c (Eq. 9) with lambda0 = 0.01;
+
+and two plain networks trained for the 16 epochs of pretrain + fine-tune:
+
+* ``unpruned``: the backbone, the reference;
+* ``thin``: the backbone uniformly narrowed to the budget's FLOPs (not in
+  the paper: what a static, sample-blind network of the same cost does).
+
+``:quick`` runs ``sanp`` and ``fixed_k`` on seed 0 only; ``:single`` is one
+SANP run (seed 0, no variants), to try settings on the command line.
+Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
+"""
+
+from dynscale.data.datasets import dataset_spec
+from dynscale.sanp import budget
+from dynscale.train import protocols
+from experiments.configs import common
+
+MODEL, WIDTH, BUDGET = "m_cifarnet", 0.25, 0.3
+PRETRAIN, WARMUP, FINETUNE = 6, 2, 10
+SEEDS = (0, 1, 2)
+SIZES = {"data": {"train_examples": 10000, "val_size": 1000}}
+SUBSETS = {"all": None, "quick": ("sanp", "fixed_k"), "single": ()}
+
+
+def get_config(arg: str = "all"):
+  if arg not in SUBSETS:
+    raise ValueError(f"sanp_cpu subset must be one of {tuple(SUBSETS)}, got {arg!r}")
+  config = common.sanp_base(
+      data=common.data("cifar10"),
+      model=common.model(MODEL, profile="all-one"),
+      train=common.train(num_epochs=FINETUNE),
+      sanp=common.sanp("sanp", budget=BUDGET),
+  )
+  config.sanp.pretrain_epochs = PRETRAIN
+  config.sanp.warmup_epochs = WARMUP
+  config.eval.dps = (1.0,)
+  config = protocols.apply(config, "cpu", SIZES)
+  config.title = f"002 SANP at {BUDGET:.0%} FLOPs"
+  spec = dataset_spec("cifar10")
+  thin = budget.thin_width_multiplier(MODEL, spec.num_classes, spec.image_shape, BUDGET, WIDTH)
+  plain = {"method": "idp", "train.num_epochs": PRETRAIN + FINETUNE}
+  variants = {
+      "unpruned": plain,
+      "thin": {**plain, "model.width_multiplier": thin},
+      "sanp": {},
+      "static": {"sanp.variant": "static"},
+      "fixed_k": {"sanp.variant": "fixed_k"},
+      "sanp-paper": {"sanp.code": "saliency", "sanp.lambda0": 0.01, "sanp.cost": "filters"},
+  }
+  if arg == "single":
+    return config
+  chosen = SUBSETS[arg] or tuple(variants)
+  config.variants = {name: common.overrides(**variants[name]) for name in chosen}
+  config.seeds = SEEDS if arg == "all" else SEEDS[:1]
+  return config

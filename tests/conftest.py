@@ -1,0 +1,51 @@
+"""Shared test helpers."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def _straight_and_resumed(tmp_path, command, checkpoint: str, *also_there: str):
+  """Results of ``command`` run straight, and run, SIGKILLed, then run again.
+
+  The kill comes as soon as ``checkpoints/<checkpoint>`` exists (an epoch
+  inside some stage); ``also_there``: paths under the killed workdir that must
+  exist by then. The rerun must say it resumed that stage.
+  """
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(command(straight), cwd=ROOT, env=env, check=True, capture_output=True)
+  marker = killed / "checkpoints" / checkpoint
+  process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not marker.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  assert not (killed / "results.json").exists()
+  for path in also_there:
+    assert (killed / path).exists(), path
+  rerun = subprocess.run(command(killed), cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True)
+  stage = checkpoint.split("/")[0]
+  assert f"Resumed stage {stage!r}" in rerun.stderr
+  return read_results(straight), read_results(killed)
+
+
+@pytest.fixture
+def straight_and_resumed():
+  """``straight_and_resumed(tmp_path, command, checkpoint, *also_there)``: the results
+  of a launcher command run straight, and run, SIGKILLed, then run again."""
+  return _straight_and_resumed

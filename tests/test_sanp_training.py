@@ -1,0 +1,183 @@
+"""The ``sanp`` method: its stages, what it reports, resume, and bad configs."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynscale.nn import costs, layers, models
+from dynscale.sanp import budget, gates, training
+from dynscale.train import runs, sweep
+from experiments import main as launcher
+from experiments.configs import sanp_cpu
+
+
+def tiny(**overrides):
+  """``sanp_cpu``'s SANP variant on the embedded MNIST sample at test size."""
+  config = sanp_cpu.get_config("single")
+  config.data.dataset = "mnist_sample"
+  config.data.train_examples = 0
+  config.data.val_size = 200
+  config.data.batch_size = 64
+  config.train.num_epochs = 1
+  config.train.steps_per_chunk = 20
+  config.sanp.pretrain_epochs = 1
+  config.sanp.warmup_epochs = 1
+  config.sanp.reduction = 4
+  config.tensorboard = False
+  for path, value in overrides.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def test_the_warm_up_trains_only_the_gates(tmp_path):
+  config = tiny()
+  run = runs.start(config, str(tmp_path), check=training.check_config)
+  model = training.gated_model(config, run.arch, run.model)
+  before = nnx.state(model.layers).to_pure_dict()
+  gates_before = nnx.state(model.gates, nnx.Param).to_pure_dict()
+  training.warm_up(run, model)
+  after = nnx.state(model.layers).to_pure_dict()
+  for index, layer in before.items():
+    for name in ("kernel", "bias"):
+      if name in layer:
+        np.testing.assert_array_equal(after[index][name], layer[name])  # bit-identical
+    if "bn" in layer:
+      for name in ("scale", "bias"):
+        np.testing.assert_array_equal(after[index]["bn"][name], layer["bn"][name])
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), gates_before,
+                       nnx.state(model.gates, nnx.Param).to_pure_dict())
+  assert any(jax.tree.leaves(moved))
+
+
+def test_a_tiny_run_reports_cost_and_gating_and_the_analyses(tmp_path):
+  results = training.train_and_evaluate(tiny(**{"sanp.budget": 0.5}), str(tmp_path))
+  for key in ("test_accuracy", "flops_ratio", "flops_ratio_std", "dead_layer_rate",
+              "sometimes_pruned_fraction", "budget", "gate_flops"):
+    assert key in results, key
+  assert 0 < results["flops_ratio"] <= 1 and 0 <= results["dead_layer_rate"] <= 1
+  types = results["channel_types"]
+  widths = [c_out for _, c_out in layers.gate_points(results["model"]["architecture"]).values()]
+  assert [sum(t.values()) for t in types.values()] == widths  # every channel typed once
+  assert (tmp_path / "channel_types.png").exists()
+  assert (tmp_path / "last_block_active_channels.png").exists()
+  assert results["flops_full"] == costs.flops(results["model"]["architecture"])
+
+
+def test_fixed_k_costs_its_budget_on_every_image(tmp_path):
+  config = tiny(**{"sanp.variant": "fixed_k", "sanp.budget": 0.4})
+  results = training.train_and_evaluate(config, str(tmp_path))
+  expected = budget.fixed_k_flops_ratio(results["model"]["architecture"],
+                                        budget.fixed_k_keep(results["model"]["architecture"],
+                                                            0.4))
+  assert results["flops_ratio"] == pytest.approx(expected, rel=1e-5)
+  assert abs(expected - 0.4) < 0.03
+  assert results["flops_ratio_std"] < 1e-3
+
+
+def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
+  config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3})
+  arch = training.architecture(config)
+  backbone = models.build(arch, rngs=models.init_rngs(0))
+  model = training.gated_model(config, arch, backbone)
+  images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
+  labels = jnp.arange(8) % 10
+  loss, metrics = training.sanp_loss(arch, config, penalised=True)(model, images, labels, None)
+  # Gates start open: this batch costs the full network, as the window's ones say.
+  assert float(metrics["eval_flops_ratio"]) == pytest.approx(1.0)
+  np.testing.assert_allclose(model.flops_window.value, [1.0, 1.0, 1.0], rtol=1e-6)
+  assert float(metrics["lambda"]) == pytest.approx(2.0 * (1.0 - 0.4))
+  assert float(loss) == pytest.approx(float(metrics["cross_entropy"])
+                                      + float(metrics["lambda"]) * float(metrics["cost"]),
+                                      rel=1e-6)
+
+
+def test_a_killed_fine_tune_resumes_to_the_same_metrics(tmp_path, straight_and_resumed):
+  overrides = ("--config.data.dataset=mnist_sample", "--config.data.train_examples=1000",
+               "--config.data.val_size=200", "--config.data.batch_size=50",
+               "--config.train.num_epochs=3", "--config.train.steps_per_chunk=4",
+               "--config.sanp.pretrain_epochs=1", "--config.sanp.warmup_epochs=1",
+               "--config.sanp.reduction=4", "--config.tensorboard=False")
+
+  def command(workdir):
+    return [sys.executable, "-m", "experiments.main",
+            "--config=experiments/configs/sanp_cpu.py:single", f"--workdir={workdir}",
+            *overrides]
+  a, b = straight_and_resumed(tmp_path, command, "finetune/1", "checkpoints/warmup-best")
+  for key in ("test_accuracy", "flops_ratio", "flops_ratio_std", "dead_layer_rate",
+              "channel_types"):
+    assert a[key] == b[key], key
+
+
+def test_seeds_give_each_variant_a_mean_and_a_by_seed_entry():
+  config = sanp_cpu.get_config("all")
+  names = list(sweep.variant_configs(config))
+  assert set(names) == {f"{variant}-seed{seed}" for variant in config.variants
+                        for seed in (0, 1, 2)}
+  summaries = {name: {"method": "sanp", "test_accuracy": 0.1 * (i % 3), "flops_ratio": 0.3}
+               for i, name in enumerate(names)}
+  grouped = sweep.by_variant(config, summaries)
+  assert grouped["sanp"]["mean"]["test_accuracy"] == pytest.approx(0.1)
+  assert grouped["sanp"]["std"]["test_accuracy"] == pytest.approx(np.std([0.0, 0.1, 0.2]))
+  assert set(grouped["sanp"]["by_seed"]) == {"0", "1", "2"}
+
+
+def test_the_thin_variant_costs_the_budget():
+  config = sanp_cpu.get_config("all")
+  thin = sweep.variant_configs(config)["thin-seed0"]
+  unpruned = sweep.variant_configs(config)["unpruned-seed0"]
+  def flops(c):
+    return costs.flops(models.architecture(c.model.name, num_classes=10,
+                                           input_shape=(32, 32, 3),
+                                           width_multiplier=c.model.width_multiplier))
+  assert abs(flops(thin) / flops(unpruned) - sanp_cpu.BUDGET) < 0.02
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sanp.budget": 0.0}, r"sanp.budget must be a fraction of the full network's FLOPs in "
+                           r"\(0, 1\), got 0.0"),
+    ({"sanp.budget": 1.0}, r"sanp.budget must be a fraction"),
+    ({"sanp.lambda0": -0.1}, r"sanp.lambda0 must be a number >= 0, got -0.1"),
+    ({"sanp.variant": "dynamic"}, r"sanp.variant must be one of \('sanp', 'static', "
+                                  r"'fixed_k'\), got 'dynamic'"),
+    ({"sanp.binarization.a": 0.0}, r"binarization.a must be > 0"),
+    ({"sanp.binarization.b": 1.5}, r"binarization.b must be in \[0, a\)"),
+    ({"sanp.binarization.sigma": -1.0}, r"binarization.sigma must be >= 0"),
+    ({"sanp.binarization.mix": 2.0}, r"binarization.mix must be in \[0, 1\]"),
+    ({"sanp.reduction": 100}, r"sanp.reduction must be in \[1, 16\] \(the narrowest gated "
+                              r"layer's channels\), got 100"),
+    ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),
+    ({"sanp.cost": "l2"}, r"sanp.cost must be one of \('filters', 'layers', 'flops'\)"),
+])
+def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
+  with pytest.raises(ValueError, match=message):
+    training.train_and_evaluate(tiny(**override), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_runs_sanp():
+  assert launcher.METHODS["sanp"] is training
+
+
+def test_running_statistics_follow_the_inference_gates_not_the_noisy_ones():
+  config = tiny(**{"sanp.binarization.sigma": 3.0})  # noisy codes far from inference's
+  arch = training.architecture(config)
+  model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
+  reference = nnx.clone(model)
+  images = jax.random.normal(jax.random.key(0), (16, *arch["input_shape"]))
+  training.sanp_loss(arch, config, penalised=True)(model, images, jnp.arange(16) % 10, None)
+  # What one train-mode forward with the gates deciding as at inference leaves:
+  gates.set_deterministic(reference, True)
+  reference.run(images, 1.0, train=True)
+  ours = jax.tree.leaves(nnx.state(model.layers, nnx.BatchStat).to_pure_dict())
+  theirs = jax.tree.leaves(nnx.state(reference.layers, nnx.BatchStat).to_pure_dict())
+  assert len(ours) == len(theirs) > 0
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
