@@ -17,7 +17,8 @@ from experiments.configs import common, idp_fig8, idp_fig9, tesla_vgg16_cifar
 # The protocol as README and dynscale.train.protocols document it, written out here.
 CPU_SETTINGS = {
     ("data", "val_size"): 5000, ("data", "batch_size"): 128, ("data", "augment"): "auto",
-    ("model", "width_multiplier"): 0.25, ("train", "num_epochs"): 10,
+    ("data", "train_examples"): 0, ("model", "width_multiplier"): 0.25,
+    ("train", "num_epochs"): 10,
     ("optimizer", "name"): "sgd", ("optimizer", "learning_rate"): 0.05,
     ("optimizer", "momentum"): 0.9, ("optimizer", "nesterov"): False,
     ("optimizer", "schedule"): "cosine", ("optimizer", "weight_decay"): 5e-4,
@@ -87,6 +88,22 @@ def test_an_unknown_protocol_set_on_the_command_line_fails_before_anything_is_wr
                                        r"\('paper', 'cpu'\), got 'gpu'"):
     launcher.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_an_experiment_can_fix_its_own_sizes_within_the_cpu_protocol():
+  from experiments.configs import sanp_cpu
+  variants = sweep.variant_configs(sanp_cpu.get_config("all"))
+  sanp = variants["sanp-seed0"]
+  fixed = protocols.record(sanp)
+  assert fixed["settings"]["data.train_examples"] == 10000
+  assert fixed["settings"]["data.val_size"] == 1000
+  assert fixed["settings"]["model.width_multiplier"] == 0.25
+  assert fixed["deviations"] == {}
+  # The thin network is narrower on purpose, and trains pretrain + fine-tune epochs:
+  assert set(protocols.deviations(variants["thin-seed0"])) == {"model.width_multiplier",
+                                                               "train.num_epochs"}
+  with pytest.raises(ValueError, match=r"protocol sizes apply to the cpu protocol only"):
+    protocols.apply(sanp, "paper", {"data": {"val_size": 10}})
 
 
 def test_split_arg_defaults_to_the_paper_protocol():

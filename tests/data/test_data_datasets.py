@@ -243,3 +243,25 @@ def test_mnist_sample_matches_original_files():
   np.testing.assert_array_equal(sample["train_y"], mnist.train_y[sample["train_index"]])
   np.testing.assert_array_equal(sample["test_x"], mnist.test_x[sample["test_index"]])
   np.testing.assert_array_equal(sample["test_y"], mnist.test_y[sample["test_index"]])
+
+
+def test_a_balanced_training_subset_is_the_same_for_every_seed_and_holds_validation():
+  full = load("mnist_sample", val_size=0)
+  a = load("mnist_sample", val_size=100, seed=0, train_examples=1000)
+  b = load("mnist_sample", val_size=100, seed=1, train_examples=1000)
+  assert (len(a.train_y), len(a.val_y)) == (900, 100)
+  labels = np.concatenate([a.train_y, a.val_y])
+  assert np.bincount(labels, minlength=10).tolist() == [100] * 10
+  def rows(d):
+    return {x.tobytes() for x in np.concatenate([d.train_x, d.val_x])}
+  assert rows(a) == rows(b)            # one subset, whatever the seed ...
+  assert {x.tobytes() for x in a.val_x} != {x.tobytes() for x in b.val_x}  # ... its own val
+  assert rows(a) <= {x.tobytes() for x in full.train_x}
+  np.testing.assert_array_equal(a.test_x, full.test_x)  # the full test split
+
+
+@pytest.mark.parametrize("size", [999, -10])
+def test_a_subset_that_is_not_a_positive_multiple_of_the_classes_is_refused(size):
+  with pytest.raises(ValueError, match=r"train_examples must be a positive multiple of the "
+                                       r"10 classes"):
+    load("mnist_sample", val_size=10, train_examples=size)
