@@ -420,7 +420,10 @@ CONFIGS = [("baseline", None), ("tesla_main", None), ("idp_fig7", "sample"),
            *[("tesla_mlp_mnist", subset)
              for subset in ("all", "atp", "monitors", "rtesla_selection")],
            *[("tesla_vgg16_cifar", column)
-             for column in ("cifar10", "cifar100", "cifar10-recipe", "cifar100-recipe")]]
+             for column in ("cifar10", "cifar100", "cifar10-recipe", "cifar100-recipe")],
+           *[("sanp_cifar10", b) for b in ("m_cifarnet", "vgg19", "resnet18")],
+           *[("sanp_cifar100", b) for b in ("vgg19", "resnet18")], ("sanp_ablation", None),
+           *[("sanp_cpu", subset) for subset in ("all", "quick", "single")]]
 
 
 @pytest.mark.parametrize("name, arg", CONFIGS)
@@ -510,3 +513,15 @@ def test_scanned_and_looped_chunks_take_the_same_steps():
   np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                p_scan, p_loop)
+
+
+def test_the_step_schedule_divides_the_learning_rate_every_step_every_steps(tmp_path):
+  from dynscale.train import optim
+  config = baseline.get_config().optimizer
+  config.update(dict(schedule="step", learning_rate=0.1, step_every=100, step_factor=0.1))
+  schedule = optim.learning_rate_schedule(config, total_steps=1000)
+  np.testing.assert_allclose([schedule(i) for i in (0, 99, 100, 199, 200, 450)],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 1e-5], rtol=1e-5)
+  bad = tiny_config(**{"optimizer.schedule": "step", "optimizer.step_factor": 1.5})
+  with pytest.raises(ValueError, match=r"optimizer.step_factor must be in \(0, 1\], got 1.5"):
+    idp_training.train_and_evaluate(bad, str(tmp_path / "run"))

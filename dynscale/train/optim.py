@@ -5,7 +5,7 @@ from __future__ import annotations
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
@@ -15,6 +15,8 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     return optax.constant_schedule(lr)
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  if config.schedule == "step":  # times step_factor every step_every steps
+    return optax.exponential_decay(lr, config.step_every, config.step_factor, staircase=True)
   warmup = min(int(config.get("warmup_steps", 0)), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, 1))
 

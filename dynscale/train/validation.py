@@ -87,6 +87,10 @@ def check_optimizer(config) -> None:
     raise ValueError(f"optimizer.momentum must be >= 0, got {config.momentum}")
   if config.get("weight_decay", 0.0) < 0:
     raise ValueError(f"optimizer.weight_decay must be >= 0, got {config.weight_decay}")
+  if config.schedule == "step":
+    positive(config.step_every, "optimizer.step_every", integer=True)
+    if not 0 < config.step_factor <= 1:
+      raise ValueError(f"optimizer.step_factor must be in (0, 1], got {config.step_factor}")
 
 
 def check_train(config) -> None:
