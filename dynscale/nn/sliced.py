@@ -111,6 +111,36 @@ def _slice_tree(specs: Mapping, v: Mapping, widths: Mapping[str, int]) -> dict:
   return out
 
 
+def gather_layer_variables(arch: dict, index: int, v: Mapping,
+                           channels: Mapping[str, Array]) -> dict:
+  """The variables ``v`` of layer ``index`` restricted to the given channels of each
+  slot (``{"in": idx, "out": idx}``, index arrays, may be traced): a kernel
+  ``(kh, kw, C, M) -> (kh, kw, len(in), len(out))``, profiles, biases and batch
+  norm likewise. The channels need not be a prefix (cf. :func:`slice_variables`)."""
+  node = spec.graph(arch).nodes[index]
+
+  def take(a: Array, var: Var) -> Array:
+    if var.positions > 1:
+      raise ValueError(f"layers[{index}]: a dense kernel on a flattened map cannot be "
+                       "gathered by channel")
+    for axis, slot in var.axes:
+      if slot in channels:
+        a = jnp.take(a, channels[slot], axis=axis)
+    return a
+
+  def walk(specs: Mapping, values: Mapping) -> dict:
+    out = {}
+    for name, var in specs.items():
+      if not isinstance(var, Var):
+        out[name] = walk(var, values[name])
+      elif var.role == "bn":
+        out[name] = {leaf: take(a, var) for leaf, a in values[name].items()}
+      else:
+        out[name] = take(values[name], var)
+    return out
+  return walk(layer_variables(arch, node), v)
+
+
 def check_variables(arch: dict, variables: Mapping) -> None:
   """Raises ValueError unless ``variables`` has exactly the layout and shapes of ``arch``."""
   expected = flatten_tree(variable_shapes(arch))

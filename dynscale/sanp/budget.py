@@ -62,3 +62,13 @@ def thin_width_multiplier(name: str, num_classes: int, input_shape, budget: floa
                                            input_shape=input_shape, width_multiplier=w))
   full = flops(width_multiplier)
   return width_multiplier * _solve(lambda x: flops(width_multiplier * x) / full, budget)
+
+
+def spm_flops(arch: dict, reduction: int) -> int:
+  """Multiply-adds of SPM gates (Eq. 6's two layers) on every gate point of ``arch``,
+  per image: the gates' own cost, listed apart from the network's."""
+  total = 0
+  for c_in, c_out in layers.gate_points(arch).values():
+    hidden = max(1, c_out // reduction)
+    total += c_in * hidden + hidden * c_out
+  return total

@@ -260,17 +260,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "dead_layer_rate": test["dead_layer"],
       "val_flops_ratio": val["flops_ratio"],
       "flops_full": costs.flops(run.arch),
-      "gate_flops": gate_overhead(run.arch, s),
+      "gate_flops": 0 if s.variant == "static" else budget.spm_flops(run.arch, s.reduction),
       **analysis.summary(usage),
   })
-
-
-def gate_overhead(arch: dict, sanp_config) -> int:
-  """Multiply-adds of the gates themselves per image (listed apart from the network's)."""
-  if sanp_config.variant == "static":
-    return 0
-  total = 0
-  for c_in, c_out in layers.gate_points(arch).values():
-    hidden = max(1, c_out // sanp_config.reduction)
-    total += c_in * hidden + hidden * c_out
-  return total

@@ -1,0 +1,100 @@
+r"""Batch-1 latency of SANP inference: skipping closed channels, against dense and masked.
+
+python -m benchmarks.sanp_latency --model=m_cifarnet --batch=1 --flops=0.5,0.25
+
+For each target FLOPs fraction, the gates of every convolution are set to
+open the same fraction ``k`` of its channels (FIXED-K's pattern, ``k`` from
+:func:`dynscale.sanp.budget.fixed_k_keep`), so the network costs about the
+target; then one run times, with interleaved rounds, the backbone without
+gates (``dense``), the gated network's masked path (``masked``: computes
+every channel, multiplies the closed ones by zero) and
+:func:`dynscale.sanp.inference.skipping_forward` (``skip``). Prints one JSON
+line per target: ``skip_over_dense``, ``masked_over_dense``, the analytic
+``flops_ratio`` (§4.1.1's formula) and the gates' own cost. Untrained
+weights: latency does not depend on their values.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from dynscale import timing
+from dynscale.nn import costs, models
+from dynscale.sanp import budget, gates, inference
+
+MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3)}
+
+
+def open_fraction(model, keep: float) -> None:
+  """Sets every SPM to open its first ``kept_channels(keep, C)`` channels for any input."""
+  for gate in model.gates.values():
+    channels = gate.head.w2.bias.value.shape[0]
+    k = gates.kept_channels(keep, channels)
+    gate.head.w2.bias.value = jnp.where(jnp.arange(channels) < k, 3.0, -3.0)
+
+
+def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
+            repeats: int, warmup: int) -> list[dict]:
+  arch = models.architecture(model_name, num_classes=10, input_shape=MODELS[model_name],
+                             profile="all-one", width_multiplier=width_multiplier)
+  dense = models.build(arch, rngs=models.init_rngs(0))
+  image = jax.random.normal(jax.random.key(1), (1, *MODELS[model_name]))
+  dense_fn = jax.jit(lambda m, x: m(x, 1.0, train=False))
+  records = []
+  for target in targets:
+    keep = budget.fixed_k_keep(arch, target)
+    gated = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
+    open_fraction(gated, keep)
+    masked_fn = jax.jit(lambda m, x: (lambda t: (t.output, t.activity))(m.run(x, 1.0,
+                                                                               train=False)))
+    skip = inference.skipping_forward(gated, buckets)
+    logits, activity = masked_fn(gated, image)
+    np.testing.assert_allclose(skip(image), logits, rtol=1e-4, atol=1e-4)
+    stats = timing.interleaved_latencies({
+        "dense": lambda: dense_fn(dense, image), "masked": lambda: masked_fn(gated, image),
+        "skip": lambda: skip(image)}, warmup=warmup, repeats=repeats)
+    median = {name: s["median_s"] for name, s in stats.items()}
+    records.append({
+        "model": model_name, "width_multiplier": width_multiplier, "batch": 1,
+        "target_flops": target, "keep": round(keep, 4), "buckets": buckets,
+        "flops_ratio": round(float(costs.sample_flops(arch, 1.0, activity)[0])
+                             / costs.flops(arch), 4),
+        "skip_over_dense": round(median["skip"] / median["dense"], 3),
+        "masked_over_dense": round(median["masked"] / median["dense"], 3),
+        **{f"{name}_ms": round(1e3 * s, 3) for name, s in median.items()},
+        **{f"{name}_spread": round(s["spread"], 3) for name, s in stats.items()},
+        "gate_flops": budget.spm_flops(arch, 16),
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "jax": jax.__version__, "cpu_load_1m": round(os.getloadavg()[0], 2)})
+  return records
+
+
+def _define_flags() -> None:
+  """Flags only when run as a script (tests import :func:`measure`)."""
+  flags.DEFINE_enum("model", "m_cifarnet", list(MODELS), "Network of the model zoo.")
+  flags.DEFINE_integer("batch", 1, "Batch size; skipping inference takes one image.")
+  flags.DEFINE_list("flops", ["0.5", "0.25"], "Target FLOPs fractions.")
+  flags.DEFINE_float("width_multiplier", 1.0, "Scales every hidden width.")
+  flags.DEFINE_integer("buckets", 4, "Channel-count buckets per layer.")
+  flags.DEFINE_integer("repeats", 30, "Timed rounds.")
+  flags.DEFINE_integer("warmup", 3, "Untimed runs per candidate (compilation).")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.batch != 1:
+    raise app.UsageError(f"--batch must be 1 (skipping inference runs one image), got {f.batch}")
+  for record in measure(f.model, [float(t) for t in f.flops],
+                        width_multiplier=f.width_multiplier, buckets=f.buckets,
+                        repeats=f.repeats, warmup=f.warmup):
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

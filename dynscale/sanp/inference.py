@@ -1,0 +1,121 @@
+"""Inference that skips what the gates close (paper 002 Eq. 4), one image at a time.
+
+The masked network computes every channel and multiplies the closed ones by
+zero. Here a gated convolution reads only its open input channels and
+computes only its open output channels: it gathers those filters, batch-norm
+entries and gate values (:func:`dynscale.nn.sliced.gather_layer_variables`)
+and runs the core's own layer on them, then scatters the result back into
+the full channel layout (closed channels exact zeros), so pooling, the
+next gate and the classifier see what the masked network gives them.
+
+Shapes must be static, so open-channel counts are rounded up to
+``buckets`` sizes per layer (the padded slots are closed channels, which
+read zeros and are multiplied by zero): each layer picks its (input bucket,
+output bucket) pair with ``lax.switch`` inside one jitted function, with no
+host round trip. Plain convolution chains only (``m_cifarnet``, ``vgg16``,
+``vgg19``); residual blocks are not supported yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynscale.nn import sliced, spec
+from dynscale.nn.kinds import KINDS, Context, gate_name
+
+SUPPORTED = ("conv", "maxpool", "global_avgpool", "flatten", "dense")
+
+
+def bucket_sizes(channels: int, buckets: int) -> tuple[int, ...]:
+  """The channel counts a layer of ``channels`` compiles for: ``ceil(channels i / buckets)``."""
+  return tuple(sorted({math.ceil(channels * i / buckets) for i in range(1, buckets + 1)}))
+
+
+def check_architecture(arch: dict) -> None:
+  """Raises unless every layer of ``arch`` is of a kind this executor runs."""
+  if arch.get("profiles"):
+    raise ValueError("skipping inference runs single-profile networks, not MP-IDP")
+  for i, layer in enumerate(arch["layers"]):
+    if layer["kind"] not in SUPPORTED:
+      raise ValueError(f"skipping inference runs layers of kinds {SUPPORTED}; layers[{i}] "
+                       f"is a {layer['kind']!r}")
+
+
+def _ignore(*_):
+  return None
+
+
+def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array], jax.Array]:
+  """``logits = f(image)`` for one image ``(1, H, W, C)`` of the gated ``model``,
+  computing only the open channels of every gated convolution (jitted)."""
+  if buckets < 1:
+    raise ValueError(f"buckets must be >= 1, got {buckets}")
+  arch = model.arch
+  check_architecture(arch)
+  graph = spec.graph(arch)
+  gate_graph, gate_state = nnx.split(model.gates)
+  variables = model.pure_variables()["layers"]
+
+  def context(index: int, gates=None) -> Context:
+    return Context(train=False, epsilon=arch["bn_epsilon"], masks={}, gates=gates,
+                   path=f"layers.{index}", record=_ignore)
+
+  def gated_conv(node, v, y, order_in, count_in, gate):
+    layer = arch["layers"][node.index]
+    multiplier = gate(y, None, False)[0]
+    is_open = multiplier != 0
+    order_out = jnp.argsort(jnp.logical_not(is_open), stable=True)  # open channels first
+    sizes_in = bucket_sizes(node.inputs.channels, buckets) if order_in is not None else (
+        node.inputs.channels,)
+    sizes_out = bucket_sizes(layer["features"], buckets)
+    full = order_in if order_in is not None else jnp.arange(node.inputs.channels)
+    name = gate_name(f"layers.{node.index}", "")
+
+    def branch(k_in, k_out):
+      def run(y):
+        idx_in, idx_out = full[:k_in], order_out[:k_out]
+        sub = sliced.gather_layer_variables(arch, node.index, v, {"in": idx_in, "out": idx_out})
+        picked = multiplier[idx_out][None]
+        ctx = context(node.index, {name: lambda x, y, train: picked})
+        out = KINDS["conv"].apply({**layer, "features": k_out}, sub, y[..., idx_in], ctx,
+                                  node.inputs, node.outputs)
+        return jnp.zeros(out.shape[:-1] + (layer["features"],), out.dtype).at[..., idx_out].set(
+            out)
+      return run
+
+    pairs = list(itertools.product(sizes_in, sizes_out))
+    count_in = node.inputs.channels if count_in is None else count_in
+    which_in = jnp.searchsorted(jnp.asarray(sizes_in), count_in)
+    which_out = jnp.searchsorted(jnp.asarray(sizes_out), jnp.sum(is_open))
+    y = jax.lax.switch(which_in * len(sizes_out) + which_out,
+                       [branch(k_in, k_out) for k_in, k_out in pairs], y)
+    return y, order_out, jnp.sum(is_open)
+
+  @jax.jit
+  def forward(variables, gate_state, image):
+    gates = nnx.merge(gate_graph, gate_state)
+    y, order, count = image, None, None
+    for node in graph.nodes:
+      layer = arch["layers"][node.index]
+      v = variables[node.index] if node.kind in spec.PARAMETRIC_KINDS else {}
+      name = gate_name(f"layers.{node.index}", "")
+      if node.kind == "conv" and name in gates:
+        y, order, count = gated_conv(node, v, y, order, count, gates[name])
+      else:
+        y = KINDS[layer["kind"]].apply(layer, v, y, context(node.index), node.inputs,
+                                       node.outputs)
+        if node.kind in ("conv", "flatten", "dense"):  # channels no longer follow ``order``
+          order, count = None, None
+    return y.astype(jnp.float32)
+
+  def run(image: jax.Array) -> jax.Array:
+    if image.shape[0] != 1:
+      raise ValueError(f"skipping inference takes one image (1, H, W, C), got {image.shape}")
+    return forward(variables, gate_state, image)
+  return run

@@ -1,0 +1,57 @@
+"""Inference that skips closed channels equals the masked network."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynscale.nn import models
+from dynscale.sanp import gates, inference
+
+ARCH = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                           width_multiplier=0.125)
+
+
+def gated_model(seed=0):
+  model = models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp",
+                                                                               reduction=4))
+  rng = np.random.default_rng(seed)
+  for gate in model.gates.values():  # per-sample decisions, about half the channels open
+    w2 = gate.head.w2
+    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
+    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape), jnp.float32)
+  return model
+
+
+def test_bucket_sizes_round_channel_counts_up():
+  assert inference.bucket_sizes(16, 4) == (4, 8, 12, 16)
+  assert inference.bucket_sizes(6, 4) == (2, 3, 5, 6)
+  assert inference.bucket_sizes(3, 1) == (3,)
+
+
+def test_skipping_equals_the_masked_network_with_an_all_off_layer():
+  model = gated_model()
+  closed = model.gates["layers.4"]
+  closed.head.w2.kernel.value = jnp.zeros_like(closed.head.w2.kernel.value)
+  closed.head.w2.bias.value = jnp.full_like(closed.head.w2.bias.value, -5.0)  # all off
+  skip = inference.skipping_forward(model, buckets=3)
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + jnp.asarray(
+      [[[[1.0, -1.0, 0.5]]]])
+  for image in images:
+    trace = model.run(image[None], 1.0, train=False)
+    assert float(trace.activity["layers.4"].sum()) == 0
+    np.testing.assert_allclose(skip(image[None]), trace.output, rtol=1e-4, atol=1e-4)
+  model.gates["layers.4"].head.w2.bias.value = jnp.full_like(closed.head.w2.bias.value, 5.0)
+  reopened = inference.skipping_forward(model, buckets=3)
+  trace = model.run(images[:1], 1.0, train=False)
+  np.testing.assert_allclose(reopened(images[:1]), trace.output, rtol=1e-4, atol=1e-4)
+
+
+def test_skipping_refuses_what_it_cannot_run():
+  resnet = models.architecture("resnet18", num_classes=10, input_shape=(32, 32, 3),
+                               width_multiplier=1 / 16)
+  with pytest.raises(ValueError, match=r"layers\[1\] is a 'resblock'"):
+    inference.check_architecture(resnet)
+  skip = inference.skipping_forward(gated_model())
+  with pytest.raises(ValueError, match=r"takes one image \(1, H, W, C\), got \(2, 32, 32, 3\)"):
+    skip(jnp.zeros((2, 32, 32, 3)))
