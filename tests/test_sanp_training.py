@@ -181,3 +181,23 @@ def test_running_statistics_follow_the_inference_gates_not_the_noisy_ones():
   assert len(ours) == len(theirs) > 0
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_integral_term_accumulates_the_budget_error_step_by_step():
+  config = tiny(**{"sanp.lambda0": 1.0, "sanp.budget": 0.4, "sanp.integral_rate": 0.5})
+  arch = training.architecture(config)
+  model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
+  loss_fn = training.sanp_loss(arch, config, penalised=True)
+  images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
+  lambdas = [float(loss_fn(model, images, jnp.arange(8) % 10, None)[1]["lambda"])
+             for _ in range(3)]
+  error = 1.0 - 0.4  # the gates start open: every batch costs the full network
+  np.testing.assert_allclose(lambdas, [error + 0.5 * error * t for t in (1, 2, 3)], rtol=1e-5)
+  assert float(model.cost_integral.value) == pytest.approx(3 * 0.5 * error, rel=1e-5)
+
+
+def test_the_budget_ramps_down_from_the_full_network():
+  assert float(training.ramped_budget(0.3, 0, 10)) == pytest.approx(1.0)
+  assert float(training.ramped_budget(0.3, 5, 10)) == pytest.approx(0.65)
+  assert float(training.ramped_budget(0.3, 20, 10)) == pytest.approx(0.3)
+  assert training.ramped_budget(0.3, 5, 0) == 0.3

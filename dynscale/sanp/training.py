@@ -14,7 +14,11 @@ Three stages, each checkpointed and resumed by rerunning the same command:
    ``train.num_epochs`` epochs. ``lambda`` is Eq. 10 with ``p_t`` the mean
    FLOPs of the last ``sanp.flops_window`` training batches with the gates
    deciding as at inference (noisy training codes misread the cost the
-   network will have). FIXED-K has no cost term: its ``k`` holds the budget.
+   network will have). Eq. 10 is a proportional controller: it settles
+   where ``lambda0 (p_t - p)`` balances the classification loss, off the
+   budget. ``sanp.integral_rate > 0`` (not in the paper) adds the running
+   sum of ``integral_rate (p_t - p)`` over steps, which keeps moving lambda
+   until the error is gone. FIXED-K has no cost term: its ``k`` holds the budget.
 
 Both gated stages keep the batch-norm running statistics those of the
 network inference runs (:func:`sanp_loss`).
@@ -50,6 +54,14 @@ class FlopsWindow(nnx.Variable):
   """The evaluation-mode FLOPs fractions of the last N training batches (Eq. 10's p_t)."""
 
 
+class CostIntegral(nnx.Variable):
+  """The running sum ``sum_t rate (p_t - p)`` of ``sanp.integral_rate``'s term of lambda."""
+
+
+class CostSteps(nnx.Variable):
+  """Fine-tune steps taken under the cost loss (for the budget ramp)."""
+
+
 def binarization(config) -> gates.Binarization:
   return gates.Binarization(**config.sanp.binarization.to_dict())
 
@@ -73,10 +85,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.one_of(s.cost, objective.COSTS, "sanp.cost")
   validation.one_of(s.code, objective.CODES, "sanp.code")
   validation.positive(s.flops_window, "sanp.flops_window", integer=True)
+  if not isinstance(s.integral_rate, (int, float)) or s.integral_rate < 0:
+    raise ValueError(f"sanp.integral_rate must be a number >= 0, got {s.integral_rate!r}")
   validation.positive(s.reduction, "sanp.reduction", integer=True)
   validation.non_negative_int(s.floor, "sanp.floor")
   validation.non_negative_int(s.pretrain_epochs, "sanp.pretrain_epochs")
   validation.non_negative_int(s.warmup_epochs, "sanp.warmup_epochs")
+  validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
   binarization(config)  # raises naming the binarization field
   if config.model.init_from:
     return  # the exported backbone's widths are checked when it is loaded
@@ -102,7 +117,17 @@ def gated_model(config, arch: dict, backbone: nnx.Module) -> nnx.Module:
                        gate=gate_factory(config, arch))
   nnx.update(model.layers, nnx.state(backbone.layers))
   model.flops_window = FlopsWindow(jnp.ones((config.sanp.flops_window,), jnp.float32))
+  model.cost_integral = CostIntegral(jnp.zeros((), jnp.float32))
+  model.cost_steps = CostSteps(jnp.zeros((), jnp.float32))
   return model
+
+
+def ramped_budget(budget: float, step, ramp_steps: int):
+  """The budget after ``step`` steps of a linear ramp from the full network (1.0)
+  down to ``budget`` over ``ramp_steps`` steps (none when 0)."""
+  if not ramp_steps:
+    return budget
+  return budget + (1.0 - budget) * jnp.maximum(0.0, 1.0 - step / ramp_steps)
 
 
 def _codes(intermediates: nnx.State, code: str) -> dict[str, jax.Array]:
@@ -113,8 +138,9 @@ def _codes(intermediates: nnx.State, code: str) -> dict[str, jax.Array]:
   return {name: jnp.abs(values["saliency_out"][-1]) for name, values in sown.items()}
 
 
-def sanp_loss(arch: dict, config, *, penalised: bool) -> steps.LossFn:
-  """Eq. 9-10: ``CE + lambda L_cost`` (``lambda = 0`` unless ``penalised``).
+def sanp_loss(arch: dict, config, *, penalised: bool, ramp_steps: int = 0) -> steps.LossFn:
+  """Eq. 9-10: ``CE + lambda L_cost`` (``lambda = 0`` unless ``penalised``), the
+  budget ramped down from 1.0 over ``ramp_steps`` steps (:func:`ramped_budget`).
 
   Two forwards of the batch in train mode (batch statistics):
 
@@ -147,11 +173,19 @@ def sanp_loss(arch: dict, config, *, penalised: bool) -> steps.LossFn:
     window = jnp.concatenate([model.flops_window.value[1:], batch_flops[None]])
     model.flops_window.value = window
     ce = jnp.mean(steps.cross_entropy(trace.output, labels))
-    lam = objective.cost_weight(jnp.mean(window), s.budget, lambda0)
+    target = ramped_budget(s.budget, model.cost_steps.value, ramp_steps)
+    if penalised:
+      model.cost_steps.value = model.cost_steps.value + 1
+    lam = objective.cost_weight(jnp.mean(window), target, lambda0)
+    if penalised and s.integral_rate:
+      integral = model.cost_integral.value + objective.cost_weight(jnp.mean(window), target,
+                                                                   s.integral_rate)
+      model.cost_integral.value = integral
+      lam = lam + integral
     cost = objective.cost_loss(arch, codes, s.cost)
     loss = ce + lam * cost
     return loss, {"loss": loss, "accuracy": steps.accuracy(trace.output, labels),
-                  "cross_entropy": ce, "cost": cost, "lambda": lam,
+                  "cross_entropy": ce, "cost": cost, "lambda": lam, "budget": target,
                   "eval_flops_ratio": batch_flops}
   return loss_fn
 
@@ -230,7 +264,8 @@ def fine_tune(run: runs.Run, model: nnx.Module) -> Fitted:
   validation accuracy is often an early epoch still over budget)."""
   return fit_stage(run, model, Stage(
       "finetune", run.config.train.num_epochs, nnx.Param,
-      sanp_loss(run.arch, run.config, penalised=run.config.sanp.variant != "fixed_k"),
+      sanp_loss(run.arch, run.config, penalised=run.config.sanp.variant != "fixed_k",
+                ramp_steps=run.config.sanp.budget_ramp_epochs * runs.total_steps(run, 1)),
       gated_forward(run.arch), keep="final"))
 
 
