@@ -269,16 +269,23 @@ def fine_tune(run: runs.Run, model: nnx.Module) -> Fitted:
       gated_forward(run.arch), keep="final"))
 
 
+def run_stages(run: runs.Run) -> tuple[nnx.Module, Fitted]:
+  """The three stages (each resumed from its checkpoint); the gated model in its
+  final state, and the fine-tune's outcome."""
+  s = run.config.sanp
+  if not run.init_from and s.pretrain_epochs:
+    pretrain(run)
+  model = gated_model(run.config, run.arch, run.model)
+  if s.warmup_epochs:
+    warm_up(run, model)
+  return model, fine_tune(run, model)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the three stages of ``config``; writes and returns results."""
   run = runs.start(config, workdir, check=check_config)
   s = config.sanp
-  if not run.init_from and s.pretrain_epochs:
-    pretrain(run)
-  model = gated_model(config, run.arch, run.model)
-  if s.warmup_epochs:
-    warm_up(run, model)
-  tuned = fine_tune(run, model)
+  model, tuned = run_stages(run)
   test = tuned.trainer.evaluate(tuned.state, "test", jnp.float32(1.0))
   val = tuned.trainer.evaluate(tuned.state, "val", jnp.float32(1.0))
   usage = analysis.channel_usage(model, run.dataset, "test", config.data.eval_batch_size)
@@ -298,3 +305,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "gate_flops": 0 if s.variant == "static" else budget.spm_flops(run.arch, s.reduction),
       **analysis.summary(usage),
   })
+
+
+def trained_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module:
+  """The gated network of the run of ``config`` in ``workdir``, in its final
+  fine-tune state (the run's checkpoints are resumed, so an unfinished run
+  is finished first). The export holds the backbone's layers only."""
+  model, _ = run_stages(runs.start(config, workdir, check=check_config))
+  return model
+
