@@ -31,7 +31,7 @@ def _params(arch):
 def test_registry_names():
   assert set(models.MODELS) == {"mlp", "tesla_mlp", "vgg16", "vgg16_gap", "mobilenet",
                                 "binary_net", "resnet18", "mobilenet_v2",
-                                "mobilenet_v2_imagenet", "m_cifarnet"}
+                                "mobilenet_v2_imagenet", "m_cifarnet", "vgg19"}
 
 
 def test_unknown_model_lists_models():

@@ -99,6 +99,7 @@ def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
                                       rel=1e-6)
 
 
+@pytest.mark.slow  # three launcher runs of three stages each
 def test_a_killed_fine_tune_resumes_to_the_same_metrics(tmp_path, straight_and_resumed):
   overrides = ("--config.data.dataset=mnist_sample", "--config.data.train_examples=1000",
                "--config.data.val_size=200", "--config.data.batch_size=50",
