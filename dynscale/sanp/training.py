@@ -44,7 +44,7 @@ from flax import nnx
 from dynscale.data.datasets import dataset_spec
 from dynscale.nn import costs, layers, models
 from dynscale.sanp import analysis, budget, gates, objective
-from dynscale.train import loop, runs, steps, validation
+from dynscale.train import loop, protocols, runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state, merge_model
@@ -290,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   val = tuned.trainer.evaluate(tuned.state, "val", jnp.float32(1.0))
   usage = analysis.channel_usage(model, run.dataset, "test", config.data.eval_batch_size)
   analysis.plot(usage, run.workdir, runs.title("sanp", run.arch["name"], run.dataset.name,
-                                               config.protocol))
+                                               protocols.name_of(config)))
   return runs.finish(run, tuned.graphdef, tuned.state, {
       "variant": s.variant,
       "budget": s.budget,

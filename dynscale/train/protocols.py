@@ -45,6 +45,11 @@ CPU = {
 """The ``cpu`` protocol's settings: dotted config path -> value."""
 
 
+def name_of(config: ml_collections.ConfigDict) -> str:
+  """The protocol ``config`` runs under: its ``protocol`` field, ``'paper'`` without one."""
+  return config.get("protocol", "paper")
+
+
 def check(name) -> None:
   """Raises unless ``name`` is a protocol, naming the allowed values."""
   if name not in NAMES:
@@ -94,7 +99,7 @@ def deviations(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """The fields of ``config`` that differ from its protocol's settings:
   ``{path: {"protocol": value, "run": value}}`` (empty when the run is the protocol)."""
   found = {}
-  for path, value in settings(config.protocol, config).items():
+  for path, value in settings(name_of(config), config).items():
     node, leaf = _parent(config, path)
     if node[leaf] != value:
       found[path] = {"protocol": value, "run": node[leaf]}
@@ -104,5 +109,6 @@ def deviations(config: ml_collections.ConfigDict) -> dict[str, dict]:
 def record(config: ml_collections.ConfigDict) -> dict:
   """What ``results.json`` says of the protocol: its name, the settings it fixes
   and the fields this run changed."""
-  return {"name": config.protocol, "settings": settings(config.protocol, config),
+  name = name_of(config)
+  return {"name": name, "settings": settings(name, config),
           "deviations": deviations(config)}

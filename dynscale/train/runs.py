@@ -140,7 +140,8 @@ def title(method: str, model: str, dataset: str, protocol: str = "paper") -> str
 def report_curves(run: Run, curves: dict) -> None:
   """Logs each curve as a table and plots it to ``<workdir>/<name>.png`` (process 0),
   titled with the method, model and dataset that ran."""
-  heading = title(run.config.method, run.arch["name"], run.dataset.name, run.config.protocol)
+  heading = title(run.config.method, run.arch["name"], run.dataset.name,
+                  protocols.name_of(run.config))
   for name, c in curves.items():
     labelled = {run.config.method: c}
     logging.info("%s, %s:\n%s", heading, name, plots.format_curves_table(labelled))

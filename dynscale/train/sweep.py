@@ -157,7 +157,7 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
-  title = figure_title(config.get("title", ""), summaries, config.protocol)
+  title = figure_title(config.get("title", ""), summaries, protocols.name_of(config))
   for curve_name, curves in curves_by_name(summaries).items():
     plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
     logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))
