@@ -105,6 +105,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def gate_factory(config, arch: dict) -> gates.GateFactory:
+  """The ``sanp`` block's gates for :func:`dynscale.nn.models.build` (FIXED-K's k
+  solved for the budget)."""
   s = config.sanp
   keep = budget.fixed_k_keep(arch, s.budget) if s.variant == "fixed_k" else None
   return gates.gate_factory(s.variant, reduction=s.reduction, binarization=binarization(config),
@@ -122,12 +124,12 @@ def gated_model(config, arch: dict, backbone: nnx.Module) -> nnx.Module:
   return model
 
 
-def ramped_budget(budget: float, step, ramp_steps: int):
+def ramped_budget(final: float, step, ramp_steps: int):
   """The budget after ``step`` steps of a linear ramp from the full network (1.0)
-  down to ``budget`` over ``ramp_steps`` steps (none when 0)."""
+  down to ``final`` over ``ramp_steps`` steps (``final`` at once when 0)."""
   if not ramp_steps:
-    return budget
-  return budget + (1.0 - budget) * jnp.maximum(0.0, 1.0 - step / ramp_steps)
+    return final
+  return final + (1.0 - final) * jnp.maximum(0.0, 1.0 - step / ramp_steps)
 
 
 def _codes(intermediates: nnx.State, code: str) -> dict[str, jax.Array]:
