@@ -67,11 +67,10 @@ def binarization(config) -> gates.Binarization:
 
 
 def architecture(config) -> dict:
-  """The backbone's architecture from the config alone (no data read)."""
+  """The backbone's architecture from the config alone (no data read): what
+  :func:`dynscale.train.runs.build_model` will build."""
   spec = dataset_spec(config.data.dataset)
-  return models.architecture(config.model.name, num_classes=spec.num_classes,
-                             input_shape=spec.image_shape, profile="all-one",
-                             width_multiplier=config.model.width_multiplier)
+  return runs.architecture(config, spec.num_classes, spec.image_shape)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -80,13 +79,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   s = config.sanp
   validation.one_of(s.variant, gates.VARIANTS, "sanp.variant")
   budget.check_budget(s.budget)
-  if isinstance(s.lambda0, bool) or not isinstance(s.lambda0, (int, float)) or s.lambda0 < 0:
-    raise ValueError(f"sanp.lambda0 must be a number >= 0, got {s.lambda0!r}")
+  validation.non_negative(s.lambda0, "sanp.lambda0")
   validation.one_of(s.cost, objective.COSTS, "sanp.cost")
   validation.one_of(s.code, objective.CODES, "sanp.code")
   validation.positive(s.flops_window, "sanp.flops_window", integer=True)
-  if not isinstance(s.integral_rate, (int, float)) or s.integral_rate < 0:
-    raise ValueError(f"sanp.integral_rate must be a number >= 0, got {s.integral_rate!r}")
+  validation.non_negative(s.integral_rate, "sanp.integral_rate")
   validation.positive(s.reduction, "sanp.reduction", integer=True)
   validation.non_negative_int(s.floor, "sanp.floor")
   validation.non_negative_int(s.pretrain_epochs, "sanp.pretrain_epochs")

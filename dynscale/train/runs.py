@@ -46,13 +46,17 @@ def compute_dtype(config) -> jnp.dtype:
   return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
 
 
+def architecture(config, num_classes: int, input_shape) -> dict:
+  """The architecture dict ``config.model`` names, for data of these classes and shape."""
+  return models.architecture(
+      config.model.name, num_classes=num_classes, input_shape=tuple(input_shape),
+      profile=config.model.profile, idp_layers=config.model.idp_layers,
+      width_multiplier=config.model.width_multiplier, mp_profiles=config.model.get("mp_profiles"))
+
+
 def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
   """The architecture dict and NNX model named by ``config.model``."""
-  arch = models.architecture(
-      config.model.name, num_classes=dataset.num_classes,
-      input_shape=tuple(dataset.train_x.shape[1:]), profile=config.model.profile,
-      idp_layers=config.model.idp_layers, width_multiplier=config.model.width_multiplier,
-      mp_profiles=config.model.get("mp_profiles"))
+  arch = architecture(config, dataset.num_classes, dataset.train_x.shape[1:])
   model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=compute_dtype(config))
   return arch, model
 

@@ -39,6 +39,12 @@ def positive(value, field: str, *, integer: bool = False) -> None:
     raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
 
+def non_negative(value, field: str) -> None:
+  """Raises unless ``value`` is a number (not a bool) >= 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    raise ValueError(f"{field} must be a number >= 0, got {value!r}")
+
+
 def non_negative_int(value, field: str) -> None:
   """Raises unless ``value`` is an int >= 0."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
