@@ -28,12 +28,7 @@ def tiny(**overrides):
   config.sanp.warmup_epochs = 1
   config.sanp.reduction = 4
   config.tensorboard = False
-  for path, value in overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -28,12 +28,7 @@ def tiny_config(**overrides):
   config.train.steps_per_chunk = 20
   config.eval.dps = (0.5, 1.0)
   config.tensorboard = False
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

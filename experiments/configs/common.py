@@ -232,3 +232,15 @@ def sanp_paper(dataset: str, model_name: str, budget: float) -> ml_collections.C
   config.sanp.warmup_epochs = 10
   config.eval.dps = (1.0,)
   return config
+
+
+def sanp_paper_table(field: str, table: str, dataset: str, budgets: dict, backbone: str
+                     ) -> ml_collections.ConfigDict:
+  """One row of a SANP results table (``budgets``: backbone -> FLOPs budget) at
+  the paper's scale (:func:`sanp_paper`), titled with the table; ``field`` names
+  the config argument in the error for an unknown backbone."""
+  if backbone not in budgets:
+    raise ValueError(f"{field} must be one of {tuple(budgets)}, got {backbone!r}")
+  config = sanp_paper(dataset, backbone, budgets[backbone])
+  config.title = f"{table}: SANP on {backbone}"
+  return config

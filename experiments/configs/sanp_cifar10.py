@@ -18,8 +18,4 @@ BUDGETS = {"m_cifarnet": 39.3 / 174.3, "vgg19": 133.9 / 398.5, "resnet18": 163 /
 
 
 def get_config(arg: str = "m_cifarnet"):
-  if arg not in BUDGETS:
-    raise ValueError(f"sanp_cifar10 backbone must be one of {tuple(BUDGETS)}, got {arg!r}")
-  config = common.sanp_paper("cifar10", arg, BUDGETS[arg])
-  config.title = f"002 Table 1: SANP on {arg}"
-  return config
+  return common.sanp_paper_table("sanp_cifar10 backbone", "002 Table 1", "cifar10", BUDGETS, arg)

@@ -15,8 +15,4 @@ BUDGETS = {"vgg19": 170.6 / 398.5, "resnet18": 189 / 501}
 
 
 def get_config(arg: str = "vgg19"):
-  if arg not in BUDGETS:
-    raise ValueError(f"sanp_cifar100 backbone must be one of {tuple(BUDGETS)}, got {arg!r}")
-  config = common.sanp_paper("cifar100", arg, BUDGETS[arg])
-  config.title = f"002 Table 2: SANP on {arg}"
-  return config
+  return common.sanp_paper_table("sanp_cifar100 backbone", "002 Table 2", "cifar100", BUDGETS, arg)
