@@ -20,15 +20,30 @@ def _run_once(fn: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
+ESTIMATORS = ("median", "min", "q10")
+
+
+def estimate(times, estimator: str = "median") -> float:
+  """One latency from repeated runs: their median, minimum or 10% quantile."""
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  quantile = {"median": 50, "min": 0, "q10": 10}[estimator]
+  return float(np.percentile(times, quantile))
+
+
 def interleaved_latencies(candidates: Mapping[str, Callable[[], object]], *, warmup: int = 2,
-                          repeats: int = 10) -> dict[str, dict[str, float]]:
-  """Median and spread (IQR / median) of each zero-argument candidate, in seconds.
+                          repeats: int = 10, estimator: str = "median"
+                          ) -> dict[str, dict[str, float]]:
+  """Median (``median_s``), latency by ``estimator`` (``latency_s``) and spread
+  (IQR / median) of each zero-argument candidate, in seconds.
 
   Every candidate runs ``warmup`` times first (compilation included), then
   ``repeats`` rounds of one run each.
   """
   if repeats < 1 or warmup < 0:
     raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   for fn in candidates.values():
     for _ in range(warmup):
       _run_once(fn)
@@ -39,5 +54,6 @@ def interleaved_latencies(candidates: Mapping[str, Callable[[], object]], *, war
   stats = {}
   for name, times in samples.items():
     q1, median, q3 = np.percentile(times, [25, 50, 75])
-    stats[name] = {"median_s": float(median), "spread": float((q3 - q1) / median)}
+    stats[name] = {"median_s": float(median), "latency_s": estimate(times, estimator),
+                   "spread": float((q3 - q1) / median)}
   return stats

@@ -520,3 +520,29 @@ def test_the_step_schedule_divides_the_learning_rate_every_step_every_steps(tmp_
   bad = tiny_config(**{"optimizer.schedule": "step", "optimizer.step_factor": 1.5})
   with pytest.raises(ValueError, match=r"optimizer.step_factor must be in \(0, 1\], got 1.5"):
     idp_training.train_and_evaluate(bad, str(tmp_path / "run"))
+
+
+def test_rmsprop_steps_like_tensorflow_1_and_its_decay_is_checked():
+  import jax.numpy as jnp
+  from dynscale.train import optim, validation
+  config = baseline.get_config().optimizer
+  config.update(dict(name="rmsprop", learning_rate=1e-3, momentum=0.0, weight_decay=0.0))
+  config.decay = 0.9   # RMSProp's rho (paper 004, Table 4), not in the default block
+  tx = optim.make_optimizer(config, total_steps=10)
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+  g1, g2 = np.asarray([0.3, -2.0, 1e-3]), np.asarray([-0.1, 0.5, 4.0])
+  state = tx.init(params)
+  u1, state = tx.update({"w": jnp.asarray(g1)}, state, params)
+  u2, _ = tx.update({"w": jnp.asarray(g2)}, state, params)
+  rho, lr, eps = 0.9, 1e-3, 1e-10
+  ms1 = rho * 1.0 + (1 - rho) * g1**2  # TF1 starts the mean square at ones
+  ms2 = rho * ms1 + (1 - rho) * g2**2
+  np.testing.assert_allclose(u1["w"], -lr * g1 / np.sqrt(ms1 + eps), rtol=1e-6)
+  np.testing.assert_allclose(u2["w"], -lr * g2 / np.sqrt(ms2 + eps), rtol=1e-6)
+
+  validation.check_optimizer(config)
+  validation.check_core(tiny_config(**{"optimizer.name": "rmsprop"}))
+  for bad in (0.0, 1.0, 1.5, -0.1):
+    config.decay = bad
+    with pytest.raises(ValueError, match=rf"optimizer.decay must be in \(0, 1\), got {bad}"):
+      validation.check_optimizer(config)

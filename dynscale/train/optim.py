@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
@@ -29,6 +29,12 @@ def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
     tx = optax.adam(schedule)
   elif config.name == "adamw":
     return optax.adamw(schedule, weight_decay=weight_decay)
+  elif config.name == "rmsprop":
+    # TensorFlow 1's RMSPropOptimizer (CompactNet, paper 004, Table 4): ``decay``
+    # is RMSProp's rho, eps (TF's default 1e-10) goes inside the square root,
+    # and the mean square starts at ones as in TF1 (optax's default is zeros).
+    tx = optax.rmsprop(schedule, decay=config.get("decay", 0.9), eps=config.get("eps", 1e-10),
+                       initial_scale=1.0, momentum=config.get("momentum", 0.0) or None)
   else:
     tx = optax.sgd(schedule, momentum=config.get("momentum", 0.0) or None,
                    nesterov=config.get("nesterov", False))

@@ -93,6 +93,8 @@ def check_optimizer(config) -> None:
     raise ValueError(f"optimizer.momentum must be >= 0, got {config.momentum}")
   if config.get("weight_decay", 0.0) < 0:
     raise ValueError(f"optimizer.weight_decay must be >= 0, got {config.weight_decay}")
+  if not 0 < config.get("decay", 0.9) < 1:  # RMSProp's rho
+    raise ValueError(f"optimizer.decay must be in (0, 1), got {config.decay}")
   if config.schedule == "step":
     positive(config.step_every, "optimizer.step_every", integer=True)
     if not 0 < config.step_factor <= 1:

@@ -1,0 +1,1 @@
+"""CompactNet: platform-aware trimming driven by a measured latency table (paper 004)."""

@@ -1,0 +1,116 @@
+"""Named platforms: where a latency table is measured and a model deployed (paper 004 §3.1).
+
+A :class:`Platform` fixes everything that changes a latency: the backend,
+the batch, the input resolution, the compute dtype and, on a CPU, the
+number of intra-op threads. Threads are a property of the process (XLA's
+thread pools are made when JAX starts), so measurements run in a process
+started for the platform: :func:`environment` gives its ``XLA_FLAGS`` and
+CPU set, :func:`check_process` refuses to measure in any other, and
+:func:`run_isolated` starts such a process for a measurement module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+BACKENDS = ("cpu", "gpu")
+DTYPES = ("float32", "bfloat16")
+_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+  """backend: ``jax.default_backend()``; batch, resolution (``H = W``), dtype:
+  of the measured forward; threads: intra-op CPU threads (None: the
+  backend's default)."""
+
+  name: str
+  backend: str
+  batch: int
+  resolution: int
+  dtype: str
+  threads: int | None
+
+
+PLATFORMS: dict[str, Platform] = {p.name: p for p in (
+    Platform("cpu-b64", "cpu", 64, 32, "float32", 1),
+    Platform("cpu-b1", "cpu", 1, 32, "float32", 1),
+    Platform("cpu-b64-bf16", "cpu", 64, 32, "bfloat16", 1),
+    Platform("gpu-b64", "gpu", 64, 32, "float32", None),
+    Platform("gpu-b1", "gpu", 1, 32, "float32", None),
+    Platform("gpu-b64-bf16", "gpu", 64, 32, "bfloat16", None),
+)}
+
+
+def get(name: str, field: str = "platform") -> Platform:
+  """The platform called ``name``; the error names ``field`` and the known names."""
+  if name not in PLATFORMS:
+    raise ValueError(f"{field} must be one of {sorted(PLATFORMS)}, got {name!r}")
+  return PLATFORMS[name]
+
+
+def environment(platform: Platform, base: dict | None = None) -> tuple[dict, set[int] | None]:
+  """``(environment variables, CPU set or None)`` of a process for ``platform``.
+
+  On a CPU with ``threads`` set: XLA's single-threaded Eigen with one intra-op
+  thread, pinned to the first ``threads`` CPUs this process may use.
+  """
+  env = dict(os.environ if base is None else base)
+  if platform.backend != "cpu" or platform.threads is None:
+    return env, None
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_THREAD_FLAGS}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  cpus = sorted(os.sched_getaffinity(0))[:platform.threads]
+  return env, set(cpus)
+
+
+def check_process(platform: Platform) -> None:
+  """Raises unless this process is set up for ``platform`` (:func:`environment`)."""
+  import jax  # here, so that importing this module never starts JAX
+
+  if jax.default_backend() != platform.backend:
+    raise ValueError(f"platform {platform.name!r} runs on {platform.backend!r}, this process "
+                     f"on {jax.default_backend()!r}")
+  if platform.backend == "cpu" and platform.threads is not None:
+    cpus = len(os.sched_getaffinity(0))
+    if _THREAD_FLAGS not in os.environ.get("XLA_FLAGS", "") or cpus != platform.threads:
+      raise ValueError(
+          f"platform {platform.name!r} needs {platform.threads} thread(s): start the process "
+          f"with XLA_FLAGS containing {_THREAD_FLAGS!r} on {platform.threads} CPU(s) "
+          f"(this one has {cpus}); run_isolated does this")
+
+
+def describe(platform: Platform) -> dict:
+  """Provenance of the current process for ``platform``: device, versions, flags, load."""
+  import jax
+  import jaxlib
+
+  return {"platform": dataclasses.asdict(platform), "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cpus": sorted(os.sched_getaffinity(0)), "load_1min": os.getloadavg()[0]}
+
+
+def run_isolated(platform: Platform, module: str, request: dict, *, timeout: float = 3600.0
+                 ) -> dict:
+  """Runs ``python -m module REQUEST.json RESULT.json`` in a process set up for
+  ``platform`` and returns the result it wrote (a JSON object)."""
+  env, cpus = environment(platform)
+  with tempfile.TemporaryDirectory() as tmp:
+    request_path, result_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
+    with open(request_path, "w") as f:
+      json.dump(request, f)
+    done = subprocess.run(
+        [sys.executable, "-m", module, request_path, result_path], env=env,
+        preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
+        capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+      raise RuntimeError(f"{module} on platform {platform.name!r} failed "
+                         f"(exit {done.returncode}):\n{done.stderr[-4000:]}")
+    with open(result_path) as f:
+      return json.load(f)
