@@ -443,7 +443,7 @@ def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def unflatten_tree(flat: Mapping[str, Any]) -> dict:
   """Inverse of :func:`flatten_tree`; all-digit key parts become ints (nnx list indices)."""
   tree: dict = {}
   for name, value in flat.items():
@@ -509,5 +509,5 @@ def load(directory: str | os.PathLike, *, dtype=jnp.float32) -> SlicedModel:
     if name.startswith(_STATS_PREFIX):
       dp, rest = name[len(_STATS_PREFIX):].split("/", 1)
       by_dp.setdefault(float(dp), {})[rest] = value
-  return SlicedModel(arch, _unflatten(variables),
-                     {dp: _unflatten(flat) for dp, flat in by_dp.items()}, dtype=dtype)
+  return SlicedModel(arch, unflatten_tree(variables),
+                     {dp: unflatten_tree(flat) for dp, flat in by_dp.items()}, dtype=dtype)

@@ -1,0 +1,453 @@
+"""CompactNet (paper 004): groups, importance, trimming, the latency table, the search."""
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynscale.compactnet import latency, platform, schedule, search, trimming
+from dynscale.nn import costs, models, sliced, spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mobilenet(width=0.25):
+  return models.architecture("mobilenet_v2_imagenet", num_classes=10, input_shape=[32, 32, 3],
+                             idp_layers="none", width_multiplier=width)
+
+
+def _small():
+  """Stem, a stage of two inverted residual blocks tied by their add, a strided
+  stage, a head: every case of the MobileNetV2 groups, quick to compile."""
+  conv = dict(kind="conv", kernel=3, act="relu6")
+  return spec.validate_architecture({
+      "name": "small_invres", "input_shape": [8, 8, 3], "num_classes": 10, "layers": [
+          {**conv, "features": 8},
+          {"kind": "invres", "features": 6, "expansion": 1},
+          {"kind": "invres", "features": 6, "expansion": 4},
+          {"kind": "invres", "features": 6, "expansion": 4},
+          {"kind": "invres", "features": 12, "expansion": 4, "stride": 2},
+          {"kind": "invres", "features": 12, "expansion": 4},
+          {**conv, "features": 16, "kernel": 1},
+          {"kind": "global_avgpool"}, {"kind": "dense", "features": 10}]})
+
+
+def _variables(arch, seed=0):
+  """Trained-looking variables: random kernels and batch-norm state."""
+  v = models.build(arch, rngs=models.init_rngs(seed)).pure_variables()
+  rng = np.random.default_rng(seed)
+
+  def perturb(tree):
+    if isinstance(tree, dict) and set(tree) == set(sliced.BN_LEAVES):
+      return {"scale": 1 + 0.2 * rng.standard_normal(tree["scale"].shape),
+              "bias": 0.1 * rng.standard_normal(tree["bias"].shape),
+              "mean": 0.1 * rng.standard_normal(tree["mean"].shape),
+              "var": 1 + rng.uniform(0, 0.5, tree["var"].shape)}
+    if isinstance(tree, dict):
+      return {k: perturb(t) for k, t in tree.items()}
+    return tree
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), perturb(v))
+
+
+# --------------------------------------------------------------------------
+# Groups, importance, trimming
+# --------------------------------------------------------------------------
+
+
+def test_mobilenet_v2_groups_are_the_stem_the_stages_and_the_head():
+  arch = _mobilenet(1.0)
+  groups = trimming.trimmable_groups(arch)
+  assert [g.size for g in groups] == [32, 16, 24, 32, 64, 96, 160, 320, 1280]
+  layers = arch["layers"]
+  # every stage group lists its blocks' expansions, each t x its input's width
+  follower_sizes = {}
+  for g in groups:
+    for j, t in g.followers:
+      follower_sizes[j] = t * g.size
+  prunable = spec.prunable_groups(arch)
+  for j, size in follower_sizes.items():
+    assert prunable[j].size == size and prunable[j].name.endswith(".mid")
+  expanding = [i for i, layer in enumerate(layers) if layer["kind"] == "invres"
+               and layer["expansion"] != 1]
+  assert len(follower_sizes) == len(expanding) == 16
+  # independent expansions are groups of their own
+  assert len(trimming.trimmable_groups(arch, "independent")) == 9 + 16
+  with pytest.raises(ValueError, match="expansion must be one of"):
+    trimming.trimmable_groups(arch, "shared")
+
+
+def test_a_permutation_of_a_tied_group_keeps_every_residual_add_aligned():
+  arch = _small()
+  assert [g.name for g in trimming.trimmable_groups(arch)] == [
+      "layers.0", "layers.1", "layers.4", "layers.6"]
+  v = _variables(arch)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  rng = np.random.default_rng(0)
+  orders = {g.id: rng.permutation(g.size) for g in spec.prunable_groups(arch)}
+  moved = trimming.reorder(arch, v, orders)
+  np.testing.assert_allclose(sliced.apply_sliced(arch, moved, x), sliced.apply_sliced(arch, v, x),
+                             rtol=1e-4, atol=1e-4)
+  # and the permutation really moved the weights
+  assert not np.allclose(moved["layers"][0]["kernel"], v["layers"][0]["kernel"])
+
+
+def test_kept_channels_are_the_largest_summed_filter_norms():
+  arch = _mobilenet()
+  v = _variables(arch)
+  groups = trimming.trimmable_groups(arch)
+  stage = next(g for g in groups if g.name == "layers.4")  # (6, 32, 3, 2): three blocks
+  # brute force: the stage's members are the projections of layers 4, 5, 6
+  norms = sum(np.linalg.norm(np.asarray(v["layers"][i]["project"]["kernel"]).reshape(
+      -1, stage.size), axis=0) for i in (4, 5, 6))
+  width = stage.size // 2
+  expected = sorted(np.argsort(-norms)[:width].tolist())
+  widths = [g.size for g in groups]
+  widths[groups.index(stage)] = width
+  core = trimming.core_widths(arch, groups, widths)
+  ordered = trimming.order_by_importance(arch, v, [g.size for g in spec.prunable_groups(arch)])
+  assert trimming.kept_channels(arch, ordered, core)["layers.4"] == expected
+  # the expansion after the stage keeps 6 x width channels, by its own filters' norms
+  mid = spec.prunable_groups(arch)[stage.followers[0][0]]
+  mid_norms = (np.linalg.norm(np.asarray(v["layers"][5]["expand"]["kernel"]).reshape(-1, mid.size),
+                              axis=0)
+               + np.linalg.norm(np.asarray(v["layers"][5]["depthwise"]["kernel"]).reshape(
+                   -1, mid.size), axis=0))
+  assert trimming.kept_channels(arch, ordered, core)[mid.name] == sorted(
+      np.argsort(-mid_norms)[:6 * width].tolist())
+
+
+def _masked_and_trimmed(arch, v, core, x, labels):
+  """(logits, grads of the kernels, new statistics) of the masked network at
+  ``core`` and of the trimmed one, in train mode."""
+  model = models.build(arch, rngs=models.init_rngs(0))
+  nnx.update(model.layers, nnx.State(v["layers"]))
+  graphdef, state = nnx.split(model)
+
+  def masked_loss(state):
+    m = nnx.merge(graphdef, state)
+    logits = m(x, widths=jnp.asarray(core), train=True)
+    return jnp.mean(logits * labels), (logits, m.pure_variables())
+  m_grads, (m_logits, m_vars) = jax.jit(jax.grad(masked_loss, has_aux=True))(state)
+  m_grads = m_grads.to_pure_dict()["layers"]
+
+  t_arch, t_vars = trimming.trim(arch, v, core)
+
+  def trimmed_loss(variables):
+    logits, stats = sliced.apply_sliced(t_arch, variables, x, train=True)
+    return jnp.mean(logits * labels), (logits, stats)
+  (_, (t_logits, t_stats)), t_grads = jax.value_and_grad(trimmed_loss, has_aux=True)(t_vars)
+  return (m_logits, m_grads, m_vars), (t_arch, t_logits, t_grads, t_stats)
+
+
+def test_trimmed_equals_masked_in_logits_gradients_and_batch_norm_statistics():
+  arch = _small()
+  v = _variables(arch)
+  groups = trimming.trimmable_groups(arch)
+  widths = [max(1, g.size * 5 // 8) for g in groups]
+  core = trimming.core_widths(arch, groups, widths)
+  v = trimming.order_by_importance(arch, v, [g.size for g in spec.prunable_groups(arch)]).variables
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+  labels = jax.random.normal(jax.random.key(3), (4, 10))
+  (m_logits, m_grads, m_vars), (t_arch, t_logits, t_grads, t_stats) = _masked_and_trimmed(
+      arch, v, core, x, labels)
+  np.testing.assert_allclose(m_logits, t_logits, rtol=2e-3, atol=1e-3)
+  kept_grads = sliced.slice_variables(arch, {"layers": m_grads}, core)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(t_grads))
+  for path, g in sliced.flatten_tree(t_grads).items():
+    np.testing.assert_allclose(sliced.flatten_tree(kept_grads)[path], g, rtol=1e-3,
+                               atol=1e-4 * scale, err_msg=path)
+  kept_stats = sliced.bn_stats_of(sliced.slice_variables(arch, m_vars, core))
+  for path, s in sliced.flatten_tree(t_stats).items():
+    np.testing.assert_allclose(sliced.flatten_tree(kept_stats)[path], s, rtol=1e-3, atol=1e-5,
+                               err_msg=path)
+  assert t_arch["layers"][0]["features"] == widths[0]
+
+
+def test_removing_an_all_zero_channel_changes_nothing():
+  arch = _small()
+  v = _variables(arch)
+  dead = 3
+
+  def silence(bn):  # this channel's batch norm outputs zero
+    return {k: a.at[dead].set(0.0) if k in ("scale", "bias") else a for k, a in bn.items()}
+  # the stem's group is also the depthwise output of the t = 1 block after it
+  stem, block = v["layers"][0], v["layers"][1]
+  layers = {**v["layers"],
+            0: {"kernel": stem["kernel"].at[..., dead].set(0.0), "bn": silence(stem["bn"])},
+            1: {**block, "depthwise": {"kernel": block["depthwise"]["kernel"].at[..., dead].set(0.0)},
+                "depthwise_bn": silence(block["depthwise_bn"])}}
+  v = {**v, "layers": layers}
+  groups = trimming.trimmable_groups(arch)
+  full = [g.size for g in spec.prunable_groups(arch)]
+  ordered = trimming.order_by_importance(arch, v, full)
+  assert ordered.origin[spec.prunable_groups(arch)[0].id][-1] == dead
+  widths = [g.size for g in groups]
+  widths[0] -= 1
+  core = trimming.core_widths(arch, groups, widths)
+  t_arch, t_vars = trimming.trim(arch, ordered.variables, core)
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+  np.testing.assert_allclose(sliced.apply_sliced(t_arch, t_vars, x),
+                             sliced.apply_sliced(arch, v, x), rtol=1e-4, atol=1e-5)
+
+
+def test_core_widths_rejects_bad_widths():
+  arch = _mobilenet()
+  groups = trimming.trimmable_groups(arch)
+  with pytest.raises(ValueError, match="one entry per trimmable group"):
+    trimming.core_widths(arch, groups, [1])
+  with pytest.raises(ValueError, match=r"widths\['layers.0'\] must be an int in \[1, 8\]"):
+    trimming.core_widths(arch, groups, [9] + [g.size for g in groups[1:]])
+
+
+# --------------------------------------------------------------------------
+# The latency table (timing injected)
+# --------------------------------------------------------------------------
+
+OVERHEAD_S = 1e-4
+
+
+def _flops_timer(networks, overhead=OVERHEAD_S):
+  """A fake platform: a unit's latency is its FLOPs at 1 GFLOP/s plus an overhead."""
+  return {name: {"latency_s": costs.flops(arch) * 1e-9 + overhead, "spread": 0.01}
+          for name, (arch, _) in networks.items()}
+
+
+@pytest.fixture(scope="module")
+def table():
+  return latency.build(_mobilenet(), platform.get("cpu-b64"), _flops_timer, grid_points=4,
+                       min_fraction=0.25, round_to=2)
+
+
+def test_units_are_the_stem_the_stages_and_the_head(table):
+  assert [(u.start, u.stop) for u in table.units] == [
+      (0, 1), (1, 2), (2, 4), (4, 7), (7, 11), (11, 14), (14, 17), (17, 18), (18, 21)]
+  assert [u.dims for u in table.units] == [(0,), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5),
+                                           (5, 6), (6, 7), (7, 8)]
+
+
+def test_the_table_sums_interpolated_units(table):
+  arch = _mobilenet()
+  groups = trimming.trimmable_groups(arch)
+
+  def expected(widths):  # the whole network's FLOPs plus one overhead per unit
+    trimmed = spec.trimmed_architecture(arch, list(trimming.core_widths(arch, groups, widths)))
+    return costs.flops(trimmed) * 1e-9 + OVERHEAD_S * len(table.units)
+  rng = np.random.default_rng(0)
+  for _ in range(3):  # on grid points the table holds the measurements themselves
+    widths = [int(rng.choice(grid)) for grid in table.grids]
+    assert table.predict(widths) == pytest.approx(expected(widths), rel=1e-9)
+  for _ in range(3):  # between them, FLOPs are nearly bilinear in a unit's two widths
+    widths = [int(rng.choice([w for w in range(grid[0], grid[-1] + 1) if w % 2 == 0
+                              or w == grid[-1]])) for grid in table.grids]
+    assert table.predict(widths) == pytest.approx(expected(widths), rel=0.02)
+
+
+def test_the_table_does_not_extrapolate_or_leave_its_grid(table):
+  low = list(table.full_widths)
+  low[8] = table.grids[8][0] - 2
+  with pytest.raises(ValueError, match="off the latency table's grid.*does not extrapolate"):
+    table.predict(low)
+  odd = list(table.full_widths)
+  odd[8] = table.grids[8][-1] - 1
+  with pytest.raises(ValueError, match="multiples of round_to=2"):
+    table.predict(odd)
+
+
+def test_calibration_recovers_an_affine_relation(table):
+  variants = latency.random_widths(table, 6, seed=1)
+  raw = [table.raw(w) for w in variants]
+  calibrated = table.with_calibration(raw, [0.8 * r - 2e-4 for r in raw], seed=1)
+  assert calibrated.calibration["scale"] == pytest.approx(0.8)
+  assert calibrated.calibration["offset"] == pytest.approx(-2e-4)
+  assert calibrated.predict(variants[0]) == pytest.approx(0.8 * raw[0] - 2e-4)
+
+
+def test_a_table_round_trips_and_refuses_edits_and_truncation(table, tmp_path):
+  path = str(tmp_path / "table.json")
+  latency.save(table, path)
+  loaded = latency.load(path)
+  widths = latency.random_widths(table, 1, seed=2)[0]
+  assert loaded.predict(widths) == table.predict(widths)
+  text = open(path).read()
+  data = json.loads(text)
+  data["units"][0]["latency_s"][0] *= 0.5
+  (tmp_path / "edited.json").write_text(json.dumps(data))
+  with pytest.raises(ValueError, match="edited or corrupted"):
+    latency.load(str(tmp_path / "edited.json"))
+  (tmp_path / "cut.json").write_text(text[:len(text) // 2])
+  with pytest.raises(ValueError, match="truncated or not JSON"):
+    latency.load(str(tmp_path / "cut.json"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(arch_width=0.5), "is for model"),
+    (dict(platform="cpu-b1"), "platform name"),
+    (dict(platform_field=("batch", 32)), "platform batch 64, this run needs 32"),
+    (dict(platform_field=("dtype", "bfloat16")), "platform dtype"),
+    (dict(platform_field=("threads", 2)), "platform threads"),
+    (dict(expansion="independent"), "groups expansions as 'tied'"),
+])
+def test_a_table_for_another_model_or_platform_is_refused(table, change, message):
+  arch = _mobilenet(change.get("arch_width", 0.25))
+  target = platform.get(change.get("platform", "cpu-b64"))
+  if "platform_field" in change:
+    field, value = change["platform_field"]
+    target = dataclasses.replace(target, **{field: value})
+  with pytest.raises(ValueError, match=message):
+    latency.check_matches(table, arch, target, change.get("expansion", "tied"))
+
+
+def test_unknown_platform_is_refused():
+  with pytest.raises(ValueError, match=r"platform must be one of \['cpu-b1'"):
+    platform.get("tpu-b64")
+
+
+def test_a_process_not_set_up_for_the_platform_refuses_to_measure():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = ("from dynscale.compactnet import platform; "
+          "platform.check_process(platform.get('cpu-b64'))")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env={**env, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode != 0 and "needs 1 thread(s)" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_real_table_in_its_own_process_predicts_whole_networks(tmp_path):
+  arch = _mobilenet()
+  target = platform.get("cpu-b64")
+  out = str(tmp_path / "table.json")
+  platform.run_isolated(target, "dynscale.compactnet.measure", {
+      "kind": "table", "platform": target.name, "arch": arch, "expansion": "tied",
+      "grid_points": 3, "min_fraction": 0.5, "round_to": 2, "warmup": 1, "rounds": 3,
+      "estimator": "min", "out": out})
+  table = latency.load(out)
+  assert table.provenance["xla_flags"].endswith("intra_op_parallelism_threads=1")
+  assert len(table.provenance["cpus"]) == 1
+  result = platform.run_isolated(target, "dynscale.compactnet.measure", {
+      "kind": "networks", "platform": target.name, "warmup": 1, "rounds": 3,
+      "estimator": "min", "networks": {"full": {"arch": arch, "widths": list(table.full_widths)}}})
+  assert result["latencies"]["full"]["latency_s"] > 0
+
+
+# --------------------------------------------------------------------------
+# The search: a toy network, a fake platform, an accuracy oracle
+# --------------------------------------------------------------------------
+
+
+def _toy():
+  return models.architecture("m_cifarnet", num_classes=10, input_shape=[16, 16, 3],
+                             idp_layers="none", width_multiplier=1 / 16)
+
+
+def _toy_table(arch):
+  return latency.build(arch, platform.get("cpu-b64"),
+                       functools.partial(_flops_timer, overhead=1e-6), grid_points=3,
+                       min_fraction=0.25, round_to=1, provenance={"date": "fixed"})
+
+
+def _oracle(arch, table):
+  """Validation accuracy that falls with the channels removed, least for group 2."""
+  groups = trimming.trimmable_groups(arch)
+  cost = np.array([1.0 if k != 2 else 0.1 for k in range(len(groups))])
+  index = [g.index for g in groups]
+
+  def score(variables, core):
+    removed = np.array([g.size - core[j] for g, j in zip(groups, index)], float)
+    return float(0.9 - 0.01 * np.sum(cost * removed) + 0.001 * variables["tag"])
+
+  def fine_tune(variables, core, seed):
+    return {**variables, "tag": np.asarray(seed % 7, np.float32)}
+  return score, fine_tune
+
+
+def test_the_search_meets_every_budget_and_keeps_the_best_candidate(tmp_path):
+  arch = _toy()
+  table = _toy_table(arch)
+  v = {**_variables(arch), "tag": np.asarray(0.0, np.float32)}
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  score, fine_tune = _oracle(arch, table)
+  result = search.search(arch, v, table, plan, fine_tune=fine_tune, score=score,
+                         workdir=str(tmp_path), min_width=0.25)
+  budgets = plan.budgets(table.predict(table.full_widths))
+  for record, budget in zip(result.history["iterations"], budgets):
+    assert record["done"]
+    assert table.predict(record["widths"]) <= budget
+    if record["chosen"] is not None:
+      accuracies = [c["val_accuracy"] for c in record["candidates"]]
+      assert record["widths"] == record["candidates"][int(np.argmax(accuracies))]["widths"]
+      for c in record["candidates"]:  # each candidate trims one group to meet the budget
+        assert c["predicted_s"] <= budget
+        changed = [k for k, (a, b) in enumerate(zip(c["widths"], record["start_widths"]))
+                   if a != b]
+        assert len(changed) == 1
+  assert table.speedup(list(result.widths)) >= plan.final_speedup
+  # group 2 is the cheapest to trim by the oracle, so the search trims it first
+  assert result.history["iterations"][0]["candidates"][
+      result.history["iterations"][0]["chosen"]]["group"] == trimming.trimmable_groups(arch)[2].name
+
+
+def test_an_unreachable_target_stops_with_the_best_reachable_speedup(tmp_path):
+  arch = _toy()
+  table = _toy_table(arch)
+  score, fine_tune = _oracle(arch, table)
+  plan = schedule.Schedule.for_final(5.0, 2, 1.0)
+  with pytest.raises(search.UnreachableTarget, match=r"best reachable predicted speed-up is"):
+    search.search(arch, {**_variables(arch), "tag": np.asarray(0.0)}, table, plan,
+                  fine_tune=fine_tune, score=score, workdir=str(tmp_path), min_width=0.9)
+
+
+def test_minimum_widths_must_be_fractions():
+  table = _toy_table(_toy())
+  with pytest.raises(ValueError, match=r"min_width\['layers.0'\] must be a fraction"):
+    search.minimum_widths(table, 0.0)
+
+
+_RESUME_SCRIPT = """
+import sys, time, numpy as np
+sys.path.insert(0, {tests!r})
+from test_compactnet import _toy, _toy_table, _oracle, _variables
+from dynscale.compactnet import schedule, search
+arch = _toy(); table = _toy_table(arch)
+score, fine_tune = _oracle(arch, table)
+def slow(v, core, seed):
+  time.sleep(float(sys.argv[2]))
+  return fine_tune(v, core, seed)
+search.search(arch, {{**_variables(arch), "tag": np.asarray(0.0, np.float32)}}, table,
+              schedule.Schedule.for_final(1.4, 3, 0.9), fine_tune=slow, score=score,
+              workdir=sys.argv[1])
+"""
+
+
+def test_a_search_killed_mid_way_resumes_to_the_same_history(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_RESUME_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run([sys.executable, str(script), str(straight), "0"], cwd=ROOT, env=env,
+                 check=True, capture_output=True)
+  process = subprocess.Popen([sys.executable, str(script), str(killed), "0.3"], cwd=ROOT,
+                             env=env, stderr=subprocess.DEVNULL)
+  history = killed / search.HISTORY_FILE
+  deadline = time.time() + 120
+  while time.time() < deadline and process.poll() is None:
+    if history.exists() and json.loads(history.read_text())["iterations"] and \
+        json.loads(history.read_text())["iterations"][0]["candidates"]:
+      break
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the search finished before it could be killed"
+  partial = json.loads(history.read_text())
+  assert not all(r["done"] for r in partial["iterations"])
+  subprocess.run([sys.executable, str(script), str(killed), "0"], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  assert json.loads(history.read_text()) == json.loads((straight / search.HISTORY_FILE).read_text())
