@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dynscale import plots
+from dynscale.compactnet import training as compactnet_training
 from dynscale.idp import mpidp, training as idp_training
 from dynscale.sanp import training as sanp_training
 from dynscale.tesla import training as tesla_training
@@ -26,6 +27,7 @@ METHODS: dict[str, sweep.Method] = {
     "mpidp": mpidp,
     "tesla": tesla_training,
     "sanp": sanp_training,
+    "compactnet": compactnet_training,
 }
 
 FLAGS = flags.FLAGS

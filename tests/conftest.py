@@ -1,11 +1,14 @@
 """Shared test helpers."""
 
+import io
 import json
+import lzma
 import os
 import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +52,27 @@ def straight_and_resumed():
   """``straight_and_resumed(tmp_path, command, checkpoint, *also_there)``: the results
   of a launcher command run straight, and run, SIGKILLed, then run again."""
   return _straight_and_resumed
+
+
+def write_fake_cifar(directory, name: str, num_classes: int) -> None:
+  """Random images in the ``<name>_uint8.npz.xz`` layout: two per class to
+  train on plus a few, and a small test split."""
+  rng = np.random.default_rng(0)
+  num_train, num_test = 2 * num_classes + 24, 20
+  arrays = {"x_train": rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
+            "y_train": np.arange(num_train) % num_classes,
+            "x_test": rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
+            "y_test": np.arange(num_test) % num_classes}
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  (directory / f"{name}_uint8.npz.xz").write_bytes(lzma.compress(buffer.getvalue()))
+
+
+@pytest.fixture(scope="session")
+def fake_cifar(tmp_path_factory):
+  """A directory with small random CIFAR-10 and CIFAR-100 files."""
+  directory = tmp_path_factory.mktemp("cifar")
+  write_fake_cifar(directory, "cifar10", 10)
+  write_fake_cifar(directory, "cifar100", 100)
+  return directory
+

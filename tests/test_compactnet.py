@@ -173,6 +173,22 @@ def test_trimmed_equals_masked_in_logits_gradients_and_batch_norm_statistics():
   assert t_arch["layers"][0]["features"] == widths[0]
 
 
+def test_trimming_never_adds_a_residual_add():
+  arch = _small()
+  v = _variables(arch)
+  groups = trimming.trimmable_groups(arch)
+  # the stem (8) cut to the width of the stride-1 block after it (6): equal
+  # widths, but that block had no residual add and must not get one
+  widths = [6] + [g.size for g in groups[1:]]
+  core = trimming.core_widths(arch, groups, widths)
+  t_arch, t_vars = trimming.trim(arch, v, core)
+  assert t_arch["layers"][1]["shortcut"] == "none"
+  assert t_arch["layers"][3]["shortcut"] == "identity"
+  x = jax.random.normal(jax.random.key(5), (2, 8, 8, 3))
+  np.testing.assert_allclose(sliced.apply_sliced(t_arch, t_vars, x),
+                             sliced.apply_sliced(arch, v, x, list(core)), rtol=1e-4, atol=1e-5)
+
+
 def test_removing_an_all_zero_channel_changes_nothing():
   arch = _small()
   v = _variables(arch)
@@ -264,12 +280,14 @@ def test_the_table_does_not_extrapolate_or_leave_its_grid(table):
 
 
 def test_calibration_recovers_an_affine_relation(table):
-  variants = latency.random_widths(table, 6, seed=1)
+  variants = latency.random_widths(table, latency.AFFINE_MIN_NETWORKS, seed=1)
   raw = [table.raw(w) for w in variants]
   calibrated = table.with_calibration(raw, [0.8 * r - 2e-4 for r in raw], seed=1)
   assert calibrated.calibration["scale"] == pytest.approx(0.8)
   assert calibrated.calibration["offset"] == pytest.approx(-2e-4)
   assert calibrated.predict(variants[0]) == pytest.approx(0.8 * raw[0] - 2e-4)
+  few = table.with_calibration(raw[:3], [0.8 * r for r in raw[:3]])  # a scale alone
+  assert (few.calibration["scale"], few.calibration["offset"]) == (pytest.approx(0.8), 0.0)
 
 
 def test_a_table_round_trips_and_refuses_edits_and_truncation(table, tmp_path):
@@ -401,7 +419,7 @@ def test_an_unreachable_target_stops_with_the_best_reachable_speedup(tmp_path):
   table = _toy_table(arch)
   score, fine_tune = _oracle(arch, table)
   plan = schedule.Schedule.for_final(5.0, 2, 1.0)
-  with pytest.raises(search.UnreachableTarget, match=r"best reachable predicted speed-up is"):
+  with pytest.raises(search.UnreachableTarget, match=r"no single group trimmed to its minimum"):
     search.search(arch, {**_variables(arch), "tag": np.asarray(0.0)}, table, plan,
                   fine_tune=fine_tune, score=score, workdir=str(tmp_path), min_width=0.9)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynscale.nn import batchnorm, models, sliced
+from dynscale.nn import batchnorm, models, sliced, spec
 
 EPS = 1e-5
 
@@ -139,3 +139,24 @@ def test_recalibrated_statistics_survive_export(tmp_path):
   x = _batches((3,))[0]
   for dp in (0.25, 0.5, 1.0):
     np.testing.assert_allclose(loaded(x, dp), runner(x, dp), rtol=1e-6)
+
+
+def test_masked_recalibration_is_precise_batch_norm_with_one_compile():
+  model = _model()
+  own = jax.tree.map(np.asarray, sliced.bn_stats_of(model.pure_variables()))
+  batches = _batches()
+  for dp in (0.25, 0.5, 1.0):
+    widths = jnp.asarray(spec.widths_at_dp(model.arch, dp))
+    stats = batchnorm.recalibrate_masked(model, widths, batches)
+    expected, k = _by_hand(model, dp, batches)
+    for i in (0, 1):
+      mean, var = expected[i]
+      np.testing.assert_allclose(stats["layers"][i]["bn"]["mean"][:k], mean, rtol=1e-4,
+                                 atol=1e-5)
+      np.testing.assert_allclose(stats["layers"][i]["bn"]["var"][:k], var, rtol=1e-4,
+                                 atol=1e-5)
+      np.testing.assert_array_equal(stats["layers"][i]["bn"]["var"][k:],
+                                    own["layers"][i]["bn"]["var"][k:])
+  moments, _ = batchnorm._masked_moments(model.arch_json, "float32")
+  # the widths are traced: one executable per batch shape, whatever the widths
+  assert moments._cache_size() == len({len(x) for x in batches})

@@ -2,11 +2,8 @@
 protocols refused before compute, what results record, and a tiny-size run
 of every CIFAR config under it."""
 
-import io
 import json
-import lzma
 
-import numpy as np
 import PIL.Image
 import pytest
 
@@ -117,28 +114,6 @@ def test_split_arg_defaults_to_the_paper_protocol():
 # --------------------------------------------------------------------------
 # A tiny-size run of every CIFAR config under the cpu protocol.
 # --------------------------------------------------------------------------
-
-def write_fake_cifar(directory, name: str, num_classes: int) -> None:
-  """Random images in the ``<name>_uint8.npz.xz`` layout: two per class to
-  train on plus a few, and a small test split."""
-  rng = np.random.default_rng(0)
-  num_train, num_test = 2 * num_classes + 24, 20
-  arrays = {"x_train": rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
-            "y_train": np.arange(num_train) % num_classes,
-            "x_test": rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
-            "y_test": np.arange(num_test) % num_classes}
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  (directory / f"{name}_uint8.npz.xz").write_bytes(lzma.compress(buffer.getvalue()))
-
-
-@pytest.fixture(scope="module")
-def fake_cifar(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("cifar")
-  write_fake_cifar(directory, "cifar10", 10)
-  write_fake_cifar(directory, "cifar100", 100)
-  return directory
-
 
 def shrunk(config, data_dir):
   """``config`` at smoke-test size: what a user would override on the command line."""

@@ -546,3 +546,41 @@ def test_rmsprop_steps_like_tensorflow_1_and_its_decay_is_checked():
     config.decay = bad
     with pytest.raises(ValueError, match=rf"optimizer.decay must be in \(0, 1\), got {bad}"):
       validation.check_optimizer(config)
+
+
+class StartsFromMethod:
+  """A stand-in that records where each run started and exports nothing but a marker."""
+
+  ran: list = []
+
+  @staticmethod
+  def check_config(config):
+    if config.model.init_from:
+      raise ValueError("model.init_from must not be checked for a variant reference")
+
+  @staticmethod
+  def train_and_evaluate(config, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    StartsFromMethod.ran.append((os.path.basename(workdir), config.model.init_from))
+    return {"config": config.to_dict(), "model": {"name": "stand-in"},
+            "dataset": {"name": "none"}}
+
+
+def test_a_variant_can_start_from_another_variants_export(tmp_path):
+  import ml_collections
+  from dynscale.train import sweep
+  config = ml_collections.ConfigDict({
+      "method": "starts", "seed": 0, "model": {"init_from": ""}, "seeds": (0, 1),
+      "variants": {"a-search": {"model": {"init_from": "variant:z-pretrain"}},
+                   "z-pretrain": {}}})
+  StartsFromMethod.ran = []
+  figure = sweep.run_variants(config, str(tmp_path), {"starts": StartsFromMethod})
+  # the referenced variant runs first although it sorts last; each seed starts from its own
+  assert [name for name, _ in StartsFromMethod.ran] == [
+      "z-pretrain-seed0", "z-pretrain-seed1", "a-search-seed0", "a-search-seed1"]
+  assert dict(StartsFromMethod.ran)["a-search-seed1"] == str(tmp_path / "z-pretrain-seed1")
+  assert list(figure["variants"]) == ["a-search-seed0", "a-search-seed1", "z-pretrain-seed0",
+                                      "z-pretrain-seed1"]
+  config.variants["a-search"].model.init_from = "variant:nowhere"
+  with pytest.raises(ValueError, match="names variant 'nowhere-seed0'; it must be one of"):
+    sweep.check_variants(config, {"starts": StartsFromMethod})

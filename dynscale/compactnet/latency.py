@@ -54,6 +54,9 @@ FORMAT = "dynscale.compactnet.latency_table/1"
 # independent expansion groups would take hours to measure).
 MAX_UNIT_ENTRIES = 400
 
+# Calibrations on fewer whole networks fit a scale only.
+AFFINE_MIN_NETWORKS = 8
+
 # {name: (architecture, variables)} -> {name: {"latency_s": ..., "spread": ...}}
 Measure = Callable[[Mapping[str, tuple[dict, dict]]], dict[str, dict[str, float]]]
 
@@ -277,12 +280,13 @@ class Table:
 
   def with_calibration(self, raw: Sequence[float], measured: Sequence[float],
                        **provenance) -> Table:
-    """This table with ``measured ~ scale x raw + offset`` fitted by least squares
-    (a scale alone from fewer than three variants)."""
+    """This table with ``measured ~ scale x raw + offset`` fitted by least squares;
+    from fewer than :data:`AFFINE_MIN_NETWORKS` networks a scale alone (an
+    offset fitted on a few close points extrapolates badly)."""
     raw, measured = np.asarray(raw, float), np.asarray(measured, float)
     if raw.shape != measured.shape or raw.shape[0] < 1:
       raise ValueError("calibration needs matching, non-empty raw and measured latencies")
-    if raw.shape[0] < 3:
+    if raw.shape[0] < AFFINE_MIN_NETWORKS:
       scale, offset = float(np.sum(raw * measured) / np.sum(raw * raw)), 0.0
     else:
       scale, offset = (float(c) for c in np.polyfit(raw, measured, 1))

@@ -13,7 +13,8 @@ request and writes its result atomically:
   to those group widths, timing variables) or ``{"arch": ..., "prefix": n}``
   (its first ``n`` units at full width, Fig. 7).
 
-Both check the process first (:func:`platform.check_process`).
+The process pins itself to the platform's CPUs first (:func:`platform.pin`),
+and both kinds check the process (:func:`platform.check_process`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dynscale.io import write_json_atomic
 from dynscale.nn import sliced, spec
 
 
-def _network(item: dict) -> tuple[dict, dict]:
+def network(item: dict) -> tuple[dict, dict]:
+  """The ``(architecture, variables)`` of one network spec of a "networks" request."""
   if "export_dir" in item:
     model = sliced.load(item["export_dir"])
     return model.arch, model.variables
@@ -53,7 +55,7 @@ def serve(request: dict) -> dict:
     latency.save(table, request["out"])
     return {"out": request["out"]}
   if request["kind"] == "networks":
-    networks = {name: _network(item) for name, item in request["networks"].items()}
+    networks = {name: network(item) for name, item in request["networks"].items()}
     return {"latencies": measure(networks), "provenance": platform.describe(target)}
   raise ValueError(f"request kind must be 'table' or 'networks', got {request['kind']!r}")
 
@@ -61,6 +63,7 @@ def serve(request: dict) -> dict:
 def main(argv: list[str]) -> None:
   import json
 
+  platform.pin()
   request_path, result_path = argv[1:3]
   with open(request_path) as f:
     request = json.load(f)

@@ -5,7 +5,8 @@ the batch, the input resolution, the compute dtype and, on a CPU, the
 number of intra-op threads. Threads are a property of the process (XLA's
 thread pools are made when JAX starts), so measurements run in a process
 started for the platform: :func:`environment` gives its ``XLA_FLAGS`` and
-CPU set, :func:`check_process` refuses to measure in any other, and
+CPU set (which the process applies to itself first thing, :func:`pin`),
+:func:`check_process` refuses to measure in any other, and
 :func:`run_isolated` starts such a process for a measurement module.
 """
 
@@ -21,6 +22,7 @@ import tempfile
 BACKENDS = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16")
 _THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_CPUS_VARIABLE = "DYNSCALE_CPUS"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +56,28 @@ def get(name: str, field: str = "platform") -> Platform:
   return PLATFORMS[name]
 
 
-def environment(platform: Platform, base: dict | None = None) -> tuple[dict, set[int] | None]:
-  """``(environment variables, CPU set or None)`` of a process for ``platform``.
+def environment(platform: Platform, base: dict | None = None) -> dict:
+  """The environment variables of a process for ``platform``.
 
   On a CPU with ``threads`` set: XLA's single-threaded Eigen with one intra-op
-  thread, pinned to the first ``threads`` CPUs this process may use.
+  thread, on the first ``threads`` CPUs this process may use (applied by
+  :func:`pin` in the new process).
   """
   env = dict(os.environ if base is None else base)
   if platform.backend != "cpu" or platform.threads is None:
-    return env, None
+    return env
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_THREAD_FLAGS}".strip()
   env["JAX_PLATFORMS"] = "cpu"
-  cpus = sorted(os.sched_getaffinity(0))[:platform.threads]
-  return env, set(cpus)
+  env[_CPUS_VARIABLE] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:platform.threads])
+  return env
+
+
+def pin() -> None:
+  """Restricts this process to the CPUs :func:`environment` chose, if any; call it
+  before JAX computes anything (its thread pools start on the first use)."""
+  cpus = os.environ.get(_CPUS_VARIABLE)
+  if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
 def check_process(platform: Platform) -> None:
@@ -100,14 +111,13 @@ def run_isolated(platform: Platform, module: str, request: dict, *, timeout: flo
                  ) -> dict:
   """Runs ``python -m module REQUEST.json RESULT.json`` in a process set up for
   ``platform`` and returns the result it wrote (a JSON object)."""
-  env, cpus = environment(platform)
+  env = environment(platform)
   with tempfile.TemporaryDirectory() as tmp:
     request_path, result_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
     with open(request_path, "w") as f:
       json.dump(request, f)
     done = subprocess.run(
         [sys.executable, "-m", module, request_path, result_path], env=env,
-        preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)),
         capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
       raise RuntimeError(f"{module} on platform {platform.name!r} failed "

@@ -19,7 +19,7 @@ _EXPORTS = {
     "models": ("MODELS", "architecture", "build", "init_rngs"),
     "sliced": ("apply_sliced", "features_sliced", "slice_variables", "SlicedModel", "export",
                "load", "bn_stats_of", "merge_variables", "variable_shapes", "batch_moments"),
-    "batchnorm": ("BN_MODES", "recalibrate"),
+    "batchnorm": ("BN_MODES", "recalibrate", "recalibrate_masked"),
     "costs": ("layer_costs", "flops", "params", "sample_flops"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -29,14 +29,16 @@ takes ``bn_stats=`` and :class:`~dynscale.nn.sliced.SlicedModel` takes
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from dynscale.nn import sliced, spec
-from dynscale.nn.layers import IDPNet
+from dynscale.nn import forward, sliced, spec
+from dynscale.nn.kinds import Var
+from dynscale.nn.layers import IDPNet, masked_keep
 
 BN_MODES = ("shared", "recalibrated")
 
@@ -104,3 +106,62 @@ def recalibrate(model: Any, widths: Any, batches: Iterable[Any], *,
   if sums is None:
     raise ValueError("batches is empty: recalibration needs at least one batch")
   return _finish(sliced.bn_stats_of(variables), sums, count)
+
+
+def _bn_groups(arch: dict) -> dict[tuple, int]:
+  """``{variables path of a batch norm: the group it normalises}``."""
+  out = {}
+
+  def walk(specs: Mapping, path: tuple, slots: Mapping[str, int]) -> None:
+    for name, var in specs.items():
+      if not isinstance(var, Var):
+        walk(var, path + (name,), slots)
+      elif var.role == "bn":
+        out[path + (name,)] = slots[dict(var.axes)[0]]
+
+  for node in spec.graph(arch).nodes:
+    if node.kind in spec.PARAMETRIC_KINDS:
+      walk(sliced.layer_variables(arch, node), ("layers", node.index), node.slots)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _masked_moments(arch_json: str, dtype_name: str):
+  """A jitted ``(variables, x, widths) -> [(E[y], E[y^2]) per batch norm]``
+  of the masked network, the widths traced."""
+  arch = json.loads(arch_json)
+  paths = list(_bn_groups(arch))
+
+  def moments(variables, x, widths):
+    trace = forward.run(arch, variables, x, widths=widths, train=True, profile=None,
+                        dtype=jnp.dtype(dtype_name))
+    return [trace.moments[path][1:] for path in paths]
+  return jax.jit(moments), paths
+
+
+def recalibrate_masked(model: IDPNet, widths: jax.Array, batches: Iterable[Any]) -> dict:
+  """:func:`recalibrate` of the masked ``model`` at a width vector ``widths``
+  (ints over :func:`~dynscale.nn.spec.prunable_groups`): the same statistics,
+  but the widths are traced, so one compile serves every width vector (e.g.
+  every candidate of a channel search). The channels beyond the widths keep
+  their statistics. Single-profile networks only.
+  """
+  arch = model.arch
+  if arch["profiles"] is not None:
+    raise ValueError("recalibrate_masked needs a single-profile network (profiles: null)")
+  widths = jnp.asarray(widths, jnp.int32)
+  fn, paths = _masked_moments(json.dumps(arch, sort_keys=True), jnp.dtype(model.dtype).name)
+  variables = model.pure_variables()
+  sums, count = None, 0
+  for batch in batches:
+    x = _inputs(batch)
+    weighted = jax.tree.map(functools.partial(jnp.multiply, x.shape[0]), fn(variables, x, widths))
+    sums = weighted if sums is None else jax.tree.map(jnp.add, sums, weighted)
+    count += x.shape[0]
+  if sums is None:
+    raise ValueError("batches is empty: recalibration needs at least one batch")
+  groups = _bn_groups(arch)
+  moments = {path: (groups[path], mean / count, mean_sq / count)
+             for path, (mean, mean_sq) in zip(paths, sums)}
+  return sliced.running_stats(moments, sliced.bn_stats_of(variables), 0.0,
+                              masked_keep(arch, widths))

@@ -237,8 +237,28 @@ def _strided_map(where: str, layer: dict, x: Feature) -> Feature:
 
 
 def _identity_shortcut(layer: dict, x: Feature) -> bool:
-  """A residual block adds its input as it is when stride and width are kept."""
-  return layer["stride"] == 1 and x.channels == layer["features"]
+  """Whether a residual block adds its input as it is: ``shortcut`` 'auto' does
+  when stride and width are kept; 'identity' always (checked by
+  :func:`_check_shortcut`); otherwise never."""
+  if layer["shortcut"] == "auto":
+    return layer["stride"] == 1 and x.channels == layer["features"]
+  return layer["shortcut"] == "identity"
+
+
+def _check_shortcut(where: str, layer: dict, x: Feature, allowed: tuple[str, ...]) -> None:
+  """``shortcut`` is one of ``allowed``; 'identity' needs stride 1 and a kept width."""
+  if layer["shortcut"] not in allowed:
+    raise ValueError(f"{where}.shortcut must be one of {allowed}, got {layer['shortcut']!r}")
+  if layer["shortcut"] == "identity" and not (layer["stride"] == 1
+                                              and x.channels == layer["features"]):
+    raise ValueError(f"{where}.shortcut 'identity' needs stride 1 and features equal to the "
+                     f"{x.channels} input channels")
+
+
+def _pinned_shortcut(kind: Kind, layer: dict, x: Feature, otherwise: str) -> str:
+  """The shortcut a trimmed copy of the block must keep, whatever its new widths:
+  trimming never adds or removes a residual add."""
+  return "identity" if kind.ties_output(layer, x) else otherwise
 
 
 def _check_mid_features(where: str, layer: dict) -> None:
@@ -320,8 +340,9 @@ class Kind:
   def variables(self, layer: dict, x: Feature, out: Feature) -> dict[str, Any]:
     return {}
 
-  def with_widths(self, layer: dict, widths: Mapping[str, int]) -> dict:
-    """The layer dict of the network trimmed to ``widths`` (by slot)."""
+  def with_widths(self, layer: dict, widths: Mapping[str, int], x: Feature) -> dict:
+    """The layer dict of the network trimmed to ``widths`` (by slot); ``x``: the
+    layer's full input."""
     return layer
 
   def apply(self, layer: dict, v: Mapping, x: Array, ctx: Context, inputs: Feature,
@@ -340,7 +361,7 @@ class _OneOutput(Kind):
   def idp_slots(self, layer):
     return ("in",) if layer["idp"] else ()
 
-  def with_widths(self, layer, widths):
+  def with_widths(self, layer, widths, x):
     return {**layer, "features": widths["out"]}
 
 
@@ -509,12 +530,14 @@ class ResBlock(Kind):
   inner width ``mid_features`` (default ``features``). The shortcut is the
   identity, so the output and input channels are one tied group, unless the
   stride or the width changes: then a 1x1 conv with batch norm projects it
-  and the output is a new group. Gates: ``conv1``, ``conv2`` (before the add).
+  and the output is a new group. ``shortcut`` 'identity' or 'projection'
+  fixes the choice (a trimmed copy keeps its original's, whatever its
+  widths). Gates: ``conv1``, ``conv2`` (before the add).
   """
 
   name = "resblock"
   fields = dict(features=REQUIRED, mid_features=None, stride=1, idp=False, act="relu",
-                profile=None)
+                profile=None, shortcut="auto")
   int_fields = ("features", "stride")
   bool_fields = ("idp",)
 
@@ -522,6 +545,7 @@ class ResBlock(Kind):
     _check_mid_features(where, layer)
 
   def output(self, where, layer, x):
+    _check_shortcut(where, layer, x, ("auto", "identity", "projection"))
     return _strided_map(where, layer, x)
 
   def mid_width(self, layer, x):
@@ -550,8 +574,9 @@ class ResBlock(Kind):
       v.update(_norm(True, "shortcut_bn", "", m, "out"))
     return v
 
-  def with_widths(self, layer, widths):
-    return {**layer, "features": widths["out"], "mid_features": widths["mid"]}
+  def with_widths(self, layer, widths, x):
+    return {**layer, "features": widths["out"], "mid_features": widths["mid"],
+            "shortcut": _pinned_shortcut(self, layer, x, "projection")}
 
   def apply(self, layer, v, x, ctx, inputs, out):
     s, act = layer["stride"], layer["act"]
@@ -592,12 +617,14 @@ class InvertedResidual(Kind):
   ``expansion`` is 1) -> BN -> ReLU6 -> 3x3 depthwise with ``stride`` -> BN ->
   ReLU6 -> 1x1 linear projection to ``features`` -> BN, plus the input when
   the stride is 1 and the width is kept (then input and output are one tied
-  group). Gates: ``expand``, ``depthwise``, ``project``.
+  group). ``shortcut`` 'identity' or 'none' fixes the choice (a trimmed copy
+  keeps its original's, whatever its widths). Gates: ``expand``,
+  ``depthwise``, ``project``.
   """
 
   name = "invres"
   fields = dict(features=REQUIRED, expansion=6, mid_features=None, stride=1, idp=False,
-                profile=None)
+                profile=None, shortcut="auto")
   int_fields = ("features", "expansion", "stride")
   bool_fields = ("idp",)
 
@@ -608,6 +635,7 @@ class InvertedResidual(Kind):
                        "depthwise part then works on the block's input channels)")
 
   def output(self, where, layer, x):
+    _check_shortcut(where, layer, x, ("auto", "identity", "none"))
     return _strided_map(where, layer, x)
 
   def _expands(self, layer) -> bool:
@@ -649,8 +677,8 @@ class InvertedResidual(Kind):
     v.update(_norm(True, "project_bn", "", m, "out"))
     return v
 
-  def with_widths(self, layer, widths):
-    out = {**layer, "features": widths["out"]}
+  def with_widths(self, layer, widths, x):
+    out = {**layer, "features": widths["out"], "shortcut": _pinned_shortcut(self, layer, x, "none")}
     if self._expands(layer):
       out["mid_features"] = widths["mid"]
     return out

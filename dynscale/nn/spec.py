@@ -446,7 +446,7 @@ def trimmed_architecture(arch: dict, widths: Any) -> dict:
   layers = []
   for p in plan(arch, widths):
     layer = arch["layers"][p.index]
-    layers.append(KINDS[layer["kind"]].with_widths(layer, p.widths) if p.kind in
+    layers.append(KINDS[layer["kind"]].with_widths(layer, p.widths, p.inputs) if p.kind in
                   PARAMETRIC_KINDS else layer)
     if isinstance(layer.get("profile"), list):
       layers[-1] = {**layers[-1], "profile": layer["profile"][:p.in_width]}

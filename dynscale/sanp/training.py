@@ -33,9 +33,6 @@ only.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,10 +41,7 @@ from flax import nnx
 from dynscale.data.datasets import dataset_spec
 from dynscale.nn import costs, layers, models
 from dynscale.sanp import analysis, budget, gates, objective
-from dynscale.train import loop, protocols, runs, steps, validation
-from dynscale.train.early_stopping import EarlyStopping
-from dynscale.train.optim import make_optimizer
-from dynscale.train.state import TrainState, create_train_state, merge_model
+from dynscale.train import protocols, runs, steps, validation
 
 
 class FlopsWindow(nnx.Variable):
@@ -205,70 +199,31 @@ def gated_forward(arch: dict) -> steps.ForwardFn:
   return forward
 
 
-@dataclasses.dataclass
-class Stage:
-  """A training stage: its checkpoint name, epochs, what learns, its objective,
-  its evaluation forward, and which state it hands on (``'best'`` validation
-  accuracy, or ``'final'``)."""
-
-  name: str
-  epochs: int
-  trainable: Any  # an nnx filter
-  loss_fn: steps.LossFn
-  forward: steps.ForwardFn
-  keep: str = "best"
-
-
-@dataclasses.dataclass
-class Fitted:
-  """A stage's outcome: its trainer, the model's graph and the state handed on."""
-
-  trainer: loop.Trainer
-  graphdef: nnx.GraphDef
-  state: TrainState
-
-
-def fit_stage(run: runs.Run, model: nnx.Module, stage: Stage) -> Fitted:
-  """Trains ``model`` through ``stage``, resuming its checkpoint, and sets
-  ``model``'s variables to the state the stage hands on."""
-  tx = make_optimizer(run.config.optimizer, runs.total_steps(run, stage.epochs))
-  graphdef, state = create_train_state(model, tx, stage.trainable)
-  trainer = runs.make_trainer(run, graphdef, tx, stage.loss_fn, stage.forward,
-                              trainable=stage.trainable)
-  patience = run.config.train.patience
-  fit = trainer.fit(trainer.place(state), task=jnp.float32(1.0), num_epochs=stage.epochs,
-                    stage=stage.name, checkpoint_dir=run.checkpoint_dir, writer=run.writer,
-                    early_stopping=EarlyStopping(patience) if patience else None)
-  state = fit.best_state if stage.keep == "best" else fit.state
-  nnx.update(model, nnx.state(merge_model(graphdef, state.params, state.model_state)))
-  return Fitted(trainer, graphdef, state)
-
-
 def pretrain(run: runs.Run) -> None:
   """Stage 1: the backbone ``run.model`` alone, plain cross-entropy."""
-  fit_stage(run, run.model, Stage("pretrain", run.config.sanp.pretrain_epochs, nnx.Param,
+  runs.fit_stage(run, run.model, runs.Stage("pretrain", run.config.sanp.pretrain_epochs, nnx.Param,
                                   steps.classification_loss, steps.eval_forward))
 
 
-def warm_up(run: runs.Run, model: nnx.Module) -> Fitted:
+def warm_up(run: runs.Run, model: nnx.Module) -> runs.Fitted:
   """Stage 2: the gates of ``model`` alone learn; convolutions and batch-norm
   parameters stay as they are."""
-  return fit_stage(run, model, Stage(
+  return runs.fit_stage(run, model, runs.Stage(
       "warmup", run.config.sanp.warmup_epochs, nnx.All(nnx.Param, nnx.PathContains("gates")),
       sanp_loss(run.arch, run.config, penalised=False), gated_forward(run.arch)))
 
 
-def fine_tune(run: runs.Run, model: nnx.Module) -> Fitted:
+def fine_tune(run: runs.Run, model: nnx.Module) -> runs.Fitted:
   """Stage 3: everything learns under Eq. 9-10; hands on the final state (the best
   validation accuracy is often an early epoch still over budget)."""
-  return fit_stage(run, model, Stage(
+  return runs.fit_stage(run, model, runs.Stage(
       "finetune", run.config.train.num_epochs, nnx.Param,
       sanp_loss(run.arch, run.config, penalised=run.config.sanp.variant != "fixed_k",
                 ramp_steps=run.config.sanp.budget_ramp_epochs * runs.total_steps(run, 1)),
       gated_forward(run.arch), keep="final"))
 
 
-def run_stages(run: runs.Run) -> tuple[nnx.Module, Fitted]:
+def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
   """The three stages (each resumed from its checkpoint); the gated model in its
   final state, and the fine-tune's outcome."""
   s = run.config.sanp

@@ -157,6 +157,21 @@ class Trainer:
                             f"{tag}/images_per_s": throughput["images_per_s"]})
     return state
 
+  def train_steps(self, state: TrainState, task, num_steps: int, epoch: int) -> TrainState:
+    """``num_steps`` optimizer steps at ``task`` in the data order and augmentation
+    of epochs ``epoch, epoch + 1, ...``: a short fine-tune (no validation, no
+    checkpoint), the same for the same arguments."""
+    data, done = self.splits["train"], 0
+    while done < num_steps:
+      for idx, key in self.epoch_chunks(epoch):
+        idx = idx[:num_steps - done]
+        state, _ = self.train_chunk(state, data, jnp.asarray(idx), key, task)
+        done += idx.shape[0]
+        if done == num_steps:
+          break
+      epoch += 1
+    return state
+
   def fit(self, state: TrainState, *, task, num_epochs: int, stage: str,
           checkpoint_dir: str | None = None, writer: MetricWriter | None = None,
           early_stopping: EarlyStopping | None = None,

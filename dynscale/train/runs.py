@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ from flax import nnx
 from dynscale import data, io, plots
 from dynscale.nn import models, sliced
 from dynscale.train import loop, protocols, steps, validation
-from dynscale.train.state import TrainState, merge_model
+from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.optim import make_optimizer
+from dynscale.train.state import TrainState, create_train_state, merge_model
 from dynscale.train.writers import MetricWriter
 
 
@@ -130,6 +133,51 @@ def total_steps(run: Run, epochs: int | None = None) -> int:
   return (len(run.dataset.train_y) // run.config.data.batch_size) * epochs
 
 
+@dataclasses.dataclass
+class Stage:
+  """A training stage: its checkpoint name, epochs, what learns, its objective,
+  its evaluation forward, which state it hands on (``'best'`` validation
+  accuracy, or ``'final'``), the task it trains at, and its optimizer block
+  (default ``config.optimizer``)."""
+
+  name: str
+  epochs: int
+  trainable: Any  # an nnx filter
+  loss_fn: steps.LossFn
+  forward: steps.ForwardFn
+  keep: str = "best"
+  task: Any = None  # None: the constant 1.0
+  optimizer: ml_collections.ConfigDict | None = None
+
+
+@dataclasses.dataclass
+class Fitted:
+  """A stage's outcome: its trainer, the model's graph and the state handed on."""
+
+  trainer: loop.Trainer
+  graphdef: nnx.GraphDef
+  state: TrainState
+
+
+def fit_stage(run: Run, model: nnx.Module, stage: Stage) -> Fitted:
+  """Trains ``model`` through ``stage``, resuming its checkpoint, and sets
+  ``model``'s variables to the state the stage hands on (early stopping on
+  validation accuracy with ``train.patience``)."""
+  optimizer = run.config.optimizer if stage.optimizer is None else stage.optimizer
+  tx = make_optimizer(optimizer, total_steps(run, stage.epochs))
+  graphdef, state = create_train_state(model, tx, stage.trainable)
+  trainer = make_trainer(run, graphdef, tx, stage.loss_fn, stage.forward,
+                         trainable=stage.trainable)
+  patience = run.config.train.patience
+  task = jnp.float32(1.0) if stage.task is None else stage.task
+  fit = trainer.fit(trainer.place(state), task=task, num_epochs=stage.epochs,
+                    stage=stage.name, checkpoint_dir=run.checkpoint_dir, writer=run.writer,
+                    early_stopping=EarlyStopping(patience) if patience else None)
+  state = fit.best_state if stage.keep == "best" else fit.state
+  nnx.update(model, nnx.state(merge_model(graphdef, state.params, state.model_state)))
+  return Fitted(trainer, graphdef, state)
+
+
 def curve(x: str, y: str, points) -> dict:
   """A results-file curve: metric ``y`` against ``x`` at ``points`` ``[(x, y), ...]``."""
   return {"x": x, "y": y, "points": [[float(a), float(b)] for a, b in points]}
@@ -165,12 +213,14 @@ def export(run: Run, graphdef: nnx.GraphDef, state: TrainState) -> str:
   return path
 
 
-def finish(run: Run, graphdef: nnx.GraphDef, state: TrainState, metrics: dict) -> dict:
-  """Exports the final (best) ``state``, reports the curves, writes ``results.json``.
+def finish(run: Run, graphdef: nnx.GraphDef, state: TrainState, metrics: dict, *,
+           exported: str | None = None) -> dict:
+  """Exports the final (best) ``state`` (unless ``exported`` says where it already
+  is), reports the curves, writes ``results.json``.
 
   ``results.json`` is written atomically, last; the results are returned.
   """
-  exported = export(run, graphdef, state)
+  exported = export(run, graphdef, state) if exported is None else exported
   report_curves(run, metrics.get("curves", {}))
   d = run.dataset
   results = {

@@ -57,10 +57,23 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
   return config
 
 
+VARIANT_REFERENCE = "variant:"
+"""``model.init_from='variant:<name>'``: start from variant ``<name>``'s export."""
+
+
+def referenced_variant(config: ml_collections.ConfigDict) -> str | None:
+  """The variant whose export ``config.model.init_from`` names, if it names one."""
+  init_from = config.get("model", {}).get("init_from", "")
+  if isinstance(init_from, str) and init_from.startswith(VARIANT_REFERENCE):
+    return init_from[len(VARIANT_REFERENCE):]
+  return None
+
+
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """The config of every run of the figure: each variant of ``config.variants``
   (name -> nested overrides), and with ``config.seeds`` each variant once per
-  seed, named ``<variant>-seed<k>``."""
+  seed, named ``<variant>-seed<k>`` (a ``variant:<name>`` reference then names
+  the same seed's run)."""
   if not config.get("variants"):
     raise ValueError("variants must map at least one variant name to its overrides")
   base = ml_collections.ConfigDict(config.to_dict())
@@ -75,8 +88,14 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
   for seed in seeds:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
       raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
-  return {f"{name}-seed{seed}": with_overrides(variant, {"seed": seed}, "seeds")
-          for name, variant in configs.items() for seed in seeds}
+  out = {}
+  for name, variant in configs.items():
+    for seed in seeds:
+      seeded = with_overrides(variant, {"seed": seed}, "seeds")
+      if referenced_variant(seeded) is not None:
+        seeded.model.init_from = f"{seeded.model.init_from}-seed{seed}"
+      out[f"{name}-seed{seed}"] = seeded
+  return out
 
 
 def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mapping]) -> dict:
@@ -102,11 +121,24 @@ def check_variants(config: ml_collections.ConfigDict,
     if variant.method not in methods:
       raise ValueError(f"variants.{name}.method must be one of {tuple(methods)}, "
                        f"got {variant.method!r}")
+    reference = referenced_variant(variant)
+    if reference is not None:
+      if reference not in configs or referenced_variant(configs[reference]) is not None:
+        raise ValueError(f"variants.{name}: model.init_from names variant {reference!r}; "
+                         f"it must be one of the variants that start from scratch "
+                         f"{[n for n, c in configs.items() if referenced_variant(c) is None]}")
+      variant = with_overrides(variant, {"model": {"init_from": ""}}, f"variants.{name}")
     try:
       methods[variant.method].check_config(variant)
     except ValueError as error:
       raise ValueError(f"variants.{name}: {error}") from error
   return configs
+
+
+def in_running_order(configs: Mapping[str, ml_collections.ConfigDict]) -> list[str]:
+  """Variant names, those another variant starts from first."""
+  referenced = {referenced_variant(c) for c in configs.values()}
+  return sorted(configs, key=lambda name: name not in referenced)
 
 
 def variant_summary(results: Mapping) -> dict:
@@ -153,10 +185,16 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
   configs = check_variants(config, methods)
   workdir = io.check_writable_dir(workdir)
   summaries = {}
-  for name, variant in configs.items():
+  for name in in_running_order(configs):
+    variant = configs[name]
+    reference = referenced_variant(variant)
+    if reference is not None:
+      variant = with_overrides(variant, {"model": {"init_from": os.path.join(workdir, reference)}},
+                               f"variants.{name}")
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
+  summaries = {name: summaries[name] for name in configs}
   title = figure_title(config.get("title", ""), summaries, protocols.name_of(config))
   for curve_name, curves in curves_by_name(summaries).items():
     plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)

@@ -244,3 +244,44 @@ def sanp_paper_table(field: str, table: str, dataset: str, budgets: dict, backbo
   config = sanp_paper(dataset, backbone, budgets[backbone])
   config.title = f"{table}: SANP on {backbone}"
   return config
+
+
+def rmsprop(learning_rate: float, decay: float) -> ml_collections.ConfigDict:
+  """TensorFlow's RMSPropOptimizer (004 Table 4: the "decay" column is its rho)."""
+  config = optimizer("rmsprop", learning_rate=learning_rate, momentum=0.0)
+  config.decay = decay
+  return config
+
+
+def compactnet(platform: str = "cpu-b64", *, t_final: float = 1.5, iterations: int = 6,
+               decay: float = 0.96) -> ml_collections.ConfigDict:
+  """CompactNet (004; :mod:`dynscale.compactnet.training`): platform, table, search, retrain."""
+  return ml_collections.ConfigDict(dict(
+      platform=platform,     # a name of dynscale.compactnet.platform.PLATFORMS
+      measure_on=(),         # more platforms to measure the final models on (Table 7)
+      table="",              # a latency table to use; '' measures <workdir>/latency-table.json
+      table_settings=dict(   # dynscale.compactnet.simulator.TableSettings
+          expansion="tied", grid_points=7, min_fraction=0.25, round_to=8, warmup=2,
+          rounds=25, estimator="min", calibration_variants=10, calibration_seed=1000),
+      t_final=t_final,       # the target speed-up; T_init is solved from it (Eq. 1-2)
+      iterations=iterations,  # N
+      decay=decay,           # d
+      min_width=0.25,        # the smallest fraction of a group the search keeps
+      finetune_steps=30,     # a candidate's short fine-tune
+      finetune_optimizer=rmsprop(1e-3, 0.9),   # Table 4, fine-tune
+      recalibration_batches=10,
+      retrain_epochs=2,
+      retrain_optimizer=rmsprop(1e-4, 0.95),   # Table 4, retraining
+      retrain_seeds=(0, 1),
+      uniform_multipliers=tuple(round(1 - 0.05 * k, 2) for k in range(15)),  # 1.0 ... 0.3
+  ))
+
+
+def compactnet_base(**blocks) -> ml_collections.ConfigDict:
+  """A CompactNet config: the common blocks (``train.num_epochs``: the pretraining)
+  plus ``compactnet``."""
+  config = base("compactnet", **{k: blocks.pop(k) for k in list(blocks)
+                                 if k in ("data", "model", "optimizer", "train", "eval")})
+  config.compactnet = blocks.pop("compactnet", compactnet())
+  config.update(blocks)
+  return config

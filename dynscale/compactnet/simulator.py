@@ -1,0 +1,302 @@
+"""The life of a latency table: build, calibrate, validate (paper 004 §3.1, §4.3, Fig. 7).
+
+:func:`build_table` measures a model's table of unit latencies on a
+platform (§3.1, :mod:`dynscale.compactnet.latency`), then times the
+original network and ``calibration_variants`` seeded random trims of it as
+whole networks, fits the table's calibration (measured ~ ``scale x sum of
+units + offset``) and saves the calibrated table atomically, with the wall
+time of the whole build in its provenance (``build_s``).
+
+:func:`validate_table` checks the table against whole networks it was not
+fitted on: random trims drawn with a seed other than the calibration's,
+whose predicted and measured latencies and speed-ups give the relative
+errors ``|predicted / measured - 1|`` (calibrated and raw), and §4.3's
+Fig. 7: the first ``n`` units of the original network, measured, against
+the cumulative sum of their table latencies ("the difference between the
+real latency and the simulated one is sufficiently small").
+:func:`plot_validation` draws both.
+
+Every measurement is a request of :mod:`dynscale.compactnet.measure` served
+by a :data:`Remote`: by default in a process set up for the platform
+(:func:`dynscale.compactnet.platform.run_isolated`); tests inject one that
+times networks with a formula. All the networks of one step (the
+calibration, the validation) go in one request, timed in interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dynscale import timing
+from dynscale.compactnet import latency, platform, trimming
+from dynscale.compactnet.platform import Platform
+from dynscale.io import check_writable_dir
+from dynscale.nn import spec
+
+# Serves one request of dynscale.compactnet.measure for a platform: (platform, request) -> result.
+Remote = Callable[[Platform, dict], dict]
+
+
+def isolated(target: Platform, request: dict) -> dict:
+  """The default :data:`Remote`: the request served in a process set up for ``target``."""
+  return platform.run_isolated(target, "dynscale.compactnet.measure", request)
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSettings:
+  """How a table is measured and calibrated.
+
+  expansion: how expansions are grouped (:data:`trimming.EXPANSIONS`).
+  grid_points, min_fraction, round_to: each group's grid
+  (:func:`latency.group_grid`). warmup, rounds, estimator: the timing
+  (:func:`dynscale.timing.interleaved_latencies`), also of the calibration
+  and validation networks. calibration_variants: random trims timed whole
+  (besides the original) to fit the calibration, 0 for none;
+  calibration_seed: their seed.
+  """
+
+  expansion: str = "tied"
+  grid_points: int = 7
+  min_fraction: float = 0.25
+  round_to: int = 8
+  warmup: int = 2
+  rounds: int = 25
+  estimator: str = "min"
+  calibration_variants: int = 10
+  calibration_seed: int = 1000
+
+  def check(self, field: str = "table") -> TableSettings:
+    """Raises a ValueError naming the first bad field (``<field>.<name>``); returns ``self``."""
+    if self.expansion not in trimming.EXPANSIONS:
+      raise ValueError(f"{field}.expansion must be one of {list(trimming.EXPANSIONS)}, "
+                       f"got {self.expansion!r}")
+    _check_int(f"{field}.grid_points", self.grid_points, 2)
+    if (isinstance(self.min_fraction, bool) or not isinstance(self.min_fraction, (int, float))
+        or not 0 < self.min_fraction <= 1):
+      raise ValueError(f"{field}.min_fraction must be a number in (0, 1], "
+                       f"got {self.min_fraction!r}")
+    _check_int(f"{field}.round_to", self.round_to, 1)
+    _check_int(f"{field}.warmup", self.warmup, 0)
+    _check_int(f"{field}.rounds", self.rounds, 1)
+    if self.estimator not in timing.ESTIMATORS:
+      raise ValueError(f"{field}.estimator must be one of {list(timing.ESTIMATORS)}, "
+                       f"got {self.estimator!r}")
+    _check_int(f"{field}.calibration_variants", self.calibration_variants, 0)
+    _check_int(f"{field}.calibration_seed", self.calibration_seed, 0)
+    return self
+
+  def timing(self) -> dict:
+    """The timing fields of a measure request."""
+    return {"warmup": self.warmup, "rounds": self.rounds, "estimator": self.estimator}
+
+
+# --------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------
+
+
+def measure_networks(remote: Remote, target: Platform, networks: dict, settings: TableSettings
+                      ) -> tuple[dict[str, float], dict]:
+  """``({name: latency_s}, provenance)`` of whole networks, in one interleaved request."""
+  result = remote(target, {"kind": "networks", "platform": target.name, "networks": networks,
+                           **settings.timing()})
+  return ({name: float(s["latency_s"]) for name, s in result["latencies"].items()},
+          result.get("provenance", {}))
+
+
+def _trimmed(arch: dict, expansion: str, widths: Sequence[int]) -> dict:
+  return {"arch": arch, "widths": [int(w) for w in widths], "expansion": expansion}
+
+
+def _name(kind: str, k: int) -> str:
+  return f"{kind}-{k:03d}"
+
+
+def build_table(arch: dict, target: Platform, settings: TableSettings, out: str,
+                remote: Remote = isolated) -> latency.Table:
+  """Measures, calibrates and saves (atomically, to ``out``) the table of ``arch``.
+
+  The unit table is measured first (one "table" request, written to a
+  temporary file: ``out`` only ever holds a finished table); then, when
+  ``settings.calibration_variants > 0``, the original and that many random
+  trims (:func:`latency.random_widths` with ``settings.calibration_seed``)
+  in one "networks" request, and the table gets the fitted calibration with
+  these networks' widths, raw sums and measurements.
+  """
+  settings.check()
+  arch = spec.validate_architecture(arch)
+  trimming.trimmable_groups(arch, settings.expansion)
+  if not out:
+    raise ValueError("out must be a non-empty file path")
+  check_writable_dir(os.path.dirname(os.path.abspath(out)), "out's directory")
+  start = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
+    raw_path = os.path.join(tmp, "table.json")
+    remote(target, {"kind": "table", "platform": target.name, "arch": arch,
+                    "expansion": settings.expansion, "grid_points": settings.grid_points,
+                    "min_fraction": settings.min_fraction, "round_to": settings.round_to,
+                    **settings.timing(), "out": raw_path})
+    table = latency.load(raw_path)
+  if settings.calibration_variants > 0:
+    table = calibrate(table, arch, target, settings, remote)
+  table = dataclasses.replace(table, provenance={
+      **table.provenance, "build_s": round(time.perf_counter() - start, 3),
+      "settings": dataclasses.asdict(settings)})
+  latency.save(table, out)
+  return table
+
+
+def calibrate(table: latency.Table, arch: dict, target: Platform, settings: TableSettings,
+              remote: Remote = isolated) -> latency.Table:
+  """``table`` calibrated on the original and ``settings.calibration_variants``
+  random trims of ``arch``, timed whole in one request (module docstring)."""
+  widths = [list(table.full_widths)] + latency.random_widths(
+      table, settings.calibration_variants, settings.calibration_seed)
+  names = ["original"] + [_name("variant", k) for k in range(len(widths) - 1)]
+  measured, provenance = measure_networks(
+      remote, target, {n: _trimmed(arch, table.expansion, w) for n, w in zip(names, widths)},
+      settings)
+  raw = [table.raw(w) for w in widths]
+  return table.with_calibration(
+      raw, [measured[n] for n in names], seed=settings.calibration_seed,
+      random_variants=settings.calibration_variants, load_1min=provenance.get("load_1min"),
+      networks=[{"widths": w, "raw_s": r, "measured_s": measured[n]}
+                for n, w, r in zip(names, widths, raw)])
+
+
+# --------------------------------------------------------------------------
+# Validation (§4.3, Fig. 7)
+# --------------------------------------------------------------------------
+
+
+def raw_errors(table: latency.Table, variants: Sequence[Sequence[int]],
+               measured: Sequence[float], measured_original: float) -> dict:
+  """:func:`latency.validation_report`'s errors of the raw, uncalibrated sum of
+  units (§3.1's simulator as published), keys prefixed ``raw_``."""
+  report = latency.validation_report(dataclasses.replace(table, calibration=None), variants,
+                                     measured, measured_original)
+  return {f"raw_{key}": report[key] for key in (
+      "mean_abs_error", "max_abs_error", "speedup_mean_abs_error", "speedup_max_abs_error")}
+
+
+def fig7_rows(table: latency.Table, measured_prefixes: Sequence[float]) -> list[dict]:
+  """Fig. 7: per ``n``, the first ``n`` units measured and the cumulative sum of
+  their raw table latencies at full width."""
+  predicted = np.cumsum(table.unit_latencies(table.full_widths))
+  return [{"units": n, "measured_s": float(m), "predicted_s": float(p),
+           "error": abs(float(p) / float(m) - 1)}
+          for n, (m, p) in enumerate(zip(measured_prefixes, predicted), start=1)]
+
+
+def validate_table(table: latency.Table, arch: dict, target: Platform, variants: int,
+                   seed: int, remote: Remote = isolated, *,
+                   settings: TableSettings | None = None) -> dict:
+  """Predicted against measured latency of ``variants`` random trims (seed
+  ``seed``, never the calibration's) and of Fig. 7's prefixes.
+
+  One "networks" request times the original, the variants and the first
+  ``n`` units of the original for every ``n``, interleaved, with the timing
+  of ``settings`` (default: the table's own warm-up, rounds and
+  estimator). Returns :func:`latency.validation_report` (calibrated
+  prediction) with :func:`raw_errors`, ``fig7`` (:func:`fig7_rows`),
+  ``overlap_with_calibration`` (variants whose widths the calibration was
+  fitted on), ``repeat_error`` (the last prefix is the original network:
+  ``|its latency / the original's - 1|``, the noise of this one run) and the
+  measurement's provenance.
+  """
+  settings = (settings or _table_timing(table)).check()
+  _check_int("variants", variants, 1)
+  _check_int("seed", seed, 0)
+  calibration = table.calibration or {}
+  if "seed" in calibration and seed == calibration["seed"]:
+    raise ValueError(f"seed must differ from the table's calibration seed {seed}: the "
+                     "validation variants must be disjoint from the calibration ones")
+  latency.check_matches(table, arch, target, table.expansion)
+  widths = latency.random_widths(table, variants, seed)
+  networks = {"original": _trimmed(arch, table.expansion, table.full_widths)}
+  networks.update({_name("variant", k): _trimmed(arch, table.expansion, w)
+                   for k, w in enumerate(widths)})
+  prefixes = range(1, len(table.units) + 1)
+  networks.update({_name("prefix", n): {"arch": arch, "prefix": n, "expansion": table.expansion}
+                   for n in prefixes})
+  measured, provenance = measure_networks(remote, target, networks, settings)
+  variant_s = [measured[_name("variant", k)] for k in range(variants)]
+  report = latency.validation_report(table, widths, variant_s, measured["original"])
+  for row, w in zip(report["rows"], widths):
+    row["raw_predicted_s"] = table.raw(w)
+  fig7 = fig7_rows(table, [measured[_name("prefix", n)] for n in prefixes])
+  fitted = {tuple(n["widths"]) for n in calibration.get("networks", [])}
+  return {**report, **raw_errors(table, widths, variant_s, measured["original"]),
+          "seed": seed, "original_measured_s": measured["original"],
+          "original_predicted_s": table.predict(table.full_widths),
+          "overlap_with_calibration": sum(tuple(w) in fitted for w in widths),
+          "fig7": fig7, "fig7_mean_abs_error": float(np.mean([r["error"] for r in fig7])),
+          "fig7_max_abs_error": float(np.max([r["error"] for r in fig7])),
+          "repeat_error": abs(fig7[-1]["measured_s"] / measured["original"] - 1),
+          "timing": settings.timing(), "provenance": provenance}
+
+
+def _table_timing(table: latency.Table) -> TableSettings:
+  """Default settings with the warm-up, rounds and estimator the table was measured with."""
+  known = {k: table.provenance[k] for k in ("warmup", "rounds", "estimator")
+           if k in table.provenance}
+  return dataclasses.replace(TableSettings(), **known)
+
+
+def plot_validation(report: dict, path: str, title: str = "") -> None:
+  """Two panels, written atomically as PNG: predicted (calibrated and raw)
+  against measured latency of the validation variants, with ``y = x``; and
+  Fig. 7, measured and simulated latency of the first ``n`` units against ``n``."""
+  from dynscale import plots  # selects the headless backend first
+
+  plt = plots.plt
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  rows = report["rows"]
+  measured = [1e3 * r["measured_s"] for r in rows]
+  if report.get("calibrated"):
+    left.scatter(measured, [1e3 * r["predicted_s"] for r in rows], label="calibrated")
+  left.scatter(measured, [1e3 * r["raw_predicted_s"] for r in rows], marker="x",
+               label="sum of units (raw)")
+  every = measured + [1e3 * r["predicted_s"] for r in rows] + [
+      1e3 * r["raw_predicted_s"] for r in rows]
+  low, high = min(every), max(every)
+  left.plot([low, high], [low, high], color="gray", linestyle="--", label="y = x")
+  left.set_xlabel("measured latency (ms)")
+  left.set_ylabel("predicted latency (ms)")
+  raw = f"raw {report['raw_mean_abs_error']:.1%}" if "raw_mean_abs_error" in report else ""
+  left.set_title(f"{len(rows)} random trims, mean |error|: "
+                 f"{report['mean_abs_error']:.1%} {raw}".strip())
+  left.legend()
+  fig7 = report["fig7"]
+  units = [r["units"] for r in fig7]
+  right.plot(units, [1e3 * r["measured_s"] for r in fig7], marker="o", label="measured")
+  right.plot(units, [1e3 * r["predicted_s"] for r in fig7], marker="x",
+             label="simulated (sum of units)")
+  right.set_xlabel("units executed")
+  right.set_ylabel("latency (ms)")
+  right.set_title("Fig. 7: first units of the original")
+  right.legend()
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  plots.save_png(fig, path, dpi=110, title=title)
+  plt.close(fig)

@@ -1,0 +1,388 @@
+"""CompactNet end to end (paper 004): pretrain, measure, search, retrain, measure again.
+
+1. ``pretrain``: the original network, ``train.num_epochs`` epochs (skipped
+   when ``model.init_from`` names a trained one, e.g. a shared pretraining).
+2. The latency table of ``compactnet.platform`` (§3.1): ``compactnet.table``,
+   or one measured now into ``<workdir>/latency-table.json`` in a process
+   set up for the platform (:mod:`dynscale.compactnet.simulator`).
+3. The search (§3.2-3.3, :mod:`dynscale.compactnet.search`): each candidate
+   has its batch norm recalibrated on ``compactnet.recalibration_batches``
+   training batches (without it every trimmed network falls to chance), is
+   fine-tuned for ``compactnet.finetune_steps`` steps with
+   ``compactnet.finetune_optimizer`` (Table 4: RMSProp) and scored on the
+   validation split, all on the masked network (one compile).
+4. The *uniform* baseline: every group cut by one multiplier, L2-trimmed
+   from the same pretrained network; the largest multiplier whose measured
+   latency is at most the searched model's.
+5. Retraining, once per ``compactnet.retrain_seeds``: the searched, the
+   uniform and the original network each train ``compactnet.retrain_epochs``
+   epochs with ``compactnet.retrain_optimizer``; the uniform and original
+   ones first train as many steps as the searched model's chosen fine-tunes,
+   so that all three see the same number of training images after the
+   pretraining. Selection reads the validation split; the test split is read
+   once per final model.
+6. Export (the trimmed network reloads without Flax) and the measured
+   latencies of the original, searched and uniform exports, interleaved, on
+   the platform and on each of ``compactnet.measure_on`` (Table 7's
+   exchange). Speed-up is the survey's Eq. 10, ``s / s*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
+
+from dynscale import io  # noqa: E402
+from dynscale.compactnet import latency, platform, schedule, search, simulator, trimming  # noqa: E402
+from dynscale.data.datasets import dataset_spec  # noqa: E402
+from dynscale.nn import batchnorm, models, sliced, spec  # noqa: E402
+from dynscale.train import runs, steps, validation  # noqa: E402
+from dynscale.train.optim import make_optimizer  # noqa: E402
+from dynscale.train.state import create_train_state, merge_model  # noqa: E402
+
+TABLE_FILE = "latency-table.json"
+ORIGINAL_EXPORT = "original-export"
+UNIFORM_EXPORT = "uniform-export"
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+
+def _prefixed(check, field: str) -> None:
+  """Runs ``check()``; its errors name ``field.<name>`` instead of ``<name>``."""
+  try:
+    check()
+  except ValueError as error:
+    message = str(error)
+    raise ValueError(message if message.startswith(field) else f"{field}.{message}") from error
+
+
+def table_settings(config) -> simulator.TableSettings:
+  return simulator.TableSettings(**config.compactnet.table_settings.to_dict())
+
+
+def plan(config) -> schedule.Schedule:
+  """The schedule whose final speed-up is ``compactnet.t_final`` (Eq. 1-2)."""
+  c = config.compactnet
+  return schedule.Schedule.for_final(c.t_final, c.iterations, c.decay)
+
+
+def architecture(config) -> dict:
+  spec_ = dataset_spec(config.data.dataset)
+  return runs.architecture(config, spec_.num_classes, spec_.image_shape)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first bad field, before any compute."""
+  validation.check_core(config)
+  c = config.compactnet
+  target = platform.get(c.platform, "compactnet.platform")
+  for name in c.measure_on:
+    platform.get(name, "compactnet.measure_on")
+  table_settings(config).check("compactnet.table_settings")
+  _prefixed(lambda: plan(config), "compactnet")
+  validation.positive(c.finetune_steps, "compactnet.finetune_steps", integer=True)
+  validation.positive(c.recalibration_batches, "compactnet.recalibration_batches", integer=True)
+  validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
+  if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                for s in c.retrain_seeds):
+    raise ValueError(f"compactnet.retrain_seeds must be a non-empty list of integers >= 0, "
+                     f"got {c.retrain_seeds!r}")
+  for name in ("finetune_optimizer", "retrain_optimizer"):
+    _prefixed(lambda name=name: validation.check_optimizer(c[name]), f"compactnet.{name}")
+  if not c.uniform_multipliers or any(not 0 < m <= 1 for m in c.uniform_multipliers):
+    raise ValueError(f"compactnet.uniform_multipliers must be fractions in (0, 1], "
+                     f"got {c.uniform_multipliers!r}")
+  arch = architecture(config)
+  if tuple(arch["input_shape"][:2]) != (target.resolution, target.resolution):
+    raise ValueError(f"compactnet.platform {target.name!r} measures "
+                     f"{target.resolution}x{target.resolution} inputs, the data has "
+                     f"{arch['input_shape'][:2]}")
+  groups = trimming.trimmable_groups(arch, table_settings(config).expansion)
+  search.check_min_width(c.min_width, [g.name for g in groups], "compactnet.min_width")
+  if c.table:
+    table = latency.load(c.table)
+    latency.check_matches(table, arch, target, table_settings(config).expansion,
+                          "compactnet.table")
+    search.check_reachable(table, search.minimum_widths(table, c.min_width), plan(config),
+                           "compactnet.min_width")
+
+
+# --------------------------------------------------------------------------
+# The masked network at a width vector
+# --------------------------------------------------------------------------
+
+
+def masked_loss(model, images, labels, widths):
+  """Cross-entropy of the masked network at the width vector ``widths`` (traced)."""
+  logits = model(images, widths=widths, train=True)
+  loss = jnp.mean(steps.cross_entropy(logits, labels))
+  return loss, {"loss": loss, "accuracy": steps.accuracy(logits, labels)}
+
+
+def masked_forward(model, images, widths):
+  return model(images, widths=widths, train=False)
+
+
+def set_variables(model: nnx.Module, variables: dict) -> None:
+  """Sets ``model``'s layers to copies of the pure ``variables`` (same shapes): the
+  train steps donate their state, and ``variables`` may be needed again."""
+  state = nnx.state(model.layers)
+  state.replace_by_pure_dict(jax.tree.map(jnp.array, variables["layers"]))
+  nnx.update(model.layers, state)
+
+
+@dataclasses.dataclass
+class Candidates:
+  """Fine-tunes and scores candidates on one masked network (one compile)."""
+
+  run: runs.Run
+  model: nnx.Module
+  trainer: object
+  tx: object
+
+  @classmethod
+  def create(cls, run: runs.Run, variables: dict) -> Candidates:
+    c = run.config.compactnet
+    model = models.build(run.arch, rngs=models.init_rngs(run.config.seed),
+                         dtype=runs.compute_dtype(run.config))
+    set_variables(model, variables)
+    tx = make_optimizer(c.finetune_optimizer, c.finetune_steps)
+    graphdef, _ = create_train_state(model, tx)
+    return cls(run, model, runs.make_trainer(run, graphdef, tx, masked_loss, masked_forward),
+               tx)
+
+  def _state(self, variables: dict, widths) -> object:
+    set_variables(self.model, variables)
+    stats = batchnorm.recalibrate_masked(
+        self.model, widths, self.trainer.training_batches(
+            self.run.config.compactnet.recalibration_batches))
+    set_variables(self.model, sliced.merge_variables(variables, stats))
+    return self.trainer.place(create_train_state(self.model, self.tx)[1])
+
+  def fine_tune(self, variables: dict, widths, seed: int) -> dict:
+    """Recalibrated batch norm, then ``finetune_steps`` steps at ``widths``."""
+    widths = jnp.asarray(widths, jnp.int32)
+    state = self.trainer.train_steps(self._state(variables, widths), widths,
+                                     self.run.config.compactnet.finetune_steps, seed)
+    return merge_model(self.trainer.graphdef, state.params, state.model_state).pure_variables()
+
+  def score(self, variables: dict, widths) -> float:
+    """Validation accuracy at ``widths`` (batch norm as given)."""
+    set_variables(self.model, variables)
+    state = self.trainer.place(create_train_state(self.model, self.tx)[1])
+    return self.trainer.evaluate(state, "val", jnp.asarray(widths, jnp.int32))["accuracy"]
+
+
+# --------------------------------------------------------------------------
+# The uniform baseline and measurements
+# --------------------------------------------------------------------------
+
+
+def uniform_widths(table: latency.Table, multiplier: float) -> list[int]:
+  """Every group at ``multiplier`` of its size, on the table's grid."""
+  r = table.round_to
+  return [size if multiplier == 1 else int(np.clip(round(multiplier * size / r) * r,
+                                                   grid[0], grid[-1]))
+          for size, grid in zip(table.group_sizes, table.grids)]
+
+
+def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_export: str,
+                   target: platform.Platform, settings: simulator.TableSettings,
+                   remote: simulator.Remote) -> tuple[float, list[int], dict]:
+  """The largest multiplier whose network measures at most the searched model's latency."""
+  options = {f"uniform-{m:g}": uniform_widths(table, m) for m in sorted(multipliers,
+                                                                         reverse=True)}
+  networks = {"searched": {"export_dir": searched_export},
+              **{name: {"arch": arch, "widths": w, "expansion": table.expansion}
+                 for name, w in options.items()}}
+  measured, _ = simulator.measure_networks(remote, target, networks, settings)
+  for name, widths in options.items():
+    if measured[name] <= measured["searched"]:
+      return float(name.split("-")[1]), widths, measured
+  name = list(options)[-1]
+  logging.warning("no uniform multiplier is as fast as the searched model; using %s", name)
+  return float(name.split("-")[1]), options[name], measured
+
+
+# --------------------------------------------------------------------------
+# Retraining
+# --------------------------------------------------------------------------
+
+
+def _network(run: runs.Run, arch: dict, variables: dict) -> nnx.Module:
+  model = models.build(arch, rngs=models.init_rngs(run.config.seed),
+                       dtype=runs.compute_dtype(run.config))
+  set_variables(model, variables)
+  return model
+
+
+def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
+            catch_up_steps: int) -> runs.Fitted:
+  """``name`` retrained with data order ``seed`` (first ``catch_up_steps`` steps
+  with the fine-tune optimizer when it has no checkpoint yet)."""
+  c = run.config.compactnet
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  config.seed = seed
+  seeded = dataclasses.replace(run, config=config, arch=arch)
+  model = _network(seeded, arch, variables)
+  stage = f"retrain-{name}-seed{seed}"
+  started = run.checkpoint_dir and os.path.isdir(os.path.join(run.checkpoint_dir, stage))
+  if catch_up_steps and not started:
+    tx = make_optimizer(c.finetune_optimizer, catch_up_steps)
+    graphdef, state = create_train_state(model, tx)
+    trainer = runs.make_trainer(seeded, graphdef, tx, steps.classification_loss,
+                                steps.eval_forward)
+    state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps, 0)
+    set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
+  return runs.fit_stage(seeded, model, runs.Stage(
+      stage, c.retrain_epochs, nnx.Param, steps.classification_loss, steps.eval_forward,
+      optimizer=c.retrain_optimizer))
+
+
+def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
+  task = jnp.float32(1.0)
+  return {"val": fitted.trainer.evaluate(fitted.state, "val", task)["accuracy"],
+          "test": fitted.trainer.evaluate(fitted.state, "test", task)["accuracy"]}
+
+
+def plot_widths(names, by_model: dict[str, list[int]], path: str, title: str) -> None:
+  """Fig. 4: channels per trimmable group of each model."""
+  fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
+  x = np.arange(len(names))
+  width = 0.8 / len(by_model)
+  for k, (label, widths) in enumerate(by_model.items()):
+    ax.bar(x + k * width, widths, width, label=label)
+  ax.set_xticks(x + 0.4 - width / 2, names, rotation=45, ha="right", fontsize=7)
+  ax.set_ylabel("channels")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+def load_or_build_table(config, arch: dict, workdir: str,
+                        remote: simulator.Remote = simulator.isolated) -> tuple[str,
+                                                                                      latency.Table]:
+  c = config.compactnet
+  target = platform.get(c.platform, "compactnet.platform")
+  path = c.table or os.path.join(workdir, TABLE_FILE)
+  if not os.path.exists(path):
+    logging.info("Measuring the latency table of %s on %s", arch["name"], target.name)
+    simulator.build_table(arch, target, table_settings(config), path, remote=remote)
+  table = latency.load(path)
+  latency.check_matches(table, arch, target, table_settings(config).expansion, path)
+  return path, table
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       remote: simulator.Remote = simulator.isolated) -> dict:
+  """The whole method (module docstring); writes and returns ``results.json``."""
+  run = runs.start(config, workdir, check=check_config)
+  c = config.compactnet
+  target = platform.get(c.platform)
+  settings = table_settings(config)
+  if run.init_from:
+    original_export = run.init_from
+  else:
+    runs.fit_stage(run, run.model, runs.Stage("pretrain", config.train.num_epochs, nnx.Param,
+                                              steps.classification_loss, steps.eval_forward))
+    original_export = os.path.join(run.workdir, ORIGINAL_EXPORT)
+    sliced.export(run.model, original_export)
+  arch, original = run.arch, run.model.pure_variables()
+  table_path, table = load_or_build_table(config, arch, run.workdir, remote)
+  schedule_ = plan(config)
+  search.check_reachable(table, search.minimum_widths(table, c.min_width), schedule_,
+                         "compactnet.min_width")
+  candidates = Candidates.create(run, original)
+  found = search.search(arch, original, table, schedule_, fine_tune=candidates.fine_tune,
+                        score=candidates.score, workdir=os.path.join(run.workdir, "search"),
+                        min_width=c.min_width, seed=config.seed, log=logging.info)
+  groups = trimming.trimmable_groups(arch, table.expansion)
+  searched_arch, searched_vars = trimming.trim(
+      arch, found.variables, trimming.core_widths(arch, groups, found.widths))
+  chosen = sum(r["chosen"] is not None for r in found.history["iterations"])
+  catch_up = chosen * c.finetune_steps
+  searched_probe = os.path.join(run.workdir, "searched-before-retrain")
+  sliced.export(_network(run, searched_arch, searched_vars), searched_probe)
+  multiplier, uniform, _ = choose_uniform(table, arch, c.uniform_multipliers, searched_probe,
+                                          target, settings, remote)
+  ordered = trimming.order_by_importance(arch, original, [g.size for g in
+                                                          spec.prunable_groups(arch)])
+  uniform_arch, uniform_vars = trimming.trim(arch, ordered.variables,
+                                             trimming.core_widths(arch, groups, uniform))
+  accuracy: dict[str, dict[str, list[float]]] = {}
+  final = {}
+  for seed in c.retrain_seeds:
+    for name, (a, v, extra) in {"searched": (searched_arch, searched_vars, 0),
+                                "uniform": (uniform_arch, uniform_vars, catch_up),
+                                "original": (arch, original, catch_up)}.items():
+      fitted = retrain(run, name, a, v, seed, extra)
+      for split, value in _accuracies(fitted).items():
+        accuracy.setdefault(name, {}).setdefault(split, []).append(value)
+      final.setdefault(name, fitted)
+  uniform_export = os.path.join(run.workdir, UNIFORM_EXPORT)
+  u = final["uniform"]
+  sliced.export(merge_model(u.graphdef, u.state.params, u.state.model_state), uniform_export)
+  s = final["searched"]
+  export_dir = runs.export(run, s.graphdef, s.state)
+  latencies = {}
+  for name in (target.name, *c.measure_on):
+    latencies[name], _ = simulator.measure_networks(remote, platform.get(name), {
+        "original": {"export_dir": original_export}, "searched": {"export_dir": export_dir},
+        "uniform": {"export_dir": uniform_export}}, settings)
+  on_target = latencies[target.name]
+  names = list(table.group_names)
+  plot_widths(names, {"original": list(table.group_sizes), "searched": list(found.widths),
+                      f"uniform x{multiplier:g}": uniform},
+              os.path.join(run.workdir, "widths_per_layer.png"),
+              runs.title("compactnet", arch["name"], run.dataset.name))
+
+  def mean(name, split):
+    return float(np.mean(accuracy[name][split]))
+  metrics = {
+      "platform": target.name,
+      "target_speedup": schedule_.final_speedup,
+      "t_init": schedule_.t_init,
+      "predicted_speedup": table.speedup(list(found.widths)),
+      "measured_speedup": on_target["original"] / on_target["searched"],
+      "uniform_measured_speedup": on_target["original"] / on_target["uniform"],
+      "uniform_multiplier": multiplier,
+      "test_accuracy": mean("searched", "test"),
+      "val_accuracy": mean("searched", "val"),
+      "original_test_accuracy": mean("original", "test"),
+      "uniform_test_accuracy": mean("uniform", "test"),
+      "accuracy_by_seed": accuracy,
+      "latency_s": latencies,
+      "speedup_by_platform": {p: lat["original"] / lat["searched"] for p, lat in latencies.items()},
+      "widths": dict(zip(names, (int(w) for w in found.widths))),
+      "uniform_widths": dict(zip(names, uniform)),
+      "layer_widths": [layer.get("features") for layer in searched_arch["layers"]],
+      "iterations_trimmed": chosen,
+      "table": table_path,
+      "table_calibration": table.calibration,
+      "export_dir": export_dir,
+      "original_export_dir": original_export,
+      "uniform_export_dir": uniform_export,
+  }
+  io.write_json_atomic(os.path.join(run.workdir, "search-summary.json"), found.history)
+  return runs.finish(run, s.graphdef, s.state, metrics, exported=export_dir)

@@ -1,0 +1,139 @@
+"""CompactNet's launcher method end to end on a fake platform (paper 004)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from dynscale.compactnet import latency, platform, simulator, training, trimming
+from dynscale.nn import sliced, spec
+from experiments.configs import compactnet_cpu
+from compactnet_fakes import fake_remote, whole_network_latency
+
+
+def _tiny(data_dir, **compactnet):
+  """The smoke config at test size: a plain conv net keeps the compiles short."""
+  config = compactnet_cpu.get_config("smoke")
+  config.data.data_dir = str(data_dir)
+  config.data.train_examples = 0
+  config.data.val_size, config.data.batch_size, config.data.eval_batch_size = 12, 16, 20
+  config.model.name, config.model.width_multiplier = "m_cifarnet", 1 / 16
+  config.tensorboard = False
+  c = config.compactnet
+  c.finetune_steps, c.recalibration_batches, c.retrain_epochs = 2, 1, 1
+  c.table_settings.round_to = 1
+  c.t_final, c.iterations, c.decay = 1.3, 2, 1.0
+  c.update(compactnet)
+  return config
+
+
+def _fake_latency(export_dir):
+  """What the fake platform says an exported network takes."""
+  return whole_network_latency(sliced.load(export_dir).arch)
+
+
+@pytest.fixture(scope="module")
+def finished(fake_cifar, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("compactnet")
+  config = _tiny(fake_cifar, measure_on=("cpu-b1",))
+  requests = []
+  results = training.train_and_evaluate(config, str(workdir), remote=fake_remote(requests))
+  return config, workdir, results, requests
+
+
+def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
+  config, workdir, results, _ = finished
+  assert json.loads((workdir / "results.json").read_text())["measured_speedup"] == \
+      results["measured_speedup"]
+  assert results["target_speedup"] == pytest.approx(config.compactnet.t_final)
+  assert results["predicted_speedup"] >= results["target_speedup"] - 1e-9
+  # the measured speed-up is that of the two exports, measured on the platform
+  expected = _fake_latency(results["original_export_dir"]) / _fake_latency(results["export_dir"])
+  assert results["measured_speedup"] == pytest.approx(expected)
+  assert set(results["speedup_by_platform"]) == {"cpu-b64", "cpu-b1"}
+  # the uniform model is the widest one at most as slow as the searched one
+  assert results["uniform_measured_speedup"] >= results["measured_speedup"]
+  for key in ("test_accuracy", "original_test_accuracy", "uniform_test_accuracy"):
+    assert 0 <= results[key] <= 1
+  assert (workdir / "widths_per_layer.png").stat().st_size > 0
+
+
+def test_every_search_iteration_met_its_budget(finished):
+  _, workdir, results, _ = finished
+  table = latency.load(results["table"])
+  history = json.loads((workdir / "search-summary.json").read_text())
+  for record in history["iterations"]:
+    assert table.predict(record["widths"]) <= record["budget_s"]
+  assert list(results["widths"].values()) == history["iterations"][-1]["widths"]
+
+
+def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):
+  _, _, results, _ = finished
+  exported = sliced.load(results["export_dir"])
+  original = sliced.load(results["original_export_dir"])
+  groups = trimming.trimmable_groups(original.arch)
+  core = trimming.core_widths(original.arch, groups, list(results["widths"].values()))
+  assert exported.arch == spec.trimmed_architecture(original.arch, list(core))
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  logits = sliced.apply_sliced(exported.arch, exported.variables, x)
+  assert logits.shape == (2, 10) and bool(jax.numpy.all(jax.numpy.isfinite(logits)))
+
+
+def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
+  config, workdir, results, requests = finished
+  assert requests.count("table") == 1
+  reused = []
+  path, _ = training.load_or_build_table(config, training.architecture(config), str(workdir),
+                                         fake_remote(reused))
+  assert path == results["table"] and reused == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(t_final=1.0), r"compactnet.t_final must be a finite number > 1"),
+    (dict(iterations=0), r"compactnet.iterations must be an integer >= 1"),
+    (dict(decay=1.5), r"compactnet.decay"),
+    (dict(t_final=3.0, iterations=2, decay=0.2), r"t_final must be below"),
+    (dict(platform="tpu-b64"), r"compactnet.platform must be one of"),
+    (dict(measure_on=("npu",)), r"compactnet.measure_on must be one of"),
+    (dict(finetune_steps=0), r"compactnet.finetune_steps must be a positive integer"),
+    (dict(min_width=0.0), r"compactnet.min_width\['layers.0'\] must be a fraction"),
+    (dict(retrain_seeds=()), r"compactnet.retrain_seeds must be a non-empty list"),
+    (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),
+])
+def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
+  with pytest.raises(ValueError, match=message):
+    training.check_config(_tiny(fake_cifar, **change))
+
+
+def test_bad_table_settings_name_the_field(fake_cifar):
+  config = _tiny(fake_cifar)
+  config.compactnet.table_settings.grid_points = 1
+  with pytest.raises(ValueError, match="compactnet.table_settings.grid_points must be"):
+    training.check_config(config)
+
+
+def test_a_given_table_must_be_readable_match_and_reach_the_target(fake_cifar, tmp_path):
+  config = _tiny(fake_cifar)
+  arch = training.architecture(config)
+  table = simulator.build_table(arch, platform.get("cpu-b64"), training.table_settings(config),
+                                str(tmp_path / "table.json"), fake_remote([]))
+  cut = tmp_path / "cut.json"
+  cut.write_text((tmp_path / "table.json").read_text()[:100])
+  for path, message in ((str(cut), "truncated or not JSON"),):
+    config.compactnet.table = path
+    with pytest.raises(ValueError, match=message):
+      training.check_config(config)
+  config.compactnet.table = str(tmp_path / "table.json")
+  config.compactnet.platform = "cpu-b1"
+  with pytest.raises(ValueError, match="compactnet.table was measured with platform name"):
+    training.check_config(config)
+  config.compactnet.platform = "cpu-b64"
+  config.model.width_multiplier = 1 / 8
+  with pytest.raises(ValueError, match="compactnet.table is for model"):
+    training.check_config(config)
+  config.model.width_multiplier = 1 / 16
+  config.compactnet.min_width = 0.95
+  with pytest.raises(ValueError, match="compactnet.min_width: with every group at its minimum"):
+    training.check_config(config)
+  del table
