@@ -34,22 +34,18 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
-
-from dynscale import io  # noqa: E402
-from dynscale.compactnet import latency, platform, schedule, search, simulator, trimming  # noqa: E402
-from dynscale.data.datasets import dataset_spec  # noqa: E402
-from dynscale.nn import batchnorm, models, sliced, spec  # noqa: E402
-from dynscale.train import runs, steps, validation  # noqa: E402
-from dynscale.train.optim import make_optimizer  # noqa: E402
-from dynscale.train.state import create_train_state, merge_model  # noqa: E402
+from dynscale import io, plots
+from dynscale.compactnet import latency, platform, schedule, search, simulator, trimming
+from dynscale.data.datasets import dataset_spec
+from dynscale.nn import batchnorm, models, sliced, spec
+from dynscale.train import runs, steps, validation
+from dynscale.train.optim import make_optimizer
+from dynscale.train.state import create_train_state, merge_model
 
 TABLE_FILE = "latency-table.json"
 ORIGINAL_EXPORT = "original-export"
@@ -261,7 +257,7 @@ def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
 
 def plot_widths(names, by_model: dict[str, list[int]], path: str, title: str) -> None:
   """Fig. 4: channels per trimmable group of each model."""
-  fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
+  fig, ax = plots.plt.subplots(figsize=(max(6, len(names) * 0.7), 3.5))
   x = np.arange(len(names))
   width = 0.8 / len(by_model)
   for k, (label, widths) in enumerate(by_model.items()):
@@ -271,8 +267,8 @@ def plot_widths(names, by_model: dict[str, list[int]], path: str, title: str) ->
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save_png(fig, path, dpi=120, title=title)
+  plots.plt.close(fig)
 
 
 # --------------------------------------------------------------------------
