@@ -11,10 +11,22 @@ colabs/sanp.ipynb retells SANP (paper 002) with a tiny run: a freshly gated
 network costs its backbone's FLOPs on every image, and the per-image FLOPs
 and accuracy it recomputes from the gates are the run's results.
 
+colabs/compactnet.ipynb retells CompactNet (paper 004) with a tiny run of
+MobileNetV2 x 0.5 on the cpu-b64 platform: the Table 3 rows it prints are
+Eq. 1-2 read as latency reductions, recomputed here; its trimmable groups are
+the stem, the stages (blocks tied by their residual adds, each expansion
+following t x its block's input) and the head, found here from the layers and
+equal to Table 1's output channels x 0.5; the validation errors it prints are
+the saved table's predictions against the saved measurements; the search
+meets every iteration's Eq. 1-2 budget by the saved table, trimming one group
+per iteration, and ends at or above 1.3x as that table predicts; and the
+measured speed-up line carries the search's prediction.
+
 Each runs in a fresh kernel of this interpreter, with the repo root as
 working directory.
 """
 
+import json
 import pathlib
 import re
 
@@ -24,9 +36,13 @@ import pytest
 from ipykernel import kernelspec
 from nbclient import NotebookClient
 
+from dynscale.compactnet import latency
+from dynscale.nn import models
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "colabs" / "tesla.ipynb"
 SANP_NOTEBOOK = REPO / "colabs" / "sanp.ipynb"
+COMPACTNET_NOTEBOOK = REPO / "colabs" / "compactnet.ipynb"
 KERNEL = "dynscale-notebook-test"
 CELL_TIMEOUT_S = 300
 
@@ -57,12 +73,24 @@ def sanp_notebook(tmp_path_factory):
   return execute(SANP_NOTEBOOK, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def compactnet_notebook(tmp_path_factory):
+  return execute(COMPACTNET_NOTEBOOK, tmp_path_factory)
+
+
 def tagged_stdout(nb, tag: str) -> str:
   """The stdout text of the one code cell tagged ``tag``."""
   cells = [c for c in nb.cells if tag in c.get("metadata", {}).get("tags", [])]
   assert len(cells) == 1, f"expected one cell tagged {tag!r}, found {len(cells)}"
   return "".join(o.get("text", "") for o in cells[0].outputs
                  if o.output_type == "stream" and o.name == "stdout")
+
+
+def json_line(text: str) -> dict:
+  """The last line of ``text`` that is a JSON object, parsed."""
+  lines = [line for line in text.splitlines() if line.startswith("{")]
+  assert lines, text
+  return json.loads(lines[-1])
 
 
 def number_rows(text: str) -> list[list[float]]:
@@ -75,7 +103,8 @@ def number_rows(text: str) -> list[list[float]]:
   return rows
 
 
-@pytest.mark.parametrize("path", [NOTEBOOK, SANP_NOTEBOOK], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [NOTEBOOK, SANP_NOTEBOOK, COMPACTNET_NOTEBOOK],
+                         ids=lambda p: p.name)
 def test_saved_without_outputs(path):
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
@@ -85,7 +114,8 @@ def test_saved_without_outputs(path):
       assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
-@pytest.mark.parametrize("path", [NOTEBOOK, SANP_NOTEBOOK], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [NOTEBOOK, SANP_NOTEBOOK, COMPACTNET_NOTEBOOK],
+                         ids=lambda p: p.name)
 def test_first_cell_only_hints_at_install(path):
   first = nbformat.read(path, as_version=4).cells[0]
   assert first.cell_type == "code"
@@ -166,3 +196,88 @@ def test_the_per_image_numbers_recomputed_from_the_gates_are_the_runs(sanp_noteb
   assert mean_flops == pytest.approx(flops, abs=6e-4)   # printed to 3 and 4 decimals
   assert recomputed == pytest.approx(accuracy, abs=6e-4)
 
+
+
+# Output channels of Table 1's rows (first conv, the seven bottleneck stages, last conv).
+TABLE_1_OUTPUTS = (32, 16, 24, 32, 64, 96, 160, 320, 1280)
+
+
+def test_compactnet_notebook_runs_without_error(compactnet_notebook):
+  # schedules, importance, a unit's latency surface, validation / Fig. 7, widths per layer
+  assert len(images_of_a_clean_run(compactnet_notebook)) >= 5
+
+
+def test_compactnet_schedule_rows_are_table_3_by_eq_1_and_2(compactnet_notebook):
+  rows = number_rows(tagged_stdout(compactnet_notebook, "schedule"))
+  assert [r[:4] for r in rows] == [[2.0, 24, 0.96, 1.5], [2.5, 30, 0.98, 1.8],
+                                   [1.5, 36, 0.96, 1.3], [2.0, 48, 0.98, 1.5]]
+  for t_init, n, d, _, t_final in rows:
+    r = 1 - 1 / t_init                                   # the undecayed total reduction
+    removed = sum(r / n * d**i for i in range(int(n)))   # sum of T_sub,i (Eq. 1)
+    assert t_final == pytest.approx(1 / (1 - removed), abs=6e-5)   # Eq. 2, printed to 4 places
+  assert round(rows[2][4], 2) == 1.22   # the NPU row: not the 1.3x the paper lists
+
+
+def test_compactnet_groups_are_the_stem_the_stages_and_the_head(compactnet_notebook):
+  text = tagged_stdout(compactnet_notebook, "groups")
+  width = float(re.search(r"MobileNetV2 x (\S+):", text).group(1))
+  listed = [(name, int(size), followers) for name, size, followers in re.findall(
+      r"^group (\S+)\s+size\s+(\d+)\s+expansions following: (.*)$", text, flags=re.M)]
+  arch = models.architecture("mobilenet_v2_imagenet", num_classes=10, input_shape=[32, 32, 3],
+                             idp_layers="none", width_multiplier=width)
+  # A conv or block writes a new group unless its output is added to its input
+  # (a block of stride 1 keeping its input's width); a block's expansion
+  # follows the group of its input. The classifier's outputs are the classes.
+  expected = []
+  for i, layer in enumerate(arch["layers"]):
+    if layer["kind"] not in ("conv", "invres"):
+      continue
+    if layer["kind"] == "invres" and layer["expansion"] != 1:
+      expected[-1][2].append(f"layers.{i}.mid ({layer['expansion']}x)")
+    residual = (layer["kind"] == "invres" and layer.get("stride", 1) == 1
+                and layer["features"] == expected[-1][1])
+    if not residual:
+      expected.append((f"layers.{i}", layer["features"], []))
+  assert listed == [(name, size, ", ".join(f) or "-") for name, size, f in expected]
+  assert [size for _, size, _ in listed] == [int(c * width) for c in TABLE_1_OUTPUTS]
+
+
+def test_compactnet_validation_errors_are_the_saved_tables(compactnet_notebook):
+  line = json_line(tagged_stdout(compactnet_notebook, "validation"))
+  table = latency.load(line["table"])
+  report = json.loads(pathlib.Path(line["report"]).read_text())
+  rows = report["rows"]
+  assert line["variants"] == len(rows) == 5 and line["overlap_with_calibration"] == 0
+  for key, predict in (("", table.predict), ("raw_", table.raw)):
+    errors = [abs(predict(r["widths"]) / r["measured_s"] - 1) for r in rows]
+    assert line[f"{key}mean_abs_error"] == pytest.approx(np.mean(errors), rel=1e-9)
+    assert line[f"{key}max_abs_error"] == pytest.approx(np.max(errors), rel=1e-9)
+  assert len(report["fig7"]) == len(table.units)   # Fig. 7: one row per unit
+
+
+def test_compactnet_search_meets_every_budget_by_the_saved_table(compactnet_notebook):
+  found = json_line(tagged_stdout(compactnet_notebook, "search"))
+  table = latency.load(found["table"])
+  assert found["predicted_speedup"] == pytest.approx(table.speedup(found["widths"]), rel=1e-12)
+  assert found["predicted_speedup"] >= 1.3 - 1e-9
+  n, d = found["iterations"], found["decay"]
+  r = 1 - 1 / found["t_init"]
+  sub = [r / n * d**i for i in range(n)]                 # Eq. 1, as reductions
+  assert 1 / (1 - sum(sub)) == pytest.approx(1.3)        # T_init solved for T_final = 1.3
+  history = json.loads((pathlib.Path(found["workdir"]) / "history.json").read_text())
+  full = table.predict(table.full_widths)
+  assert len(history["iterations"]) == n
+  for i, record in enumerate(history["iterations"]):
+    assert record["done"]
+    assert record["budget_s"] == pytest.approx(full * (1 - sum(sub[:i + 1])), rel=1e-9)
+    assert table.predict(record["widths"]) <= record["budget_s"]
+    assert sum(a != b for a, b in zip(record["widths"], record["start_widths"])) <= 1  # Fig. 3
+  assert history["iterations"][-1]["widths"] == found["widths"]
+
+
+def test_compactnet_measured_speedup_carries_the_searchs_prediction(compactnet_notebook):
+  found = json_line(tagged_stdout(compactnet_notebook, "search"))
+  line = json_line(tagged_stdout(compactnet_notebook, "speedup"))
+  assert line["predicted"] == found["predicted_speedup"]
+  assert line["measured"] == pytest.approx(line["original_s"] / line["searched_s"], rel=1e-12)
+  assert line["measured"] > 1.0   # a network predicted 1.3x faster is faster

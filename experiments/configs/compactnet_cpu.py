@@ -19,7 +19,7 @@ each with short RMSProp fine-tunes (Table 4's optimizer), 2-epoch
 retraining of the searched, uniform and original networks for retrain
 seeds 0 and 1, measured on both CPU platforms (Table 7's exchange).
 ``:smoke`` is one quick search (T_final 1.8 on ``cpu-b64``, a small table,
-5-step fine-tunes) from a 1-epoch pretraining on 2,000 images,
+2-step fine-tunes) from a 1-epoch pretraining on 2,000 images,
 to check the pipeline in a few minutes. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
 """
 
@@ -55,7 +55,7 @@ def _smoke(config):
   c = config.compactnet
   c.t_final, c.iterations = 1.8, 8
   c.table_settings.update(dict(grid_points=3, rounds=3, warmup=1, calibration_variants=3))
-  c.finetune_steps, c.recalibration_batches = 5, 2
+  c.finetune_steps, c.recalibration_batches = 2, 2
   c.retrain_epochs, c.retrain_seeds = 1, (0,)
   c.measure_on = ()
   return config
