@@ -8,7 +8,9 @@ import pytest
 
 from dynscale.compactnet import latency, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
-from experiments.configs import compactnet_cpu
+from dynscale.train import sweep
+from experiments import main as launcher
+from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import fake_remote, whole_network_latency
 
 
@@ -137,3 +139,24 @@ def test_a_given_table_must_be_readable_match_and_reach_the_target(fake_cifar, t
   with pytest.raises(ValueError, match="compactnet.min_width: with every group at its minimum"):
     training.check_config(config)
   del table
+
+
+@pytest.mark.parametrize("module", [compactnet_cpu, compactnet_paper])
+def test_the_figures_pretrain_once_then_search_from_it(module):
+  configs = sweep.check_variants(module.get_config(), launcher.METHODS)
+  order = sweep.in_running_order(configs)
+  assert order[0] == "pretrain" and configs["pretrain"].method == "idp"
+  for name in order[1:]:
+    assert configs[name].method == "compactnet"
+    assert configs[name].model.init_from == "variant:pretrain"
+
+
+def test_the_paper_figure_runs_table_3s_rows():
+  configs = sweep.variant_configs(compactnet_paper.get_config())
+  for name, (t_init, n, d) in (("gpu-b64-1_5x", (2.0, 24, 0.96)),
+                               ("gpu-b64-1_8x", (2.5, 30, 0.98))):
+    c = configs[name].compactnet
+    assert (c.iterations, c.decay) == (n, d)
+    r = 1 - 1 / t_init  # Eq. 1-2 as latency reductions, written out
+    assert c.t_final == pytest.approx(1 / (1 - sum(r / n * d ** i for i in range(n))))
+    assert training.plan(configs[name]).t_init == pytest.approx(t_init)

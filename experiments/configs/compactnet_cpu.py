@@ -9,11 +9,11 @@ protocol size, recorded). CIFAR-10 45k / 5k, the full test split.
 epochs, the protocol's SGD); every other variant starts from its export
 (``model.init_from='variant:pretrain'``, a figure runs it first):
 
-* ``b64-1.5``, ``b64-1.8``: T_final 1.5x and 1.8x on ``cpu-b64`` (XLA:CPU,
+* ``b64-1_5x``, ``b64-1_8x``: T_final 1.5x and 1.8x on ``cpu-b64`` (XLA:CPU,
   float32, batch 64, one thread), N = 6 and 8, d = 0.96 (with N = 6, each
   of 1.8x's steps must take 7.7% of the original latency from one group,
   and after four steps no group can);
-* ``b1-1.5``: 1.5x on ``cpu-b1`` (batch 1);
+* ``b1-1_5x``: 1.5x on ``cpu-b1`` (batch 1);
 
 each with short RMSProp fine-tunes (Table 4's optimizer), 2-epoch
 retraining of the searched, uniform and original networks for retrain
@@ -70,9 +70,9 @@ def get_config(arg: str = "all"):
   start = {"model.init_from": "variant:pretrain"}
   variants = {
       "pretrain": {"method": "idp"},
-      "b64-1.5": {**start, "compactnet.t_final": 1.5},
-      "b64-1.8": {**start, "compactnet.t_final": 1.8, "compactnet.iterations": 8},
-      "b1-1.5": {**start, "compactnet.platform": "cpu-b1", "compactnet.t_final": 1.5},
+      "b64-1_5x": {**start, "compactnet.t_final": 1.5},
+      "b64-1_8x": {**start, "compactnet.t_final": 1.8, "compactnet.iterations": 8},
+      "b1-1_5x": {**start, "compactnet.platform": "cpu-b1", "compactnet.t_final": 1.5},
   }
   config.variants = {name: common.overrides(**v) for name, v in variants.items()}
   return config
