@@ -149,6 +149,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("round_to", defaults.round_to, "Widths are multiples of this.")
   flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
   flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
+  flags.DEFINE_integer("burst", defaults.burst,
+                       "Back-to-back timed runs of a network in each round (warm cache).")
   flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
   flags.DEFINE_integer("calibration_variants", defaults.calibration_variants,
                        "Random trims the calibration is fitted on (0: none).")
@@ -164,7 +166,7 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                 settings=simulator.TableSettings(
                     expansion=f.expansion, grid_points=f.grid_points,
                     min_fraction=f.min_fraction, round_to=f.round_to, warmup=f.warmup,
-                    rounds=f.rounds, estimator=f.estimator,
+                    rounds=f.rounds, burst=f.burst, estimator=f.estimator,
                     calibration_variants=f.calibration_variants,
                     calibration_seed=f.calibration_seed))
   try:  # bad flags, or an --out of another model, fail before anything is measured

@@ -32,16 +32,19 @@ def estimate(times, estimator: str = "median") -> float:
 
 
 def interleaved_latencies(candidates: Mapping[str, Callable[[], object]], *, warmup: int = 2,
-                          repeats: int = 10, estimator: str = "median"
+                          repeats: int = 10, estimator: str = "median", burst: int = 1
                           ) -> dict[str, dict[str, float]]:
   """Median (``median_s``), latency by ``estimator`` (``latency_s``) and spread
   (IQR / median) of each zero-argument candidate, in seconds.
 
   Every candidate runs ``warmup`` times first (compilation included), then
-  ``repeats`` rounds of one run each.
+  ``repeats`` rounds of ``burst`` back-to-back runs each, every run timed: a
+  burst > 1 lets a small network find its weights in cache again, as it
+  would when called in a loop, whatever ran before it in the round.
   """
-  if repeats < 1 or warmup < 0:
-    raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+  if repeats < 1 or warmup < 0 or burst < 1:
+    raise ValueError(f"repeats and burst must be >= 1 and warmup >= 0, got {repeats}, "
+                     f"{burst}, {warmup}")
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   for fn in candidates.values():
@@ -50,7 +53,7 @@ def interleaved_latencies(candidates: Mapping[str, Callable[[], object]], *, war
   samples = {name: [] for name in candidates}
   for _ in range(repeats):
     for name, fn in candidates.items():
-      samples[name].append(_run_once(fn))
+      samples[name].extend(_run_once(fn) for _ in range(burst))
   stats = {}
   for name, times in samples.items():
     q1, median, q3 = np.percentile(times, [25, 50, 75])

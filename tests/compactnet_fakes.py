@@ -25,7 +25,7 @@ def fake_remote(requests):
           request["arch"], target, unit_timer, expansion=request["expansion"],
           grid_points=request["grid_points"], min_fraction=request["min_fraction"],
           round_to=request["round_to"],
-          provenance={k: request[k] for k in ("warmup", "rounds", "estimator")})
+          provenance={k: request[k] for k in ("warmup", "rounds", "estimator", "burst")})
       latency.save(table, request["out"])
       return {"out": request["out"]}
     out = {}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynscale import timing
 from dynscale.compactnet import latency, platform, schedule, search, trimming
 from dynscale.nn import costs, models, sliced, spec
 
@@ -346,13 +347,13 @@ def test_a_real_table_in_its_own_process_predicts_whole_networks(tmp_path):
   out = str(tmp_path / "table.json")
   platform.run_isolated(target, "dynscale.compactnet.measure", {
       "kind": "table", "platform": target.name, "arch": arch, "expansion": "tied",
-      "grid_points": 3, "min_fraction": 0.5, "round_to": 2, "warmup": 1, "rounds": 3,
+      "grid_points": 3, "min_fraction": 0.5, "round_to": 2, "warmup": 1, "rounds": 3, "burst": 2,
       "estimator": "min", "out": out})
   table = latency.load(out)
   assert table.provenance["xla_flags"].endswith("intra_op_parallelism_threads=1")
   assert len(table.provenance["cpus"]) == 1
   result = platform.run_isolated(target, "dynscale.compactnet.measure", {
-      "kind": "networks", "platform": target.name, "warmup": 1, "rounds": 3,
+      "kind": "networks", "platform": target.name, "warmup": 1, "rounds": 3, "burst": 2,
       "estimator": "min", "networks": {"full": {"arch": arch, "widths": list(table.full_widths)}}})
   assert result["latencies"]["full"]["latency_s"] > 0
 
@@ -469,3 +470,18 @@ def test_a_search_killed_mid_way_resumes_to_the_same_history(tmp_path):
   subprocess.run([sys.executable, str(script), str(killed), "0"], cwd=ROOT, env=env, check=True,
                  capture_output=True)
   assert json.loads(history.read_text()) == json.loads((straight / search.HISTORY_FILE).read_text())
+
+
+def test_interleaved_rounds_time_bursts_and_name_their_estimator():
+  calls = []
+
+  def candidate(name):
+    return lambda: calls.append(name)
+  stats = timing.interleaved_latencies({"a": candidate("a"), "b": candidate("b")}, warmup=1,
+                                       repeats=2, burst=3, estimator="min")
+  # warm-up once each, then per round every candidate `burst` times back to back
+  assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2
+  assert set(stats["a"]) == {"median_s", "latency_s", "spread"}
+  assert stats["a"]["latency_s"] <= stats["a"]["median_s"]
+  with pytest.raises(ValueError, match="estimator must be one of"):
+    timing.interleaved_latencies({"a": candidate("a")}, estimator="mean")

@@ -174,7 +174,7 @@ def _identity_bn(variables: dict) -> dict:
 
 
 def measure_networks(platform: Platform, networks: Mapping[str, tuple[dict, dict]], *,
-                     warmup: int = 2, rounds: int = 25, estimator: str = "min"
+                     warmup: int = 2, rounds: int = 25, estimator: str = "min", burst: int = 1
                      ) -> dict[str, dict[str, float]]:
   """Latency of each ``(architecture, variables)`` network's sliced forward on
   ``platform`` (this process must be set up for it), interleaved."""
@@ -189,7 +189,7 @@ def measure_networks(platform: Platform, networks: Mapping[str, tuple[dict, dict
     fn = jax.jit(lambda v, x, arch=arch: sliced.apply_sliced(arch, v, x, dtype=dtype))
     candidates[name] = lambda fn=fn, v=variables, x=x: fn(v, x)
   stats = timing.interleaved_latencies(candidates, warmup=warmup, repeats=rounds,
-                                       estimator=estimator)
+                                       estimator=estimator, burst=burst)
   return {name: {"latency_s": s["latency_s"], "spread": s["spread"]}
           for name, s in stats.items()}
 

@@ -4,10 +4,10 @@
 request and writes its result atomically:
 
 * ``{"kind": "table", "platform", "arch", "expansion", "grid_points",
-  "min_fraction", "round_to", "warmup", "rounds", "estimator", "out"}``: measures the
+  "min_fraction", "round_to", "warmup", "rounds", "estimator", "burst", "out"}``: measures the
   latency table of ``arch`` and saves it to ``out``;
 * ``{"kind": "networks", "platform", "networks": {name: spec}, "warmup",
-  "rounds", "estimator"}``: latency of whole networks, interleaved; a spec is
+  "rounds", "estimator", "burst"}``: latency of whole networks, interleaved; a spec is
   ``{"export_dir": dir}`` (an exported network, its own variables) or
   ``{"arch": ..., "widths": [...], "expansion": ...}`` (the network trimmed
   to those group widths, timing variables) or ``{"arch": ..., "prefix": n}``
@@ -43,15 +43,14 @@ def serve(request: dict) -> dict:
   """The result of one request (module docstring)."""
   target = platform.get(request["platform"])
   platform.check_process(target)
-  measure = functools.partial(latency.measure_networks, target, warmup=request["warmup"],
-                              rounds=request["rounds"], estimator=request["estimator"])
+  timing = {key: request[key] for key in ("warmup", "rounds", "estimator", "burst")}
+  measure = functools.partial(latency.measure_networks, target, **timing)
   if request["kind"] == "table":
     table = latency.build(
         request["arch"], target, measure, expansion=request["expansion"],
         grid_points=request["grid_points"], min_fraction=request["min_fraction"],
         round_to=request["round_to"],
-        provenance={**platform.describe(target), "warmup": request["warmup"],
-                    "rounds": request["rounds"], "estimator": request["estimator"]})
+        provenance={**platform.describe(target), **timing})
     latency.save(table, request["out"])
     return {"out": request["out"]}
   if request["kind"] == "networks":

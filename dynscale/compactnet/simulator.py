@@ -64,7 +64,7 @@ class TableSettings:
 
   expansion: how expansions are grouped (:data:`trimming.EXPANSIONS`).
   grid_points, min_fraction, round_to: each group's grid
-  (:func:`latency.group_grid`). warmup, rounds, estimator: the timing
+  (:func:`latency.group_grid`). warmup, rounds, estimator, burst: the timing
   (:func:`dynscale.timing.interleaved_latencies`), also of the calibration
   and validation networks. calibration_variants: random trims timed whole
   (besides the original) to fit the calibration, 0 for none;
@@ -77,6 +77,7 @@ class TableSettings:
   round_to: int = 8
   warmup: int = 2
   rounds: int = 25
+  burst: int = 5
   estimator: str = "min"
   calibration_variants: int = 10
   calibration_seed: int = 1000
@@ -94,6 +95,7 @@ class TableSettings:
     _check_int(f"{field}.round_to", self.round_to, 1)
     _check_int(f"{field}.warmup", self.warmup, 0)
     _check_int(f"{field}.rounds", self.rounds, 1)
+    _check_int(f"{field}.burst", self.burst, 1)
     if self.estimator not in timing.ESTIMATORS:
       raise ValueError(f"{field}.estimator must be one of {list(timing.ESTIMATORS)}, "
                        f"got {self.estimator!r}")
@@ -103,7 +105,8 @@ class TableSettings:
 
   def timing(self) -> dict:
     """The timing fields of a measure request."""
-    return {"warmup": self.warmup, "rounds": self.rounds, "estimator": self.estimator}
+    return {"warmup": self.warmup, "rounds": self.rounds, "estimator": self.estimator,
+            "burst": self.burst}
 
 
 # --------------------------------------------------------------------------
@@ -253,8 +256,8 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
 
 
 def _table_timing(table: latency.Table) -> TableSettings:
-  """Default settings with the warm-up, rounds and estimator the table was measured with."""
-  known = {k: table.provenance[k] for k in ("warmup", "rounds", "estimator")
+  """Default settings with the timing the table was measured with."""
+  known = {k: table.provenance[k] for k in ("warmup", "rounds", "estimator", "burst")
            if k in table.provenance}
   return dataclasses.replace(TableSettings(), **known)
 
