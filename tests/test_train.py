@@ -437,9 +437,9 @@ def test_every_config_names_a_registered_method_and_passes_its_checks(name, arg)
 
 def test_the_launcher_refuses_an_unknown_method(tmp_path):
   from experiments import main as launcher
-  config = tiny_config(method="compactnet")
+  config = tiny_config(method="netadapt")
   with pytest.raises(ValueError, match=r"method must be one of \('idp', 'mpidp', 'tesla', "
-                                       r"'sanp'\), got 'compactnet'"):
+                                       r"'sanp', 'compactnet'\), got 'netadapt'"):
     launcher.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
