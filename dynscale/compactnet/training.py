@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   s = final["searched"]
   export_dir = runs.export(run, s.graphdef, s.state)
   latencies = {}
-  for name in (target.name, *c.measure_on):
+  for name in dict.fromkeys((target.name, *c.measure_on)):  # the target first, once
     latencies[name], _ = simulator.measure_networks(remote, platform.get(name), {
         "original": {"export_dir": original_export}, "searched": {"export_dir": export_dir},
         "uniform": {"export_dir": uniform_export}}, settings)
