@@ -99,6 +99,7 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
     (dict(platform="tpu-b64"), r"compactnet.platform must be one of"),
     (dict(measure_on=("npu",)), r"compactnet.measure_on must be one of"),
     (dict(finetune_steps=0), r"compactnet.finetune_steps must be a positive integer"),
+    (dict(score_examples=-1), r"compactnet.score_examples must be an integer >= 0"),
     (dict(min_width=0.0), r"compactnet.min_width\['layers.0'\] must be a fraction"),
     (dict(retrain_seeds=()), r"compactnet.retrain_seeds must be a non-empty list"),
     (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),

@@ -213,6 +213,16 @@ def test_evaluate_reports_the_mean_of_an_extra_per_example_metric():
   assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
 
 
+def test_evaluate_can_read_only_the_first_examples_of_a_split():
+  import jax.numpy as jnp
+  from dynscale.data import pipeline
+  trainer, state, dataset = pixel_mean_trainer(lambda images: jnp.mean(images, axis=(1, 2, 3)))
+  metrics = trainer.evaluate(state, "val", jnp.float32(0.5), limit=100)
+  mean, std = pipeline.normalization_stats(dataset.name)
+  first = (dataset.val_x[:100].astype(np.float64) / 255 - np.asarray(mean)) / np.asarray(std)
+  assert metrics["pixel_mean"] == pytest.approx(first.mean(), rel=1e-5)
+
+
 def test_an_extra_metric_needs_one_value_per_example():
   import jax.numpy as jnp
   trainer, state, _ = pixel_mean_trainer(lambda images: jnp.mean(images))

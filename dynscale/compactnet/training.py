@@ -92,6 +92,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _prefixed(lambda: plan(config), "compactnet")
   validation.positive(c.finetune_steps, "compactnet.finetune_steps", integer=True)
   validation.positive(c.recalibration_batches, "compactnet.recalibration_batches", integer=True)
+  validation.non_negative_int(c.score_examples, "compactnet.score_examples")
   validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
   if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                 for s in c.retrain_seeds):
@@ -177,10 +178,12 @@ class Candidates:
     return merge_model(self.trainer.graphdef, state.params, state.model_state).pure_variables()
 
   def score(self, variables: dict, widths) -> float:
-    """Validation accuracy at ``widths`` (batch norm as given)."""
+    """Validation accuracy at ``widths`` (batch norm as given), on the first
+    ``compactnet.score_examples`` validation images (0: all)."""
     set_variables(self.model, variables)
     state = self.trainer.place(create_train_state(self.model, self.tx)[1])
-    return self.trainer.evaluate(state, "val", jnp.asarray(widths, jnp.int32))["accuracy"]
+    return self.trainer.evaluate(state, "val", jnp.asarray(widths, jnp.int32),
+                                 limit=self.run.config.compactnet.score_examples)["accuracy"]
 
 
 # --------------------------------------------------------------------------

@@ -119,8 +119,11 @@ class Trainer:
     order = pipeline.epoch_permutation(self._recalibration_key, data.size, self.batch_size)
     return [self._batch_fn(data, idx, None)[0] for idx in order[:num_batches]]
 
-  def evaluate(self, state: TrainState, split: str, task) -> dict[str, float]:
-    """Means over every example of ``split`` at ``task``.
+  def evaluate(self, state: TrainState, split: str, task, *, limit: int = 0
+               ) -> dict[str, float]:
+    """Means over every example of ``split`` at ``task`` (over its first ``limit``
+    when ``limit`` > 0: the validation split is drawn at random, so they are a
+    random subset of it).
 
     ``accuracy``, ``loss``, and each extra per-example metric the forward
     returns (:func:`dynscale.train.steps.forward_outputs`), e.g. FLOPs per image.
@@ -130,7 +133,8 @@ class Trainer:
     data = self.splits[split]
     if data.size == 0:
       return {"accuracy": float("nan"), "loss": float("nan")}
-    idx, mask = pipeline.eval_batches(data.size, self.eval_batch_size)
+    size = min(limit, data.size) if limit > 0 else data.size
+    idx, mask = pipeline.eval_batches(size, self.eval_batch_size)
     totals = {name: float(total) for name, total in self.eval_totals(
         state.params, state.model_state, data, jnp.asarray(idx),
         jnp.asarray(mask, jnp.float32), task).items()}

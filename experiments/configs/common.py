@@ -269,6 +269,7 @@ def compactnet(platform: str = "cpu-b64", *, t_final: float = 1.5, iterations: i
       decay=decay,           # d
       min_width=0.25,        # the smallest fraction of a group the search keeps
       finetune_steps=30,     # a candidate's short fine-tune
+      score_examples=0,      # validation images a candidate is scored on (0: all)
       finetune_optimizer=rmsprop(1e-3, 0.9),   # Table 4, fine-tune
       recalibration_batches=10,
       retrain_epochs=2,
