@@ -43,6 +43,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "colabs" / "tesla.ipynb"
 SANP_NOTEBOOK = REPO / "colabs" / "sanp.ipynb"
 COMPACTNET_NOTEBOOK = REPO / "colabs" / "compactnet.ipynb"
+# It measures a real latency table in a pinned process (about 100 s on two
+# cores), which would push the default suite past 15 minutes: run with -m slow.
+COMPACTNET_SLOW = pytest.mark.slow
 KERNEL = "dynscale-notebook-test"
 CELL_TIMEOUT_S = 300
 
@@ -202,11 +205,13 @@ def test_the_per_image_numbers_recomputed_from_the_gates_are_the_runs(sanp_noteb
 TABLE_1_OUTPUTS = (32, 16, 24, 32, 64, 96, 160, 320, 1280)
 
 
+@COMPACTNET_SLOW
 def test_compactnet_notebook_runs_without_error(compactnet_notebook):
   # schedules, importance, a unit's latency surface, validation / Fig. 7, widths per layer
   assert len(images_of_a_clean_run(compactnet_notebook)) >= 5
 
 
+@COMPACTNET_SLOW
 def test_compactnet_schedule_rows_are_table_3_by_eq_1_and_2(compactnet_notebook):
   rows = number_rows(tagged_stdout(compactnet_notebook, "schedule"))
   assert [r[:4] for r in rows] == [[2.0, 24, 0.96, 1.5], [2.5, 30, 0.98, 1.8],
@@ -218,6 +223,7 @@ def test_compactnet_schedule_rows_are_table_3_by_eq_1_and_2(compactnet_notebook)
   assert round(rows[2][4], 2) == 1.22   # the NPU row: not the 1.3x the paper lists
 
 
+@COMPACTNET_SLOW
 def test_compactnet_groups_are_the_stem_the_stages_and_the_head(compactnet_notebook):
   text = tagged_stdout(compactnet_notebook, "groups")
   width = float(re.search(r"MobileNetV2 x (\S+):", text).group(1))
@@ -242,6 +248,7 @@ def test_compactnet_groups_are_the_stem_the_stages_and_the_head(compactnet_noteb
   assert [size for _, size, _ in listed] == [int(c * width) for c in TABLE_1_OUTPUTS]
 
 
+@COMPACTNET_SLOW
 def test_compactnet_validation_errors_are_the_saved_tables(compactnet_notebook):
   line = json_line(tagged_stdout(compactnet_notebook, "validation"))
   table = latency.load(line["table"])
@@ -255,6 +262,7 @@ def test_compactnet_validation_errors_are_the_saved_tables(compactnet_notebook):
   assert len(report["fig7"]) == len(table.units)   # Fig. 7: one row per unit
 
 
+@COMPACTNET_SLOW
 def test_compactnet_search_meets_every_budget_by_the_saved_table(compactnet_notebook):
   found = json_line(tagged_stdout(compactnet_notebook, "search"))
   table = latency.load(found["table"])
@@ -275,6 +283,7 @@ def test_compactnet_search_meets_every_budget_by_the_saved_table(compactnet_note
   assert history["iterations"][-1]["widths"] == found["widths"]
 
 
+@COMPACTNET_SLOW
 def test_compactnet_measured_speedup_carries_the_searchs_prediction(compactnet_notebook):
   found = json_line(tagged_stdout(compactnet_notebook, "search"))
   line = json_line(tagged_stdout(compactnet_notebook, "speedup"))
