@@ -55,6 +55,18 @@ def _by_hand(model, dp, batches):
   return out, k
 
 
+def _assert_recalibrated(stats, expected, k, own):
+  """The first ``k`` channels of both batch norms hold the precise statistics
+  ``expected``; the channels not computed keep the model's own ``own``."""
+  for i in (0, 1):
+    mean, var = expected[i]
+    bn = stats["layers"][i]["bn"]
+    np.testing.assert_allclose(bn["mean"][:k], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn["var"][:k], var, rtol=1e-4, atol=1e-5)
+    for leaf in ("mean", "var"):
+      np.testing.assert_array_equal(bn[leaf][k:], own["layers"][i]["bn"][leaf][k:])
+
+
 @pytest.mark.parametrize("dp", [0.25, 0.5, 1.0])
 def test_recalibrate_is_precise_batch_norm(dp):
   model = _model()
@@ -62,14 +74,7 @@ def test_recalibrate_is_precise_batch_norm(dp):
   batches = _batches()
   stats = batchnorm.recalibrate(model, dp, batches)
   expected, k = _by_hand(model, dp, batches)
-  for i in (0, 1):
-    mean, var = expected[i]
-    np.testing.assert_allclose(stats["layers"][i]["bn"]["mean"][:k], mean, rtol=1e-4,
-                               atol=1e-5)
-    np.testing.assert_allclose(stats["layers"][i]["bn"]["var"][:k], var, rtol=1e-4, atol=1e-5)
-    # Channels not computed at this dp keep the model's statistics.
-    np.testing.assert_array_equal(stats["layers"][i]["bn"]["mean"][k:],
-                                  own["layers"][i]["bn"]["mean"][k:])
+  _assert_recalibrated(stats, expected, k, own)
   # The first layer's inputs do not depend on batch norm: its statistics are the
   # population mean / variance of x W over all samples.
   h0 = np.concatenate(batches) @ np.asarray(model.pure_variables()["layers"][0]["kernel"])
@@ -149,14 +154,7 @@ def test_masked_recalibration_is_precise_batch_norm_with_one_compile():
     widths = jnp.asarray(spec.widths_at_dp(model.arch, dp))
     stats = batchnorm.recalibrate_masked(model, widths, batches)
     expected, k = _by_hand(model, dp, batches)
-    for i in (0, 1):
-      mean, var = expected[i]
-      np.testing.assert_allclose(stats["layers"][i]["bn"]["mean"][:k], mean, rtol=1e-4,
-                                 atol=1e-5)
-      np.testing.assert_allclose(stats["layers"][i]["bn"]["var"][:k], var, rtol=1e-4,
-                                 atol=1e-5)
-      np.testing.assert_array_equal(stats["layers"][i]["bn"]["var"][k:],
-                                    own["layers"][i]["bn"]["var"][k:])
+    _assert_recalibrated(stats, expected, k, own)
   moments, _ = batchnorm._masked_moments(model.arch_json, "float32")
   # the widths are traced: one executable per batch shape, whatever the widths
   assert moments._cache_size() == len({len(x) for x in batches})

@@ -201,20 +201,20 @@ def uniform_widths(table: latency.Table, multiplier: float) -> list[int]:
 
 def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_export: str,
                    target: platform.Platform, settings: simulator.TableSettings,
-                   remote: simulator.Remote) -> tuple[float, list[int], dict]:
-  """The largest multiplier whose network measures at most the searched model's latency."""
-  options = {f"uniform-{m:g}": uniform_widths(table, m) for m in sorted(multipliers,
-                                                                         reverse=True)}
+                   remote: simulator.Remote) -> tuple[float, list[int]]:
+  """The largest multiplier whose network measures at most the searched model's latency
+  (the smallest one when none does), with its widths."""
+  options = {float(m): uniform_widths(table, m) for m in sorted(multipliers, reverse=True)}
   networks = {"searched": {"export_dir": searched_export},
-              **{name: {"arch": arch, "widths": w, "expansion": table.expansion}
-                 for name, w in options.items()}}
+              **{f"uniform-{m:g}": {"arch": arch, "widths": w, "expansion": table.expansion}
+                 for m, w in options.items()}}
   measured, _ = simulator.measure_networks(remote, target, networks, settings)
-  for name, widths in options.items():
-    if measured[name] <= measured["searched"]:
-      return float(name.split("-")[1]), widths, measured
-  name = list(options)[-1]
-  logging.warning("no uniform multiplier is as fast as the searched model; using %s", name)
-  return float(name.split("-")[1]), options[name], measured
+  for m, widths in options.items():
+    if measured[f"uniform-{m:g}"] <= measured["searched"]:
+      return m, widths
+  m = min(options)
+  logging.warning("no uniform multiplier is as fast as the searched model; using %g", m)
+  return m, options[m]
 
 
 # --------------------------------------------------------------------------
@@ -323,8 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   catch_up = chosen * c.finetune_steps
   searched_probe = os.path.join(run.workdir, "searched-before-retrain")
   sliced.export(_network(run, searched_arch, searched_vars), searched_probe)
-  multiplier, uniform, _ = choose_uniform(table, arch, c.uniform_multipliers, searched_probe,
-                                          target, settings, remote)
+  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers, searched_probe,
+                                        target, settings, remote)
   ordered = trimming.order_by_importance(arch, original, [g.size for g in
                                                           spec.prunable_groups(arch)])
   uniform_arch, uniform_vars = trimming.trim(arch, ordered.variables,
