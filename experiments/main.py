@@ -11,6 +11,8 @@ config that names it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,15 +39,21 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+  flags.DEFINE_list("variants", [],
+                    "Of a figure, train only these variants (and those they start from), "
+                    "writing no figure; a later run without the flag completes it.")
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (one process per host).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs ``config.method`` (or a figure's variants) from ``METHODS``; returns the results."""
+def train_and_evaluate(config, workdir: str, variants: Sequence[str] = ()) -> dict:
+  """Runs ``config.method`` (or a figure's variants, or only ``variants`` of
+  them) from ``METHODS``; returns the results."""
   if config.get("variants"):
-    return sweep.run_variants(config, workdir, METHODS)
+    return sweep.run_variants(config, workdir, METHODS, only=variants)
+  if variants:
+    raise ValueError(f"--variants={','.join(variants)} needs a figure: this config has no variants")
   method = config.get("method")
   if method not in METHODS:
     raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
@@ -64,8 +72,12 @@ def summary(results: dict, workdir: str) -> str:
     scalars = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in entry.items() if k != "curves")
     parts.append(f"{label}: {scalars}")
-  plotted = "".join(f", {workdir}/{name}.png" for name in by_name)
-  parts.append(f"Results: {workdir}/results.json{plotted}")
+  if results.get("partial"):
+    parts.append(f"Results: {workdir}/<variant>/results.json (rerun without --variants "
+                 f"for the figure)")
+  else:
+    plotted = "".join(f", {workdir}/{name}.png" for name in by_name)
+    parts.append(f"Results: {workdir}/results.json{plotted}")
   return "\n\n".join(parts)
 
 
@@ -76,7 +88,7 @@ def main(argv) -> None:
     jax.distributed.initialize()
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
-  print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir), FLAGS.workdir))
+  print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.variants), FLAGS.workdir))
 
 
 if __name__ == "__main__":

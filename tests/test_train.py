@@ -594,3 +594,27 @@ def test_a_variant_can_start_from_another_variants_export(tmp_path):
   config.variants["a-search"].model.init_from = "variant:nowhere"
   with pytest.raises(ValueError, match="names variant 'nowhere-seed0'; it must be one of"):
     sweep.check_variants(config, {"starts": StartsFromMethod})
+
+
+def test_only_some_variants_run_with_those_they_start_from_and_no_figure_is_written(tmp_path):
+  import ml_collections
+  from dynscale.train import sweep
+  from experiments import main as launcher
+  config = ml_collections.ConfigDict({
+      "method": "starts", "seed": 0, "model": {"init_from": ""}, "seeds": (0, 1),
+      "variants": {"a-search": {"model": {"init_from": "variant:z-pretrain"}},
+                   "b-other": {}, "z-pretrain": {}}})
+  StartsFromMethod.ran = []
+  figure = sweep.run_variants(config, str(tmp_path), {"starts": StartsFromMethod},
+                              only=["a-search"])
+  assert [name for name, _ in StartsFromMethod.ran] == [
+      "z-pretrain-seed0", "z-pretrain-seed1", "a-search-seed0", "a-search-seed1"]
+  assert figure["partial"] and not (tmp_path / "results.json").exists()
+  assert "rerun without --variants" in launcher.summary(figure, str(tmp_path))
+  for bad in (["a-search", "c"], []):
+    with pytest.raises(ValueError, match=r"variants to run must be names from "
+                                         r"\('a-search', 'b-other', 'z-pretrain'\)"):
+      sweep.selected_runs(config, sweep.variant_configs(config), bad)
+  with pytest.raises(ValueError, match="--variants=a-search needs a figure"):
+    launcher.train_and_evaluate(ml_collections.ConfigDict({"method": "idp"}), str(tmp_path),
+                                ["a-search"])

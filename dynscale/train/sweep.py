@@ -8,7 +8,7 @@ variant, whatever the methods.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import ml_collections
@@ -141,6 +141,22 @@ def in_running_order(configs: Mapping[str, ml_collections.ConfigDict]) -> list[s
   return sorted(configs, key=lambda name: name not in referenced)
 
 
+def selected_runs(config: ml_collections.ConfigDict,
+                  configs: Mapping[str, ml_collections.ConfigDict],
+                  variants: Sequence[str]) -> list[str]:
+  """The runs of ``variants`` (names in ``config.variants``; every seed of each)
+  and the runs they start from, in running order."""
+  unknown = [name for name in variants if name not in config.variants]
+  if unknown or not variants:
+    raise ValueError(f"variants to run must be names from {tuple(config.variants)}, "
+                     f"got {list(variants)!r}")
+  seeds = config.get("seeds")
+  wanted = {f"{name}-seed{seed}" if seeds else name
+            for name in variants for seed in (seeds or [None])}
+  wanted |= {referenced_variant(configs[name]) for name in wanted} - {None}
+  return [name for name in in_running_order(configs) if name in wanted]
+
+
 def variant_summary(results: Mapping) -> dict:
   """A variant's entry in the figure: the method, model and dataset that ran (from
   the results of :func:`dynscale.train.runs.finish`), its curves and its scalar results."""
@@ -173,7 +189,7 @@ def curves_by_name(results_by_label: Mapping[str, Mapping]) -> dict[str, dict[st
 
 
 def run_variants(config: ml_collections.ConfigDict, workdir: str,
-                 methods: Mapping[str, Method]) -> dict:
+                 methods: Mapping[str, Method], only: Sequence[str] = ()) -> dict:
   """Trains every variant with its ``method``, then writes the figure.
 
   Every variant's config is checked before the first one trains, so a bad
@@ -181,11 +197,17 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
   title, :func:`figure_title` of ``config.title``, and each variant's
   :func:`variant_summary`) and ``<curve name>.png`` for every curve name,
   one line per variant that has it.
+
+  With ``only`` (variant names), trains just those variants and the ones
+  they start from, and writes no figure: each run's own ``results.json`` is
+  in its sub-directory, and a later call without ``only`` reuses the
+  finished runs (every method resumes) and writes the whole figure.
   """
   configs = check_variants(config, methods)
+  names = selected_runs(config, configs, only) if only else in_running_order(configs)
   workdir = io.check_writable_dir(workdir)
   summaries = {}
-  for name in in_running_order(configs):
+  for name in names:
     variant = configs[name]
     reference = referenced_variant(variant)
     if reference is not None:
@@ -194,6 +216,8 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Variant %s", name)
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
+  if only:
+    return {"variants": summaries, "partial": True}
   summaries = {name: summaries[name] for name in configs}
   title = figure_title(config.get("title", ""), summaries, protocols.name_of(config))
   for curve_name, curves in curves_by_name(summaries).items():
