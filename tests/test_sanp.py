@@ -289,3 +289,20 @@ def test_sanp_backbones_have_the_published_sizes():
   assert costs.params(arch("vgg19")) / 1e6 == pytest.approx(20.04, abs=0.01)
   convs = [layer for layer in arch("vgg19")["layers"] if layer["kind"] == "conv"]
   assert [c["features"] for c in convs] == [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8
+
+
+def test_a_calibrated_decision_point_opens_the_asked_fraction_and_reads_s_minus_tau_over_rho():
+  s = jax.random.normal(jax.random.key(3), (64, 40)) * 0.05 + 1.0   # the paper's start: s ~ 1
+  tau, rho = gates.decision_point(s, 0.3)
+  assert abs(float(jnp.mean(s > tau)) - 0.3) <= 1.0 / s.size
+  np.testing.assert_allclose(float(rho), float(jnp.std(s)), rtol=1e-5)
+  gate = gates.SPM(8, 40, reduction=4, binarization=gates.Binarization(), rngs=nnx.Rngs(0))
+  gate.threshold.value, gate.temperature.value = tau, rho
+  code = gate.decide(s, train=False)
+  # saturating sigmoid a=1.2, b=0.1 crosses 0.5 at 0: open exactly where s > tau
+  np.testing.assert_array_equal(np.asarray(code.decision), np.asarray(s > tau, np.float32))
+  uncalibrated = gates.SPM(8, 40, reduction=4, binarization=gates.Binarization(),
+                           rngs=nnx.Rngs(0)).decide(s, train=False)
+  assert float(jnp.mean(uncalibrated.decision)) == 1.0   # s > 0 everywhere
+  with pytest.raises(ValueError, match=r"open_fraction must be in \(0, 1\], got 0"):
+    gates.decision_point(s, 0)

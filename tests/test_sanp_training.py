@@ -151,6 +151,12 @@ def test_the_thin_variant_costs_the_budget():
                               r"layer's channels\), got 100"),
     ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),
     ({"sanp.cost": "l2"}, r"sanp.cost must be one of \('filters', 'layers', 'flops'\)"),
+    ({"sanp.gate_start": "closed"}, r"sanp.gate_start must be one of \('open', 'fixed_k'\)"),
+    ({"sanp.gate_start": "fixed_k", "sanp.variant": "static"},
+     r"sanp.gate_start='fixed_k' .* needs sanp.variant='sanp' and sanp.warmup_epochs > 0, "
+     r"got 'static' and 1"),
+    ({"sanp.gate_start": "fixed_k", "sanp.warmup_epochs": 0}, r"got 'sanp' and 0"),
+    ({"sanp.calibration_batches": 0}, r"sanp.calibration_batches must be"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
@@ -197,3 +203,34 @@ def test_the_budget_ramps_down_from_the_full_network():
   assert float(training.ramped_budget(0.3, 5, 10)) == pytest.approx(0.65)
   assert float(training.ramped_budget(0.3, 20, 10)) == pytest.approx(0.3)
   assert training.ramped_budget(0.3, 5, 0) == 0.3
+
+
+def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_window_there(
+    tmp_path):
+  config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4,
+                   "sanp.calibration_batches": 3})
+  run = runs.start(config, str(tmp_path), check=training.check_config)
+  ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
+  fitted = training.warm_up(run, ranked)
+  model = training.gated_model(config, run.arch, run.model)
+  training.hand_off(run, ranked, model, fitted.trainer)
+  keep = budget.fixed_k_keep(run.arch, 0.4)
+  batches = fitted.trainer.training_batches(3)
+  first = next(iter(model.gates))   # its input is the image: no upstream gate moves it
+  gate = model.gates[first]
+  np.testing.assert_array_equal(nnx.state(gate.head, nnx.Param).to_pure_dict(),
+                                nnx.state(ranked.gates[first].head, nnx.Param).to_pure_dict())
+  inputs = [model.run(images, 1.0, train=False) for images in batches]
+  opened = np.concatenate([np.asarray(trace.activity[first]) for trace in inputs])
+  channels = opened.shape[-1]
+  k = gates.kept_channels(keep, channels)
+  assert abs(opened.mean() - k / channels) <= 1.0 / opened.size + 1e-6
+  # the decision reads (s - tau) / rho: rho is the spread of the first gate's saliencies
+  saliency = np.concatenate([np.asarray(ranked.gates[first].head(images)) for images in batches])
+  np.testing.assert_allclose(float(gate.temperature.value), saliency.std(), rtol=1e-4)
+  # Eq. 10's window holds what the handed-off network costs, not the full network
+  full = costs.flops(run.arch)
+  measured = np.mean([np.mean(costs.sample_flops(run.arch, 1.0, t.activity)) / full
+                      for t in inputs])
+  np.testing.assert_allclose(np.asarray(model.flops_window.value), measured, rtol=1e-5)
+  assert measured < 0.9

@@ -153,9 +153,27 @@ def set_deterministic(model: nnx.Module, value: bool) -> None:
     gate.deterministic = value
 
 
+class DecisionPoint(nnx.Variable):
+  """Where a binarized gate's decision reads its saliency: ``threshold`` (``tau``)
+  and ``temperature`` (``rho``), set by calibration, never trained."""
+
+
+def decision_point(s: Array, open_fraction: float) -> tuple[Array, Array]:
+  """The ``(tau, rho)`` under which ``(s - tau) / rho > 0`` for ``open_fraction``
+  of the entries of the saliencies ``s`` ``(N, C)``, with unit spread (``rho``
+  the standard deviation of ``s``), so the training noise ``sigma`` is measured
+  against how far apart the channels' saliencies are."""
+  if not 0 < open_fraction <= 1:
+    raise ValueError(f"open_fraction must be in (0, 1], got {open_fraction}")
+  s = jnp.asarray(s, jnp.float32)
+  return jnp.quantile(s, 1.0 - open_fraction), jnp.maximum(jnp.std(s), 1e-6)
+
+
 class _BinarizedGate(_Gate):
-  """A gate whose decision is :func:`binarize` of its saliency, with its own noise
-  stream; the ``floor`` most salient channels of each sample stay open."""
+  """A gate whose decision is :func:`binarize` of its saliency read at its
+  decision point (``(s - tau) / rho``; ``tau = 0``, ``rho = 1``, the paper's, until
+  calibrated), with its own noise stream; the ``floor`` most salient channels
+  of each sample stay open. The multiplier is still ``s * b``."""
 
   def __init__(self, binarization: Binarization, floor: int, rngs: nnx.Rngs):
     self.binarization = binarization
@@ -163,6 +181,8 @@ class _BinarizedGate(_Gate):
     key = rngs.params()
     self.key_impl = str(jax.random.key_impl(key))
     self.noise = NoiseKey(jax.random.key_data(key))
+    self.threshold = DecisionPoint(jnp.zeros((), jnp.float32))
+    self.temperature = DecisionPoint(jnp.ones((), jnp.float32))
 
   def next_key(self) -> Array:
     key, draw = jax.random.split(jax.random.wrap_key_data(self.noise.value, impl=self.key_impl))
@@ -170,7 +190,8 @@ class _BinarizedGate(_Gate):
     return draw
 
   def decide(self, s, train):
-    code = binarize(s, self.next_key() if train else None, self.binarization, train=train)
+    z = (s - self.threshold.value) / self.temperature.value
+    code = binarize(z, self.next_key() if train else None, self.binarization, train=train)
     if not self.floor:
       return code
     return code._replace(decision=jnp.maximum(code.decision, top_k_mask(s, self.floor)))

@@ -10,6 +10,14 @@ Three stages, each checkpointed and resumed by rerunning the same command:
    backbone's function unchanged. For ``sanp.warmup_epochs`` epochs only the
    gates learn, from the classification loss; the convolutions and batch
    norm parameters stay fixed.
+   With ``sanp.gate_start='fixed_k'`` (not in the paper) the SPMs warm
+   up as FIXED-K's at the budget (each keeps its ``k`` most salient
+   channels), so their saliencies learn to rank the channels while the
+   network already runs at the budget; then :func:`hand_off` moves each
+   binarized gate's decision point to the saliency its layer's ``k``-th
+   channel reaches on average, and the fine-tune starts at the budget's
+   FLOPs with FIXED-K's accuracy instead of at the full network with every
+   gate at the same saliency (``'open'``, the paper's ``s = 1``).
 3. ``finetune``: everything learns from Eq. 9's ``CE + lambda L_cost`` for
    ``train.num_epochs`` epochs. ``lambda`` is Eq. 10 with ``p_t`` the mean
    FLOPs of the last ``sanp.flops_window`` training batches with the gates
@@ -36,12 +44,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from dynscale.data.datasets import dataset_spec
 from dynscale.nn import costs, layers, models
 from dynscale.sanp import analysis, budget, gates, objective
 from dynscale.train import protocols, runs, steps, validation
+
+
+GATE_STARTS = ("open", "fixed_k")
+"""``sanp.gate_start``: the paper's gates open at ``s = 1``, or warmed up as
+FIXED-K's and handed off at the budget (:func:`hand_off`)."""
 
 
 class FlopsWindow(nnx.Variable):
@@ -83,6 +97,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(s.pretrain_epochs, "sanp.pretrain_epochs")
   validation.non_negative_int(s.warmup_epochs, "sanp.warmup_epochs")
   validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
+  validation.one_of(s.gate_start, GATE_STARTS, "sanp.gate_start")
+  validation.positive(s.calibration_batches, "sanp.calibration_batches", integer=True)
+  if s.gate_start == "fixed_k" and (s.variant != "sanp" or not s.warmup_epochs):
+    raise ValueError(f"sanp.gate_start='fixed_k' hands FIXED-K's warmed-up saliencies to "
+                     f"SPM gates: it needs sanp.variant='sanp' and sanp.warmup_epochs > 0, got "
+                     f"{s.variant!r} and {s.warmup_epochs}")
   binarization(config)  # raises naming the binarization field
   if config.model.init_from:
     return  # the exported backbone's widths are checked when it is loaded
@@ -104,8 +124,12 @@ def gate_factory(config, arch: dict) -> gates.GateFactory:
                             keep=keep, floor=s.floor)
 
 
-def gated_model(config, arch: dict, backbone: nnx.Module) -> nnx.Module:
-  """``backbone`` with the variant's gates at every gate point (same layer variables)."""
+def gated_model(config, arch: dict, backbone: nnx.Module, variant: str = "") -> nnx.Module:
+  """``backbone`` with the gates of ``variant`` (default ``sanp.variant``) at every
+  gate point (same layer variables)."""
+  if variant:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.sanp.variant = variant
   model = models.build(arch, rngs=models.init_rngs(config.seed), dtype=runs.compute_dtype(config),
                        gate=gate_factory(config, arch))
   nnx.update(model.layers, nnx.state(backbone.layers))
@@ -123,12 +147,18 @@ def ramped_budget(final: float, step, ramp_steps: int):
   return final + (1.0 - final) * jnp.maximum(0.0, 1.0 - step / ramp_steps)
 
 
+def _sown(intermediates: nnx.State, name: str) -> dict[str, jax.Array]:
+  """``{gate name: (B, C)}``: the gates' ``name`` (``'saliency_out'`` or
+  ``'relaxed_out'``) that the train-mode forward sowed (its last call)."""
+  return {gate: values[name][-1]
+          for gate, values in intermediates.to_pure_dict()["gates"].items()}
+
+
 def _codes(intermediates: nnx.State, code: str) -> dict[str, jax.Array]:
-  """``{gate name: (B, C)}`` of what the train-mode forward sowed (its last call)."""
-  sown = intermediates.to_pure_dict()["gates"]
+  """The cost loss's codes (``sanp.code``): relaxed codes, or ``|s|``."""
   if code == "relaxed":
-    return {name: values["relaxed_out"][-1] for name, values in sown.items()}
-  return {name: jnp.abs(values["saliency_out"][-1]) for name, values in sown.items()}
+    return _sown(intermediates, "relaxed_out")
+  return {name: jnp.abs(s) for name, s in _sown(intermediates, "saliency_out").items()}
 
 
 def sanp_loss(arch: dict, config, *, penalised: bool, ramp_steps: int = 0) -> steps.LossFn:
@@ -213,6 +243,43 @@ def warm_up(run: runs.Run, model: nnx.Module) -> runs.Fitted:
       sanp_loss(run.arch, run.config, penalised=False), gated_forward(run.arch)))
 
 
+def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> None:
+  """``sanp.gate_start='fixed_k'``: gives the SPMs of ``model`` the warmed-up
+  saliency heads of the FIXED-K network ``ranked``, and moves each one's
+  decision point (:func:`dynscale.sanp.gates.decision_point`) to where it
+  opens, over ``sanp.calibration_batches`` training batches, the fraction of
+  channels FIXED-K keeps in that layer. The saliencies are read from
+  ``ranked`` (train-mode forwards; its running statistics are put back),
+  whose gates decide as they did in the warm-up; ``model`` also takes its
+  running statistics, estimated under those gates. Eq. 10's FLOPs window
+  starts at what ``model`` then costs on those batches in evaluation."""
+  s = run.config.sanp
+  keep = budget.fixed_k_keep(run.arch, s.budget)
+  batches = trainer.training_batches(s.calibration_batches)
+  statistics = nnx.state(ranked.layers, nnx.BatchStat).to_pure_dict()
+  sown = {}
+  for images in batches:
+    ranked.run(images, 1.0, train=True)
+    for name, saliency in _sown(nnx.pop(ranked, nnx.Intermediate), "saliency_out").items():
+      sown.setdefault(name, []).append(saliency)
+  restored = nnx.state(ranked.layers, nnx.BatchStat)
+  restored.replace_by_pure_dict(statistics)
+  nnx.update(ranked.layers, restored)
+  nnx.update(model.layers, nnx.state(ranked.layers))
+  for name, gate in model.gates.items():
+    nnx.update(gate.head, nnx.state(ranked.gates[name].head))
+    saliencies = jnp.concatenate(sown[name])
+    channels = saliencies.shape[-1]
+    gate.threshold.value, gate.temperature.value = gates.decision_point(
+        saliencies, gates.kept_channels(keep, channels) / channels)
+  full = costs.flops(run.arch)
+  ratio = jnp.mean(jnp.stack([jnp.mean(costs.sample_flops(
+      run.arch, 1.0, model.run(images, 1.0, train=False).activity)) for images in batches])) / full
+  model.flops_window.value = jnp.full_like(model.flops_window.value, ratio)
+  logging.info("Gates handed off from FIXED-K (keep %.3f): %.3f of the FLOPs in evaluation "
+               "on %d training batches", keep, float(ratio), len(batches))
+
+
 def fine_tune(run: runs.Run, model: nnx.Module) -> runs.Fitted:
   """Stage 3: everything learns under Eq. 9-10; hands on the final state (the best
   validation accuracy is often an early epoch still over budget)."""
@@ -230,7 +297,10 @@ def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
   if not run.init_from and s.pretrain_epochs:
     pretrain(run)
   model = gated_model(run.config, run.arch, run.model)
-  if s.warmup_epochs:
+  if s.gate_start == "fixed_k":
+    ranked = gated_model(run.config, run.arch, run.model, variant="fixed_k")
+    hand_off(run, ranked, model, warm_up(run, ranked).trainer)
+  elif s.warmup_epochs:
     warm_up(run, model)
   return model, fine_tune(run, model)
 

@@ -193,6 +193,8 @@ def sanp(variant: str = "sanp", *, budget: float = 0.3, lambda0: float = 0.01
       binarization=dict(a=1.2, b=0.1, sigma=1.0, mix=0.5, mix_per="sample"),  # Eq. 7-8
       pretrain_epochs=6,     # the backbone alone, unless model.init_from names one
       warmup_epochs=2,       # the gates alone, convolutions fixed
+      gate_start="open",     # 'open': s = 1 (002); 'fixed_k': warm up as FIXED-K, hand off at the budget
+      calibration_batches=20,  # training batches that place the handed-off decision points
   ))
 
 
