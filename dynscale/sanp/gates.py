@@ -171,9 +171,16 @@ def decision_point(s: Array, open_fraction: float) -> tuple[Array, Array]:
 
 class _BinarizedGate(_Gate):
   """A gate whose decision is :func:`binarize` of its saliency read at its
-  decision point (``(s - tau) / rho``; ``tau = 0``, ``rho = 1``, the paper's, until
-  calibrated), with its own noise stream; the ``floor`` most salient channels
-  of each sample stay open. The multiplier is still ``s * b``."""
+  decision point, ``z = (s - tau) / rho`` (``tau = 0``, ``rho = 1``, the paper's,
+  until calibrated), with its own noise stream; the ``floor`` most salient
+  channels of each sample stay open. The multiplier is still ``s * b``.
+
+  The learned saliency is parametrized in decision units: a subclass learns
+  ``z`` and the saliency is ``s = tau + rho z`` (:meth:`in_saliency_units`), so
+  a calibration that narrows ``rho`` does not make every update of ``z``
+  ``1 / rho`` times larger in the decisions (see
+  :func:`dynscale.sanp.training.hand_off`).
+  """
 
   def __init__(self, binarization: Binarization, floor: int, rngs: nnx.Rngs):
     self.binarization = binarization
@@ -183,6 +190,10 @@ class _BinarizedGate(_Gate):
     self.noise = NoiseKey(jax.random.key_data(key))
     self.threshold = DecisionPoint(jnp.zeros((), jnp.float32))
     self.temperature = DecisionPoint(jnp.ones((), jnp.float32))
+
+  def in_saliency_units(self, z: Array) -> Array:
+    """``s = tau + rho z`` of the learned decision-unit output ``z``."""
+    return self.threshold.value + self.temperature.value * z
 
   def next_key(self) -> Array:
     key, draw = jax.random.split(jax.random.wrap_key_data(self.noise.value, impl=self.key_impl))
@@ -229,7 +240,7 @@ class SPM(_BinarizedGate):
     self.head = _SPMHead(c_in, c_out, reduction, rngs)
 
   def saliency(self, x):
-    return self.head(x)
+    return self.in_saliency_units(self.head(x))
 
 
 class StaticSaliency(_BinarizedGate):
@@ -241,7 +252,8 @@ class StaticSaliency(_BinarizedGate):
     self.vector = nnx.Param(jnp.ones((c_out,), jnp.float32))
 
   def saliency(self, x):
-    return jnp.broadcast_to(self.vector.value, (x.shape[0], self.vector.value.shape[0]))
+    z = jnp.broadcast_to(self.vector.value, (x.shape[0], self.vector.value.shape[0]))
+    return self.in_saliency_units(z)
 
 
 class FixedK(_Gate):

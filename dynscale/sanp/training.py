@@ -248,7 +248,13 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
   saliency heads of the FIXED-K network ``ranked``, and moves each one's
   decision point (:func:`dynscale.sanp.gates.decision_point`) to where it
   opens, over ``sanp.calibration_batches`` training batches, the fraction of
-  channels FIXED-K keeps in that layer. The saliencies are read from
+  channels FIXED-K keeps in that layer. The heads are re-expressed in
+  decision units (``W2 / rho``, ``(b2 - tau) / rho``; ``s = tau + rho z`` is the
+  saliency FIXED-K learned): the saliencies of a warm-up span a few hundredths,
+  and learned in saliency units every step would move the decisions
+  ``1 / rho`` times as far (a first run saturated most gates shut or open
+  within 70 steps, and they stayed there: the saturating sigmoid has no
+  gradient to reopen them). The saliencies are read from
   ``ranked`` (train-mode forwards; its running statistics are put back),
   whose gates decide as they did in the warm-up; ``model`` also takes its
   running statistics, estimated under those gates. Eq. 10's FLOPs window
@@ -267,11 +273,15 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
   nnx.update(ranked.layers, restored)
   nnx.update(model.layers, nnx.state(ranked.layers))
   for name, gate in model.gates.items():
-    nnx.update(gate.head, nnx.state(ranked.gates[name].head))
     saliencies = jnp.concatenate(sown[name])
     channels = saliencies.shape[-1]
-    gate.threshold.value, gate.temperature.value = gates.decision_point(
-        saliencies, gates.kept_channels(keep, channels) / channels)
+    tau, rho = gates.decision_point(saliencies, gates.kept_channels(keep, channels) / channels)
+    head = nnx.state(ranked.gates[name].head, nnx.Param).to_pure_dict()
+    head["w2"] = {"kernel": head["w2"]["kernel"] / rho, "bias": (head["w2"]["bias"] - tau) / rho}
+    params = nnx.state(gate.head, nnx.Param)
+    params.replace_by_pure_dict(head)
+    nnx.update(gate.head, params)
+    gate.threshold.value, gate.temperature.value = tau, rho
   full = costs.flops(run.arch)
   ratio = jnp.mean(jnp.stack([jnp.mean(costs.sample_flops(
       run.arch, 1.0, model.run(images, 1.0, train=False).activity)) for images in batches])) / full
