@@ -152,10 +152,11 @@ def test_the_thin_variant_costs_the_budget():
     ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),
     ({"sanp.cost": "l2"}, r"sanp.cost must be one of \('filters', 'layers', 'flops'\)"),
     ({"sanp.gate_start": "closed"}, r"sanp.gate_start must be one of \('open', 'fixed_k'\)"),
-    ({"sanp.gate_start": "fixed_k", "sanp.variant": "static"},
-     r"sanp.gate_start='fixed_k' .* needs sanp.variant='sanp' and sanp.warmup_epochs > 0, "
-     r"got 'static' and 1"),
-    ({"sanp.gate_start": "fixed_k", "sanp.warmup_epochs": 0}, r"got 'sanp' and 0"),
+    ({"sanp.gate_start": "fixed_k", "sanp.variant": "fixed_k"},
+     r"sanp.gate_start='fixed_k' .* needs sanp.variant in \('sanp', 'static'\) and "
+     r"sanp.warmup_epochs > 0, got 'fixed_k' and 1"),
+    ({"sanp.gate_start": "fixed_k", "sanp.variant": "sanp", "sanp.warmup_epochs": 0},
+     r"got 'sanp' and 0"),
     ({"sanp.calibration_batches": 0}, r"sanp.calibration_batches must be"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
@@ -239,3 +240,23 @@ def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_w
                       for t in inputs])
   np.testing.assert_allclose(np.asarray(model.flops_window.value), measured, rtol=1e-5)
   assert measured < 0.9
+
+
+def test_a_handed_off_static_gate_opens_the_k_channels_of_highest_mean_saliency(tmp_path):
+  config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.variant": "static", "sanp.budget": 0.4,
+                   "sanp.calibration_batches": 2})
+  run = runs.start(config, str(tmp_path), check=training.check_config)
+  ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
+  fitted = training.warm_up(run, ranked)
+  model = training.gated_model(config, run.arch, run.model)
+  training.hand_off(run, ranked, model, fitted.trainer)
+  images = fitted.trainer.training_batches(2)
+  first = next(iter(model.gates))
+  mean = np.mean(np.concatenate([np.asarray(ranked.gates[first].saliency(x)) for x in images]),
+                 axis=0)
+  gate = model.gates[first]
+  np.testing.assert_allclose(gate.saliency(images[0])[0], mean, rtol=1e-4, atol=1e-5)
+  k = gates.kept_channels(budget.fixed_k_keep(run.arch, 0.4), mean.size)
+  opened = np.asarray(gate.decide(gate.saliency(images[0]), train=False).decision)
+  assert (opened == opened[:1]).all()   # the same for every sample
+  np.testing.assert_array_equal(np.flatnonzero(opened[0]), np.sort(np.argsort(-mean)[:k]))

@@ -99,10 +99,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
   validation.one_of(s.gate_start, GATE_STARTS, "sanp.gate_start")
   validation.positive(s.calibration_batches, "sanp.calibration_batches", integer=True)
-  if s.gate_start == "fixed_k" and (s.variant != "sanp" or not s.warmup_epochs):
+  if s.gate_start == "fixed_k" and (s.variant == "fixed_k" or not s.warmup_epochs):
     raise ValueError(f"sanp.gate_start='fixed_k' hands FIXED-K's warmed-up saliencies to "
-                     f"SPM gates: it needs sanp.variant='sanp' and sanp.warmup_epochs > 0, got "
-                     f"{s.variant!r} and {s.warmup_epochs}")
+                     f"binarized gates: it needs sanp.variant in ('sanp', 'static') and "
+                     f"sanp.warmup_epochs > 0, got {s.variant!r} and {s.warmup_epochs}")
   binarization(config)  # raises naming the binarization field
   if config.model.init_from:
     return  # the exported backbone's widths are checked when it is loaded
@@ -245,7 +245,8 @@ def warm_up(run: runs.Run, model: nnx.Module) -> runs.Fitted:
 
 def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> None:
   """``sanp.gate_start='fixed_k'``: gives the SPMs of ``model`` the warmed-up
-  saliency heads of the FIXED-K network ``ranked``, and moves each one's
+  saliency heads of the FIXED-K network ``ranked`` (STATIC gates: each
+  channel's mean saliency, the ``k`` highest open), and moves each one's
   decision point (:func:`dynscale.sanp.gates.decision_point`) to where it
   opens, over ``sanp.calibration_batches`` training batches, the fraction of
   channels FIXED-K keeps in that layer. The heads are re-expressed in
@@ -275,12 +276,19 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
   for name, gate in model.gates.items():
     saliencies = jnp.concatenate(sown[name])
     channels = saliencies.shape[-1]
-    tau, rho = gates.decision_point(saliencies, gates.kept_channels(keep, channels) / channels)
-    head = nnx.state(ranked.gates[name].head, nnx.Param).to_pure_dict()
-    head["w2"] = {"kernel": head["w2"]["kernel"] / rho, "bias": (head["w2"]["bias"] - tau) / rho}
-    params = nnx.state(gate.head, nnx.Param)
-    params.replace_by_pure_dict(head)
-    nnx.update(gate.head, params)
+    open_fraction = gates.kept_channels(keep, channels) / channels
+    if isinstance(gate, gates.StaticSaliency):   # one vector: the mean saliency of each channel
+      mean = jnp.mean(saliencies, axis=0)
+      tau, rho = gates.decision_point(mean[None], open_fraction)
+      gate.vector.value = (mean - tau) / rho
+    else:
+      tau, rho = gates.decision_point(saliencies, open_fraction)
+      head = nnx.state(ranked.gates[name].head, nnx.Param).to_pure_dict()
+      head["w2"] = {"kernel": head["w2"]["kernel"] / rho,
+                    "bias": (head["w2"]["bias"] - tau) / rho}
+      params = nnx.state(gate.head, nnx.Param)
+      params.replace_by_pure_dict(head)
+      nnx.update(gate.head, params)
     gate.threshold.value, gate.temperature.value = tau, rho
   full = costs.flops(run.arch)
   ratio = jnp.mean(jnp.stack([jnp.mean(costs.sample_flops(

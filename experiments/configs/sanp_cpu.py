@@ -4,16 +4,22 @@
 training set (1,000 of them held out for validation; the full test split),
 a 30% FLOPs budget, the ``cpu`` protocol's optimizer (SGD momentum 0.9,
 batch 128, lr 0.05 cosine, weight decay 5e-4; :mod:`dynscale.train.protocols`),
-seeds 0-2. Every gated variant pretrains the backbone for 6 epochs (the
-same network for every variant of a seed: same seed, same steps), warms
-its gates up for 2 and fine-tunes for 10:
+seeds 0-2. Every gated variant starts from the ``backbone`` variant of its
+seed (the plain network trained 6 epochs), warms its gates up for 2 epochs
+and fine-tunes for 10:
 
-* ``sanp``: SPM gates (Eq. 1-8), Eq. 9-10's budget loss;
-* ``static``: one learned gate vector per layer (§5.1 STATIC);
+* ``sanp``: SPM gates (Eq. 1-8), Eq. 9-10's budget loss, with the working
+  settings (README, RESULTS.md): gates warmed up as FIXED-K's and handed off
+  at the budget (``gate_start='fixed_k'``), the codes' FLOPs as the cost,
+  lambda0 = 20, one channel always open per layer, hard codes without noise
+  (sigma = 0, mix = 1);
+* ``static``: one learned gate vector per layer (§5.1 STATIC), the same
+  settings, handed off from each channel's mean FIXED-K saliency;
 * ``fixed_k``: the k most salient channels of every layer, k set by the
   budget (§5.1 FIXED-K);
-* ``sanp-paper``: ``sanp`` with the paper's literal loss, the L1 of the
-  saliencies over N_c (Eq. 9) with lambda0 = 0.01;
+* ``sanp-paper``: the paper's literal settings: gates open at s = 1, Eq. 9's
+  L1 of the saliencies over N_c with lambda0 = 0.01, sigma = 1 and codes
+  mixed half and half;
 
 and two plain networks trained for the 16 epochs of pretrain + fine-tune:
 
@@ -21,9 +27,9 @@ and two plain networks trained for the 16 epochs of pretrain + fine-tune:
 * ``thin``: the backbone uniformly narrowed to the budget's FLOPs (not in
   the paper: what a static, sample-blind network of the same cost does).
 
-``:quick`` runs ``sanp`` and ``fixed_k`` on seed 0 only; ``:single`` is one
-SANP run (seed 0, no variants), to try settings on the command line.
-Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
+``:quick`` runs ``sanp`` and ``fixed_k`` (and their backbone) on seed 0
+only; ``:single`` is one SANP run (seed 0, no variants, its own pretraining),
+to try settings on the command line. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
 """
 
 from dynscale.data.datasets import dataset_spec
@@ -35,7 +41,12 @@ MODEL, WIDTH, BUDGET = "m_cifarnet", 0.25, 0.3
 PRETRAIN, WARMUP, FINETUNE = 6, 2, 10
 SEEDS = (0, 1, 2)
 SIZES = {"data": {"train_examples": 10000, "val_size": 1000}}
-SUBSETS = {"all": None, "quick": ("sanp", "fixed_k"), "single": ()}
+SUBSETS = {"all": None, "quick": ("backbone", "sanp", "fixed_k"), "single": ()}
+WORKING = {"sanp.gate_start": "fixed_k", "sanp.cost": "flops", "sanp.lambda0": 20.0,
+           "sanp.floor": 1, "sanp.binarization.sigma": 0.0, "sanp.binarization.mix": 1.0}
+PAPER = {"sanp.gate_start": "open", "sanp.code": "saliency", "sanp.cost": "filters",
+         "sanp.lambda0": 0.01, "sanp.floor": 0, "sanp.binarization.sigma": 1.0,
+         "sanp.binarization.mix": 0.5}
 
 
 def get_config(arg: str = "all"):
@@ -49,19 +60,22 @@ def get_config(arg: str = "all"):
   )
   config.sanp.pretrain_epochs = PRETRAIN
   config.sanp.warmup_epochs = WARMUP
+  config.update_from_flattened_dict(WORKING)
   config.eval.dps = (1.0,)
   config = protocols.apply(config, "cpu", SIZES)
   config.title = f"002 SANP at {BUDGET:.0%} FLOPs"
   spec = dataset_spec("cifar10")
   thin = budget.thin_width_multiplier(MODEL, spec.num_classes, spec.image_shape, BUDGET, WIDTH)
   plain = {"method": "idp", "train.num_epochs": PRETRAIN + FINETUNE}
+  gated = {"model.init_from": "variant:backbone"}
   variants = {
+      "backbone": {"method": "idp", "train.num_epochs": PRETRAIN},
       "unpruned": plain,
       "thin": {**plain, "model.width_multiplier": thin},
-      "sanp": {},
-      "static": {"sanp.variant": "static"},
-      "fixed_k": {"sanp.variant": "fixed_k"},
-      "sanp-paper": {"sanp.code": "saliency", "sanp.lambda0": 0.01, "sanp.cost": "filters"},
+      "sanp": gated,
+      "static": {**gated, "sanp.variant": "static"},
+      "fixed_k": {**gated, "sanp.variant": "fixed_k", "sanp.gate_start": "open"},
+      "sanp-paper": {**gated, **PAPER},
   }
   if arg == "single":
     return config
