@@ -62,7 +62,7 @@ def train_and_evaluate(config, workdir: str, variants: Sequence[str] = ()) -> di
 
 def summary(results: dict, workdir: str) -> str:
   """Every curve as a table (one column per run or variant), each run's scalar
-  results, and where the files are."""
+  results, each variant's mean and spread over seeds, and where the files are."""
   by_label = (results["variants"] if "variants" in results
               else {results["config"]["method"]: sweep.variant_summary(results)})
   by_name = sweep.curves_by_name(by_label)
@@ -72,6 +72,10 @@ def summary(results: dict, workdir: str) -> str:
     scalars = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in entry.items() if k != "curves")
     parts.append(f"{label}: {scalars}")
+  for name, group in results.get("by_variant", {}).items():
+    spread = ", ".join(f"{key}={mean:.4f}±{group['std'][key]:.4f}"
+                       for key, mean in group["mean"].items())
+    parts.append(f"{name}, mean±std over seeds {sorted(group['by_seed'])}: {spread}")
   if results.get("partial"):
     parts.append(f"Results: {workdir}/<variant>/results.json (rerun without --variants "
                  f"for the figure)")

@@ -123,6 +123,8 @@ def test_seeds_give_each_variant_a_mean_and_a_by_seed_entry():
   assert grouped["sanp"]["mean"]["test_accuracy"] == pytest.approx(0.1)
   assert grouped["sanp"]["std"]["test_accuracy"] == pytest.approx(np.std([0.0, 0.1, 0.2]))
   assert set(grouped["sanp"]["by_seed"]) == {"0", "1", "2"}
+  text = launcher.summary({"variants": summaries, "by_variant": grouped}, "w")
+  assert "sanp, mean±std over seeds ['0', '1', '2']: test_accuracy=0.1000±0.0816" in text
 
 
 def test_the_thin_variant_costs_the_budget():

@@ -610,7 +610,9 @@ def test_only_some_variants_run_with_those_they_start_from_and_no_figure_is_writ
   assert [name for name, _ in StartsFromMethod.ran] == [
       "z-pretrain-seed0", "z-pretrain-seed1", "a-search-seed0", "a-search-seed1"]
   assert figure["partial"] and not (tmp_path / "results.json").exists()
-  assert "rerun without --variants" in launcher.summary(figure, str(tmp_path))
+  assert list(figure["by_variant"]) == ["a-search"]
+  text = launcher.summary(figure, str(tmp_path))
+  assert "rerun without --variants" in text and "a-search, mean±std over seeds ['0', '1']" in text
   for bad in (["a-search", "c"], []):
     with pytest.raises(ValueError, match=r"variants to run must be names from "
                                          r"\('a-search', 'b-other', 'z-pretrain'\)"):

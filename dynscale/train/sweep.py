@@ -98,11 +98,12 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
   return out
 
 
-def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mapping]) -> dict:
-  """Over the seeds of each variant: the mean and standard deviation of every
-  numeric result, and each seed's summary (``by_seed``)."""
+def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mapping],
+               variants: Sequence[str] = ()) -> dict:
+  """Over the seeds of each variant (of ``variants``, default all): the mean and
+  standard deviation of every numeric result, and each seed's summary (``by_seed``)."""
   grouped = {}
-  for name in config.variants:
+  for name in variants or config.variants:
     runs = {seed: summaries[f"{name}-seed{seed}"] for seed in config.seeds}
     numeric = [key for key, value in next(iter(runs.values())).items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)]
@@ -217,7 +218,10 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     results = methods[variant.method].train_and_evaluate(variant, os.path.join(workdir, name))
     summaries[name] = variant_summary(results)
   if only:
-    return {"variants": summaries, "partial": True}
+    partial = {"variants": summaries, "partial": True}
+    if config.get("seeds"):
+      partial["by_variant"] = by_variant(config, summaries, only)
+    return partial
   summaries = {name: summaries[name] for name in configs}
   title = figure_title(config.get("title", ""), summaries, protocols.name_of(config))
   for curve_name, curves in curves_by_name(summaries).items():
