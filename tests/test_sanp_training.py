@@ -154,11 +154,9 @@ def test_the_thin_variant_costs_the_budget():
     ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),
     ({"sanp.cost": "l2"}, r"sanp.cost must be one of \('filters', 'layers', 'flops'\)"),
     ({"sanp.gate_start": "closed"}, r"sanp.gate_start must be one of \('open', 'fixed_k'\)"),
-    ({"sanp.gate_start": "fixed_k", "sanp.variant": "fixed_k"},
-     r"sanp.gate_start='fixed_k' .* needs sanp.variant in \('sanp', 'static'\) and "
-     r"sanp.warmup_epochs > 0, got 'fixed_k' and 1"),
-    ({"sanp.gate_start": "fixed_k", "sanp.variant": "sanp", "sanp.warmup_epochs": 0},
-     r"got 'sanp' and 0"),
+    ({"sanp.gate_start": "fixed_k", "sanp.variant": "static", "sanp.warmup_epochs": 0},
+     r"sanp.gate_start='fixed_k' hands .* to the 'static' gates: it needs "
+     r"sanp.warmup_epochs > 0, got 0"),
     ({"sanp.calibration_batches": 0}, r"sanp.calibration_batches must be"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):

@@ -70,6 +70,12 @@ class CostSteps(nnx.Variable):
   """Fine-tune steps taken under the cost loss (for the budget ramp)."""
 
 
+def handed_off(s: ml_collections.ConfigDict) -> bool:
+  """Whether the binarized gates of the ``sanp`` block ``s`` start from a FIXED-K
+  warm-up (``gate_start='fixed_k'``; FIXED-K itself has nothing to hand off)."""
+  return s.gate_start == "fixed_k" and s.variant != "fixed_k"
+
+
 def binarization(config) -> gates.Binarization:
   return gates.Binarization(**config.sanp.binarization.to_dict())
 
@@ -99,10 +105,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
   validation.one_of(s.gate_start, GATE_STARTS, "sanp.gate_start")
   validation.positive(s.calibration_batches, "sanp.calibration_batches", integer=True)
-  if s.gate_start == "fixed_k" and (s.variant == "fixed_k" or not s.warmup_epochs):
+  if handed_off(s) and not s.warmup_epochs:
     raise ValueError(f"sanp.gate_start='fixed_k' hands FIXED-K's warmed-up saliencies to "
-                     f"binarized gates: it needs sanp.variant in ('sanp', 'static') and "
-                     f"sanp.warmup_epochs > 0, got {s.variant!r} and {s.warmup_epochs}")
+                     f"the {s.variant!r} gates: it needs sanp.warmup_epochs > 0, got "
+                     f"{s.warmup_epochs}")
   binarization(config)  # raises naming the binarization field
   if config.model.init_from:
     return  # the exported backbone's widths are checked when it is loaded
@@ -315,7 +321,7 @@ def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
   if not run.init_from and s.pretrain_epochs:
     pretrain(run)
   model = gated_model(run.config, run.arch, run.model)
-  if s.gate_start == "fixed_k":
+  if handed_off(s):
     ranked = gated_model(run.config, run.arch, run.model, variant="fixed_k")
     hand_off(run, ranked, model, warm_up(run, ranked).trainer)
   elif s.warmup_epochs:
