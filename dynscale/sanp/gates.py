@@ -195,6 +195,19 @@ class _BinarizedGate(_Gate):
     """``s = tau + rho z`` of the learned decision-unit output ``z``."""
     return self.threshold.value + self.temperature.value * z
 
+  def hand_off(self, source: FixedK, saliencies: Array, open_fraction: float) -> None:
+    """Takes over the warmed-up FIXED-K gate ``source``, whose saliencies over
+    some batches are ``saliencies`` ``(N, C)``: the decision point opens
+    ``open_fraction`` of them, and what this gate learns is re-expressed in
+    decision units, so its saliencies stay ``source``'s."""
+    self.threshold.value, self.temperature.value = self.adopt(source, saliencies,
+                                                              open_fraction)
+
+  def adopt(self, source: FixedK, saliencies: Array, open_fraction: float
+            ) -> tuple[Array, Array]:
+    """Sets the learned part from ``source`` in decision units; returns ``(tau, rho)``."""
+    raise NotImplementedError
+
   def next_key(self) -> Array:
     key, draw = jax.random.split(jax.random.wrap_key_data(self.noise.value, impl=self.key_impl))
     self.noise.value = jax.random.key_data(key)
@@ -242,6 +255,14 @@ class SPM(_BinarizedGate):
   def saliency(self, x):
     return self.in_saliency_units(self.head(x))
 
+  def adopt(self, source, saliencies, open_fraction):
+    """``source``'s head with ``W2 / rho`` and ``(b2 - tau) / rho``."""
+    tau, rho = decision_point(saliencies, open_fraction)
+    nnx.update(self.head, nnx.state(source.head, nnx.Param))
+    self.head.w2.kernel.value = self.head.w2.kernel.value / rho
+    self.head.w2.bias.value = (self.head.w2.bias.value - tau) / rho
+    return tau, rho
+
 
 class StaticSaliency(_BinarizedGate):
   """STATIC (002 §5.1): one learned saliency vector for every sample, binarized."""
@@ -254,6 +275,14 @@ class StaticSaliency(_BinarizedGate):
   def saliency(self, x):
     z = jnp.broadcast_to(self.vector.value, (x.shape[0], self.vector.value.shape[0]))
     return self.in_saliency_units(z)
+
+  def adopt(self, source, saliencies, open_fraction):
+    """Each channel's mean saliency, the ``open_fraction`` highest open."""
+    del source
+    mean = jnp.mean(saliencies, axis=0)
+    tau, rho = decision_point(mean[None], open_fraction)
+    self.vector.value = (mean - tau) / rho
+    return tau, rho
 
 
 class FixedK(_Gate):

@@ -41,6 +41,8 @@ only.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -153,6 +155,17 @@ def ramped_budget(final: float, step, ramp_steps: int):
   return final + (1.0 - final) * jnp.maximum(0.0, 1.0 - step / ramp_steps)
 
 
+@contextlib.contextmanager
+def running_statistics_kept(model: nnx.Module):
+  """Within the block, train-mode forwards of ``model`` leave its batch-norm
+  running statistics as they were."""
+  statistics = nnx.state(model.layers, nnx.BatchStat)
+  before = statistics.to_pure_dict()
+  yield
+  statistics.replace_by_pure_dict(before)
+  nnx.update(model.layers, statistics)
+
+
 def _sown(intermediates: nnx.State, name: str) -> dict[str, jax.Array]:
   """``{gate name: (B, C)}``: the gates' ``name`` (``'saliency_out'`` or
   ``'relaxed_out'``) that the train-mode forward sowed (its last call)."""
@@ -188,12 +201,9 @@ def sanp_loss(arch: dict, config, *, penalised: bool, ramp_steps: int = 0) -> st
 
   def loss_fn(model, images, labels, task):
     del task
-    statistics = nnx.state(model.layers, nnx.BatchStat)
-    before = statistics.to_pure_dict()
-    trace = model.run(images, 1.0, train=True)
-    codes = _codes(nnx.pop(model, nnx.Intermediate), s.code)
-    statistics.replace_by_pure_dict(before)
-    nnx.update(model.layers, statistics)
+    with running_statistics_kept(model):
+      trace = model.run(images, 1.0, train=True)
+      codes = _codes(nnx.pop(model, nnx.Intermediate), s.code)
     gates.set_deterministic(model, True)
     measured = model.run(images, 1.0, train=True)
     gates.set_deterministic(model, False)
@@ -255,9 +265,10 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
   channel's mean saliency, the ``k`` highest open), and moves each one's
   decision point (:func:`dynscale.sanp.gates.decision_point`) to where it
   opens, over ``sanp.calibration_batches`` training batches, the fraction of
-  channels FIXED-K keeps in that layer. The heads are re-expressed in
-  decision units (``W2 / rho``, ``(b2 - tau) / rho``; ``s = tau + rho z`` is the
-  saliency FIXED-K learned): the saliencies of a warm-up span a few hundredths,
+  channels FIXED-K keeps in that layer (:meth:`dynscale.sanp.gates.SPM.adopt`).
+  The heads are re-expressed in decision units (``W2 / rho``,
+  ``(b2 - tau) / rho``; ``s = tau + rho z`` is the saliency FIXED-K learned):
+  the saliencies of a warm-up span a few hundredths,
   and learned in saliency units every step would move the decisions
   ``1 / rho`` times as far (a first run saturated most gates shut or open
   within 70 steps, and they stayed there: the saturating sigmoid has no
@@ -269,36 +280,21 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
   s = run.config.sanp
   keep = budget.fixed_k_keep(run.arch, s.budget)
   batches = trainer.training_batches(s.calibration_batches)
-  statistics = nnx.state(ranked.layers, nnx.BatchStat).to_pure_dict()
   sown = {}
-  for images in batches:
-    ranked.run(images, 1.0, train=True)
-    for name, saliency in _sown(nnx.pop(ranked, nnx.Intermediate), "saliency_out").items():
-      sown.setdefault(name, []).append(saliency)
-  restored = nnx.state(ranked.layers, nnx.BatchStat)
-  restored.replace_by_pure_dict(statistics)
-  nnx.update(ranked.layers, restored)
+  with running_statistics_kept(ranked):
+    for images in batches:
+      ranked.run(images, 1.0, train=True)
+      for name, saliency in _sown(nnx.pop(ranked, nnx.Intermediate), "saliency_out").items():
+        sown.setdefault(name, []).append(saliency)
   nnx.update(model.layers, nnx.state(ranked.layers))
   for name, gate in model.gates.items():
     saliencies = jnp.concatenate(sown[name])
     channels = saliencies.shape[-1]
-    open_fraction = gates.kept_channels(keep, channels) / channels
-    if isinstance(gate, gates.StaticSaliency):   # one vector: the mean saliency of each channel
-      mean = jnp.mean(saliencies, axis=0)
-      tau, rho = gates.decision_point(mean[None], open_fraction)
-      gate.vector.value = (mean - tau) / rho
-    else:
-      tau, rho = gates.decision_point(saliencies, open_fraction)
-      head = nnx.state(ranked.gates[name].head, nnx.Param).to_pure_dict()
-      head["w2"] = {"kernel": head["w2"]["kernel"] / rho,
-                    "bias": (head["w2"]["bias"] - tau) / rho}
-      params = nnx.state(gate.head, nnx.Param)
-      params.replace_by_pure_dict(head)
-      nnx.update(gate.head, params)
-    gate.threshold.value, gate.temperature.value = tau, rho
-  full = costs.flops(run.arch)
-  ratio = jnp.mean(jnp.stack([jnp.mean(costs.sample_flops(
-      run.arch, 1.0, model.run(images, 1.0, train=False).activity)) for images in batches])) / full
+    gate.hand_off(ranked.gates[name], saliencies,
+                  gates.kept_channels(keep, channels) / channels)
+  forward = gated_forward(run.arch)
+  ratio = jnp.mean(jnp.stack([jnp.mean(forward(model, images, None)[1]["flops_ratio"])
+                              for images in batches]))
   model.flops_window.value = jnp.full_like(model.flops_window.value, ratio)
   logging.info("Gates handed off from FIXED-K (keep %.3f): %.3f of the FLOPs in evaluation "
                "on %d training batches", keep, float(ratio), len(batches))

@@ -69,6 +69,11 @@ def referenced_variant(config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
+def run_name(variant: str, seed: int | None) -> str:
+  """The run of ``variant`` at ``seed`` (``<variant>-seed<k>``; ``variant`` without seeds)."""
+  return variant if seed is None else f"{variant}-seed{seed}"
+
+
 def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """The config of every run of the figure: each variant of ``config.variants``
   (name -> nested overrides), and with ``config.seeds`` each variant once per
@@ -93,8 +98,8 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
     for seed in seeds:
       seeded = with_overrides(variant, {"seed": seed}, "seeds")
       if referenced_variant(seeded) is not None:
-        seeded.model.init_from = f"{seeded.model.init_from}-seed{seed}"
-      out[f"{name}-seed{seed}"] = seeded
+        seeded.model.init_from = run_name(seeded.model.init_from, seed)
+      out[run_name(name, seed)] = seeded
   return out
 
 
@@ -104,7 +109,7 @@ def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mappin
   standard deviation of every numeric result, and each seed's summary (``by_seed``)."""
   grouped = {}
   for name in variants or config.variants:
-    runs = {seed: summaries[f"{name}-seed{seed}"] for seed in config.seeds}
+    runs = {seed: summaries[run_name(name, seed)] for seed in config.seeds}
     numeric = [key for key, value in next(iter(runs.values())).items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)]
     values = {key: np.array([run[key] for run in runs.values()], np.float64) for key in numeric}
@@ -152,8 +157,7 @@ def selected_runs(config: ml_collections.ConfigDict,
     raise ValueError(f"variants to run must be names from {tuple(config.variants)}, "
                      f"got {list(variants)!r}")
   seeds = config.get("seeds")
-  wanted = {f"{name}-seed{seed}" if seeds else name
-            for name in variants for seed in (seeds or [None])}
+  wanted = {run_name(name, seed) for name in variants for seed in (seeds or [None])}
   wanted |= {referenced_variant(configs[name]) for name in wanted} - {None}
   return [name for name in in_running_order(configs) if name in wanted]
 
