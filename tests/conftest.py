@@ -8,10 +8,23 @@ import signal
 import subprocess
 import time
 
+import hashlib
+import tempfile
+
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the suite, its pytest-xdist workers
+# and the launcher runs they start as subprocesses: a kill-and-resume test
+# compiles the same train step three times otherwise. Entries are keyed by the
+# program, the options and the jax version, so a stale one is never used. Set
+# before jax is imported (this module imports it nowhere).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "dynscale-tests-jax-cache-"
+    + hashlib.sha256(ROOT.encode()).hexdigest()[:12]))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def read_results(workdir):

@@ -19,7 +19,7 @@ def tiny(**overrides):
   """``sanp_cpu``'s SANP variant on the embedded MNIST sample at test size."""
   config = sanp_cpu.get_config("single")
   config.data.dataset = "mnist_sample"
-  config.data.train_examples = 0
+  config.data.train_examples = 640
   config.data.val_size = 200
   config.data.batch_size = 64
   config.train.num_epochs = 1
