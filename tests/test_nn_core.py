@@ -79,8 +79,11 @@ def _variables_in_float64(model):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,wm", [("vgg16", 1 / 16), ("resnet18", 1 / 16),
-                                     ("mobilenet_v2", 1 / 8)])
+@pytest.mark.parametrize("name,wm", [
+    ("vgg16", 1 / 16), ("resnet18", 1 / 16),
+    # 90 s in float64; inverted residual blocks tied by their adds also meet their
+    # trimmed form on the default suite (test_compactnet's small network).
+    pytest.param("mobilenet_v2", 1 / 8, marks=pytest.mark.slow)])
 def test_masked_equals_sliced_at_random_widths(name, wm):
   """Logits, gradients of every variable and updated running statistics, train mode, float64."""
   arch = _arch(name, wm)
