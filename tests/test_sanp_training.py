@@ -206,7 +206,7 @@ def test_the_budget_ramps_down_from_the_full_network():
   assert training.ramped_budget(0.3, 5, 0) == 0.3
 
 
-def handed_off(tmp_path, **overrides):
+def _handed_off_run(tmp_path, **overrides):
   """A tiny run at a 40% budget warmed up as FIXED-K (``ranked``) and handed off to
   ``model``; also the warm-up's outcome."""
   config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4, **overrides})
@@ -220,7 +220,7 @@ def handed_off(tmp_path, **overrides):
 
 def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_window_there(
     tmp_path):
-  run, ranked, model, fitted = handed_off(tmp_path, **{"sanp.calibration_batches": 3})
+  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3})
   keep = budget.fixed_k_keep(run.arch, 0.4)
   batches = fitted.trainer.training_batches(3)
   first = next(iter(model.gates))   # its input is the image: no upstream gate moves it
@@ -249,8 +249,8 @@ def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_w
 
 
 def test_a_handed_off_static_gate_opens_the_k_channels_of_highest_mean_saliency(tmp_path):
-  run, ranked, model, fitted = handed_off(tmp_path, **{"sanp.variant": "static",
-                                                      "sanp.calibration_batches": 2})
+  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.variant": "static",
+                                                           "sanp.calibration_batches": 2})
   images = fitted.trainer.training_batches(2)
   first = next(iter(model.gates))
   mean = np.mean(np.concatenate([np.asarray(ranked.gates[first].saliency(x)) for x in images]),

@@ -161,9 +161,11 @@ def running_statistics_kept(model: nnx.Module):
   running statistics as they were."""
   statistics = nnx.state(model.layers, nnx.BatchStat)
   before = statistics.to_pure_dict()
-  yield
-  statistics.replace_by_pure_dict(before)
-  nnx.update(model.layers, statistics)
+  try:
+    yield
+  finally:
+    statistics.replace_by_pure_dict(before)
+    nnx.update(model.layers, statistics)
 
 
 def _sown(intermediates: nnx.State, name: str) -> dict[str, jax.Array]:
