@@ -234,11 +234,17 @@ def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_w
   inputs = [model.run(images, 1.0, train=False) for images in batches]
   opened = np.concatenate([np.asarray(trace.activity[first]) for trace in inputs])
   channels = opened.shape[-1]
-  k = gates.kept_channels(keep, channels)
-  assert abs(opened.mean() - k / channels) <= 1.0 / opened.size + 1e-6
-  # the decision reads (s - tau) / rho: rho is the spread of the first gate's saliencies
+  target = gates.kept_channels(keep, channels) / channels * opened.size
   saliency = np.concatenate([np.asarray(ranked.gates[first].saliency(images))
                              for images in batches])
+  # tau splits the ranked saliencies at FIXED-K's fraction, up to the saliencies tied
+  # with it (a one-epoch warm-up leaves them within 0.003 of s = 1, where float32
+  # tells only about 1,500 values apart in these 3,072), and the gates open just those
+  tau = np.float32(gate.threshold.value)
+  above, at_or_above = (saliency > tau).sum(), (saliency >= tau).sum()
+  assert above - 1 <= target <= at_or_above + 1
+  assert above - 1 <= opened.sum() <= at_or_above + 1
+  # the decision reads (s - tau) / rho: rho is the spread of the first gate's saliencies
   np.testing.assert_allclose(float(gate.temperature.value), saliency.std(), rtol=1e-4)
   # Eq. 10's window holds what the handed-off network costs, not the full network
   full = costs.flops(run.arch)
