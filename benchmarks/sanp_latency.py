@@ -10,8 +10,16 @@ gates (``dense``), the gated network's masked path (``masked``: computes
 every channel, multiplies the closed ones by zero) and
 :func:`dynscale.sanp.inference.skipping_forward` (``skip``). Prints one JSON
 line per target: ``skip_over_dense``, ``masked_over_dense``, the analytic
-``flops_ratio`` (§4.1.1's formula) and the gates' own cost. Untrained
-weights: latency does not depend on their values.
+``flops_ratio`` (§4.1.1's formula), the gates' own cost and the XLA flags.
+Untrained weights: latency does not depend on their values.
+
+The dense baseline depends on XLA:CPU's library fusions: by default XLA
+compiles the backbone's chain of convolutions, batch norms and ReLUs into
+one YNNPACK subgraph, which runs M-CifarNet at batch 1 about 1.7x slower
+than the same convolutions as separate fusions (the gates' reductions break
+the chain in the masked network). Run it also with
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot``
+and compare skipping against the faster dense network.
 """
 
 import json
@@ -69,7 +77,8 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
         **{f"{name}_spread": round(s["spread"], 3) for name, s in stats.items()},
         "gate_flops": budget.spm_flops(arch, 16),
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-        "jax": jax.__version__, "cpu_load_1m": round(os.getloadavg()[0], 2)})
+        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_load_1m": round(os.getloadavg()[0], 2)})
   return records
 
 
