@@ -4,9 +4,13 @@ The masked network computes every channel and multiplies the closed ones by
 zero. Here a gated convolution reads only its open input channels and
 computes only its open output channels: it gathers those filters, batch-norm
 entries and gate values (:func:`dynscale.nn.sliced.gather_layer_variables`)
-and runs the core's own layer on them, then scatters the result back into
-the full channel layout (closed channels exact zeros), so pooling, the
-next gate and the classifier see what the masked network gives them.
+and runs the core's own layer on them. Between layers the activations stay
+in the gates' order, open channels first and the rest zeros, so the next
+layer reads a prefix of them (a slice, not a gather) and pooling runs on
+them as they are; the next gate reads its pooled descriptor put back in
+channel order, and a layer that mixes channel positions (flatten, dense,
+an ungated convolution) gets the channel order back first. What every
+layer sees is what the masked network gives it.
 
 Shapes must be static, so open-channel counts are rounded up to
 ``buckets`` sizes per layer (the padded slots are closed channels, which
@@ -30,6 +34,7 @@ from dynscale.nn import sliced, spec
 from dynscale.nn.kinds import KINDS, Context, gate_name
 
 SUPPORTED = ("conv", "maxpool", "global_avgpool", "flatten", "dense")
+CHANNELWISE = ("maxpool", "global_avgpool")  # run on channels in any order
 
 
 def bucket_sizes(channels: int, buckets: int) -> tuple[int, ...]:
@@ -67,30 +72,36 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
                    path=f"layers.{index}", record=_ignore)
 
   def gated_conv(node, v, y, order_in, count_in, gate):
+    """``y`` holds the input channels in the order ``order_in`` (open first, the
+    rest zeros; ``None``: the natural order); returns the output the same way."""
     layer = arch["layers"][node.index]
-    multiplier = gate(y, None, False)[0]
+    channels = node.inputs.channels
+    if order_in is None:
+      order_in, count_in, sizes_in = jnp.arange(channels), channels, (channels,)
+      descriptor_map = y
+    else:  # Eq. 5's pooled descriptor, put back in channel order: a 1x1 map pools to itself
+      sizes_in = bucket_sizes(channels, buckets)
+      pooled = jnp.mean(y.astype(jnp.float32), axis=(1, 2))
+      descriptor_map = pooled[:, jnp.argsort(order_in)][:, None, None, :]
+    multiplier = gate(descriptor_map, None, False)[0]
     is_open = multiplier != 0
     order_out = jnp.argsort(jnp.logical_not(is_open), stable=True)  # open channels first
-    sizes_in = bucket_sizes(node.inputs.channels, buckets) if order_in is not None else (
-        node.inputs.channels,)
     sizes_out = bucket_sizes(layer["features"], buckets)
-    full = order_in if order_in is not None else jnp.arange(node.inputs.channels)
     name = gate_name(f"layers.{node.index}", "")
 
     def branch(k_in, k_out):
       def run(y):
-        idx_in, idx_out = full[:k_in], order_out[:k_out]
-        sub = sliced.gather_layer_variables(arch, node.index, v, {"in": idx_in, "out": idx_out})
+        idx_out = order_out[:k_out]
+        sub = sliced.gather_layer_variables(arch, node.index, v,
+                                            {"in": order_in[:k_in], "out": idx_out})
         picked = multiplier[idx_out][None]
         ctx = context(node.index, {name: lambda x, y, train: picked})
-        out = KINDS["conv"].apply({**layer, "features": k_out}, sub, y[..., idx_in], ctx,
+        out = KINDS["conv"].apply({**layer, "features": k_out}, sub, y[..., :k_in], ctx,
                                   node.inputs, node.outputs)
-        return jnp.zeros(out.shape[:-1] + (layer["features"],), out.dtype).at[..., idx_out].set(
-            out)
+        return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, layer["features"] - k_out)])
       return run
 
     pairs = list(itertools.product(sizes_in, sizes_out))
-    count_in = node.inputs.channels if count_in is None else count_in
     which_in = jnp.searchsorted(jnp.asarray(sizes_in), count_in)
     which_out = jnp.searchsorted(jnp.asarray(sizes_out), jnp.sum(is_open))
     y = jax.lax.switch(which_in * len(sizes_out) + which_out,
@@ -107,11 +118,13 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
       name = gate_name(f"layers.{node.index}", "")
       if node.kind == "conv" and name in gates:
         y, order, count = gated_conv(node, v, y, order, count, gates[name])
-      else:
-        y = KINDS[layer["kind"]].apply(layer, v, y, context(node.index), node.inputs,
-                                       node.outputs)
-        if node.kind in ("conv", "flatten", "dense"):  # channels no longer follow ``order``
-          order, count = None, None
+        continue
+      if order is not None and node.kind not in CHANNELWISE:  # back to channel order
+        y, order, count = y[..., jnp.argsort(order)], None, None
+      y = KINDS[layer["kind"]].apply(layer, v, y, context(node.index), node.inputs,
+                                     node.outputs)
+    if order is not None:
+      y = y[..., jnp.argsort(order)]
     return y.astype(jnp.float32)
 
   def run(image: jax.Array) -> jax.Array:
