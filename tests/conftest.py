@@ -26,7 +26,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # LLVM's optimisation of XLA:CPU code costs the tests more compile time than
 # their tiny shapes win back at run time (a SANP launcher run: 126 s -> 106 s;
-# the suite 16 -> 13 minutes). Only rounding changes.
+# the suite 16 -> 11 minutes). Only rounding changes.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
