@@ -221,7 +221,7 @@ class _BinarizedGate(_Gate):
     return code._replace(decision=jnp.maximum(code.decision, top_k_mask(s, self.floor)))
 
 
-def _descriptor(x: Array) -> Array:
+def descriptor(x: Array) -> Array:
   """Eq. 5: the channel descriptor, global average pooling of ``x`` ``(B, H, W, C)``."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
@@ -240,7 +240,7 @@ class _SPMHead(nnx.Module):
                          bias_init=nnx.initializers.ones, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.w2(jax.nn.relu(self.w1(_descriptor(x))))
+    return self.w2(jax.nn.relu(self.w1(descriptor(x))))
 
 
 class SPM(_BinarizedGate):

@@ -32,6 +32,7 @@ from flax import nnx
 
 from dynscale.nn import sliced, spec
 from dynscale.nn.kinds import KINDS, Context, gate_name
+from dynscale.sanp.gates import descriptor
 
 SUPPORTED = ("conv", "maxpool", "global_avgpool", "flatten", "dense")
 CHANNELWISE = ("maxpool", "global_avgpool")  # run on channels in any order
@@ -81,8 +82,7 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
       descriptor_map = y
     else:  # Eq. 5's pooled descriptor, put back in channel order: a 1x1 map pools to itself
       sizes_in = bucket_sizes(channels, buckets)
-      pooled = jnp.mean(y.astype(jnp.float32), axis=(1, 2))
-      descriptor_map = pooled[:, jnp.argsort(order_in)][:, None, None, :]
+      descriptor_map = descriptor(y)[:, jnp.argsort(order_in)][:, None, None, :]
     multiplier = gate(descriptor_map, None, False)[0]
     is_open = multiplier != 0
     order_out = jnp.argsort(jnp.logical_not(is_open), stable=True)  # open channels first
