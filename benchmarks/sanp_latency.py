@@ -8,7 +8,11 @@ open the same fraction ``k`` of its channels (FIXED-K's pattern, ``k`` from
 target; then one run times, with interleaved rounds, the backbone without
 gates (``dense``), the gated network's masked path (``masked``: computes
 every channel, multiplies the closed ones by zero) and
-:func:`dynscale.sanp.inference.skipping_forward` (``skip``). Prints one JSON
+:func:`dynscale.sanp.inference.skipping_forward` (``skip``). All three are
+called the same way, as jitted functions of plain dicts of arrays (the
+dense backbone through :func:`dynscale.nn.sliced.apply_sliced`): at batch 1
+flattening Flax objects on every call costs a few tenths of a millisecond,
+which would otherwise count against whichever path pays it. Prints one JSON
 line per target: ``skip_over_dense``, ``masked_over_dense``, the analytic
 ``flops_ratio`` (§4.1.1's formula), the gates' own cost and the XLA flags.
 Untrained weights: latency does not depend on their values.
@@ -29,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from dynscale import timing
-from dynscale.nn import costs, models
+from dynscale.nn import costs, models, sliced
 from dynscale.sanp import budget, gates, inference
 
 MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3)}
@@ -45,25 +50,39 @@ def open_fraction(model, keep: float) -> None:
     gate.head.w2.bias.value = jnp.where(jnp.arange(channels) < k, 3.0, -3.0)
 
 
+def masked_forward(model):
+  """``(logits, activity) = f(image)`` of the gated ``model``'s masked path, jitted over
+  its variables as a plain dict."""
+  graph, state = nnx.split(model)
+  values = state.to_pure_dict()
+
+  @jax.jit
+  def run(values, image):
+    bound = jax.tree.map(lambda a: a, state)
+    nnx.replace_by_pure_dict(bound, values)
+    trace = nnx.merge(graph, bound).run(image, 1.0, train=False)
+    return trace.output, trace.activity
+  return lambda image: run(values, image)
+
+
 def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
             repeats: int, warmup: int) -> list[dict]:
   arch = models.architecture(model_name, num_classes=10, input_shape=MODELS[model_name],
                              profile="all-one", width_multiplier=width_multiplier)
-  dense = models.build(arch, rngs=models.init_rngs(0))
+  dense_variables = models.build(arch, rngs=models.init_rngs(0)).pure_variables()
   image = jax.random.normal(jax.random.key(1), (1, *MODELS[model_name]))
-  dense_fn = jax.jit(lambda m, x: m(x, 1.0, train=False))
+  dense_fn = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
   records = []
   for target in targets:
     keep = budget.fixed_k_keep(arch, target)
     gated = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
     open_fraction(gated, keep)
-    masked_fn = jax.jit(lambda m, x: (lambda t: (t.output, t.activity))(m.run(x, 1.0,
-                                                                               train=False)))
+    masked = masked_forward(gated)
     skip = inference.skipping_forward(gated, buckets)
-    logits, activity = masked_fn(gated, image)
+    logits, activity = masked(image)
     np.testing.assert_allclose(skip(image), logits, rtol=1e-4, atol=1e-4)
     stats = timing.interleaved_latencies({
-        "dense": lambda: dense_fn(dense, image), "masked": lambda: masked_fn(gated, image),
+        "dense": lambda: dense_fn(dense_variables, image), "masked": lambda: masked(image),
         "skip": lambda: skip(image)}, warmup=warmup, repeats=repeats)
     median = {name: s["median_s"] for name, s in stats.items()}
     records.append({

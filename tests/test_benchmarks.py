@@ -98,3 +98,16 @@ def test_tesla_step_rejects_bad_input(kwargs, field):
   args = {"model_name": "mlp", "batch": 4, "tasks": [1.0, 0.5], **kwargs}
   with pytest.raises(ValueError, match=field):
     tesla_step.measure(**args, repeats=1, warmup=0)
+
+
+def test_sanp_latency_records_skipping_against_dense_and_masked():
+  from benchmarks import sanp_latency  # imports the SANP package only here
+
+  (record,) = sanp_latency.measure("m_cifarnet", [0.5], width_multiplier=0.25, buckets=2,
+                                   repeats=2, warmup=1)  # raises if skip != masked
+  assert record["batch"] == 1 and record["buckets"] == 2
+  assert record["flops_ratio"] == pytest.approx(0.5, abs=0.03)  # the gates open keep
+  assert record["skip_over_dense"] == pytest.approx(record["skip_ms"] / record["dense_ms"],
+                                                    abs=2e-3)
+  assert record["masked_over_dense"] == pytest.approx(
+      record["masked_ms"] / record["dense_ms"], abs=2e-3)

@@ -55,3 +55,13 @@ def test_skipping_refuses_what_it_cannot_run():
   skip = inference.skipping_forward(gated_model())
   with pytest.raises(ValueError, match=r"takes one image \(1, H, W, C\), got \(2, 32, 32, 3\)"):
     skip(jnp.zeros((2, 32, 32, 3)))
+
+
+def test_open_first_places_open_channels_first_in_channel_order():
+  order, slot = inference.open_first(jnp.asarray([False, True, False, True, True]))
+  np.testing.assert_array_equal(order, [1, 3, 4, 0, 2])
+  np.testing.assert_array_equal(slot, [3, 0, 4, 1, 2])
+  is_open = jax.random.bernoulli(jax.random.key(3), 0.4, (97,))
+  order, slot = inference.open_first(is_open)
+  np.testing.assert_array_equal(order, np.argsort(~np.asarray(is_open), kind="stable"))
+  np.testing.assert_array_equal(order[slot], np.arange(97))

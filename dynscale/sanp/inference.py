@@ -10,13 +10,17 @@ layer reads a prefix of them (a slice, not a gather) and pooling runs on
 them as they are; the next gate reads its pooled descriptor put back in
 channel order, and a layer that mixes channel positions (flatten, dense,
 an ungated convolution) gets the channel order back first. What every
-layer sees is what the masked network gives it.
+layer sees is what the masked network gives it. The permutation comes from
+cumulative sums of the decisions (:func:`open_first`), not a sort: at batch
+1 every operation's fixed cost counts.
 
 Shapes must be static, so open-channel counts are rounded up to
 ``buckets`` sizes per layer (the padded slots are closed channels, which
 read zeros and are multiplied by zero): each layer picks its (input bucket,
 output bucket) pair with ``lax.switch`` inside one jitted function, with no
-host round trip. Plain convolution chains only (``m_cifarnet``, ``vgg16``,
+host round trip. The returned function takes the image alone: the
+variables are bound as plain dicts of arrays, so a call flattens no Flax
+objects. Plain convolution chains only (``m_cifarnet``, ``vgg16``,
 ``vgg19``); residual blocks are not supported yet.
 """
 
@@ -53,6 +57,17 @@ def check_architecture(arch: dict) -> None:
                        f"is a {layer['kind']!r}")
 
 
+def open_first(is_open: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The permutation that puts the open channels of ``is_open`` ``(C,)`` first, each
+  part in channel order: ``(order, slot)`` with ``order[j]`` the channel at slot
+  ``j`` and ``slot[c]`` the slot of channel ``c`` (its inverse)."""
+  opened = is_open.astype(jnp.int32)
+  slot = jnp.where(is_open, jnp.cumsum(opened) - 1,
+                   jnp.sum(opened) + jnp.cumsum(1 - opened) - 1)
+  order = jnp.zeros_like(slot).at[slot].set(jnp.arange(slot.shape[0]), unique_indices=True)
+  return order, slot
+
+
 def _ignore(*_):
   return None
 
@@ -66,26 +81,29 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
   check_architecture(arch)
   graph = spec.graph(arch)
   gate_graph, gate_state = nnx.split(model.gates)
+  gate_values = gate_state.to_pure_dict()
   variables = model.pure_variables()["layers"]
 
   def context(index: int, gates=None) -> Context:
     return Context(train=False, epsilon=arch["bn_epsilon"], masks={}, gates=gates,
                    path=f"layers.{index}", record=_ignore)
 
-  def gated_conv(node, v, y, order_in, count_in, gate):
-    """``y`` holds the input channels in the order ``order_in`` (open first, the
-    rest zeros; ``None``: the natural order); returns the output the same way."""
+  def gated_conv(node, v, y, placed, count_in, gate):
+    """``y`` holds the input channels placed by ``placed`` = ``(order, slot)`` of
+    :func:`open_first` (open first, the rest zeros; ``None``: the natural order);
+    returns the output the same way."""
     layer = arch["layers"][node.index]
     channels = node.inputs.channels
-    if order_in is None:
+    if placed is None:
       order_in, count_in, sizes_in = jnp.arange(channels), channels, (channels,)
       descriptor_map = y
     else:  # Eq. 5's pooled descriptor, put back in channel order: a 1x1 map pools to itself
+      order_in, slot_in = placed
       sizes_in = bucket_sizes(channels, buckets)
-      descriptor_map = descriptor(y)[:, jnp.argsort(order_in)][:, None, None, :]
+      descriptor_map = descriptor(y)[:, slot_in][:, None, None, :]
     multiplier = gate(descriptor_map, None, False)[0]
     is_open = multiplier != 0
-    order_out = jnp.argsort(jnp.logical_not(is_open), stable=True)  # open channels first
+    order_out, slot_out = open_first(is_open)
     sizes_out = bucket_sizes(layer["features"], buckets)
     name = gate_name(f"layers.{node.index}", "")
 
@@ -106,29 +124,31 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
     which_out = jnp.searchsorted(jnp.asarray(sizes_out), jnp.sum(is_open))
     y = jax.lax.switch(which_in * len(sizes_out) + which_out,
                        [branch(k_in, k_out) for k_in, k_out in pairs], y)
-    return y, order_out, jnp.sum(is_open)
+    return y, (order_out, slot_out), jnp.sum(is_open)
 
   @jax.jit
-  def forward(variables, gate_state, image):
-    gates = nnx.merge(gate_graph, gate_state)
-    y, order, count = image, None, None
+  def forward(variables, gate_values, image):
+    state = jax.tree.map(lambda a: a, gate_state)
+    nnx.replace_by_pure_dict(state, gate_values)
+    gates = nnx.merge(gate_graph, state)
+    y, placed, count = image, None, None
     for node in graph.nodes:
       layer = arch["layers"][node.index]
       v = variables[node.index] if node.kind in spec.PARAMETRIC_KINDS else {}
       name = gate_name(f"layers.{node.index}", "")
       if node.kind == "conv" and name in gates:
-        y, order, count = gated_conv(node, v, y, order, count, gates[name])
+        y, placed, count = gated_conv(node, v, y, placed, count, gates[name])
         continue
-      if order is not None and node.kind not in CHANNELWISE:  # back to channel order
-        y, order, count = y[..., jnp.argsort(order)], None, None
+      if placed is not None and node.kind not in CHANNELWISE:  # back to channel order
+        y, placed, count = y[..., placed[1]], None, None
       y = KINDS[layer["kind"]].apply(layer, v, y, context(node.index), node.inputs,
                                      node.outputs)
-    if order is not None:
-      y = y[..., jnp.argsort(order)]
+    if placed is not None:
+      y = y[..., placed[1]]
     return y.astype(jnp.float32)
 
   def run(image: jax.Array) -> jax.Array:
     if image.shape[0] != 1:
       raise ValueError(f"skipping inference takes one image (1, H, W, C), got {image.shape}")
-    return forward(variables, gate_state, image)
+    return forward(variables, gate_values, image)
   return run
