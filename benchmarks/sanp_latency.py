@@ -12,7 +12,11 @@ every channel, multiplies the closed ones by zero) and
 called the same way, as jitted functions of plain dicts of arrays (the
 dense backbone through :func:`dynscale.nn.sliced.apply_sliced`): at batch 1
 flattening Flax objects on every call costs a few tenths of a millisecond,
-which would otherwise count against whichever path pays it. Prints one JSON
+which would otherwise count against whichever path pays it. A fourth path,
+``thin``, is the plain backbone at the widths skipping computes (each
+layer's open count rounded up to its bucket), without gates: the floor any
+skipping can reach, so ``skip_over_thin`` is what the gates, the filter
+gathers and the bucket switches cost. Prints one JSON
 line per target: ``skip_over_dense``, ``masked_over_dense``, the analytic
 ``flops_ratio`` (§4.1.1's formula), the gates' own cost and the XLA flags.
 Untrained weights: latency does not depend on their values.
@@ -50,6 +54,17 @@ def open_fraction(model, keep: float) -> None:
     gate.head.w2.bias.value = jnp.where(jnp.arange(channels) < k, 3.0, -3.0)
 
 
+def bucketed_widths(model, keep: float, buckets: int) -> dict[str, int]:
+  """Each gated layer's width as skipping computes it under :func:`open_fraction`:
+  its open count rounded up to a bucket size."""
+  widths = {}
+  for name, gate in model.gates.items():
+    channels = gate.head.w2.bias.value.shape[0]
+    opened = gates.kept_channels(keep, channels)
+    widths[name] = min(k for k in inference.bucket_sizes(channels, buckets) if k >= opened)
+  return widths
+
+
 def masked_forward(model):
   """``(logits, activity) = f(image)`` of the gated ``model``'s masked path, jitted over
   its variables as a plain dict."""
@@ -77,13 +92,17 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
     keep = budget.fixed_k_keep(arch, target)
     gated = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
     open_fraction(gated, keep)
+    widths = bucketed_widths(gated, keep, buckets)
+    thin_variables = sliced.slice_variables(arch, dense_variables, widths)
+    thin_fn = jax.jit(lambda v, x, widths=widths: sliced.apply_sliced(arch, v, x, widths))
     masked = masked_forward(gated)
     skip = inference.skipping_forward(gated, buckets)
     logits, activity = masked(image)
     np.testing.assert_allclose(skip(image), logits, rtol=1e-4, atol=1e-4)
     stats = timing.interleaved_latencies({
         "dense": lambda: dense_fn(dense_variables, image), "masked": lambda: masked(image),
-        "skip": lambda: skip(image)}, warmup=warmup, repeats=repeats)
+        "skip": lambda: skip(image), "thin": lambda: thin_fn(thin_variables, image)},
+        warmup=warmup, repeats=repeats)
     median = {name: s["median_s"] for name, s in stats.items()}
     records.append({
         "model": model_name, "width_multiplier": width_multiplier, "batch": 1,
@@ -92,6 +111,9 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
                              / costs.flops(arch), 4),
         "skip_over_dense": round(median["skip"] / median["dense"], 3),
         "masked_over_dense": round(median["masked"] / median["dense"], 3),
+        "thin_over_dense": round(median["thin"] / median["dense"], 3),
+        "skip_over_thin": round(median["skip"] / median["thin"], 3),
+        "thin_flops_ratio": round(costs.flops(arch, widths) / costs.flops(arch), 4),
         **{f"{name}_ms": round(1e3 * s, 3) for name, s in median.items()},
         **{f"{name}_spread": round(s["spread"], 3) for name, s in stats.items()},
         "gate_flops": budget.spm_flops(arch, 16),
