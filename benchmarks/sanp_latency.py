@@ -73,9 +73,7 @@ def masked_forward(model):
 
   @jax.jit
   def run(values, image):
-    bound = jax.tree.map(lambda a: a, state)
-    nnx.replace_by_pure_dict(bound, values)
-    trace = nnx.merge(graph, bound).run(image, 1.0, train=False)
+    trace = nnx.merge(graph, nnx.State(values)).run(image, 1.0, train=False)
     return trace.output, trace.activity
   return lambda image: run(values, image)
 

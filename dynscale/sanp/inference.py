@@ -128,9 +128,7 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
 
   @jax.jit
   def forward(variables, gate_values, image):
-    state = jax.tree.map(lambda a: a, gate_state)
-    nnx.replace_by_pure_dict(state, gate_values)
-    gates = nnx.merge(gate_graph, state)
+    gates = nnx.merge(gate_graph, nnx.State(gate_values))
     y, placed, count = image, None, None
     for node in graph.nodes:
       layer = arch["layers"][node.index]
