@@ -21,10 +21,10 @@ network (``LEARNING_RATE``); every other variant starts from its export
   alone can take a sixth of the way in one step; four times the
   iterations, so 10-step fine-tunes and 5 recalibration batches;
 * ``b64-1_5x-n24``: ``b64-1_5x`` with N = 24 and ``b1-1_5x``'s fine-tunes,
-  a study beside the issue's N ~ 6: with N = 6 each step must take 6% of
-  the original latency from one group, which the late stages cannot give
-  after one cut, so the search was left with the early ones (RESULTS);
-  Table 3 runs N = 24-48, steps of 1.5%;
+  a study beside the issue's N ~ 6: with N = 6 each step must take about
+  6% of the original latency from one group in one cut, and every
+  candidate of the 1.5x search lost accuracy in it (RESULTS); Table 3 runs
+  N = 24-48, steps of about 1.5%, each a gentler cut;
 
 each with short RMSProp fine-tunes (Table 4's optimizer; candidates scored
 on 2,000 of the validation images), 2-epoch
