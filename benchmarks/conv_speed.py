@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from dynscale import timing
+from dynscale import host, timing
 from dynscale.kernels import conv
 from dynscale.nn import models, sliced, spec
 from dynscale.train import steps
@@ -188,6 +188,7 @@ def main(argv):
   for name in f.models:
     if name not in INPUTS:
       raise app.UsageError(f"--models entries must be in {sorted(INPUTS)}, got {name!r}")
+  allocator = host.tune_allocator()["allocator"]
   for name in f.models:
     arch = models.architecture(name, num_classes=10, input_shape=INPUTS[name])
     if f.shapes:
@@ -195,9 +196,10 @@ def main(argv):
         widths = spec.widths_at_dp(arch, float(width))
         for shape in conv_shapes(arch, widths, f.batch):
           print(json.dumps({"model": name, "width": float(width),
-                            **time_shape(shape, f.repeats)}), flush=True)
+                            **time_shape(shape, f.repeats), "allocator": allocator}), flush=True)
     if f.networks:
-      print(json.dumps(time_network(name, f.batch, f.repeats)), flush=True)
+      print(json.dumps({**time_network(name, f.batch, f.repeats), "allocator": allocator}),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from dynscale import timing
+from dynscale import host, timing
 from dynscale.nn import costs, models, sliced
 
 MODELS = {"vgg16": (32, 32, 3), "mobilenet": (32, 32, 3), "mlp": (28, 28, 1)}
@@ -68,11 +68,12 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
 
 def main(argv):
   del argv
+  allocator = host.tune_allocator()["allocator"]
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   for record in measure(_MODEL.value, _BATCH.value, [float(d) for d in _DPS.value],
                         repeats=_REPEATS.value, warmup=_WARMUP.value,
                         width_multiplier=_WIDTH.value, dtype=dtype):
-    print(json.dumps(record), flush=True)
+    print(json.dumps({**record, "allocator": allocator}), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from dynscale import tesla, timing
+from dynscale import host, tesla, timing
 from dynscale.nn import models
 from dynscale.tesla import multitask
 from dynscale.train import steps
@@ -82,7 +82,9 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  print(json.dumps(measure(f.model, f.batch, f.width_multiplier, f.repeats)), flush=True)
+  allocator = host.tune_allocator()["allocator"]
+  print(json.dumps({**measure(f.model, f.batch, f.width_multiplier, f.repeats),
+                    "allocator": allocator}), flush=True)
 
 
 if __name__ == "__main__":

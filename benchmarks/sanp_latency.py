@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from dynscale import timing
+from dynscale import host, timing
 from dynscale.nn import costs, models, sliced
 from dynscale.sanp import budget, gates, inference
 
@@ -137,10 +137,11 @@ def main(argv):
   f = flags.FLAGS
   if f.batch != 1:
     raise app.UsageError(f"--batch must be 1 (skipping inference runs one image), got {f.batch}")
+  allocator = host.tune_allocator()["allocator"]
   for record in measure(f.model, [float(t) for t in f.flops],
                         width_multiplier=f.width_multiplier, buckets=f.buckets,
                         repeats=f.repeats, warmup=f.warmup):
-    print(json.dumps(record))
+    print(json.dumps({**record, "allocator": allocator}))
 
 
 if __name__ == "__main__":

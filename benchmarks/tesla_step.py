@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from dynscale import tesla, timing
+from dynscale import host, tesla, timing
 from dynscale.nn import costs, models
 from dynscale.tesla import multitask
 from dynscale.train import steps
@@ -149,10 +149,11 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
+  allocator = host.tune_allocator()["allocator"]
   record = measure(f.model, f.batch, [float(t) for t in f.tasks], repeats=f.repeats,
                    warmup=f.warmup, width_multiplier=f.width_multiplier,
                    dtype=DTYPES[f.dtype], steps_per_call=f.steps_per_call)
-  print(json.dumps(record), flush=True)
+  print(json.dumps({**record, "allocator": allocator}), flush=True)
 
 
 if __name__ == "__main__":

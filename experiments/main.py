@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dynscale import plots
+from dynscale import host, plots
 from dynscale.compactnet import training as compactnet_training
 from dynscale.idp import mpidp, training as idp_training
 from dynscale.sanp import training as sanp_training
@@ -90,6 +90,7 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.multihost:
     jax.distributed.initialize()
+  logging.info("Host allocator: %s", host.tune_allocator())  # before any XLA computation
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
   print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.variants), FLAGS.workdir))

@@ -17,7 +17,7 @@ SHAPES = {
     "depthwise 3x3": ((7, 5, 4), (3, 3, 1, 4), 4),
     "tiny map": ((2, 2, 5), (3, 3, 5, 6), 1),
 }
-PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1))]
+PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1)), ((3, 0), (0, 3))]
 
 
 def _reference(x, f, strides, padding, groups):
@@ -32,7 +32,7 @@ def _arrays(shape, fshape):
 
 
 @pytest.mark.parametrize("impl", ["patches", "shifted"])
-@pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit"])
+@pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit", "wider than the kernel"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_every_implementation_equals_lax_conv(name, stride, padding, impl):
@@ -94,3 +94,35 @@ def test_the_rule():
   with pytest.raises(ValueError, match="implementation must be one of"):
     with conv.forced("winograd"):
       pass
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shifted_depthwise_saves_only_its_inputs(stride):
+  """The backward of the multiply-adds keeps x and f, not the kh kw windows of x
+  (which autodiff of the sum would save: nine times the input of a 3x3 layer)."""
+  x, f = _arrays((9, 9, 4), (3, 3, 1, 4))
+  with conv.forced("shifted"):
+    _, vjp = jax.vjp(lambda x, f: conv.conv2d(x, f, stride, "SAME", 4), x, f)
+  saved = sum(leaf.size for leaf in jax.tree.leaves(vjp))
+  assert saved == x.size + f.size
+
+
+def test_shifted_depthwise_second_order_and_vmapped_gradients():
+  x, f = _arrays((6, 7, 3), (3, 3, 1, 3))
+  xs = jnp.stack([x, -0.5 * x])
+
+  def grad_norm(fn, x, f):  # reverse over reverse: the gradient's norm, differentiated
+    g = jax.grad(lambda x, f: jnp.sum(jnp.sin(fn(x, f))), argnums=(0, 1))(x, f)
+    return sum(jnp.sum(t ** 2) for t in g)
+
+  ours = lambda x, f: conv.conv2d(x, f, 2, "SAME", 3)
+  ref = lambda x, f: _reference(x, f, (2, 2), "SAME", 3)
+  with conv.forced("shifted"):
+    got = jax.jit(jax.grad(lambda x, f: grad_norm(ours, x, f), argnums=(0, 1)))(x, f)
+    batched = jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(ours(x, f)))))(xs)
+  want = jax.grad(lambda x, f: grad_norm(ref, x, f), argnums=(0, 1))(x, f)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  for i in range(2):
+    np.testing.assert_allclose(
+        batched[i], jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, f))))(xs[i]), rtol=1e-5, atol=1e-5)

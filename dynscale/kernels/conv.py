@@ -14,7 +14,8 @@ the same function, NHWC input and HWIO filters, with one of:
   in ONE ``dot`` (im2col); for a 1x1 kernel this is the plain matrix
   product over the (strided) pixels;
 * ``"shifted"``: for a depthwise filter, the sum over taps of each shifted
-  window times that tap's per-channel weights (multiply-adds, no dot).
+  window times that tap's per-channel weights (multiply-adds, no dot), with
+  a backward of its own that keeps only the input and the filter.
 
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Union
 
@@ -142,7 +144,7 @@ def _patches(x: Array, f: Array, strides, padding: Padding) -> Array:
   return y.reshape(b, oh, ow, f.shape[3])
 
 
-def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
+def _multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
   """``sum_{u,v} window_{u,v}(x) * f[u, v, 0, :]``: a depthwise conv as multiply-adds."""
   windows = _windows(x, f.shape, strides, padding)
   taps = f.reshape(-1, f.shape[3])
@@ -150,6 +152,49 @@ def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
   for window, tap in zip(windows[1:], taps[1:]):
     y = y + window * tap
   return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """A depthwise conv as multiply-adds over taps, with a backward that keeps only ``x``, ``f``.
+
+  Differentiated as written, the multiply-adds would save all ``kh kw``
+  windows of ``x`` for the backward pass (nine copies of the input of a 3x3
+  layer) and build the input gradient as nine zero-padded tensors summed;
+  on CPU that memory traffic, not the arithmetic, was the time of
+  MobileNetV2's train step (RESULTS.md, issue 9).
+  """
+  return _multiply_add_taps(x, f, strides, padding)
+
+
+def _shifted_depthwise_fwd(x, f, strides, padding):
+  return _multiply_add_taps(x, f, strides, padding), (x, f)
+
+
+def _shifted_depthwise_bwd(strides, padding, residuals, g):
+  """Input gradient: the output gradient, dilated by the stride and padded so that
+  its stride-1 VALID windows line up with ``x``, correlated with the flipped filter
+  (the transposed convolution); filter gradient: per tap, the sum over batch and
+  positions of that tap's window of ``x`` times ``g``."""
+  x, f = residuals
+  (ph, pw), (sh, sw) = _axis_padding(padding), strides
+  kh, kw = f.shape[0], f.shape[1]
+  lh, rh, oh = _pads(x.shape[1], kh, sh, ph)
+  lw, rw, ow = _pads(x.shape[2], kw, sw, pw)
+  # dx[i] = sum_u g[(i + lh - u) / s] f[u]: pad so that window v of the result reads
+  # position i + v of it, i.e. g's entry for tap u = kh - 1 - v (negative pads crop)
+  dilated = jax.lax.pad(g, jnp.zeros((), g.dtype), (
+      (0, 0, 0),
+      (kh - 1 - lh, x.shape[1] + lh - (oh - 1) * sh - 1, sh - 1),
+      (kw - 1 - lw, x.shape[2] + lw - (ow - 1) * sw - 1, sw - 1),
+      (0, 0, 0)))
+  dx = _multiply_add_taps(dilated, f[::-1, ::-1], (1, 1), "VALID")
+  df = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2))
+                  for window in _windows(x, f.shape, strides, padding)])
+  return dx, df.reshape(f.shape).astype(f.dtype)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
@@ -171,7 +216,8 @@ def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
   f = f.astype(x.dtype)
   name = implementation(x.shape, f.shape, strides, padding, groups)
   if name == "shifted":
-    return _shifted_depthwise(x, f, strides, padding)
+    hashable = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+    return _shifted_depthwise(x, f, strides, hashable)
   if name == "patches":
     return _patches(x, f, strides, padding)
   return jax.lax.conv_general_dilated(
