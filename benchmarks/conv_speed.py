@@ -39,8 +39,12 @@ from dynscale.nn import models, sliced, spec
 from dynscale.train import steps
 from dynscale.train.state import create_train_state
 
+# ``mobilenet_v2_imagenet`` at 32x32 is MobileNetV2 with Table 1's strides (final map
+# 1x1, 6 M multiply-adds), the network CompactNet trims; ``mobilenet_v2`` has
+# the CIFAR strides (final map 4x4, 88 M).
 INPUTS = {"vgg16": (32, 32, 3), "resnet18": (32, 32, 3), "mobilenet_v2": (32, 32, 3),
-          "mobilenet": (32, 32, 3), "m_cifarnet": (32, 32, 3)}
+          "mobilenet_v2_imagenet": (32, 32, 3), "mobilenet": (32, 32, 3),
+          "m_cifarnet": (32, 32, 3)}
 
 
 
