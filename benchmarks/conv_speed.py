@@ -103,7 +103,7 @@ def time_shape(shape: dict, repeats: int) -> dict:
   b = jnp.asarray(rng.standard_normal((kh * kw * c_group, m)), jnp.float32)
   dot = jax.jit(lambda a, b: jnp.dot(a, b))
   dot_grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.dot(a, b)), argnums=(0, 1)))
-  chosen_fwd, chosen_bwd = fns("xla" if chosen == "xla" else "patches")
+  chosen_fwd, chosen_bwd = fns(chosen)
   xla_fwd, xla_bwd = fns("xla")
   stats = timing.interleaved_latencies({
       "chosen_fwd": chosen_fwd, "chosen_bwd": chosen_bwd, "xla_fwd": xla_fwd,

@@ -31,7 +31,7 @@ def _arrays(shape, fshape):
           jnp.asarray(RNG.standard_normal(fshape), jnp.float32))
 
 
-@pytest.mark.parametrize("impl", ["patches", "shifted"])
+@pytest.mark.parametrize("impl", ["patches", "shifted", "xla_patches_grad"])
 @pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit", "wider than the kernel"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -79,7 +79,9 @@ def test_the_rule():
   assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 4, 4, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 8, 8, 64), dense, (2, 2), "SAME", 1, "cpu") == "patches"  # 4x4 out
-  assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
+  assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla_patches_grad"
+  assert rule((64, 32, 32, 64), dense, (2, 2), "SAME", 1, "cpu") == "xla_patches_grad"
+  assert rule((64, 8, 8, 63), (3, 3, 63, 64), (1, 1), "SAME", 1, "cpu") == "xla"
   assert rule((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 32, 32, 8), (3, 3, 8, 64), (1, 1), "SAME", 1, "cpu") == "xla"
   assert rule((64, 32, 32, 64), (1, 1, 64, 64), (1, 1), "SAME", 1, "cpu") == "patches"
@@ -91,33 +93,45 @@ def test_the_rule():
     assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
   with conv.forced("shifted"):
     assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "gpu") == "patches"
+  with conv.forced("xla_patches_grad"):
+    assert rule((64, 8, 8, 8), (3, 3, 8, 8), (1, 1), "SAME", 1, "gpu") == "xla_patches_grad"
+    assert rule((64, 8, 8, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "xla"
   with pytest.raises(ValueError, match="implementation must be one of"):
     with conv.forced("winograd"):
       pass
 
 
+# implementation -> (input H, W, C), filter, groups: the forms with a backward of their own
+OWN_BACKWARD = {"shifted": ((9, 9, 4), (3, 3, 1, 4), 4),
+                "xla_patches_grad": ((9, 9, 4), (3, 3, 4, 5), 1)}
+
+
+@pytest.mark.parametrize("impl", list(OWN_BACKWARD))
 @pytest.mark.parametrize("stride", [1, 2])
-def test_shifted_depthwise_saves_only_its_inputs(stride):
-  """The backward of the multiply-adds keeps x and f, not the kh kw windows of x
-  (which autodiff of the sum would save: nine times the input of a 3x3 layer)."""
-  x, f = _arrays((9, 9, 4), (3, 3, 1, 4))
-  with conv.forced("shifted"):
-    _, vjp = jax.vjp(lambda x, f: conv.conv2d(x, f, stride, "SAME", 4), x, f)
+def test_own_backward_saves_only_its_inputs(impl, stride):
+  """The backward keeps x and f: not the kh kw windows of x, which autodiff of
+  the multiply-adds or of im2col would save (nine times the input of a 3x3 layer)."""
+  shape, fshape, groups = OWN_BACKWARD[impl]
+  x, f = _arrays(shape, fshape)
+  with conv.forced(impl):
+    _, vjp = jax.vjp(lambda x, f: conv.conv2d(x, f, stride, "SAME", groups), x, f)
   saved = sum(leaf.size for leaf in jax.tree.leaves(vjp))
   assert saved == x.size + f.size
 
 
-def test_shifted_depthwise_second_order_and_vmapped_gradients():
-  x, f = _arrays((6, 7, 3), (3, 3, 1, 3))
+@pytest.mark.parametrize("impl", list(OWN_BACKWARD))
+def test_own_backward_second_order_and_vmapped_gradients(impl):
+  _, fshape, groups = OWN_BACKWARD[impl]
+  x, f = _arrays((6, 7, fshape[2] * groups), fshape)
   xs = jnp.stack([x, -0.5 * x])
 
   def grad_norm(fn, x, f):  # reverse over reverse: the gradient's norm, differentiated
     g = jax.grad(lambda x, f: jnp.sum(jnp.sin(fn(x, f))), argnums=(0, 1))(x, f)
     return sum(jnp.sum(t ** 2) for t in g)
 
-  ours = lambda x, f: conv.conv2d(x, f, 2, "SAME", 3)
-  ref = lambda x, f: _reference(x, f, (2, 2), "SAME", 3)
-  with conv.forced("shifted"):
+  ours = lambda x, f: conv.conv2d(x, f, 2, "SAME", groups)
+  ref = lambda x, f: _reference(x, f, (2, 2), "SAME", groups)
+  with conv.forced(impl):
     got = jax.jit(jax.grad(lambda x, f: grad_norm(ours, x, f), argnums=(0, 1)))(x, f)
     batched = jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(ours(x, f)))))(xs)
   want = jax.grad(lambda x, f: grad_norm(ref, x, f), argnums=(0, 1))(x, f)

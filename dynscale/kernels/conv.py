@@ -15,13 +15,20 @@ the same function, NHWC input and HWIO filters, with one of:
   product over the (strided) pixels;
 * ``"shifted"``: for a depthwise filter, the sum over taps of each shifted
   window times that tap's per-channel weights (multiply-adds, no dot), with
-  a backward of its own that keeps only the input and the filter.
+  a backward of its own that keeps only the input and the filter;
+* ``"xla_patches_grad"``: ``lax.conv`` forward and input gradient, and the
+  filter gradient as ONE im2col matrix product (the patches' transpose
+  times the output gradient). XLA:CPU computes a dense convolution's
+  filter gradient far below the matmul rate: 5 GFLOP/s for a 3x3
+  convolution on 32x32x64 at batch 64, 6-7x slower than the product.
 
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
 outputs of at most 4x4 positions and for at most 4 input channels (a first
-layer on RGB images), ``"xla"`` otherwise (where XLA:CPU is
-at or near the matmul rate). The measurements behind it are in
+layer on RGB images), ``"xla_patches_grad"`` for at least 64 input channels
+(where the product computed the filter gradient 1.1-7x faster; below 64,
+0.8-1.1x), ``"xla"`` otherwise (where XLA:CPU's forward and input gradient
+are at or near the matmul rate). The measurements behind it are in
 docs/RESULTS.md (issue 9). Every implementation gives the same values and
 gradients up to float rounding (tested against ``lax.conv`` for every kind,
 stride, padding and odd size). :func:`forced` overrides the rule inside a
@@ -42,13 +49,17 @@ import jax.numpy as jnp
 Array = jax.Array
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-IMPLEMENTATIONS = ("xla", "patches", "shifted")
+IMPLEMENTATIONS = ("xla", "patches", "shifted", "xla_patches_grad")
 # The most output positions (H_out * W_out) at which a CPU convolution is
 # computed as one matrix product (RESULTS.md, issue 9: 4x4 and below).
 CPU_PATCHES_MAX_POSITIONS = 16
 # ... and with at most this many input channels (a first layer on RGB: XLA:CPU's
 # filter gradient for it ran at a third of a matmul, im2col's at full rate).
 CPU_PATCHES_MAX_INPUT_CHANNELS = 4
+# The fewest input channels at which a CPU convolution's filter gradient is one
+# im2col matrix product (RESULTS.md, issue 9: 1.1-7x faster than XLA:CPU's from 64
+# input channels up, 0.8-1.1x below).
+CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS = 64
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_implementation",
                                                                      default=None)
@@ -59,9 +70,11 @@ def forced(name: str) -> Iterator[None]:
   """Within the block, every convolution traced uses implementation ``name``.
 
   ``"patches"`` and ``"shifted"`` both mean the matmul-free-of-XLA-conv
-  forms: ``"shifted"`` for depthwise filters, ``"patches"`` for the others
-  (grouped convolutions other than depthwise always use ``"xla"``).
-  Functions already traced and cached by ``jit`` keep their implementation.
+  forms: ``"shifted"`` for depthwise filters, ``"patches"`` for the others.
+  ``"xla_patches_grad"`` applies to dense convolutions; depthwise ones use
+  ``"xla"`` under it. Grouped convolutions other than depthwise always use
+  ``"xla"``. Functions already traced and cached by ``jit`` keep their
+  implementation.
   """
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
@@ -109,6 +122,8 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if forced_name is not None or groups not in (1, channels):
     if forced_name == "xla" or not (groups == 1 or depthwise):
       return "xla"
+    if forced_name == "xla_patches_grad":
+      return "xla" if depthwise else forced_name
     return "shifted" if depthwise else "patches"
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
@@ -118,6 +133,8 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if (f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS
       or f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS):
     return "patches"
+  if f_shape[2] >= CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS:
+    return "xla_patches_grad"
   return "xla"
 
 
@@ -135,13 +152,49 @@ def _windows(x: Array, f_shape, strides, padding: Padding) -> list[Array]:
           for u in range(kh) for v in range(kw)]
 
 
+def _im2col(x: Array, f_shape, strides, padding: Padding) -> Array:
+  """The windows side by side along channels: ``(B H_out W_out, kh kw C)``."""
+  windows = _windows(x, f_shape, strides, padding)
+  cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+  return cols.reshape(-1, cols.shape[-1])
+
+
 def _patches(x: Array, f: Array, strides, padding: Padding) -> Array:
   """im2col: the windows side by side along channels, times the ``(kh kw C, M)`` filter."""
-  windows = _windows(x, f.shape, strides, padding)
-  cols = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-  b, oh, ow, _ = cols.shape
-  y = cols.reshape(b * oh * ow, -1) @ f.reshape(-1, f.shape[3])
+  b, (oh, ow) = x.shape[0], output_shape(x.shape, f.shape, strides, padding)
+  y = _im2col(x, f.shape, strides, padding) @ f.reshape(-1, f.shape[3])
   return y.reshape(b, oh, ow, f.shape[3])
+
+
+def _xla_conv(x: Array, f: Array, strides, padding: Padding, groups: int = 1) -> Array:
+  return jax.lax.conv_general_dilated(
+      x, f, window_strides=strides, padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_patches_grad(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """``lax.conv`` whose filter gradient is one im2col matrix product.
+
+  The backward keeps ``x`` and ``f`` (as autodiff of ``lax.conv`` does):
+  the input gradient is ``lax.conv``'s own transpose, the filter gradient
+  ``im2col(x)^T g``.
+  """
+  return _xla_conv(x, f, strides, padding)
+
+
+def _xla_conv_patches_grad_fwd(x, f, strides, padding):
+  return _xla_conv(x, f, strides, padding), (x, f)
+
+
+def _xla_conv_patches_grad_bwd(strides, padding, residuals, g):
+  x, f = residuals
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, f, strides, padding), x)
+  df = _im2col(x, f.shape, strides, padding).T @ g.reshape(-1, g.shape[-1])
+  return input_vjp(g)[0], df.reshape(f.shape).astype(f.dtype)
+
+
+_xla_conv_patches_grad.defvjp(_xla_conv_patches_grad_fwd, _xla_conv_patches_grad_bwd)
 
 
 def _multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
@@ -215,11 +268,11 @@ def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
   strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
   f = f.astype(x.dtype)
   name = implementation(x.shape, f.shape, strides, padding, groups)
+  hashable = padding if isinstance(padding, str) else tuple(map(tuple, padding))
   if name == "shifted":
-    hashable = padding if isinstance(padding, str) else tuple(map(tuple, padding))
     return _shifted_depthwise(x, f, strides, hashable)
+  if name == "xla_patches_grad":
+    return _xla_conv_patches_grad(x, f, strides, hashable)
   if name == "patches":
     return _patches(x, f, strides, padding)
-  return jax.lax.conv_general_dilated(
-      x, f, window_strides=strides, padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  return _xla_conv(x, f, strides, padding, groups)
