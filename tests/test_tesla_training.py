@@ -14,15 +14,17 @@ import pytest
 from flax import nnx
 
 from dynscale import data, tesla
+from dynscale.idp import evaluation
 from dynscale.nn import models, sliced
 from dynscale.tesla import multitask, training as tesla_training
 from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import main as launcher
-from experiments.configs import tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
+from experiments.configs import common, tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
 
 TASKS = (1.0, 0.5, 0.2)
+SHARED = common.evaluation(bn_mode="shared")
 
 
 # A small conv net with every IDP ingredient (conv, BN, pooling, flatten, IDP dense):
@@ -149,7 +151,8 @@ def test_early_stopping_and_model_selection_never_read_the_test_split(monitor):
   for dataset in (base, poisoned):
     trainer, state = small_trainer(dataset, multitask.sliced_loss(TASKS))
     fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
-                      validate=tesla_training.stage_validation(trainer, stage, TASKS, monitor),
+                      validate=tesla_training.stage_validation(trainer, stage, TASKS, monitor,
+                                                               SHARED),
                       num_epochs=4, stage="stage1", early_stopping=EarlyStopping(1))
     runs.append((fit.early_stopping, jax.tree.map(np.asarray, fit.best_state.params),
                  trainer.evaluate(fit.best_state, "test", jnp.float32(1.0))["accuracy"]))
@@ -168,11 +171,46 @@ def test_objective_monitor_is_the_coefficient_weighted_validation_score():
   per_task = [trainer.evaluate(state, "val", jnp.float32(dp)) for dp in TASKS]
   for key in ("accuracy", "loss"):
     expected = 0.25 * per_task[0][key] + 0.25 * per_task[1][key] + 0.5 * per_task[2][key]
-    objective = tesla_training.stage_validation(trainer, stage, TASKS, "objective")(state)
+    objective = tesla_training.stage_validation(trainer, stage, TASKS, "objective",
+                                                SHARED)(state)
     assert objective[key] == pytest.approx(expected, rel=1e-6)
-    newest = tesla_training.stage_validation(trainer, stage, TASKS, "newest_task")(state)
+    newest = tesla_training.stage_validation(trainer, stage, TASKS, "newest_task",
+                                             SHARED)(state)
     assert newest[key] == pytest.approx(per_task[2][key], rel=1e-6)
   assert per_task[0]["accuracy"] != per_task[2]["accuracy"], "tasks must differ for the check"
+
+
+def test_validation_reads_the_statistics_the_report_reads():
+  """With ``eval.bn_mode='recalibrated'`` every task's validation metrics come from
+  statistics recalibrated at its DP (as computed by hand), not from the running
+  ones, shifted here so far off that the two readings differ."""
+  full = data.load("mnist_sample", val_size=250, seed=0)
+  dataset = dataclasses.replace(full, train_x=full.train_x[:500], train_y=full.train_y[:500])
+  arch = {**TINY_CNN, "input_shape": [28, 28, 1]}
+  model = models.build(arch, rngs=models.init_rngs(0))
+  tx = optax.adam(1e-2)
+  graphdef, state = create_train_state(model, tx)
+  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=multitask.sliced_loss(TASKS),
+                         forward=steps.eval_forward, dataset=dataset, batch_size=50,
+                         eval_batch_size=250, augment=False, seed=0, steps_per_chunk=10)
+  state = trainer.place(state)
+  for idx, key in trainer.epoch_chunks(0):
+    state, _ = trainer.train_chunk(state, trainer.splits["train"], jnp.asarray(idx), key,
+                                   jnp.asarray([1.0, 0.0, 0.0]))
+  off = state.replace(model_state=jax.tree.map(lambda t: t + 3.0, state.model_state))
+  recalibrated = common.evaluation(bn_mode="recalibrated")
+  stage = tesla.tesla_stages(TASKS, 0.5)[2]
+  by_hand = {dp: trainer.evaluate(evaluation.recalibrated_state(
+      trainer, off, dp, recalibrated.recalibration_batches), "val", jnp.float32(dp))
+      for dp in TASKS}
+  got = tesla_training.stage_validation(trainer, stage, TASKS, "objective", recalibrated)(off)
+  shared = tesla_training.stage_validation(trainer, stage, TASKS, "objective", SHARED)(off)
+  for key in ("accuracy", "loss"):
+    want = sum(c * by_hand[dp][key] for dp, c in zip(TASKS, stage.coefficients))
+    assert got[key] == pytest.approx(want, rel=1e-6)
+  assert abs(got["loss"] - shared["loss"]) > 0.1, "the two readings must differ for the check"
+  score = tesla_training.mean_validation_accuracy(trainer, TASKS, recalibrated)(off)
+  assert score == pytest.approx(np.mean([by_hand[dp]["accuracy"] for dp in TASKS]), rel=1e-6)
 
 
 @pytest.mark.parametrize("schedule, atp_enabled", [("tesla", False), ("rtesla", True)])

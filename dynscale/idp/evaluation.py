@@ -30,15 +30,22 @@ def recalibrated_state(trainer: loop.Trainer, state: TrainState, dp: float,
   return state.replace(model_state=sliced.merge_variables(state.model_state, stats))
 
 
+def evaluate_at(eval_config, trainer: loop.Trainer, state: TrainState, split: str,
+                dp: float) -> dict[str, float]:
+  """``trainer.evaluate`` of ``state`` on ``split`` at ``dp``, with the batch-norm
+  statistics ``eval.bn_mode`` names (recalibrated at ``dp`` on training batches,
+  or the running ones). Validation that selects what the test report reads
+  must read the same statistics."""
+  at_dp = (recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
+           if eval_config.bn_mode == "recalibrated" else state)
+  return trainer.evaluate(at_dp, split, jnp.float32(dp))
+
+
 def accuracy_by_dp(eval_config, trainer: loop.Trainer, state: TrainState,
                    split: str) -> list[list[float]]:
   """``[[dp, accuracy], ...]`` on ``split`` at each DP of ``eval_config.dps``."""
-  points = []
-  for dp in eval_config.dps:
-    at_dp = (recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
-             if eval_config.bn_mode == "recalibrated" else state)
-    points.append([float(dp), trainer.evaluate(at_dp, split, jnp.float32(dp))["accuracy"]])
-  return points
+  return [[float(dp), evaluate_at(eval_config, trainer, state, split, dp)["accuracy"]]
+          for dp in eval_config.dps]
 
 
 def test_report(eval_config, trainer: loop.Trainer, state: TrainState) -> dict:

@@ -6,8 +6,11 @@ coefficient vector is the step's task argument, so all stages share one
 executable. Algorithm 1 optimises ``L_i^obj`` "until meeting early stopping
 criteria": a stage runs until its validation score has not improved for
 ``train.patience`` epochs (never the test split); its best-validation state
-is kept and the next stage starts from it. ``schedule.monitor`` says which
-score (:func:`stage_validation`):
+is kept and the next stage starts from it. Validation reads the batch-norm
+statistics the test report reads (``eval.bn_mode``): with ``recalibrated``,
+each task's accuracy comes from statistics recalibrated at its DP, so that a
+low-DP task the running statistics put at chance can still count.
+``schedule.monitor`` says which score (:func:`stage_validation`):
 
 * ``'objective'`` (default): the stage's objective on the validation split,
   every active task's accuracy weighted by its Eq. 3 coefficient;
@@ -134,14 +137,15 @@ def stage_plan(config):
                              np.random.default_rng(config.seed))
 
 
-def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str):
+def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str, eval_config):
   """What early stopping and model selection read in ``stage``: validation metrics of a state.
 
   ``'objective'``: ``sum_k c_k m_k`` over the tasks with ``c_k > 0``, where
   ``m_k`` is the validation accuracy (or loss) at task ``k``'s DP and ``c``
   the stage's Eq. 3 coefficients (they sum to one, so the loss is the
   validation value of ``L_i^obj``). ``'newest_task'``: the metrics at
-  ``stage.dp``.
+  ``stage.dp``. Each ``m_k`` reads the statistics of ``eval_config.bn_mode``
+  (:func:`dynscale.idp.evaluation.evaluate_at`).
   """
   if monitor == "newest_task":
     weights = {stage.dp: 1.0}
@@ -149,22 +153,23 @@ def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str):
     weights = {dp: c for dp, c in zip(tasks, stage.coefficients) if c > 0}
 
   def validate(state) -> dict[str, float]:
-    metrics = [trainer.evaluate(state, "val", jnp.float32(dp)) for dp in weights]
+    metrics = [evaluation.evaluate_at(eval_config, trainer, state, "val", dp) for dp in weights]
     return {key: sum(w * m[key] for w, m in zip(weights.values(), metrics))
             for key in ("accuracy", "loss")}
 
   return validate
 
 
-def mean_validation_accuracy(trainer, tasks) -> Callable[[TrainState], float]:
+def mean_validation_accuracy(trainer, tasks, eval_config) -> Callable[[TrainState], float]:
   """The ``'best_mean'`` score of a state: ``(1/N) sum_k acc_val(d_k)`` over all N tasks.
 
   ``acc_val(d_k)``: accuracy on the validation split at task ``k``'s DP
-  (never the test split), whether or not the task has been trained yet.
+  (never the test split), whether or not the task has been trained yet, with
+  the statistics of ``eval_config.bn_mode``.
   """
 
   def score(state) -> float:
-    return sum(trainer.evaluate(state, "val", jnp.float32(dp))["accuracy"]
+    return sum(evaluation.evaluate_at(eval_config, trainer, state, "val", dp)["accuracy"]
                for dp in tasks) / len(tasks)
 
   return score
@@ -270,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                temperature=config.distill.temperature)
   trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
   state = trainer.place(state)
-  score = mean_validation_accuracy(trainer, tasks)
+  score = mean_validation_accuracy(trainer, tasks, config.eval)
   run_best = (RunBest(score, run.checkpoint_dir, state, run.writer)
               if config.schedule.selection == "best_mean" else None)
   spent, history = 0, []
@@ -283,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Stage %d: task %d (DP %.2f), coefficients %s", stage.index, stage.task,
                  stage.dp, stage.coefficients)
     fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
-                      validate=stage_validation(trainer, stage, tasks, config.schedule.monitor),
+                      validate=stage_validation(trainer, stage, tasks, config.schedule.monitor,
+                                                config.eval),
                       num_epochs=limit,
                       stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
                       writer=run.writer, early_stopping=EarlyStopping(config.train.patience),
