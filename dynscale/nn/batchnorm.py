@@ -95,8 +95,8 @@ def recalibrate(model: Any, widths: Any, batches: Iterable[Any], *,
     profile_index = spec.select_profile(arch, widths, None)
   widths = spec.resolve_widths(arch, widths)
   compact = sliced.slice_variables(arch, variables, widths)
-  moments = jax.jit(functools.partial(sliced.batch_moments, arch, widths=widths,
-                                      profile_index=profile_index, dtype=dtype))
+  moments = _sliced_moments(json.dumps(arch, sort_keys=True), widths, profile_index,
+                            jnp.dtype(dtype).name)
   sums, count = None, 0
   for batch in batches:
     x = _inputs(batch)
@@ -123,6 +123,16 @@ def _bn_groups(arch: dict) -> dict[tuple, int]:
     if node.kind in spec.PARAMETRIC_KINDS:
       walk(sliced.layer_variables(arch, node), ("layers", node.index), node.slots)
   return out
+
+
+@functools.lru_cache(maxsize=32)
+def _sliced_moments(arch_json: str, widths: tuple[int, ...], profile_index: int | None,
+                    dtype_name: str):
+  """A jitted ``(compact variables, x) -> moments`` of the sliced network at
+  ``widths``, compiled once per network, widths and dtype (validation
+  recalibrates at every task's DP after every epoch)."""
+  return jax.jit(functools.partial(sliced.batch_moments, json.loads(arch_json), widths=widths,
+                                   profile_index=profile_index, dtype=jnp.dtype(dtype_name)))
 
 
 @functools.lru_cache(maxsize=8)
