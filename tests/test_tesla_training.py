@@ -107,8 +107,12 @@ def test_inactive_tasks_contribute_nothing(skip_inactive):
                stats_multi, stats_single)
 
 
-def small_trainer(dataset, loss_fn, counter=None):
-  arch, model = tiny("tesla_mlp", (28, 28, 1), 0.1)
+def small_trainer(dataset, loss_fn, counter=None, arch=None):
+  """A trainer of the ``tesla_mlp`` at width 0.1 (of ``arch`` when given) on ``dataset``."""
+  if arch is None:
+    arch, model = tiny("tesla_mlp", (28, 28, 1), 0.1)
+  else:
+    model = models.build(arch, rngs=models.init_rngs(0))
   tx = optax.adam(1e-3)
   graphdef, state = create_train_state(model, tx)
 
@@ -184,16 +188,8 @@ def test_validation_reads_the_statistics_the_report_reads():
   """With ``eval.bn_mode='recalibrated'`` every task's validation metrics come from
   statistics recalibrated at its DP (as computed by hand), not from the running
   ones, shifted here so far off that the two readings differ."""
-  full = data.load("mnist_sample", val_size=250, seed=0)
-  dataset = dataclasses.replace(full, train_x=full.train_x[:500], train_y=full.train_y[:500])
-  arch = {**TINY_CNN, "input_shape": [28, 28, 1]}
-  model = models.build(arch, rngs=models.init_rngs(0))
-  tx = optax.adam(1e-2)
-  graphdef, state = create_train_state(model, tx)
-  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=multitask.sliced_loss(TASKS),
-                         forward=steps.eval_forward, dataset=dataset, batch_size=50,
-                         eval_batch_size=250, augment=False, seed=0, steps_per_chunk=10)
-  state = trainer.place(state)
+  trainer, state = small_trainer(small_dataset(), multitask.sliced_loss(TASKS),
+                                 arch={**TINY_CNN, "input_shape": [28, 28, 1]})
   for idx, key in trainer.epoch_chunks(0):
     state, _ = trainer.train_chunk(state, trainer.splits["train"], jnp.asarray(idx), key,
                                    jnp.asarray([1.0, 0.0, 0.0]))

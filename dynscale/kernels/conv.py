@@ -189,9 +189,9 @@ def _xla_conv_patches_grad_fwd(x, f, strides, padding):
 
 def _xla_conv_patches_grad_bwd(strides, padding, residuals, g):
   x, f = residuals
-  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, f, strides, padding), x)
+  dx, = jax.linear_transpose(lambda x: _xla_conv(x, f, strides, padding), x)(g)
   df = _im2col(x, f.shape, strides, padding).T @ g.reshape(-1, g.shape[-1])
-  return input_vjp(g)[0], df.reshape(f.shape).astype(f.dtype)
+  return dx, df.reshape(f.shape).astype(f.dtype)
 
 
 _xla_conv_patches_grad.defvjp(_xla_conv_patches_grad_fwd, _xla_conv_patches_grad_bwd)
