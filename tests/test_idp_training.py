@@ -14,7 +14,7 @@ from flax import nnx
 from dynscale import data, idp
 from dynscale.nn import models, spec
 from dynscale.idp import evaluation, mpidp
-from dynscale.train import loop, steps
+from dynscale.train import loop, runs, steps
 from dynscale.train.state import create_train_state
 from experiments import main as launcher
 from experiments.configs import idp_fig7, idp_fig9
@@ -159,3 +159,27 @@ def test_unknown_variant_field_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match="variants.linear: unknown config field 'model.profil'"):
     launcher.train_and_evaluate(config, str(tmp_path / "fig"))
   assert not (tmp_path / "fig").exists()
+
+
+def test_mp_idp_stages_select_on_the_statistics_the_report_reads(tmp_path):
+  """With ``eval.bn_mode='recalibrated'``, each profile's validation (early stopping, the
+  state kept) reads statistics recalibrated at its DP: the logged validation loss of
+  every profile equals the exported network's recalibrated loss there, which the
+  running statistics after one epoch do not give."""
+  config = tiny_figure(idp_fig9.get_config("mlp"), epochs=1)
+  config.update_from_flattened_dict({
+      "method": "mpidp", "model.name": "m_cifarnet", "model.width_multiplier": 0.1,
+      "model.mp_profiles": ((0.0, 0.5), (0.5, 1.0)), "eval.bn_mode": "recalibrated"})
+  mpidp.train_and_evaluate(config, str(tmp_path / "run"))
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  config.model.init_from = str(tmp_path / "run" / "export")
+  run = runs.start(config, str(tmp_path / "reload"), check=mpidp.check_config)
+  graphdef, state = create_train_state(run.model, optax.sgd(0.0))
+  trainer = runs.make_trainer(run, graphdef, optax.sgd(0.0), steps.classification_loss,
+                              mpidp.profile_forward(run.arch["profiles"]))
+  for s, (_, hi) in enumerate(run.arch["profiles"]):
+    val_loss = [m[f"profile{s}/val_loss"] for m in logged if f"profile{s}/val_loss" in m]
+    recalibrated = evaluation.evaluate_at(config.eval, trainer, state, "val", hi)["loss"]
+    running = trainer.evaluate(state, "val", jnp.float32(hi))["loss"]
+    assert val_loss == [pytest.approx(recalibrated, rel=1e-5)], s
+    assert abs(running - recalibrated) > 1e-3, "the two readings must differ for the check"

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax.numpy as jnp
 
 from dynscale.nn import batchnorm, sliced
@@ -39,6 +41,14 @@ def evaluate_at(eval_config, trainer: loop.Trainer, state: TrainState, split: st
   at_dp = (recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
            if eval_config.bn_mode == "recalibrated" else state)
   return trainer.evaluate(at_dp, split, jnp.float32(dp))
+
+
+def validation_at(eval_config, trainer: loop.Trainer, dp: float
+                  ) -> Callable[[TrainState], dict[str, float]]:
+  """What early stopping and the kept state read when a stage trains at one
+  ``dp``: :func:`evaluate_at` on the validation split, so that with
+  ``recalibrated`` statistics the state kept is the best one as reported."""
+  return lambda state: evaluate_at(eval_config, trainer, state, "val", dp)
 
 
 def accuracy_by_dp(eval_config, trainer: loop.Trainer, state: TrainState,

@@ -7,6 +7,9 @@ profile uses (the part computed at ``dp = lo_s``) stays frozen: its updates
 are zeroed by an optax transformation after the optimizer (so momentum and
 weight decay cannot move it either) and its batch-norm running statistics
 are restored after each forward. At inference the DP picks the profile.
+Each stage's early stopping and kept state read validation at ``hi_s`` with
+the batch-norm statistics of ``eval.bn_mode``, as the test report does
+(:func:`dynscale.idp.evaluation.validation_at`).
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     fit = trainer.fit(trainer.place(state), task=jnp.float32(hi),
                       num_epochs=config.train.num_epochs, stage=f"profile{s}",
                       checkpoint_dir=run.checkpoint_dir, writer=run.writer,
-                      early_stopping=EarlyStopping(patience) if patience else None)
+                      early_stopping=EarlyStopping(patience) if patience else None,
+                      validate=evaluation.validation_at(config.eval, trainer, hi))
     state = fit.best_state
     epochs_run.append(fit.epochs_run)
   report = evaluation.test_report(config.eval, trainer, state)

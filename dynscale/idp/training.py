@@ -1,10 +1,13 @@
 """Train at one DP, evaluate across DPs: the baseline and the original IDP recipe.
 
 001 §IV: a network is trained at 100% DP with its profile (all-one for the
-standard network), then evaluated at DP 10%, ..., 100%.
+standard network), then evaluated at DP 10%, ..., 100%. Early stopping and the state kept read
+validation at ``train.dp`` with the batch-norm statistics of ``eval.bn_mode``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 import ml_collections
@@ -33,14 +36,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fit = trainer.fit(
       trainer.place(state), task=jnp.float32(config.train.dp),
       num_epochs=config.train.num_epochs, stage="train", checkpoint_dir=run.checkpoint_dir,
-      writer=run.writer, early_stopping=EarlyStopping(patience) if patience else None)
+      writer=run.writer, early_stopping=EarlyStopping(patience) if patience else None,
+      validate=evaluation.validation_at(config.eval, trainer, config.train.dp))
   report = evaluation.test_report(config.eval, trainer, fit.best_state)
-  dp = jnp.float32(config.train.dp)
-  val = trainer.evaluate(fit.best_state, "val", dp)
+  at_dp = functools.partial(evaluation.evaluate_at, config.eval, trainer, fit.best_state,
+                            dp=config.train.dp)
   return runs.finish(run, graphdef, fit.best_state, {
       **report,
-      "test_accuracy": trainer.evaluate(fit.best_state, "test", dp)["accuracy"],
-      "val_accuracy": val["accuracy"],
+      "test_accuracy": at_dp("test")["accuracy"],
+      "val_accuracy": at_dp("val")["accuracy"],
       "epochs_run": fit.epochs_run,
       "steps": int(fit.state.step),
   })
