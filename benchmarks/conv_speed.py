@@ -18,9 +18,12 @@ filter) rates in GFLOP/s of
 and ``chosen_over_dot``. FLOPs count 2 per multiply-add over every tap
 (padding included); forward+backward counts 3x the forward. Then one line
 per network (``"kind": "network"``): images/s of a plain train step (SGD,
-masked network at 100% DP) and of sliced inference at 100% DP, with every
-convolution under the rule (``chosen``) and forced to ``lax.conv``
-(``xla``), measured in one run with interleaved rounds, and their ratios.
+masked network at 100% DP), of sliced inference at 100% DP, and of a
+program that returns gradients alone (``grad``: ``jit(grad(loss))`` of the
+sliced network at 100% DP, as a user's own training loop computes them),
+with every convolution under the rule (``chosen``) and forced to
+``lax.conv`` (``xla``), measured in one run with interleaved rounds, and
+their ratios (``train_speedup``, ``infer_speedup``, ``grad_speedup``).
 """
 
 import contextlib
@@ -149,27 +152,30 @@ def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 
     chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
                                    mesh)
     infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
+    grad = jax.jit(jax.grad(lambda v, x, y: jnp.mean(
+        steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y))))
     holder = [jax.tree.map(jnp.copy, state)]
 
     def train():
       holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), jnp.float32(1.0))
       return metrics
 
+    programs = {"train": train, "infer": lambda: infer(variables, x),
+                "grad": lambda: grad(variables, *data)}
     with conv.forced(impl) if impl else contextlib.nullcontext():
-      jax.block_until_ready((train(), infer(variables, x)))  # traced under the block
-    return train, lambda: infer(variables, x)
+      jax.block_until_ready([run() for run in programs.values()])  # traced under the block
+    return programs
 
-  train_chosen, infer_chosen = candidates(None)
-  train_xla, infer_xla = candidates("xla")
-  stats = timing.interleaved_latencies({
-      "train_chosen": train_chosen, "train_xla": train_xla, "infer_chosen": infer_chosen,
-      "infer_xla": infer_xla}, warmup=1, repeats=repeats)
+  chosen, xla = candidates(None), candidates("xla")
+  stats = timing.interleaved_latencies(
+      {f"{program}_{impl}": run for impl, programs in (("chosen", chosen), ("xla", xla))
+       for program, run in programs.items()}, warmup=1, repeats=repeats)
   per_s = {k: batch / s["median_s"] for k, s in stats.items()}
   return {"kind": "network", "model": name, "batch": batch,
           **{f"{k}_images_per_s": round(v, 1) for k, v in per_s.items()},
           **{f"{k}_spread": round(s["spread"], 3) for k, s in stats.items()},
-          "train_speedup": round(per_s["train_chosen"] / per_s["train_xla"], 2),
-          "inference_speedup": round(per_s["infer_chosen"] / per_s["infer_xla"], 2),
+          **{f"{program}_speedup": round(per_s[f"{program}_chosen"] / per_s[f"{program}_xla"], 2)
+             for program in ("train", "infer", "grad")},
           "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
           "jax": jax.__version__, "cpu_load_1m": round(os.getloadavg()[0], 2)}
 
