@@ -5,8 +5,9 @@ is 1x1 at 32x32, as the authors' code) at full width: 6 M multiply-adds,
 cheaper than the protocol's VGG-16 x 0.25, so the width stays 1.0 (a
 protocol size, recorded). CIFAR-10 45k / 5k, the full test split.
 
-``:pretrain`` trains the original network once (10 epochs, the protocol's
-cap per stage; the issue's prototype reached 55.4% in 8), with the
+``:pretrain`` trains the original network once (``PRETRAIN_EPOCHS``: 20,
+twice the protocol's cap per stage, a recorded protocol size: 10 reached
+54.5%, under the issue's 58%, and the issue allows 45 minutes), with the
 protocol's SGD at learning rate 0.02, not 0.05, which does not train this
 network (``LEARNING_RATE``); every other variant starts from its export
 (``model.init_from='variant:pretrain'``, a figure runs it first):
@@ -27,9 +28,12 @@ network (``LEARNING_RATE``); every other variant starts from its export
   N = 24-48, steps of about 1.5%, each a gentler cut;
 
 each with short RMSProp fine-tunes (Table 4's optimizer; candidates scored
-on 2,000 of the validation images), 2-epoch
-retraining of the searched, uniform and original networks for retrain
-seeds 0 and 1, measured on both CPU platforms (Table 7's exchange).
+on 2,000 of the validation images), then ``RETRAIN_EPOCHS`` (10, the
+protocol's cap per stage) of retraining of the searched, uniform and
+original networks for retrain seeds 0 and 1 with the pretraining's SGD
+(cosine over the retraining; Table 4's RMSProp at 1e-4 recovered less:
+chosen on validation, ``RETRAIN_OPTIMIZER``), measured on both CPU
+platforms (Table 7's exchange).
 ``:smoke`` is one quick search (T_final 1.8 on ``cpu-b64``, a small table,
 2-step fine-tunes) from a 1-epoch pretraining on 2,000 images,
 to check the pipeline in a few minutes. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
@@ -39,7 +43,8 @@ from dynscale.train import protocols
 from experiments.configs import common
 
 MODEL = "mobilenet_v2_imagenet"
-PRETRAIN_EPOCHS = 10  # the cpu protocol's cap per training stage
+PRETRAIN_EPOCHS = 20  # 10 (the cpu protocol's cap per stage) reached 54.5%; the bar is 58%
+RETRAIN_EPOCHS = 10  # the cpu protocol's cap per training stage
 # The protocol's learning rate, 0.05, does not train this network: its training
 # accuracy rose to 24% in the first epoch and fell to 13% by the third (loss
 # above chance, validation 22.7 -> 15.7%; weight decay 4e-5 did no better);
@@ -47,7 +52,8 @@ PRETRAIN_EPOCHS = 10  # the cpu protocol's cap per training stage
 # training curve (2026-12-02).
 LEARNING_RATE = 0.02
 SIZES = {"model": {"width_multiplier": 1.0}, "train": {"num_epochs": PRETRAIN_EPOCHS},
-         "optimizer": {"learning_rate": LEARNING_RATE}}
+         "optimizer": {"learning_rate": LEARNING_RATE},
+         "compactnet": {"retrain_epochs": RETRAIN_EPOCHS}}
 SUBSETS = ("all", "smoke")
 MEASURE_ON = ("cpu-b64", "cpu-b1")
 # N = 24 steps (Table 3's N for 1.5x), each with a shorter fine-tune and recalibration
@@ -68,6 +74,11 @@ def _base():
   config.compactnet.measure_on = MEASURE_ON
   config.compactnet.score_examples = SCORE_EXAMPLES
   config = protocols.apply(config, "cpu", SIZES)
+  # Retraining the searched 1.5x network (validation 41.8% after its search) 2 epochs:
+  # Table 4's RMSProp at 1e-4 reached 47.7%, the pretraining's SGD 52.0% (the original:
+  # 54.9% and 55.5%); 6 epochs of SGD: 56.7% and 59.4%. Chosen on validation
+  # (2026-12-03, RESULTS.md).
+  config.compactnet.retrain_optimizer = config.optimizer.copy_and_resolve_references()
   config.title = "004 CompactNet, MobileNetV2 on two CPU platforms"
   return config
 
