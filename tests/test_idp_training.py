@@ -168,7 +168,8 @@ def test_mp_idp_stages_select_on_the_statistics_the_report_reads(tmp_path):
   running statistics after one epoch do not give."""
   config = tiny_figure(idp_fig9.get_config("mlp"), epochs=1)
   config.update_from_flattened_dict({
-      "method": "mpidp", "model.name": "m_cifarnet", "model.width_multiplier": 0.1,
+      "method": "mpidp", "data.train_examples": 1000, "model.name": "m_cifarnet",
+      "model.width_multiplier": 0.1,
       "model.mp_profiles": ((0.0, 0.5), (0.5, 1.0)), "eval.bn_mode": "recalibrated"})
   mpidp.train_and_evaluate(config, str(tmp_path / "run"))
   logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
