@@ -32,15 +32,20 @@ def recalibrated_state(trainer: loop.Trainer, state: TrainState, dp: float,
   return state.replace(model_state=sliced.merge_variables(state.model_state, stats))
 
 
+def state_at(eval_config, trainer: loop.Trainer, state: TrainState, dp: float) -> TrainState:
+  """``state`` with the batch-norm statistics ``eval.bn_mode`` names at ``dp``:
+  recalibrated there on training batches, or the running ones."""
+  if eval_config.bn_mode == "recalibrated":
+    return recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
+  return state
+
+
 def evaluate_at(eval_config, trainer: loop.Trainer, state: TrainState, split: str,
                 dp: float) -> dict[str, float]:
   """``trainer.evaluate`` of ``state`` on ``split`` at ``dp``, with the batch-norm
-  statistics ``eval.bn_mode`` names (recalibrated at ``dp`` on training batches,
-  or the running ones). Validation that selects what the test report reads
-  must read the same statistics."""
-  at_dp = (recalibrated_state(trainer, state, dp, eval_config.recalibration_batches)
-           if eval_config.bn_mode == "recalibrated" else state)
-  return trainer.evaluate(at_dp, split, jnp.float32(dp))
+  statistics of :func:`state_at`. Validation that selects what the test report
+  reads must read the same statistics."""
+  return trainer.evaluate(state_at(eval_config, trainer, state, dp), split, jnp.float32(dp))
 
 
 def validation_at(eval_config, trainer: loop.Trainer, dp: float

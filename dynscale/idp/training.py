@@ -1,13 +1,12 @@
 """Train at one DP, evaluate across DPs: the baseline and the original IDP recipe.
 
 001 §IV: a network is trained at 100% DP with its profile (all-one for the
-standard network), then evaluated at DP 10%, ..., 100%. Early stopping and the state kept read
-validation at ``train.dp`` with the batch-norm statistics of ``eval.bn_mode``.
+standard network), then evaluated at DP 10%, ..., 100%. Early stopping and
+the state kept read validation at ``train.dp`` with the batch-norm
+statistics of ``eval.bn_mode``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax.numpy as jnp
 import ml_collections
@@ -39,12 +38,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer=run.writer, early_stopping=EarlyStopping(patience) if patience else None,
       validate=evaluation.validation_at(config.eval, trainer, config.train.dp))
   report = evaluation.test_report(config.eval, trainer, fit.best_state)
-  at_dp = functools.partial(evaluation.evaluate_at, config.eval, trainer, fit.best_state,
-                            dp=config.train.dp)
+  dp = config.train.dp
+  at_dp = evaluation.state_at(config.eval, trainer, fit.best_state, dp)
   return runs.finish(run, graphdef, fit.best_state, {
       **report,
-      "test_accuracy": at_dp("test")["accuracy"],
-      "val_accuracy": at_dp("val")["accuracy"],
+      "test_accuracy": trainer.evaluate(at_dp, "test", jnp.float32(dp))["accuracy"],
+      "val_accuracy": trainer.evaluate(at_dp, "val", jnp.float32(dp))["accuracy"],
       "epochs_run": fit.epochs_run,
       "steps": int(fit.state.step),
   })
