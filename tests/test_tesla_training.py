@@ -15,7 +15,8 @@ from flax import nnx
 
 from dynscale import data, tesla
 from dynscale.idp import evaluation
-from dynscale.nn import models, sliced
+from dynscale.data.pipeline import normalize
+from dynscale.nn import batchnorm, models, sliced
 from dynscale.tesla import multitask, training as tesla_training
 from dynscale.train import loop, runs, steps, sweep
 from dynscale.train.early_stopping import EarlyStopping
@@ -347,12 +348,40 @@ def cam_config(name, width):
   return config
 
 
+def cam_run(tmp_path, bn_mode):
+  config = cam_config("vgg16_gap", 1 / 16)
+  config.eval.bn_mode = bn_mode
+  config.eval.recalibration_batches = 2
+  run = runs.start(config, str(tmp_path))
+  graphdef, state = create_train_state(run.model, optax.sgd(0.1))
+  loss = multitask.sliced_loss(tuple(config.schedule.tasks))
+  trainer = runs.make_trainer(run, graphdef, optax.sgd(0.1), loss)
+  return run, trainer, state
+
+
 def test_class_activation_maps_of_a_run_are_saved_as_a_grid(tmp_path):
-  run = runs.start(cam_config("vgg16_gap", 1 / 16), str(tmp_path))
-  _, state = create_train_state(run.model, optax.sgd(0.1))
-  path = tesla_training.save_cams(run, state)
+  run, trainer, state = cam_run(tmp_path, "shared")
+  path, _ = tesla_training.save_cams(run, trainer, state)
   image = matplotlib.image.imread(path)
   assert image.shape[1] > image.shape[0] > 0  # 3 rows of 4 columns: input, 20, 50, 100%
+
+
+def test_class_activation_maps_read_the_statistics_of_the_test_report(tmp_path):
+  # A fresh network's running statistics (mean 0, variance 1) are far from its
+  # activations' own, so the maps change with the statistics they read.
+  run, trainer, state = cam_run(tmp_path, "recalibrated")
+  _, logits = tesla_training.save_cams(run, trainer, state)
+  n = run.config.cam.num_images
+  images = normalize(jnp.asarray(run.dataset.test_x[:n]),
+                     *data.normalization_stats(run.dataset.name))
+  variables = sliced.merge_variables(state.params, state.model_state)
+  for dp in run.config.cam.dps:
+    stats = batchnorm.recalibrate((run.arch, variables), dp, trainer.training_batches(2))
+    recalibrated = sliced.apply_sliced(run.arch, sliced.merge_variables(variables, stats),
+                                       images, dp, train=False)
+    running = sliced.apply_sliced(run.arch, variables, images, dp, train=False)
+    np.testing.assert_allclose(logits[dp], recalibrated, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(logits[dp], running, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.slow
@@ -365,6 +394,8 @@ def test_tesla_on_a_gap_network_saves_class_activation_maps(tmp_path):
   results = tesla_training.train_and_evaluate(config, str(tmp_path))
   image = matplotlib.image.imread(results["cam"])
   assert image.shape[0] > 0 and image.shape[1] > image.shape[0]  # 3 rows, 4 columns
+  assert {dp: len(classes) for dp, classes in results["cam_predictions"].items()} == {
+      f"{dp:g}": 3 for dp in config.cam.dps}
 
 
 def test_cam_needs_a_gap_model(tmp_path):

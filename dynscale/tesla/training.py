@@ -34,7 +34,9 @@ low-DP task the running statistics put at chance can still count.
   epochs are spent.
 * ``cam.enabled``: after training, class activation maps of a few test
   images at ``cam.dps`` are saved as ``cam.png`` (a GAP model such as
-  ``vgg16_gap``; 000 §4.2).
+  ``vgg16_gap``; 000 §4.2), each DP with the batch-norm statistics of
+  ``eval.bn_mode``, and the class each map shows is recorded as
+  ``cam_predictions``.
 * ``atp.enabled``: the profiles start at one and are trained too, alternating
   with the weights every ``atp.period_steps`` steps, and projected back to a
   non-increasing sequence (``atp.projection``: the paper's clip or the exact
@@ -252,14 +254,19 @@ def learned_profiles(params, mask) -> dict[str, list[float]]:
           for (path, leaf), is_profile in zip(leaves, jax.tree.leaves(mask)) if is_profile}
 
 
-def save_cams(run: runs.Run, state) -> str:
-  """Class activation maps of the first test images at ``cam.dps``; returns the PNG path."""
+def save_cams(run: runs.Run, trainer, state) -> tuple[str, dict]:
+  """Class activation maps of the first test images at ``cam.dps``, each DP read
+  with the batch-norm statistics the test report reads there
+  (:func:`dynscale.idp.evaluation.state_at`); returns the PNG path and DP ->
+  logits of those images."""
   n, path = run.config.cam.num_images, os.path.join(run.workdir, "cam.png")
-  cam.cam_figure(run.arch, sliced.merge_variables(state.params, state.model_state),
-                 run.dataset.test_x[:n], run.config.cam.dps, path,
-                 normalization=data.normalization_stats(run.dataset.name),
-                 labels=run.dataset.test_y[:n])
-  return path
+  stats = {dp: evaluation.state_at(run.config.eval, trainer, state, dp).model_state
+           for dp in run.config.cam.dps}
+  logits = cam.cam_figure(run.arch, sliced.merge_variables(state.params, state.model_state),
+                          run.dataset.test_x[:n], run.config.cam.dps, path,
+                          normalization=data.normalization_stats(run.dataset.name),
+                          labels=run.dataset.test_y[:n], bn_stats_by_dp=stats)
+  return path, logits
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -305,7 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   extra = ({"learned_profiles": learned_profiles(state.params, profile_mask(run.model))}
            if config.atp.enabled else {})
   if config.cam.enabled and run.is_main_process:
-    extra["cam"] = save_cams(run, state)
+    extra["cam"], logits = save_cams(run, trainer, state)
+    extra["cam_predictions"] = {f"{dp:g}": np.asarray(jnp.argmax(l, -1)).tolist()
+                                for dp, l in logits.items()}
   return runs.finish(run, graphdef, state, {
       **report,
       "schedule": config.schedule.name, "monitor": config.schedule.monitor,
