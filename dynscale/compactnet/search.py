@@ -21,6 +21,13 @@ widths, predicted latency, validation accuracy and kept channel indices,
 and the choice) next to the variables of the last chosen model and of the
 iteration's best candidate so far, so the same call resumes after the last
 finished candidate and ends with the same history.
+
+The table predicts; the platform decides. A caller that measures the
+searched model on the platform records it with :func:`record_check`; when
+the model measures short of the target, the check carries a corrected
+budget (:func:`corrected_budget`) and the next call of :func:`search` runs
+one more iteration under it, after the schedule's (an addition to 004, whose
+search ends when the table's prediction meets the target).
 """
 
 from __future__ import annotations
@@ -154,6 +161,41 @@ def _origin_of(arrays: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
   return {int(k.split("/")[1]): v for k, v in arrays.items() if k.startswith("origin/")}
 
 
+def corrected_budget(table: Table, widths: Sequence[int], measured_speedup: float,
+                     target_speedup: float) -> float:
+  """The latency the table must predict for a model that measures ``target_speedup``,
+  if the table errs on it as on the model at ``widths``.
+
+  With ``L`` the table's latency of the original and ``p`` its speed-up at
+  ``widths``, a measured speed-up ``m`` says the table over-predicts by
+  ``p / m``; the budget is ``L m / (T p)``: a predicted speed-up of ``T p / m``.
+  """
+  predicted = table.speedup(list(widths))
+  return table.predict(table.full_widths) * measured_speedup / (target_speedup * predicted)
+
+
+def one_trim_meets(table: Table, widths: Sequence[int], budget: float,
+                   min_width: float | Sequence[float]) -> bool:
+  """Whether one iteration can bring the model at ``widths`` to ``budget``: some
+  group trimmed no lower than its minimum width meets it."""
+  minimum = minimum_widths(table, min_width)
+  return any(trim_group(table, widths, k, budget, minimum[k]) is not None
+             for k in range(len(widths)))
+
+
+def record_check(workdir: str, result: Result, measured_speedup: float,
+                 next_budget_s: float | None) -> dict:
+  """Appends to ``result``'s history, and to its file in ``workdir``, a
+  measurement of its model (``measured_speedup`` on the platform) and the
+  budget of the extra iteration it asks for (None: none); returns the check."""
+  check = {"after_iterations": len(result.history["iterations"]),
+           "measured_speedup": float(measured_speedup),
+           "next_budget_s": None if next_budget_s is None else float(next_budget_s)}
+  result.history["checks"].append(check)
+  write_json_atomic(os.path.join(workdir, HISTORY_FILE), result.history)
+  return check
+
+
 def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[int]) -> dict:
   return {"model": arch["name"], "table_sha": table.to_json()["sha256"],
           "schedule": dataclasses.asdict(schedule), "minimum_widths": list(minimum)}
@@ -183,7 +225,6 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
   arch = spec.validate_architecture(arch)
   groups = trimming.trimmable_groups(arch, table.expansion)
   minimum = minimum_widths(table, min_width)
-  budgets = schedule.budgets(table.predict(table.full_widths))
   os.makedirs(workdir, exist_ok=True)
   history_path = os.path.join(workdir, HISTORY_FILE)
   settings = _settings(arch, table, schedule, minimum)
@@ -196,12 +237,14 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
     variables, arrays = _load_variables(os.path.join(workdir, _CHOSEN_FILE))
     widths, origin = tuple(int(w) for w in arrays["widths"]), _origin_of(arrays)
   else:
-    history = {"settings": settings, "iterations": []}
+    history = {"settings": settings, "iterations": [], "checks": []}
     widths = table.full_widths
     origin = {g.id: np.arange(g.size) for g in spec.prunable_groups(arch)}
     _save_variables(os.path.join(workdir, _CHOSEN_FILE), variables,
                     {"widths": np.asarray(widths), **_origin_arrays(origin)})
     write_json_atomic(history_path, history)
+  budgets = (*schedule.budgets(table.predict(table.full_widths)),
+             *(c["next_budget_s"] for c in history["checks"] if c["next_budget_s"] is not None))
   for i, budget in enumerate(budgets):
     if i < len(history["iterations"]) and history["iterations"][i]["done"]:
       continue

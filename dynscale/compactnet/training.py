@@ -10,7 +10,12 @@
    training batches (without it every trimmed network falls to chance), is
    fine-tuned for ``compactnet.finetune_steps`` steps with
    ``compactnet.finetune_optimizer`` (Table 4: RMSProp) and scored on the
-   validation split, all on the masked network (one compile).
+   validation split, all on the masked network (one compile). The searched
+   model is then measured against the original on the platform; while it
+   measures short of ``compactnet.t_final``, up to
+   ``compactnet.corrections`` more iterations run, each under the budget
+   the table's error on the current model asks for
+   (:func:`dynscale.compactnet.search.corrected_budget`).
 4. The *uniform* baseline: every group cut by one multiplier, L2-trimmed
    from the same pretrained network; the largest multiplier whose measured
    latency is at most the searched model's.
@@ -50,6 +55,7 @@ from dynscale.train.state import create_train_state, merge_model
 TABLE_FILE = "latency-table.json"
 ORIGINAL_EXPORT = "original-export"
 UNIFORM_EXPORT = "uniform-export"
+SEARCHED_PROBE = "searched-before-retrain"
 
 
 # --------------------------------------------------------------------------
@@ -94,6 +100,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.positive(c.recalibration_batches, "compactnet.recalibration_batches", integer=True)
   validation.non_negative_int(c.score_examples, "compactnet.score_examples")
   validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
+  validation.non_negative_int(c.corrections, "compactnet.corrections")
   if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                 for s in c.retrain_seeds):
     raise ValueError(f"compactnet.retrain_seeds must be a non-empty list of integers >= 0, "
@@ -293,6 +300,50 @@ def load_or_build_table(config, arch: dict, workdir: str,
   return path, table
 
 
+def trimmed_searched(arch: dict, found: search.Result, expansion: str) -> tuple[dict, dict]:
+  """The searched model trimmed to its widths: architecture and variables."""
+  groups = trimming.trimmable_groups(arch, expansion)
+  return trimming.trim(arch, found.variables, trimming.core_widths(arch, groups, found.widths))
+
+
+def search_on_platform(run: runs.Run, original: dict, original_export: str,
+                       table: latency.Table, candidates: Candidates,
+                       remote: simulator.Remote) -> search.Result:
+  """The search, then its model measured against the original on the platform
+  (exported to ``<workdir>/searched-before-retrain``), with up to
+  ``compactnet.corrections`` extra iterations while it measures short of the
+  target. Every measurement is a check in the search's history, so a rerun
+  resumes without measuring again."""
+  c = run.config.compactnet
+  target, workdir = platform.get(c.platform), os.path.join(run.workdir, "search")
+  probe = os.path.join(run.workdir, SEARCHED_PROBE)
+  while True:
+    found = search.search(run.arch, original, table, plan(run.config),
+                          fine_tune=candidates.fine_tune, score=candidates.score,
+                          workdir=workdir, min_width=c.min_width, seed=run.config.seed,
+                          log=logging.info)
+    sliced.export(_network(run, *trimmed_searched(run.arch, found, table.expansion)), probe)
+    checks = found.history["checks"]
+    if checks and checks[-1]["after_iterations"] == len(found.history["iterations"]):
+      return found  # measured by an earlier call
+    measured, _ = simulator.measure_networks(remote, target, {
+        "original": {"export_dir": original_export}, "searched": {"export_dir": probe}},
+        table_settings(run.config))
+    speedup = measured["original"] / measured["searched"]
+    budget = None
+    if speedup < c.t_final and len(checks) < c.corrections:
+      budget = search.corrected_budget(table, found.widths, speedup, c.t_final)
+      if not search.one_trim_meets(table, found.widths, budget, c.min_width):
+        logging.warning("the searched model measures %.3fx; no single trim reaches the "
+                        "corrected budget", speedup)
+        budget = None
+    logging.info("searched model on %s: %.3fx measured, %.3fx predicted%s", target.name,
+                 speedup, table.speedup(list(found.widths)),
+                 "" if budget is None else "; one more iteration")
+    if search.record_check(workdir, found, speedup, budget)["next_budget_s"] is None:
+      return found
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        remote: simulator.Remote = simulator.isolated) -> dict:
   """The whole method (module docstring); writes and returns ``results.json``."""
@@ -312,18 +363,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule_ = plan(config)
   search.check_reachable(table, search.minimum_widths(table, c.min_width), schedule_,
                          "compactnet.min_width")
-  candidates = Candidates.create(run, original)
-  found = search.search(arch, original, table, schedule_, fine_tune=candidates.fine_tune,
-                        score=candidates.score, workdir=os.path.join(run.workdir, "search"),
-                        min_width=c.min_width, seed=config.seed, log=logging.info)
+  found = search_on_platform(run, original, original_export, table,
+                             Candidates.create(run, original), remote)
+  searched_arch, searched_vars = trimmed_searched(arch, found, table.expansion)
   groups = trimming.trimmable_groups(arch, table.expansion)
-  searched_arch, searched_vars = trimming.trim(
-      arch, found.variables, trimming.core_widths(arch, groups, found.widths))
   chosen = sum(r["chosen"] is not None for r in found.history["iterations"])
   catch_up = chosen * c.finetune_steps
-  searched_probe = os.path.join(run.workdir, "searched-before-retrain")
-  sliced.export(_network(run, searched_arch, searched_vars), searched_probe)
-  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers, searched_probe,
+  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers,
+                                        os.path.join(run.workdir, SEARCHED_PROBE),
                                         target, settings, remote)
   ordered = trimming.order_by_importance(arch, original, [g.size for g in
                                                           spec.prunable_groups(arch)])
@@ -377,6 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "uniform_widths": dict(zip(names, uniform)),
       "layer_widths": [layer.get("features") for layer in searched_arch["layers"]],
       "iterations_trimmed": chosen,
+      "search_checks": found.history["checks"],
       "table": table_path,
       "table_calibration": table.calibration,
       "export_dir": export_dir,
