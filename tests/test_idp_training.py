@@ -60,7 +60,7 @@ def test_mp_idp_stage_leaves_frozen_entries_bit_identical(digits):
   params_frozen = mpidp.restrict(frozen, nnx.state(model, nnx.Param).to_pure_dict())
   stats_frozen = mpidp.restrict(frozen, nnx.state(model, nnx.BatchStat).to_pure_dict())
   tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), mpidp.freeze(params_frozen))
-  trainer, state = make_trainer(digits, model, tx, mpidp.stage_loss(1, stats_frozen),
+  trainer, state = make_trainer(digits, model, tx, mpidp.stage_loss(1, 1.0, stats_frozen),
                                 mpidp.profile_forward(arch["profiles"]))
   before = jax.tree.map(np.array, (state.params, state.model_state))
   state = trainer.fit(state, task=jnp.float32(1.0), num_epochs=1, stage="profile1").state
@@ -83,6 +83,39 @@ def test_mp_idp_stage_leaves_frozen_entries_bit_identical(digits):
   assert not kernel[:, :, :, 8:].any()
   assert np.asarray(frozen["layers"][0][0]["kernel"]).all()
   assert not np.asarray(frozen["layers"][0][1]["kernel"]).any()
+
+
+@pytest.mark.parametrize("stage, dp", [(0, 0.5), (1, 1.0), (1, 0.75)])
+def test_mp_idp_stage_loss_is_the_masked_network_at_the_stage_dp(digits, stage, dp):
+  arch = small_cnn(profiles=[[0.0, 0.5], [0.5, 1.0]])
+  model = models.build(arch, rngs=models.init_rngs(0))
+  stats_frozen = mpidp.restrict(mpidp.frozen_entries(arch, model.pure_variables(), stage),
+                                nnx.state(model, nnx.BatchStat).to_pure_dict())
+  images, labels = jnp.asarray(digits.train_x[:32] / 255.0, jnp.float32), digits.train_y[:32]
+
+  def masked(model):
+    before = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    logits = model(images, dp, train=True, profile_index=stage)
+    after = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    nnx.update(model, nnx.State(jax.tree.map(lambda f, old, new: jnp.where(f, old, new),
+                                             stats_frozen, before, after)))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+  def stats_of(model):
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat).to_pure_dict())
+
+  loss_fn = mpidp.stage_loss(stage, dp, stats_frozen)
+  reference = models.build(arch, rngs=models.init_rngs(0))
+  want_loss, want_grads = nnx.value_and_grad(masked)(reference)
+  (got_loss, _), got_grads = nnx.value_and_grad(
+      lambda m: loss_fn(m, images, labels, jnp.float32(dp)), has_aux=True)(model)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+               got_grads.to_pure_dict(), want_grads.to_pure_dict())
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6),
+               stats_of(model), stats_of(reference))
+  assert any(not np.allclose(s, 0) and not np.allclose(s, 1)
+             for s in jax.tree.leaves(stats_of(model)))  # the statistics did move
 
 
 def test_bn_recalibration_changes_statistics_and_raises_low_dp_accuracy(digits):
