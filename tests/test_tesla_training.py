@@ -83,15 +83,16 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
                stats_s, stats_m)
 
 
-@pytest.mark.parametrize("skip_inactive", [True, False])
-def test_inactive_tasks_contribute_nothing(skip_inactive):
+@pytest.mark.parametrize("skip_inactive, active", [(True, None), (False, None),
+                                                    (False, (True, False, False))])
+def test_inactive_tasks_contribute_nothing(skip_inactive, active):
   """Stage 0 (only the 100% task) equals a plain step: gradients and BN statistics."""
   arch, model = tiny("tiny_cnn", None, None)
   graphdef, state = create_train_state(model, optax.sgd(0.1))
   images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
   labels = jnp.arange(8) % 10
   first_stage = jnp.asarray([1.0, 0.0, 0.0], jnp.float32)
-  loss_fn = multitask.sliced_loss(TASKS, skip_inactive=skip_inactive)
+  loss_fn = multitask.sliced_loss(TASKS, skip_inactive=skip_inactive, active=active)
 
   def run(objective):
     def f(params):
@@ -237,6 +238,16 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
     assert results["epochs"] <= 4
   else:
     assert [s["task_dp"] for s in results["stages"]] == [1.0, 0.7, 0.4, 0.1]
+  # on CPU each stage's step computes its active tasks alone (the run-time
+  # skip elsewhere computes them alone too, but reports every task)
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  for stage in results["stages"]:
+    computed = {key.split("_dp")[1] for line in logged for key in line
+                if key.startswith(f"stage{stage['stage']}/train_loss_dp")}
+    active = {f"{round(100 * dp)}" for dp, c in zip(config.schedule.tasks,
+                                                    stage["coefficients"]) if c > 0}
+    assert computed == (active if jax.default_backend() == "cpu"
+                        else {f"{round(100 * dp)}" for dp in config.schedule.tasks})
   if atp_enabled:
     (gamma,) = results["learned_profiles"].values()  # the one IDP layer of tesla_mlp
     assert np.all(np.diff(gamma) <= 0), "ATP profiles must stay non-increasing"

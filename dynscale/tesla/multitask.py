@@ -10,9 +10,10 @@ stage changes data, not code (DESIGN invariant 4).
   stage, and a step costs about ``sum_{active} p_k**2`` of a full step. On
   XLA:CPU, where gradients inside ``lax.cond`` branches take a much slower
   path (:func:`dynscale.train.steps.nested_control_flow_is_slow`), every
-  task is computed instead (still sliced, still one executable) and an
-  inactive one is weighted by zero and leaves the statistics alone: a step
-  then costs ``sum_k p_k**2`` in every stage.
+  task is computed instead and an inactive one is weighted by zero and
+  leaves the statistics alone; or, given the stage's ``active`` tasks, the
+  inactive ones are left out of the program (one executable per set of
+  active tasks, which the TESLA trainer builds on CPU, once per stage).
 * :func:`masked_loss` computes every task with the masked network: the same
   value and gradients when every task is active, at the price of a full
   forward and backward pass per task.
@@ -53,17 +54,24 @@ def _distillation(logits, teacher_logits, temperature: float):
 
 
 def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
-                temperature: float = 1.0, skip_inactive: bool | None = None) -> steps.LossFn:
+                temperature: float = 1.0, skip_inactive: bool | None = None,
+                active: Sequence[bool] | None = None) -> steps.LossFn:
   """``sum_k c_k CE(sliced network at tasks[k])``; inactive tasks skipped (lax.cond).
 
   ``tasks`` are static DPs; the task argument of the returned loss is the
   coefficient vector ``c`` of shape ``(len(tasks),)``. Distillation takes
   ``tasks[0]`` (the full network, when it is 1.0) as the teacher.
   ``skip_inactive`` defaults to True except on CPU (module docstring).
+  ``active``: one flag per task; a task flagged False is not computed at all
+  (nor reported in the metrics), and its coefficient must be zero.
   """
   tasks = tuple(float(dp) for dp in tasks)
+  active = (True,) * len(tasks) if active is None else tuple(bool(a) for a in active)
+  if len(active) != len(tasks):
+    raise ValueError(f"active must hold one flag per task ({len(tasks)}), got {len(active)}")
   if skip_inactive is None:
     skip_inactive = not steps.nested_control_flow_is_slow()
+  computed = [k for k in range(len(tasks)) if active[k]]
 
   def loss_fn(model, images, labels, coefficients):
     arch = model.arch
@@ -72,20 +80,21 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
     total = jnp.zeros((), jnp.float32)
     losses, accuracies = [], []
     teacher = None
-    for k, dp in enumerate(tasks):
+    for k in computed:
+      dp = tasks[k]
 
-      def active(stats, dp=dp):
+      def compute(stats, dp=dp):
         logits, new_stats = sliced.apply_sliced(arch, variables, images, dp, train=True,
                                                 bn_stats=stats, dtype=model.dtype)
         return logits, new_stats
 
-      def inactive(stats):
+      def skip(stats):
         return jnp.zeros((images.shape[0], arch["num_classes"]), jnp.float32), stats
 
       if skip_inactive:
-        logits, stats = jax.lax.cond(coefficients[k] != 0, active, inactive, stats)
+        logits, stats = jax.lax.cond(coefficients[k] != 0, compute, skip, stats)
       else:
-        logits, new_stats = active(stats)
+        logits, new_stats = compute(stats)
         stats = jax.tree.map(lambda new, old, c=coefficients[k]: jnp.where(c != 0, new, old),
                              new_stats, stats)
       loss = jnp.mean(steps.cross_entropy(logits, labels))
@@ -96,7 +105,8 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
       losses.append(loss)
       accuracies.append(steps.accuracy(logits, labels))
     nnx.update(model, nnx.State(stats))
-    return total, {"loss": total, **_task_metrics(tasks, losses, accuracies)}
+    return total, {"loss": total,
+                   **_task_metrics([tasks[k] for k in computed], losses, accuracies)}
 
   return loss_fn
 

@@ -60,7 +60,7 @@ from dynscale import cam, data
 from dynscale.nn import layers, sliced
 from dynscale.idp import checks, evaluation
 from dynscale.tesla import atp, multitask, schedules
-from dynscale.train import runs, validation
+from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
@@ -160,6 +160,21 @@ def stage_validation(trainer, stage: schedules.Stage, tasks, monitor: str, eval_
             for key in ("accuracy", "loss")}
 
   return validate
+
+
+def stage_trainer(trainer, tasks, stage: schedules.Stage, built: dict, **loss_options):
+  """The trainer of ``stage``: ``trainer``, which skips inactive tasks at run time;
+  on XLA:CPU, where that skip is slow and the run-time step computes every
+  task (:mod:`dynscale.tesla.multitask`), one whose step leaves the stage's
+  inactive tasks out, built once per set of active tasks (kept in ``built``).
+  """
+  if not steps.nested_control_flow_is_slow():
+    return trainer
+  active = tuple(c > 0 for c in stage.coefficients)
+  if active not in built:
+    built[active] = trainer.with_loss(multitask.sliced_loss(tasks, active=active,
+                                                            **loss_options))
+  return built[active]
 
 
 def mean_validation_accuracy(trainer, tasks, eval_config) -> Callable[[TrainState], float]:
@@ -278,9 +293,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             else config.train.num_epochs * len(tasks))
   tx = optimizer(config, runs.total_steps(run, budget), run.model)
   graphdef, state = create_train_state(run.model, tx, trainable)
-  loss = multitask.sliced_loss(tasks, distill_weight=config.distill.weight,
-                               temperature=config.distill.temperature)
-  trainer = runs.make_trainer(run, graphdef, tx, loss, trainable=trainable)
+  loss_options = dict(distill_weight=config.distill.weight,
+                      temperature=config.distill.temperature)
+  trainer = runs.make_trainer(run, graphdef, tx, multitask.sliced_loss(tasks, **loss_options),
+                              trainable=trainable)
+  stage_trainers = {}
   state = trainer.place(state)
   score = mean_validation_accuracy(trainer, tasks, config.eval)
   run_best = (RunBest(score, run.checkpoint_dir, state, run.writer)
@@ -294,13 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       limit = budget - spent
     logging.info("Stage %d: task %d (DP %.2f), coefficients %s", stage.index, stage.task,
                  stage.dp, stage.coefficients)
-    fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
-                      validate=stage_validation(trainer, stage, tasks, config.schedule.monitor,
-                                                config.eval),
-                      num_epochs=limit,
-                      stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
-                      writer=run.writer, early_stopping=EarlyStopping(config.train.patience),
-                      on_epoch_end=run_best and run_best.callback(stage.index, spent))
+    fit = stage_trainer(trainer, tasks, stage, stage_trainers, **loss_options).fit(
+        state, task=jnp.asarray(stage.coefficients, jnp.float32),
+        validate=stage_validation(trainer, stage, tasks, config.schedule.monitor, config.eval),
+        num_epochs=limit,
+        stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
+        writer=run.writer, early_stopping=EarlyStopping(config.train.patience),
+        on_epoch_end=run_best and run_best.callback(stage.index, spent))
     spent += fit.epochs
     history.append({"stage": stage.index, "task_dp": stage.dp,
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,

@@ -12,6 +12,7 @@ same numbers as one that never stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -100,6 +101,7 @@ class Trainer:
       return images.astype(compute_dtype), labels
 
     self._batch_fn = batch_fn
+    self._tx, self._trainable = tx, trainable
     self.train_chunk = steps.make_train_chunk(graphdef, tx, loss_fn, batch_fn, self.mesh,
                                               trainable)
     self.eval_totals = steps.make_eval_totals(graphdef, forward, batch_fn, self.mesh)
@@ -107,6 +109,14 @@ class Trainer:
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size ({batch_size}) exceeds the {self.splits['train'].size} "
                        "training examples")
+
+  def with_loss(self, loss_fn: steps.LossFn) -> Trainer:
+    """This trainer with another objective: a new train step (compiled on first
+    use); the data on the device, the data order and the evaluation are shared."""
+    other = copy.copy(self)
+    other.train_chunk = steps.make_train_chunk(self.graphdef, self._tx, loss_fn,
+                                               self._batch_fn, self.mesh, self._trainable)
+    return other
 
   def place(self, state: TrainState) -> TrainState:
     """Replicates a train state on the mesh (every process holds the same values)."""
