@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from dynscale.compactnet import latency, platform, simulator, training, trimming
+from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
 from dynscale.train import sweep
 from experiments import main as launcher
@@ -58,6 +58,16 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
   assert set(results["speedup_by_platform"]) == {"cpu-b64", "cpu-b1"}
   # the uniform model is the widest one at most as slow as the searched one
   assert results["uniform_measured_speedup"] >= results["measured_speedup"]
+  table, arch = latency.load(results["table"]), training.architecture(config)
+  groups = trimming.trimmable_groups(arch)
+  chosen = training.uniform_widths(table, results["uniform_multiplier"])
+  searched = _fake_latency(results["export_dir"])
+  wider = [m for m in config.compactnet.uniform_multipliers if m > results["uniform_multiplier"]
+           and training.uniform_widths(table, m) != chosen]
+  assert wider, "the check needs a wider uniform model"
+  for m in wider:
+    widths = trimming.core_widths(arch, groups, training.uniform_widths(table, m))
+    assert whole_network_latency(spec.trimmed_architecture(arch, list(widths))) > searched
   for key in ("test_accuracy", "original_test_accuracy", "uniform_test_accuracy"):
     assert 0 <= results[key] <= 1
   assert (workdir / "widths_per_layer.png").stat().st_size > 0
@@ -70,6 +80,38 @@ def test_every_search_iteration_met_its_budget(finished):
   for record in history["iterations"]:
     assert table.predict(record["widths"]) <= record["budget_s"]
   assert list(results["widths"].values()) == history["iterations"][-1]["widths"]
+
+
+@pytest.mark.parametrize("searched_error", [-0.25, 0.0, 0.3])
+def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
+    finished, searched_error):
+  config, _, results, _ = finished
+  table, arch = latency.load(results["table"]), training.architecture(config)
+  groups = trimming.trimmable_groups(arch)
+  searched_s = _fake_latency(results["export_dir"]) * (1 + searched_error)
+  requests = []
+
+  def measured(item):
+    return searched_s if "export_dir" in item else whole_network_latency(measure.network(item)[0])
+
+  def remote(target, request):
+    requests.append(len(request["networks"]))
+    return {"latencies": {name: {"latency_s": measured(item), "spread": 0.0}
+                          for name, item in request["networks"].items()}}
+
+  multipliers = config.compactnet.uniform_multipliers
+  chosen, widths = training.choose_uniform(
+      table, arch, multipliers, list(results["widths"].values()), results["export_dir"],
+      platform.get(config.compactnet.platform), training.table_settings(config), remote)
+
+  def uniform_s(m):
+    core = trimming.core_widths(arch, groups, training.uniform_widths(table, m))
+    return whole_network_latency(spec.trimmed_architecture(arch, list(core)))
+  assert chosen == max(m for m in multipliers if uniform_s(m) <= searched_s)
+  assert widths == training.uniform_widths(table, chosen)
+  assert max(requests) <= training.UNIFORM_WINDOW + 1  # a few at a time, beside the searched
+  # the table is exact here: its guess holds the boundary unless the searched model misleads it
+  assert (len(requests) > 1) == (searched_error != 0)
 
 
 def test_a_model_measured_short_of_the_target_is_searched_further(fake_cifar, tmp_path):

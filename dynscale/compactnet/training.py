@@ -17,8 +17,10 @@
    the table's error on the current model asks for
    (:func:`dynscale.compactnet.search.corrected_budget`).
 4. The *uniform* baseline: every group cut by one multiplier, L2-trimmed
-   from the same pretrained network; the largest multiplier whose measured
-   latency is at most the searched model's.
+   from the same pretrained network; the largest of
+   ``compactnet.uniform_multipliers`` whose measured latency is at most the
+   searched model's (the table guesses where; a few around the guess are
+   measured, :func:`choose_uniform`).
 5. Retraining, once per ``compactnet.retrain_seeds``: the searched, the
    uniform and the original network each train ``compactnet.retrain_epochs``
    epochs with ``compactnet.retrain_optimizer``; the uniform and original
@@ -56,6 +58,7 @@ TABLE_FILE = "latency-table.json"
 ORIGINAL_EXPORT = "original-export"
 UNIFORM_EXPORT = "uniform-export"
 SEARCHED_PROBE = "searched-before-retrain"
+UNIFORM_WINDOW = 5  # uniform multipliers measured at a time around the table's guess
 
 
 # --------------------------------------------------------------------------
@@ -206,22 +209,53 @@ def uniform_widths(table: latency.Table, multiplier: float) -> list[int]:
           for size, grid in zip(table.group_sizes, table.grids)]
 
 
-def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_export: str,
-                   target: platform.Platform, settings: simulator.TableSettings,
-                   remote: simulator.Remote) -> tuple[float, list[int]]:
-  """The largest multiplier whose network measures at most the searched model's latency
-  (the smallest one when none does), with its widths."""
-  options = {float(m): uniform_widths(table, m) for m in sorted(multipliers, reverse=True)}
-  networks = {"searched": {"export_dir": searched_export},
-              **{f"uniform-{m:g}": {"arch": arch, "widths": w, "expansion": table.expansion}
-                 for m, w in options.items()}}
-  measured, _ = simulator.measure_networks(remote, target, networks, settings)
-  for m, widths in options.items():
-    if measured[f"uniform-{m:g}"] <= measured["searched"]:
-      return m, widths
-  m = min(options)
-  logging.warning("no uniform multiplier is as fast as the searched model; using %g", m)
-  return m, options[m]
+def distinct_uniform(table: latency.Table, multipliers) -> dict[float, list[int]]:
+  """Multiplier -> widths (:func:`uniform_widths`), widest first, one multiplier
+  (the largest) per distinct width vector."""
+  options = {}
+  for m in sorted({float(m) for m in multipliers}, reverse=True):
+    widths = uniform_widths(table, m)
+    if widths not in options.values():
+      options[m] = widths
+  return options
+
+
+def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_widths,
+                   searched_export: str, target: platform.Platform,
+                   settings: simulator.TableSettings, remote: simulator.Remote,
+                   window: int = UNIFORM_WINDOW) -> tuple[float, list[int]]:
+  """The largest multiplier whose network measures at most the searched model's
+  latency (the smallest one when none does), with its widths.
+
+  The table predicts where the boundary lies (the first multiplier predicted
+  at most the searched model's latency); ``window`` multipliers around it
+  are measured, interleaved with the searched model, and the window moves
+  on until it holds the boundary.
+  """
+  options = distinct_uniform(table, multipliers)
+  ms = list(options)
+  budget = table.predict(list(searched_widths))
+  first = next((i for i, m in enumerate(ms) if table.predict(options[m]) <= budget), len(ms) - 1)
+  lo = max(0, min(first - window // 2, len(ms) - window))
+  direction, wider_fast = 0, None  # -1: moving to wider windows, +1: to narrower
+  while True:
+    part = ms[lo:lo + window]
+    networks = {"searched": {"export_dir": searched_export},
+                **{f"uniform-{m:g}": {"arch": arch, "widths": options[m],
+                                      "expansion": table.expansion} for m in part}}
+    measured, _ = simulator.measure_networks(remote, target, networks, settings)
+    fast = [m for m in part if measured[f"uniform-{m:g}"] <= measured["searched"]]
+    if direction >= 0 and not fast:  # the boundary lies below the window
+      if lo + window >= len(ms):
+        logging.warning("no uniform multiplier is as fast as the searched model; using %g",
+                        ms[-1])
+        return ms[-1], options[ms[-1]]
+      lo, direction = lo + window - 1, 1
+    elif direction <= 0 and fast and fast[0] == part[0] and lo > 0:  # it lies above
+      lo, direction, wider_fast = max(0, lo - window + 1), -1, fast[0]
+    else:
+      choice = fast[0] if fast else wider_fast
+      return choice, options[choice]
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   groups = trimming.trimmable_groups(arch, table.expansion)
   chosen = sum(r["chosen"] is not None for r in found.history["iterations"])
   catch_up = chosen * c.finetune_steps
-  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers,
+  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers, found.widths,
                                         os.path.join(run.workdir, SEARCHED_PROBE),
                                         target, settings, remote)
   ordered = trimming.order_by_importance(arch, original, [g.size for g in

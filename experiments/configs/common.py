@@ -278,7 +278,7 @@ def compactnet(platform: str = "cpu-b64", *, t_final: float = 1.5, iterations: i
       retrain_epochs=2,
       retrain_optimizer=rmsprop(1e-4, 0.95),   # Table 4, retraining
       retrain_seeds=(0, 1),
-      uniform_multipliers=tuple(round(1 - 0.05 * k, 2) for k in range(15)),  # 1.0 ... 0.3
+      uniform_multipliers=tuple(round(1 - 0.01 * k, 2) for k in range(71)),  # 1.0 ... 0.3
   ))
 
 
