@@ -69,15 +69,29 @@ def test_tesla_step_record():
   assert record["device"].startswith("cpu:") and record["jax"]
   # The last TESLA stage with alpha 0.5 (000 Eq. 3): every task active.
   assert record["coefficients"] == pytest.approx([0.25, 0.25, 0.5])
-  for name in ("single", "tesla_sliced", "tesla_masked"):
+  assert record["stage"] == 2
+  for name in ("single", "tesla_sliced", "tesla_stage", "tesla_masked"):
     assert record[f"{name}_images_per_s"] == pytest.approx(4e3 / record[f"{name}_ms"],
                                                            rel=1e-2)
   for ratio, step in (("tesla_over_single", "tesla_sliced"),
+                      ("stage_over_single", "tesla_stage"),
                       ("masked_over_single", "tesla_masked")):
     assert record[ratio] == pytest.approx(record[f"{step}_ms"] / record["single_ms"],
                                           rel=1e-2), (ratio, record)
   expected = sum(_mlp_flops(10, dp) for dp in tasks) / _mlp_flops(10, 1.)
   assert record["flops_over_single"] == pytest.approx(expected, abs=1e-4)
+  assert record["stage_flops_over_single"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_tesla_step_at_an_early_stage_counts_only_its_active_tasks():
+  tasks = [1.0, 0.5, 0.2]
+  record = tesla_step.measure("mlp", 4, tasks, repeats=1, warmup=1, width_multiplier=0.1,
+                              stage=1)
+  # Stage 1 with alpha 0.5 (000 Eq. 3): c = (0.5, 0.5, 0); the 20% task is inactive.
+  assert record["stage"] == 1 and record["coefficients"] == pytest.approx([0.5, 0.5, 0.0])
+  active = (_mlp_flops(10, 1.0) + _mlp_flops(10, 0.5)) / _mlp_flops(10, 1.0)
+  assert record["stage_flops_over_single"] == pytest.approx(active, abs=1e-4)
+  assert record["flops_over_single"] > record["stage_flops_over_single"]
 
 
 def test_tesla_step_flops_ratio_near_sum_of_squares():
@@ -93,6 +107,7 @@ def test_tesla_step_flops_ratio_near_sum_of_squares():
     ({"batch": 0}, "batch"),
     ({"tasks": [0.5, 1.0]}, "tasks"),
     ({"steps_per_call": 0}, "steps_per_call"),
+    ({"stage": 2}, "stage"),
 ])
 def test_tesla_step_rejects_bad_input(kwargs, field):
   args = {"model_name": "mlp", "batch": 4, "tasks": [1.0, 0.5], **kwargs}
