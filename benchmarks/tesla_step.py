@@ -92,7 +92,7 @@ def measure(model_name: str, batch: int, tasks: Sequence[float], *, repeats: int
   tasks = tesla.check_tasks(tasks)
   stage = len(tasks) - 1 if stage is None else stage
   coefficients = jnp.asarray(tesla.stage_coefficients(len(tasks), stage, ALPHA), jnp.float32)
-  active = tuple(bool(c > 0) for c in coefficients)
+  active = tesla.active_tasks(coefficients)
   shape = MODELS[model_name]
   arch = models.architecture(model_name, num_classes=10, input_shape=shape, profile="linear",
                              width_multiplier=width_multiplier)
@@ -138,7 +138,7 @@ def measure(model_name: str, batch: int, tasks: Sequence[float], *, repeats: int
       "masked_over_single": round(step_s["tesla_masked"] / step_s["single"], 4),
       "flops_over_single": round(flops_over_single(arch, tasks), 4),
       "stage_flops_over_single": round(
-          flops_over_single(arch, [dp for dp, a in zip(tasks, active) if a]), 4),
+          flops_over_single(arch, [tasks[k] for k in active]), 4),
       **{f"{name}_spread": round(stats[name]["spread"], 3) for name in CANDIDATES},
       "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
       "cpu_load_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),

@@ -84,7 +84,7 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
 
 
 @pytest.mark.parametrize("skip_inactive, active", [(True, None), (False, None),
-                                                    (False, (True, False, False))])
+                                                    (False, (0,))])
 def test_inactive_tasks_contribute_nothing(skip_inactive, active):
   """Stage 0 (only the 100% task) equals a plain step: gradients and BN statistics."""
   arch, model = tiny("tiny_cnn", None, None)
@@ -107,6 +107,12 @@ def test_inactive_tasks_contribute_nothing(skip_inactive, active):
                g_multi, g_single)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                stats_multi, stats_single)
+
+
+@pytest.mark.parametrize("active", [(3,), (-1,), ()])
+def test_sliced_loss_rejects_active_tasks_out_of_range(active):
+  with pytest.raises(ValueError, match="active"):
+    multitask.sliced_loss(TASKS, active=active)
 
 
 def small_trainer(dataset, loss_fn, counter=None, arch=None):

@@ -55,23 +55,24 @@ def _distillation(logits, teacher_logits, temperature: float):
 
 def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
                 temperature: float = 1.0, skip_inactive: bool | None = None,
-                active: Sequence[bool] | None = None) -> steps.LossFn:
+                active: Sequence[int] | None = None) -> steps.LossFn:
   """``sum_k c_k CE(sliced network at tasks[k])``; inactive tasks skipped (lax.cond).
 
   ``tasks`` are static DPs; the task argument of the returned loss is the
   coefficient vector ``c`` of shape ``(len(tasks),)``. Distillation takes
   ``tasks[0]`` (the full network, when it is 1.0) as the teacher.
   ``skip_inactive`` defaults to True except on CPU (module docstring).
-  ``active``: one flag per task; a task flagged False is not computed at all
-  (nor reported in the metrics), and its coefficient must be zero.
+  ``active``: the indices of the tasks to compute (a stage's
+  :attr:`dynscale.tesla.schedules.Stage.active`); any other task is not
+  computed at all (nor reported in the metrics), and its coefficient must
+  be zero. Default: every task.
   """
   tasks = tuple(float(dp) for dp in tasks)
-  active = (True,) * len(tasks) if active is None else tuple(bool(a) for a in active)
-  if len(active) != len(tasks):
-    raise ValueError(f"active must hold one flag per task ({len(tasks)}), got {len(active)}")
+  computed = list(range(len(tasks))) if active is None else sorted({int(k) for k in active})
+  if not computed or not 0 <= computed[0] <= computed[-1] < len(tasks):
+    raise ValueError(f"active must be task indices in [0, {len(tasks) - 1}], got {active!r}")
   if skip_inactive is None:
     skip_inactive = not steps.nested_control_flow_is_slow()
-  computed = [k for k in range(len(tasks)) if active[k]]
 
   def loss_fn(model, images, labels, coefficients):
     arch = model.arch

@@ -170,11 +170,10 @@ def stage_trainer(trainer, tasks, stage: schedules.Stage, built: dict, **loss_op
   """
   if not steps.nested_control_flow_is_slow():
     return trainer
-  active = tuple(c > 0 for c in stage.coefficients)
-  if active not in built:
-    built[active] = trainer.with_loss(multitask.sliced_loss(tasks, active=active,
-                                                            **loss_options))
-  return built[active]
+  if stage.active not in built:
+    built[stage.active] = trainer.with_loss(multitask.sliced_loss(tasks, active=stage.active,
+                                                                  **loss_options))
+  return built[stage.active]
 
 
 def mean_validation_accuracy(trainer, tasks, eval_config) -> Callable[[TrainState], float]:
