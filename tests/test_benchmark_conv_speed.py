@@ -77,3 +77,27 @@ def test_conv_time_by_layer_adds_every_repeated_shape():
   assert half["conv_flops_ratio"] == pytest.approx(0.251, abs=0.001)
   with pytest.raises(ValueError, match="--sweep has no record"):
     conv_time_by_layer.predict(sweep, "vgg16", [0.25], batch=2)
+
+
+def test_conv_time_by_layer_reads_a_narrow_networks_dps_from_full_network_widths():
+  from benchmarks import conv_time_by_layer
+  full_arch = models.architecture("vgg16", num_classes=10, input_shape=(32, 32, 3))
+  sweep = []
+  for width in (0.25, 0.175):  # x0.25 at 100% and 70% DP, as fractions of the full network
+    for s in conv_speed.conv_shapes(full_arch, spec.widths_at_dp(full_arch, width), batch=2):
+      sweep.append({"kind": "conv", "model": "vgg16", **s,
+                    "gflops": conv_speed._conv_flops(s) / 1e9, "chosen_fwd_gflops_per_s": 1.0})
+  full, seventy = conv_time_by_layer.predict(sweep, "vgg16", [0.7], batch=2,
+                                             width_multiplier=0.25)
+  # VGG-16 x0.25: 16 16 | 32 32 | 64 x3 | 128 x3 | 128 x3 on 32, 16, 8, 4, 2 maps;
+  # at 70% every width rounds up: 12 12 | 23 23 | 45 x3 | 90 x6.
+  def macs(widths):
+    maps = [32, 32, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2]
+    inputs = [3] + widths[:-1]
+    return sum(9 * m * m * i * o for m, i, o in zip(maps, inputs, widths))
+  x025 = [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
+  x025_70 = [12, 12, 23, 23, 45, 45, 45, 90, 90, 90, 90, 90, 90]
+  assert seventy["conv_flops_ratio"] == pytest.approx(macs(x025_70) / macs(x025), abs=0.001)
+  assert full["predicted_conv_ms"] == pytest.approx(1e3 * 2 * 2 * macs(x025) / 1e9, abs=0.1)
+  with pytest.raises(ValueError, match="at width 0.125"):
+    conv_time_by_layer.predict(sweep, "vgg16", [0.5], batch=2, width_multiplier=0.25)
