@@ -42,11 +42,13 @@ def predict(sweep: list[dict], model: str, dps: list[float], batch: int,
     missing = [s for s in shapes if _key(s) not in rates]
     if missing:
       raise ValueError(f"--sweep has no record of {model} convolution {missing[0]} at dp {dp}: "
-                       f"run benchmarks.conv_speed at width {width_multiplier * dp:g} and batch {batch} first")
+                       f"run benchmarks.conv_speed at width {width_multiplier * dp:g} and "
+                       f"batch {batch} first")
     gflops = sum(rates[_key(s)][0] for s in shapes)
     seconds = sum(rates[_key(s)][0] / rates[_key(s)][1] for s in shapes)
     totals[dp] = (seconds, gflops)
-  return [{"model": model, "width_multiplier": width_multiplier, "dp": dp, "predicted_conv_ms": round(1e3 * s, 1),
+  return [{"model": model, "width_multiplier": width_multiplier, "dp": dp,
+           "predicted_conv_ms": round(1e3 * s, 1),
            "predicted_conv_ratio": round(s / totals[1.0][0], 3),
            "conv_flops_ratio": round(g / totals[1.0][1], 3)}
           for dp, (s, g) in totals.items()]
