@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import compactnet_models
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
 from dynscale.train import sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
-from compactnet_fakes import fake_remote, whole_network_latency
+from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
 
 
 def _tiny(data_dir, **compactnet):
@@ -156,6 +157,53 @@ def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
   logits = sliced.apply_sliced(exported.arch, exported.variables, x)
   assert logits.shape == (2, 10) and bool(jax.numpy.all(jax.numpy.isfinite(logits)))
+
+
+def test_the_models_benchmark_reports_the_fakes_cost_model(finished, capsys):
+  _, workdir, results, _ = finished
+  requests = []
+  out = workdir / "models.json"
+  record = compactnet_models.run(results_path=str(workdir / "results.json"),
+                                 platforms=["cpu-b1", "cpu-b64"], multipliers=[0.75, 0.5],
+                                 settings=simulator.TableSettings(warmup=0, rounds=1),
+                                 out=str(out), remote=fake_remote(requests))
+  assert json.loads(capsys.readouterr().out.strip()) == json.loads(out.read_text())
+  assert requests == ["networks", "networks"]
+  assert list(record["networks"]) == ["original", "searched", "uniform", "x0.75", "x0.5"]
+  original = sliced.load(results["original_export_dir"])
+  for name, key in (("original", "original_export_dir"), ("searched", "export_dir"),
+                    ("uniform", "uniform_export_dir")):
+    arch = sliced.load(results[key]).arch
+    speedup = whole_network_latency(original.arch) / whole_network_latency(arch)
+    assert record["speedup"]["cpu-b1"][name] == pytest.approx(speedup)
+  assert record["networks"]["original"]["weight_mib"] * 2**20 == sum(
+      np.asarray(x).nbytes for x in jax.tree.leaves(original.variables))
+  # the fake costs 0.7 ns per multiply-add and nothing per byte
+  for fit in record["fits"].values():
+    assert fit["ms_per_mflop"] == pytest.approx(WHOLE_SCALE * 1e-9 * 1e6 * 1e3, rel=1e-6)
+    assert fit["ms_per_mib"] == pytest.approx(0, abs=1e-6)
+  # M-CifarNet on 32x32: two convs on 30x30 maps, three on 15x15, three on 8x8, a dense layer
+  layers = record["layers"]["original"]
+  assert list(layers) == ["900", "225", "64", "1", "bn"]
+  assert sum(r["multiply_adds"] for r in layers.values()) == \
+      record["networks"]["original"]["multiply_adds"]
+  assert sum(r["params"] for r in layers.values()) == record["networks"]["original"]["params"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(platforms=["tpu"]), r"platforms must be one of \['cpu-b1'"),
+    (dict(platforms=[]), "platforms must name at least one"),
+    (dict(multipliers=[1.5]), r"multipliers must lie in \(0, 1\)"),
+    (dict(results_path="/nonexistent/results.json"), "results must be a CompactNet run"),
+])
+def test_the_models_benchmark_refuses_bad_input_before_measuring(finished, change, message):
+  _, workdir, _, _ = finished
+  requests = []
+  kwargs = dict(results_path=str(workdir / "results.json"), platforms=["cpu-b1"],
+                remote=fake_remote(requests))
+  with pytest.raises(ValueError, match=message):
+    compactnet_models.run(**{**kwargs, **change})
+  assert requests == []
 
 
 def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
