@@ -1,5 +1,8 @@
 """A fake platform for CompactNet tests: latencies from FLOPs, served in-process."""
 
+import jax
+import numpy as np
+
 from dynscale.compactnet import latency, measure, trimming
 from dynscale.nn import costs
 
@@ -13,12 +16,13 @@ def unit_timer(networks):
           for name, (arch, _) in networks.items()}
 
 
-def fake_remote(requests, network_overhead_s=0.0):
+def fake_remote(requests, network_overhead_s=0.0, per_mib_s=0.0):
   """A Remote serving measure.py's requests in this process on the fake platform:
   a whole network (or prefix) of ``n`` units takes ``WHOLE_SCALE x`` the sum of
   its units' latencies, plus ``network_overhead_s`` that no unit shows (so
-  the table over-predicts a trim's saving). Appends every request's kind to
-  ``requests``."""
+  the table over-predicts a trim's saving), plus ``per_mib_s`` per MiB of its
+  variables (weights streamed at batch 1, which no unit alone shows).
+  Appends every request's kind to ``requests``."""
 
   def remote(target, request):
     requests.append(request["kind"])
@@ -32,9 +36,10 @@ def fake_remote(requests, network_overhead_s=0.0):
       return {"out": request["out"]}
     out = {}
     for name, item in request["networks"].items():
-      arch, _ = measure.network(item)  # an export, a trim or a prefix of the original
+      arch, variables = measure.network(item)  # an export, a trim or a prefix of the original
+      mib = sum(np.asarray(x).nbytes for x in jax.tree.leaves(variables)) / 2**20
       out[name] = {"latency_s": whole_network_latency(arch, item.get("prefix"))
-                   + network_overhead_s, "spread": 0.0}
+                   + network_overhead_s + per_mib_s * mib, "spread": 0.0}
     return {"latencies": out, "provenance": {"device": "fake", "load_1min": 0.0}}
   return remote
 

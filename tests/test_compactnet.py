@@ -291,12 +291,41 @@ def test_calibration_recovers_an_affine_relation(table):
   assert (few.calibration["scale"], few.calibration["offset"]) == (pytest.approx(0.8), 0.0)
 
 
+def test_calibration_separates_weight_traffic_from_the_units(table):
+  variants = latency.random_widths(table, latency.AFFINE_MIN_NETWORKS + 2, seed=1)
+  raw = [table.raw(w) for w in variants]
+  mib = [table.weight_mib(w) for w in variants]
+  measured = [0.8 * r + 3e-4 * m - 2e-4 for r, m in zip(raw, mib)]
+  calibrated = table.with_calibration(raw, measured, mib)
+  assert calibrated.calibration["scale"] == pytest.approx(0.8)
+  assert calibrated.calibration["per_mib"] == pytest.approx(3e-4)
+  assert calibrated.calibration["offset"] == pytest.approx(-2e-4, abs=1e-12)
+  other = latency.random_widths(table, 1, seed=5)[0]
+  assert calibrated.predict(other) == pytest.approx(
+      0.8 * table.raw(other) + 3e-4 * table.weight_mib(other) - 2e-4)
+  with pytest.raises(ValueError, match="one weight_mib per network"):
+    table.with_calibration(raw, measured, mib[:-1])
+
+
+def test_weight_bytes_are_the_networks_variables_on_the_grid(table):
+  arch = _mobilenet()
+  groups = trimming.trimmable_groups(arch)
+  for widths in (list(table.full_widths), [grid[1] for grid in table.grids]):
+    _, variables = latency.trimmed_network(arch, groups, widths)
+    counted = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+    assert table.weight_mib(widths) * 2**20 == pytest.approx(counted)
+
+
 def test_a_table_round_trips_and_refuses_edits_and_truncation(table, tmp_path):
   path = str(tmp_path / "table.json")
   latency.save(table, path)
   loaded = latency.load(path)
   widths = latency.random_widths(table, 1, seed=2)[0]
   assert loaded.predict(widths) == table.predict(widths)
+  assert loaded.weight_mib(widths) == table.weight_mib(widths)
+  latency.save(dataclasses.replace(table, weight_bytes=None), path)  # an older table
+  with pytest.raises(ValueError, match="no weight bytes.*build it again"):
+    latency.load(path).weight_mib(widths)
   text = open(path).read()
   data = json.loads(text)
   data["units"][0]["latency_s"][0] *= 0.5

@@ -1,5 +1,6 @@
 """CompactNet's platform simulator end to end (paper 004 §3.1, §4.3): a fake platform."""
 
+import dataclasses
 import json
 import os
 
@@ -92,6 +93,24 @@ def test_fig7_has_one_increasing_row_per_unit(built, report):
                              rtol=1e-9)
   assert fig7[-1]["measured_s"] == pytest.approx(report["original_measured_s"])
   assert report["repeat_error"] == pytest.approx(0, abs=1e-9)  # the original, timed twice
+
+
+def test_calibration_learns_what_weight_bytes_cost_the_whole_network(tmp_path):
+  per_mib_s = 1e-3  # of the order of the fake's whole-network latencies
+  table = simulator.build_table(_mobilenet(), platform.get("cpu-b1"), SETTINGS,
+                                str(tmp_path / "t.json"), fake_remote([], per_mib_s=per_mib_s))
+  assert table.calibration["per_mib"] == pytest.approx(per_mib_s, rel=0.05)
+  report = simulator.validate_table(table, _mobilenet(), platform.get("cpu-b1"), 5, seed=0,
+                                    remote=fake_remote([], per_mib_s=per_mib_s))
+  assert report["mean_abs_error"] < 0.01
+  # a scale and an offset alone, fitted on the same networks, cannot follow it
+  affine = simulator.calibrate(dataclasses.replace(table, weight_bytes=None), _mobilenet(),
+                               platform.get("cpu-b1"), SETTINGS,
+                               fake_remote([], per_mib_s=per_mib_s))
+  assert affine.calibration["per_mib"] == 0.0
+  assert simulator.validate_table(affine, _mobilenet(), platform.get("cpu-b1"), 5, seed=0,
+                                  remote=fake_remote([], per_mib_s=per_mib_s)
+                                  )["mean_abs_error"] > 2 * report["mean_abs_error"]
 
 
 def test_validation_refuses_the_calibration_seed_and_bad_counts(built):

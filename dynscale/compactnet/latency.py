@@ -18,9 +18,14 @@ at the platform's batch, resolution and dtype, compiled, warmed up and run
 in interleaved rounds with ``block_until_ready`` (:mod:`dynscale.timing`);
 the estimator (median, min or 10% quantile) is named in the table.
 Per-unit sums count each unit's dispatch and memory traffic once per unit,
-which a whole network does not: an optional *calibration* (measured ~
-``scale x sum + offset``), fitted on whole-network variants disjoint from
-the ones the table is validated on, is stored with the table.
+which a whole network does not; and a unit timed alone finds its weights
+in cache, which in a whole network at batch 1 the other units' weights
+have pushed out (RESULTS.md: about 0.12 ms per MiB of weights on the
+2-core machine). So the table also holds the bytes of every unit's
+variables over the same grid (counted, not measured), and an optional
+*calibration* (measured ~ ``scale x sum + per_mib x MiB + offset``, the
+MiB of the network's variables), fitted on whole-network variants disjoint
+from the ones the table is validated on, is stored with the table.
 
 A table is JSON with its provenance (platform, device, JAX versions, XLA
 flags, date, load, warm-up, rounds, estimator, spread per entry) and a
@@ -211,8 +216,10 @@ class Table:
 
   grids: per trimmable group, its widths. round_to: the widths a network may
   have are multiples of it (or a group's full size). latencies / spreads:
-  per unit, an array over the product of its dims' grids. calibration:
-  ``{"scale", "offset", ...}`` or None.
+  per unit, an array over the product of its dims' grids. weight_bytes:
+  the same for the bytes of each unit's variables (None in tables built
+  before they were counted). calibration: ``{"scale", "per_mib", "offset",
+  ...}`` or None.
   """
 
   model: str
@@ -228,6 +235,7 @@ class Table:
   spreads: tuple[np.ndarray, ...]
   provenance: dict
   calibration: dict | None = None
+  weight_bytes: tuple[np.ndarray, ...] | None = None
 
   def check_widths(self, widths: Sequence[int]) -> None:
     """Raises unless ``widths`` (one per group) all lie within their grids
@@ -245,9 +253,21 @@ class Table:
 
   def unit_latencies(self, widths: Sequence[int]) -> np.ndarray:
     """Interpolated latency of every unit at group ``widths``, seconds (uncalibrated)."""
+    return self._interpolate(self.latencies, widths)
+
+  def weight_mib(self, widths: Sequence[int]) -> float:
+    """MiB of the variables of the network at group ``widths`` (interpolated
+    between grid points, exact on them)."""
+    if self.weight_bytes is None:
+      raise ValueError("this latency table has no weight bytes (built before they were "
+                       "counted); build it again")
+    return float(np.sum(self._interpolate(self.weight_bytes, widths))) / 2**20
+
+  def _interpolate(self, per_unit: Sequence[np.ndarray], widths: Sequence[int]) -> np.ndarray:
+    """Every unit's grid array multilinearly interpolated at group ``widths``."""
     self.check_widths(widths)
     out = []
-    for unit, values in zip(self.units, self.latencies):
+    for unit, values in zip(self.units, per_unit):
       axes = [(np.asarray(self.grids[d], float), float(widths[d])) for d in unit.dims]
       varying = [k for k, (grid, _) in enumerate(axes) if grid.shape[0] > 1]
       values = values.reshape([a[0].shape[0] for a in axes])
@@ -268,7 +288,9 @@ class Table:
     raw = self.raw(widths)
     if self.calibration is None:
       return raw
-    return self.calibration["scale"] * raw + self.calibration["offset"]
+    c = self.calibration
+    weights = c["per_mib"] * self.weight_mib(widths) if c.get("per_mib") else 0.0
+    return c["scale"] * raw + weights + c["offset"]
 
   @property
   def full_widths(self) -> tuple[int, ...]:
@@ -279,19 +301,28 @@ class Table:
     return self.predict(self.full_widths) / self.predict(widths)
 
   def with_calibration(self, raw: Sequence[float], measured: Sequence[float],
-                       **provenance) -> Table:
-    """This table with ``measured ~ scale x raw + offset`` fitted by least squares;
+                       weight_mib: Sequence[float] | None = None, **provenance) -> Table:
+    """This table with ``measured ~ scale x raw + per_mib x weight_mib + offset``
+    fitted by least squares (``per_mib`` only when ``weight_mib`` is given);
     from fewer than :data:`AFFINE_MIN_NETWORKS` networks a scale alone (an
     offset fitted on a few close points extrapolates badly)."""
     raw, measured = np.asarray(raw, float), np.asarray(measured, float)
     if raw.shape != measured.shape or raw.shape[0] < 1:
       raise ValueError("calibration needs matching, non-empty raw and measured latencies")
+    if weight_mib is not None and np.shape(weight_mib) != raw.shape:
+      raise ValueError("calibration needs one weight_mib per network")
+    per_mib = 0.0
     if raw.shape[0] < AFFINE_MIN_NETWORKS:
       scale, offset = float(np.sum(raw * measured) / np.sum(raw * raw)), 0.0
-    else:
+    elif weight_mib is None:
       scale, offset = (float(c) for c in np.polyfit(raw, measured, 1))
-    return dataclasses.replace(self, calibration={"scale": scale, "offset": offset,
-                                                  "variants": int(raw.shape[0]), **provenance})
+    else:
+      design = np.stack([raw, np.asarray(weight_mib, float), np.ones_like(raw)], axis=1)
+      scale, per_mib, offset = (float(c) for c in
+                                np.linalg.lstsq(design, measured, rcond=None)[0])
+    return dataclasses.replace(self, calibration={
+        "scale": scale, "per_mib": per_mib, "offset": offset, "variants": int(raw.shape[0]),
+        **provenance})
 
   def to_json(self) -> dict:
     body = {
@@ -306,6 +337,9 @@ class Table:
                    "spread": [float(v) for v in spr.ravel()]}
                   for u, lat, spr in zip(self.units, self.latencies, self.spreads)],
         "provenance": self.provenance, "calibration": self.calibration}
+    if self.weight_bytes is not None:
+      for unit, counted in zip(body["units"], self.weight_bytes):
+        unit["weight_bytes"] = [int(v) for v in counted.ravel()]
     return {**body, "sha256": _digest(body)}
 
 
@@ -342,7 +376,9 @@ def load(path: str) -> Table:
       round_to=data["round_to"], units=unit_list,
       latencies=tuple(np.asarray(u["latency_s"], float) for u in data["units"]),
       spreads=tuple(np.asarray(u["spread"], float) for u in data["units"]),
-      provenance=data["provenance"], calibration=data["calibration"])
+      provenance=data["provenance"], calibration=data["calibration"],
+      weight_bytes=(tuple(np.asarray(u["weight_bytes"], float) for u in data["units"])
+                    if all("weight_bytes" in u for u in data["units"]) else None))
 
 
 def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
@@ -390,7 +426,7 @@ def build(arch: dict, platform: Platform, measure: Measure, *, expansion: str = 
   groups = trimming.trimmable_groups(arch, expansion)
   grids = [group_grid(g.size, grid_points, min_fraction, round_to) for g in groups]
   unit_list = units(arch, groups)
-  networks, keys, shapes = {}, [], []
+  networks, keys, shapes, counted = {}, [], [], {}
   for unit in unit_list:
     entries = unit_entries(arch, groups, grids, unit)
     if len(entries) > MAX_UNIT_ENTRIES:
@@ -400,16 +436,19 @@ def build(arch: dict, platform: Platform, measure: Measure, *, expansion: str = 
     keys.append([f"{unit.name}@{point}" for point, _ in entries])
     for key, (_, unit_arch) in zip(keys[-1], entries):
       networks[key] = (unit_arch, _identity_bn(random_variables(unit_arch)))
+      counted[key] = sum(x.nbytes for x in jax.tree.leaves(networks[key][1]))
   stats = measure(networks)
-  latencies, spreads = [], []
+  latencies, spreads, weight_bytes = [], [], []
   for unit_keys, shape in zip(keys, shapes):
     latencies.append(np.asarray([stats[k]["latency_s"] for k in unit_keys]).reshape(shape))
     spreads.append(np.asarray([stats[k]["spread"] for k in unit_keys]).reshape(shape))
+    weight_bytes.append(np.asarray([counted[k] for k in unit_keys], float).reshape(shape))
   return Table(
       model=arch["name"], model_fingerprint=fingerprint(arch), expansion=expansion,
       platform=dataclasses.asdict(platform), group_names=tuple(g.name for g in groups),
       group_sizes=tuple(g.size for g in groups), grids=tuple(tuple(g) for g in grids),
       round_to=round_to, units=unit_list, latencies=tuple(latencies), spreads=tuple(spreads),
+      weight_bytes=tuple(weight_bytes),
       provenance={"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"), "grid_points": grid_points, "min_fraction": min_fraction,
           "entries": len(networks), **(provenance or {})})

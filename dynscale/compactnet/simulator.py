@@ -4,8 +4,9 @@
 platform (§3.1, :mod:`dynscale.compactnet.latency`), then times the
 original network and ``calibration_variants`` seeded random trims of it as
 whole networks, fits the table's calibration (measured ~ ``scale x sum of
-units + offset``) and saves the calibrated table atomically, with the wall
-time of the whole build in its provenance (``build_s``).
+units + per_mib x MiB of variables + offset``) and saves the calibrated
+table atomically, with the wall time of the whole build in its provenance
+(``build_s``).
 
 :func:`validate_table` checks the table against whole networks it was not
 fitted on: random trims drawn with a seed other than the calibration's,
@@ -176,8 +177,9 @@ def calibrate(table: latency.Table, arch: dict, target: Platform, settings: Tabl
       remote, target, {n: _trimmed(arch, table.expansion, w) for n, w in zip(names, widths)},
       settings)
   raw = [table.raw(w) for w in widths]
+  weight_mib = None if table.weight_bytes is None else [table.weight_mib(w) for w in widths]
   return table.with_calibration(
-      raw, [measured[n] for n in names], seed=settings.calibration_seed,
+      raw, [measured[n] for n in names], weight_mib, seed=settings.calibration_seed,
       random_variants=settings.calibration_variants, load_1min=provenance.get("load_1min"),
       networks=[{"widths": w, "raw_s": r, "measured_s": measured[n]}
                 for n, w, r in zip(names, widths, raw)])
