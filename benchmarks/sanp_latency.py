@@ -8,11 +8,13 @@ open the same fraction ``k`` of its channels (FIXED-K's pattern, ``k`` from
 target; then one run times, with interleaved rounds, the backbone without
 gates (``dense``), the gated network's masked path (``masked``: computes
 every channel, multiplies the closed ones by zero) and
-:func:`dynscale.sanp.inference.skipping_forward` (``skip``). All three are
-called the same way, as jitted functions of plain dicts of arrays (the
-dense backbone through :func:`dynscale.nn.sliced.apply_sliced`): at batch 1
-flattening Flax objects on every call costs a few tenths of a millisecond,
-which would otherwise count against whichever path pays it. A fourth path,
+:func:`dynscale.sanp.inference.skipping_forward` (``skip``). All are called
+the same way, as functions of the image with their variables bound by
+:func:`dynscale.bound.bind` (plain arrays, the small ones in one buffer;
+the dense backbone through :func:`dynscale.nn.sliced.apply_sliced`): at
+batch 1 flattening Flax objects, or handing the runtime a hundred arrays,
+costs a few tenths of a millisecond per call, which would otherwise count
+against whichever path pays it. A fourth path,
 ``thin``, is the plain backbone at the widths skipping computes (each
 layer's open count rounded up to its bucket), without gates: the floor any
 skipping can reach, so ``skip_over_thin`` is what the gates, the filter
@@ -39,7 +41,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from dynscale import host, timing
+from dynscale import bound, host, timing
 from dynscale.nn import costs, models, sliced
 from dynscale.sanp import budget, gates, inference
 
@@ -66,16 +68,14 @@ def bucketed_widths(model, keep: float, buckets: int) -> dict[str, int]:
 
 
 def masked_forward(model):
-  """``(logits, activity) = f(image)`` of the gated ``model``'s masked path, jitted over
-  its variables as a plain dict."""
+  """``(logits, activity) = f(image)`` of the gated ``model``'s masked path, its
+  variables bound."""
   graph, state = nnx.split(model)
-  values = state.to_pure_dict()
 
-  @jax.jit
   def run(values, image):
     trace = nnx.merge(graph, nnx.State(values)).run(image, 1.0, train=False)
     return trace.output, trace.activity
-  return lambda image: run(values, image)
+  return bound.bind(run, state.to_pure_dict())
 
 
 def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
@@ -84,22 +84,22 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
                              profile="all-one", width_multiplier=width_multiplier)
   dense_variables = models.build(arch, rngs=models.init_rngs(0)).pure_variables()
   image = jax.random.normal(jax.random.key(1), (1, *MODELS[model_name]))
-  dense_fn = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
+  dense = bound.bind(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0), dense_variables)
   records = []
   for target in targets:
     keep = budget.fixed_k_keep(arch, target)
     gated = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
     open_fraction(gated, keep)
     widths = bucketed_widths(gated, keep, buckets)
-    thin_variables = sliced.slice_variables(arch, dense_variables, widths)
-    thin_fn = jax.jit(lambda v, x, widths=widths: sliced.apply_sliced(arch, v, x, widths))
+    thin = bound.bind(lambda v, x, widths=widths: sliced.apply_sliced(arch, v, x, widths),
+                      sliced.slice_variables(arch, dense_variables, widths))
     masked = masked_forward(gated)
     skip = inference.skipping_forward(gated, buckets)
     logits, activity = masked(image)
     np.testing.assert_allclose(skip(image), logits, rtol=1e-4, atol=1e-4)
     stats = timing.interleaved_latencies({
-        "dense": lambda: dense_fn(dense_variables, image), "masked": lambda: masked(image),
-        "skip": lambda: skip(image), "thin": lambda: thin_fn(thin_variables, image)},
+        "dense": lambda: dense(image), "masked": lambda: masked(image),
+        "skip": lambda: skip(image), "thin": lambda: thin(image)},
         warmup=warmup, repeats=repeats)
     median = {name: s["median_s"] for name, s in stats.items()}
     records.append({
