@@ -9,10 +9,11 @@ of a middle IDP layer), not against the benchmark code.
 
 import math
 
+import jax
 import pytest
 
 from benchmarks import idp_latency, tesla_step
-from dynscale.nn import costs, models
+from dynscale.nn import costs, models, sliced
 
 
 def _mlp_flops(hidden: int, dp: float) -> int:
@@ -131,3 +132,17 @@ def test_sanp_latency_records_skipping_against_dense_and_masked():
                                                     abs=2e-3)
   assert record["masked_over_dense"] == pytest.approx(
       record["masked_ms"] / record["dense_ms"], abs=2e-3)
+
+
+def test_call_cost_counts_the_arrays_and_reports_the_measured_ratio():
+  from benchmarks import call_cost  # its flags would clash with the other benchmarks'
+  record = call_cost.measure("mobilenet_v2_imagenet", 1, width_multiplier=0.25, rounds=3, burst=2)
+  arch = models.architecture("mobilenet_v2_imagenet", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=0.25)
+  shapes = jax.tree.leaves(sliced.variable_shapes(arch), is_leaf=lambda s: isinstance(s, tuple))
+  assert record["arrays"] == len(shapes)
+  assert record["arrays_bound_alone"] == sum(math.prod(s) >= 4096 for s in shapes)
+  assert record["bound_over_arrays"] == pytest.approx(
+      record["bound_ms"] / record["arrays_ms"], abs=2e-3)
+  assert record["us_per_array"] == pytest.approx(
+      1e3 * (record["arrays_ms"] - record["bound_ms"]) / record["arrays"], abs=2e-3)
