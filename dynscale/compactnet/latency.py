@@ -184,8 +184,8 @@ def measure_networks(platform: Platform, networks: Mapping[str, tuple[dict, dict
   """Latency of each ``(architecture, variables)`` network's sliced forward on
   ``platform`` (this process must be set up for it), interleaved. Each runs
   as a deployed network would, its variables bound (:func:`dynscale.bound.bind`):
-  handed to the runtime one by one, MobileNetV2's 297 arrays cost 0.22 ms a
-  call, 39% of its batch-1 latency on the 2-core machine (RESULTS.md)."""
+  handed to the runtime one by one, MobileNetV2's 297 arrays cost 0.24 ms a
+  call, 40% of its batch-1 latency on the 2-core machine (RESULTS.md)."""
   from dynscale.compactnet import platform as platforms
 
   platforms.check_process(platform)
