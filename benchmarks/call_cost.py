@@ -16,7 +16,6 @@ to read it as CompactNet's ``cpu-b1`` does.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -51,10 +50,7 @@ def measure(model: str, batch: int, *, input_size: int = 32, classes: int = 10,
       "arrays_ms": round(ms["arrays"], 4), "bound_ms": round(ms["bound"], 4),
       "bound_over_arrays": round(ms["bound"] / ms["arrays"], 3),
       "us_per_array": round(1e3 * (ms["arrays"] - ms["bound"]) / len(leaves), 3),
-      "estimator": "min", "rounds": rounds, "burst": burst,
-      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-      "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "cpu_load_1m": round(os.getloadavg()[0], 2)}
+      "estimator": "min", "rounds": rounds, "burst": burst, **timing.machine()}
 
 
 def _define_flags() -> None:

@@ -28,7 +28,6 @@ their ratios (``train_speedup``, ``infer_speedup``, ``grad_speedup``).
 
 import contextlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -176,8 +175,7 @@ def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 
           **{f"{k}_spread": round(s["spread"], 3) for k, s in stats.items()},
           **{f"{program}_speedup": round(per_s[f"{program}_chosen"] / per_s[f"{program}_xla"], 2)
              for program in ("train", "infer", "grad")},
-          "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-          "jax": jax.__version__, "cpu_load_1m": round(os.getloadavg()[0], 2)}
+          **timing.machine()}
 
 
 def _define_flags() -> None:

@@ -50,7 +50,6 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
     candidates[("masked", dp)] = lambda dp=dp: masked(state, x, jnp.float32(dp))
   stats = timing.interleaved_latencies(candidates, warmup=warmup, repeats=repeats)
   full_flops = costs.flops(arch, 1.0)
-  device = jax.devices()[0]
   records = []
   for dp in dps:
     s, m = stats[("sliced", dp)], stats[("masked", dp)]
@@ -61,8 +60,7 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
         "flops_ratio": round(costs.flops(arch, dp) / full_flops, 4),
         "sliced_ms": round(1e3 * s["median_s"], 3), "masked_ms": round(1e3 * m["median_s"], 3),
         "sliced_spread": round(s["spread"], 3), "masked_spread": round(m["spread"], 3),
-        "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
-    })
+        **timing.machine()})
   return records
 
 

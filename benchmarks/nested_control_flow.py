@@ -13,7 +13,6 @@ step times and ``scan_over_loop`` and ``cond_over_all``: on XLA:CPU
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +67,7 @@ def measure(model_name: str, batch: int, width_multiplier: float, repeats: int) 
           **{f"{name}_ms_per_step": round(v, 1) for name, v in ms.items()},
           "scan_over_loop": round(ms["scan"] / ms["loop"], 2),
           "cond_over_all": round(ms["tesla_cond"] / ms["tesla_all"], 2),
-          "backend": jax.default_backend(), "jax": jax.__version__,
-          "cpu_load_1m": round(os.getloadavg()[0], 2)}
+          "backend": jax.default_backend(), **timing.machine()}
 
 
 def _define_flags() -> None:

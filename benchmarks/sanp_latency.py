@@ -33,7 +33,6 @@ and compare skipping against the faster dense network.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +114,7 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
         **{f"{name}_ms": round(1e3 * s, 3) for name, s in median.items()},
         **{f"{name}_spread": round(s["spread"], 3) for name, s in stats.items()},
         "gate_flops": budget.spm_flops(arch, 16),
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpu_load_1m": round(os.getloadavg()[0], 2)})
+        **timing.machine()})
   return records
 
 

@@ -123,7 +123,6 @@ def measure(model_name: str, batch: int, tasks: Sequence[float], *, repeats: int
   stats = timing.interleaved_latencies(
       {name: candidate(*setups[name]) for name in CANDIDATES}, warmup=warmup, repeats=repeats)
   step_s = {name: stats[name]["median_s"] / steps_per_call for name in CANDIDATES}
-  device = jax.devices()[0]
   record = {"model": model_name, "batch": batch, "tasks": list(tasks), "stage": stage,
             "coefficients": [round(float(c), 4) for c in coefficients],
             "dtype": jnp.dtype(dtype).name, "width_multiplier": width_multiplier,
@@ -140,8 +139,7 @@ def measure(model_name: str, batch: int, tasks: Sequence[float], *, repeats: int
       "stage_flops_over_single": round(
           flops_over_single(arch, [tasks[k] for k in active]), 4),
       **{f"{name}_spread": round(stats[name]["spread"], 3) for name in CANDIDATES},
-      "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
-      "cpu_load_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+      **timing.machine(), "cpu_count": os.cpu_count(),
   })
   return record
 

@@ -2,10 +2,11 @@
 
 A jitted function's call hands every array of its arguments to the runtime
 one by one (parsing, input handling, buffer preparation): on the 2-core
-machine about 4 us per array. A network called on one image pays that for
-every kernel, bias, batch-norm vector and gate parameter; M-CifarNet's
-skipping inference has 106 of them and spent about 0.4 ms of its 3-4 ms per
-image on them (RESULTS.md, issue 12). :func:`bind` packs the small arrays
+machine 1-2 us per array (``benchmarks.call_cost``). A network called on one
+image pays that for every kernel, bias, batch-norm vector and gate
+parameter: MobileNetV2's 297 arrays cost 0.24 ms a call, 40% of its
+batch-1 latency, and M-CifarNet's skipping inference hands over 106
+(RESULTS.md, issues 12 and 13). :func:`bind` packs the small arrays
 of a pytree into one buffer per dtype, sliced back inside the compiled
 function (where a static slice costs nothing), and passes the large ones as
 they are, so a call hands over a handful.

@@ -7,11 +7,21 @@ the ratios between them stay meaningful.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
+
+
+def machine() -> dict:
+  """What a benchmark record says of where it ran: the first device, the JAX
+  version, ``XLA_FLAGS`` and the 1-minute load average."""
+  device = jax.devices()[0]
+  return {"device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "cpu_load_1m": round(os.getloadavg()[0], 2)}
 
 
 def _run_once(fn: Callable[[], object]) -> float:
