@@ -112,6 +112,7 @@ def run(*, model: str, platform_name: str, variants: int, seed: int, out: str,
   record = {
       "model": model, "width_multiplier": width_multiplier, "num_classes": num_classes,
       "platform": target.name, **summary,
+      "calibration_form": calibration.get("form"),
       "calibration_scale": calibration.get("scale"),
       "calibration_per_mib": calibration.get("per_mib"),
       "calibration_offset": calibration.get("offset"),
@@ -156,6 +157,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("calibration_variants", defaults.calibration_variants,
                        "Random trims the calibration is fitted on (0: none).")
   flags.DEFINE_integer("calibration_seed", defaults.calibration_seed, "Their seed.")
+  flags.DEFINE_string("calibration_form", defaults.calibration_form,
+                      f"One of {list(simulator.CALIBRATION_CHOICES)}; auto: the form that "
+                      "predicts the calibration network left out best.")
   flags.mark_flag_as_required("out")
 
 
@@ -169,7 +173,8 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                     min_fraction=f.min_fraction, round_to=f.round_to, warmup=f.warmup,
                     rounds=f.rounds, burst=f.burst, estimator=f.estimator,
                     calibration_variants=f.calibration_variants,
-                    calibration_seed=f.calibration_seed))
+                    calibration_seed=f.calibration_seed,
+                    calibration_form=f.calibration_form))
   try:  # bad flags, or an --out of another model, fail before anything is measured
     arch, target = check(**kwargs)
     _existing(f.out, arch, target, kwargs["settings"])

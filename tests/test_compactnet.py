@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks import compactnet_paths
 from dynscale import timing
 from dynscale.compactnet import latency, platform, schedule, search, trimming
 from dynscale.nn import costs, models, sliced, spec
@@ -307,6 +308,86 @@ def test_calibration_separates_weight_traffic_from_the_units(table):
     table.with_calibration(raw, measured, mib[:-1])
 
 
+def _relative_fit(columns, measured):
+  """Least squares of sum_k (columns_k . c / measured_k - 1)^2, written out."""
+  design = np.stack(columns, axis=1) / measured[:, None]
+  return np.linalg.solve(design.T @ design, design.T @ np.ones_like(measured))
+
+
+def _held_out(raw, mib, measured):
+  """Per calibration form, each network's |predicted / measured - 1| when
+  left out of the fit."""
+  forms = {"raw": None, "scale": lambda r, w: [r], "affine": lambda r, w: [r, np.ones_like(r)],
+           "affine+weights": lambda r, w: [r, w, np.ones_like(r)]}
+  errors = {}
+  for name, columns in forms.items():
+    e = []
+    for k in range(len(raw)):
+      rest = np.arange(len(raw)) != k
+      if columns is None:
+        predicted = raw[k]
+      else:
+        c = _relative_fit(columns(raw[rest], mib[rest]), measured[rest])
+        predicted = float(np.dot(c, [v[k] for v in columns(raw, mib)]))
+      e.append(abs(predicted / measured[k] - 1))
+    errors[name] = np.array(e)
+  return errors
+
+
+def _one_standard_error_choice(held_out):
+  """The first form (fewest terms) within one standard error of the best mean."""
+  means = {f: e.mean() for f, e in held_out.items()}
+  best = min(means, key=means.get)
+  bar = means[best] + held_out[best].std(ddof=1) / np.sqrt(len(held_out[best]))
+  return next(f for f in held_out if means[f] <= bar + 1e-12)
+
+
+def test_calibration_form_is_chosen_by_leaving_one_network_out(table):
+  variants = latency.random_widths(table, 12, seed=3)
+  raw = np.array([table.raw(w) for w in variants])
+  mib = np.array([table.weight_mib(w) for w in variants])
+  columns = np.stack([raw, mib, np.ones_like(raw)], 1)
+  chosen, best_means = [], []
+  for seed in range(6):
+    # The raw sum is the truth, timed with 6% noise: on their own networks
+    # the extra terms always fit the noise better; left out, not always.
+    noise = np.random.default_rng(seed).uniform(-0.06, 0.06, raw.shape)
+    measured = raw * (1 + noise)
+    held_out = _held_out(raw, mib, measured)
+    calibration = table.with_calibration(raw, measured, mib).calibration
+    assert calibration["leave_one_out_mean_abs_error"] == pytest.approx(
+        {f: e.mean() for f, e in held_out.items()})
+    assert calibration["form"] == _one_standard_error_choice(held_out)
+    chosen.append(calibration["form"])
+    best_means.append(min(held_out, key=lambda f: held_out[f].mean()))
+    in_sample = columns @ _relative_fit(list(columns.T), measured)
+    assert np.mean(np.abs(in_sample / measured - 1)) < np.mean(np.abs(raw / measured - 1))
+  # the rule keeps the raw sum in draws where a richer form's mean was lower by less than 1 SE
+  assert any(c == "raw" != b for c, b in zip(chosen, best_means))
+  # a weight cost the sum of units does not see: only the weight term follows it
+  weighted = raw + 0.5 * mib * raw.mean() / mib.mean()
+  assert table.with_calibration(raw, weighted, mib).calibration["form"] == "affine+weights"
+  exact = table.with_calibration(raw, raw, mib).calibration  # every form fits: fewest terms
+  assert (exact["form"], exact["scale"], exact["per_mib"], exact["offset"]) == ("raw", 1, 0, 0)
+  scaled = table.with_calibration(raw, 0.7 * raw, mib).calibration
+  assert (scaled["form"], scaled["scale"]) == ("scale", pytest.approx(0.7))
+  # A forced form is fitted on relative errors.
+  forced = table.with_calibration(raw, measured, mib, forms=("scale",)).calibration
+  assert forced["form"] == "scale"
+  assert forced["scale"] == pytest.approx(_relative_fit([raw], measured)[0])
+  assert list(forced["leave_one_out_mean_abs_error"]) == ["scale"]
+
+
+def test_calibration_refuses_what_it_cannot_fit(table):
+  raw = [table.raw(w) for w in latency.random_widths(table, 3, seed=1)]
+  with pytest.raises(ValueError, match="forms must be a non-empty subset of"):
+    table.with_calibration(raw, raw, forms=("cubic",))
+  with pytest.raises(ValueError, match="at least 2 networks"):
+    table.with_calibration(raw[:1], raw[:1])
+  with pytest.raises(ValueError, match="affine forms need 8"):
+    table.with_calibration(raw, raw, forms=("affine",))
+
+
 def test_weight_bytes_are_the_networks_variables_on_the_grid(table):
   arch = _mobilenet()
   groups = trimming.trimmable_groups(arch)
@@ -452,6 +533,27 @@ def test_an_unreachable_target_stops_with_the_best_reachable_speedup(tmp_path):
   with pytest.raises(search.UnreachableTarget, match=r"no single group trimmed to its minimum"):
     search.search(arch, {**_variables(arch), "tag": np.asarray(0.0)}, table, plan,
                   fine_tune=fine_tune, score=score, workdir=str(tmp_path), min_width=0.9)
+
+
+def test_random_paths_meet_what_the_search_meets_and_stop_where_it_stops(tmp_path):
+  table = _toy_table(_toy())
+  easy = compactnet_paths.reachability(table, 1.4, 3, decay=0.9, paths=5)
+  assert (easy["reached"], easy["stopped_at"]) == (5, [])
+  hard = compactnet_paths.reachability(table, 5.0, 2, decay=1.0, min_width=0.9, paths=5)
+  assert (hard["reached"], hard["stopped_at"]) == (0, [0] * 5)  # as the search above
+  minimum = search.minimum_widths(table, 0.25)
+  for k, name in enumerate(table.group_names):
+    widths = list(table.full_widths)
+    widths[k] = minimum[k]
+    assert easy["one_group_at_minimum"][name] == pytest.approx(
+        table.predict(table.full_widths) / table.predict(widths), abs=1e-4)
+  # a path trims one group per iteration and ends within the last budget
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  for seed in range(3):
+    done, widths = compactnet_paths.random_path(table, plan, minimum,
+                                                np.random.default_rng(seed))
+    assert done == 3 and table.speedup(widths) >= plan.final_speedup
+    assert 1 <= sum(w < f for w, f in zip(widths, table.full_widths)) <= 3
 
 
 def test_minimum_widths_must_be_fractions():

@@ -46,6 +46,9 @@ def report(built):
     (dict(estimator="mean"), r"table.estimator must be one of \['median', 'min', 'q10'\]"),
     (dict(calibration_variants=-1), "table.calibration_variants must be an int >= 0"),
     (dict(calibration_seed=True), "table.calibration_seed must be an int >= 0"),
+    (dict(calibration_form="cubic"),
+     r"table.calibration_form must be one of \['auto', 'raw', 'scale', 'affine', "
+     r"'affine\+weights'\]"),
 ])
 def test_settings_name_the_bad_field(change, message, tmp_path):
   settings = simulator.TableSettings(**change)
@@ -64,6 +67,8 @@ def test_the_built_table_is_calibrated_and_saved(built):
   loaded = latency.load(out)
   assert loaded.calibration == table.calibration
   assert table.calibration["scale"] == pytest.approx(WHOLE_SCALE, rel=0.02)
+  assert table.calibration["form"] != "raw"  # 43% off: left out, every fitted form does better
+  assert set(table.calibration["leave_one_out_mean_abs_error"]) == set(latency.CALIBRATION_FORMS)
   assert table.calibration["seed"] == SETTINGS.calibration_seed
   assert len(table.calibration["networks"]) == 1 + SETTINGS.calibration_variants
   assert table.calibration["networks"][0]["widths"] == list(table.full_widths)
@@ -108,6 +113,11 @@ def test_calibration_learns_what_weight_bytes_cost_the_whole_network(tmp_path):
                                platform.get("cpu-b1"), SETTINGS,
                                fake_remote([], per_mib_s=per_mib_s))
   assert affine.calibration["per_mib"] == 0.0
+  assert table.calibration["form"] == "affine+weights"
+  forced = simulator.calibrate(table, _mobilenet(), platform.get("cpu-b1"),
+                               dataclasses.replace(SETTINGS, calibration_form="raw"),
+                               fake_remote([], per_mib_s=per_mib_s)).calibration
+  assert (forced["form"], forced["scale"], forced["offset"]) == ("raw", 1.0, 0.0)
   assert simulator.validate_table(affine, _mobilenet(), platform.get("cpu-b1"), 5, seed=0,
                                   remote=fake_remote([], per_mib_s=per_mib_s)
                                   )["mean_abs_error"] > 2 * report["mean_abs_error"]

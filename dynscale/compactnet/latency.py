@@ -59,8 +59,13 @@ FORMAT = "dynscale.compactnet.latency_table/1"
 # independent expansion groups would take hours to measure).
 MAX_UNIT_ENTRIES = 400
 
-# Calibrations on fewer whole networks fit a scale only.
+# The forms of a calibration, fewer terms first: the raw sum of units; a
+# scale; scale and offset; and a term per MiB of the network's variables.
+CALIBRATION_FORMS = ("raw", "scale", "affine", "affine+weights")
+# Calibrations on fewer whole networks fit no offset.
 AFFINE_MIN_NETWORKS = 8
+# Held-out errors closer than this are a tie (float rounding of exact fits).
+_FLOAT_TIE = 1e-9
 
 # {name: (architecture, variables)} -> {name: {"latency_s": ..., "spread": ...}}
 Measure = Callable[[Mapping[str, tuple[dict, dict]]], dict[str, dict[str, float]]]
@@ -222,8 +227,8 @@ class Table:
   have are multiples of it (or a group's full size). latencies / spreads:
   per unit, an array over the product of its dims' grids. weight_bytes:
   the same for the bytes of each unit's variables (None in tables built
-  before they were counted). calibration: ``{"scale", "per_mib", "offset",
-  ...}`` or None.
+  before they were counted). calibration: ``{"form", "scale", "per_mib",
+  "offset", ...}`` (:meth:`with_calibration`) or None.
   """
 
   model: str
@@ -305,28 +310,55 @@ class Table:
     return self.predict(self.full_widths) / self.predict(widths)
 
   def with_calibration(self, raw: Sequence[float], measured: Sequence[float],
-                       weight_mib: Sequence[float] | None = None, **provenance) -> Table:
-    """This table with ``measured ~ scale x raw + per_mib x weight_mib + offset``
-    fitted by least squares (``per_mib`` only when ``weight_mib`` is given);
-    from fewer than :data:`AFFINE_MIN_NETWORKS` networks a scale alone (an
-    offset fitted on a few close points extrapolates badly)."""
+                       weight_mib: Sequence[float] | None = None,
+                       forms: Sequence[str] = CALIBRATION_FORMS, **provenance) -> Table:
+    """This table calibrated on whole networks: ``measured ~ scale x raw +
+    per_mib x weight_mib + offset`` in a form of ``forms``
+    (:data:`CALIBRATION_FORMS`) chosen by leaving each network out in turn.
+
+    Each form is fitted by least squares on the relative errors (the ones a
+    table is validated on) and scored by the mean ``|predicted / measured -
+    1|`` of the networks it did not see; the form kept is the one with the
+    fewest terms whose score is within one standard error of the best
+    (the one-standard-error rule, Hastie et al., *Elements of Statistical
+    Learning* §7.10). Held-out networks are the test because a form with
+    more terms always fits its own networks better: on a quiet platform
+    whose units add up (batch 64) the extra terms fit the timing noise and
+    predict new trims worse than the raw sum (RESULTS.md, "Which
+    calibration"). The affine forms need :data:`AFFINE_MIN_NETWORKS`
+    networks (an offset fitted on a few close points extrapolates badly),
+    ``affine+weights`` needs ``weight_mib``. The calibration records every
+    admissible form's score and its standard error.
+    """
     raw, measured = np.asarray(raw, float), np.asarray(measured, float)
-    if raw.shape != measured.shape or raw.shape[0] < 1:
-      raise ValueError("calibration needs matching, non-empty raw and measured latencies")
+    if raw.shape != measured.shape or raw.shape[0] < 2:
+      raise ValueError("calibration needs matching raw and measured latencies of at least 2 "
+                       "networks (its form is chosen by leaving one out)")
     if weight_mib is not None and np.shape(weight_mib) != raw.shape:
       raise ValueError("calibration needs one weight_mib per network")
-    per_mib = 0.0
-    if raw.shape[0] < AFFINE_MIN_NETWORKS:
-      scale, offset = float(np.sum(raw * measured) / np.sum(raw * raw)), 0.0
-    elif weight_mib is None:
-      scale, offset = (float(c) for c in np.polyfit(raw, measured, 1))
-    else:
-      design = np.stack([raw, np.asarray(weight_mib, float), np.ones_like(raw)], axis=1)
-      scale, per_mib, offset = (float(c) for c in
-                                np.linalg.lstsq(design, measured, rcond=None)[0])
+    unknown = [f for f in forms if f not in CALIBRATION_FORMS]
+    if not forms or unknown:
+      raise ValueError(f"calibration forms must be a non-empty subset of "
+                       f"{list(CALIBRATION_FORMS)}, got {list(forms)}")
+    weights = np.zeros_like(raw) if weight_mib is None else np.asarray(weight_mib, float)
+    admissible = [f for f in forms if _form_admissible(f, raw.shape[0], weight_mib is not None)]
+    if not admissible:
+      raise ValueError(f"none of the calibration forms {list(forms)} can be fitted on "
+                       f"{raw.shape[0]} networks (the affine forms need {AFFINE_MIN_NETWORKS}, "
+                       "affine+weights needs weight_mib)")
+    held_out = {f: _held_out_errors(f, raw, weights, measured) for f in admissible}
+    score = {f: float(np.mean(e)) for f, e in held_out.items()}
+    best = min(admissible, key=score.get)
+    standard_error = {f: float(np.std(e, ddof=1) / np.sqrt(e.shape[0]))
+                      for f, e in held_out.items()}
+    # _FLOAT_TIE: exact fits differ by float rounding only
+    form = next(f for f in admissible
+                if score[f] <= score[best] + standard_error[best] + _FLOAT_TIE)
+    scale, per_mib, offset = _fit_calibration(form, raw, weights, measured)
     return dataclasses.replace(self, calibration={
-        "scale": scale, "per_mib": per_mib, "offset": offset, "variants": int(raw.shape[0]),
-        **provenance})
+        "form": form, "scale": scale, "per_mib": per_mib, "offset": offset,
+        "leave_one_out_mean_abs_error": score, "leave_one_out_standard_error": standard_error,
+        "variants": int(raw.shape[0]), **provenance})
 
   def to_json(self) -> dict:
     body = {
@@ -345,6 +377,41 @@ class Table:
       for unit, counted in zip(body["units"], self.weight_bytes):
         unit["weight_bytes"] = [int(v) for v in counted.ravel()]
     return {**body, "sha256": _digest(body)}
+
+
+def _form_admissible(form: str, networks: int, has_weights: bool) -> bool:
+  if form.startswith("affine") and networks < AFFINE_MIN_NETWORKS:
+    return False
+  return has_weights or form != "affine+weights"
+
+
+def _fit_calibration(form: str, raw: np.ndarray, weight_mib: np.ndarray,
+                     measured: np.ndarray) -> tuple[float, float, float]:
+  """``(scale, per_mib, offset)`` of ``form`` minimising the squared relative
+  errors ``(predicted / measured - 1)^2`` over the networks."""
+  if form == "raw":
+    return 1.0, 0.0, 0.0
+  columns = {"scale": (raw,), "affine": (raw, np.ones_like(raw)),
+             "affine+weights": (raw, weight_mib, np.ones_like(raw))}[form]
+  design = np.stack(columns, axis=1) / measured[:, None]
+  coefficients = [float(c) for c in np.linalg.lstsq(design, np.ones_like(raw), rcond=None)[0]]
+  if form == "scale":
+    return coefficients[0], 0.0, 0.0
+  if form == "affine":
+    return coefficients[0], 0.0, coefficients[1]
+  return coefficients[0], coefficients[1], coefficients[2]
+
+
+def _held_out_errors(form: str, raw: np.ndarray, weight_mib: np.ndarray,
+                     measured: np.ndarray) -> np.ndarray:
+  """``|predicted / measured - 1|`` of each network predicted by ``form``
+  fitted on the others."""
+  errors = []
+  for k in range(raw.shape[0]):
+    rest = np.arange(raw.shape[0]) != k
+    scale, per_mib, offset = _fit_calibration(form, raw[rest], weight_mib[rest], measured[rest])
+    errors.append(abs((scale * raw[k] + per_mib * weight_mib[k] + offset) / measured[k] - 1))
+  return np.asarray(errors)
 
 
 def _digest(body: dict) -> str:

@@ -4,7 +4,8 @@
 platform (§3.1, :mod:`dynscale.compactnet.latency`), then times the
 original network and ``calibration_variants`` seeded random trims of it as
 whole networks, fits the table's calibration (measured ~ ``scale x sum of
-units + per_mib x MiB of variables + offset``) and saves the calibrated
+units + per_mib x MiB of variables + offset``, in the form that predicts
+the network left out best, raw sum included) and saves the calibrated
 table atomically, with the wall time of the whole build in its provenance
 (``build_s``).
 
@@ -54,6 +55,9 @@ def isolated(target: Platform, request: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
+CALIBRATION_CHOICES = ("auto", *latency.CALIBRATION_FORMS)
+
+
 def _check_int(field: str, value, minimum: int) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
@@ -69,7 +73,9 @@ class TableSettings:
   (:func:`dynscale.timing.interleaved_latencies`), also of the calibration
   and validation networks. calibration_variants: random trims timed whole
   (besides the original) to fit the calibration, 0 for none;
-  calibration_seed: their seed.
+  calibration_seed: their seed; calibration_form: one of
+  :data:`latency.CALIBRATION_FORMS`, or ``auto`` for the one that predicts
+  the network left out best (:meth:`latency.Table.with_calibration`).
   """
 
   expansion: str = "tied"
@@ -82,6 +88,7 @@ class TableSettings:
   estimator: str = "min"
   calibration_variants: int = 10
   calibration_seed: int = 1000
+  calibration_form: str = "auto"
 
   def check(self, field: str = "table") -> TableSettings:
     """Raises a ValueError naming the first bad field (``<field>.<name>``); returns ``self``."""
@@ -102,7 +109,16 @@ class TableSettings:
                        f"got {self.estimator!r}")
     _check_int(f"{field}.calibration_variants", self.calibration_variants, 0)
     _check_int(f"{field}.calibration_seed", self.calibration_seed, 0)
+    if self.calibration_form not in CALIBRATION_CHOICES:
+      raise ValueError(f"{field}.calibration_form must be one of {list(CALIBRATION_CHOICES)}, "
+                       f"got {self.calibration_form!r}")
     return self
+
+  def calibration_forms(self) -> tuple[str, ...]:
+    """The forms :meth:`latency.Table.with_calibration` chooses among."""
+    if self.calibration_form == "auto":
+      return latency.CALIBRATION_FORMS
+    return (self.calibration_form,)
 
   def timing(self) -> dict:
     """The timing fields of a measure request."""
@@ -179,7 +195,8 @@ def calibrate(table: latency.Table, arch: dict, target: Platform, settings: Tabl
   raw = [table.raw(w) for w in widths]
   weight_mib = None if table.weight_bytes is None else [table.weight_mib(w) for w in widths]
   return table.with_calibration(
-      raw, [measured[n] for n in names], weight_mib, seed=settings.calibration_seed,
+      raw, [measured[n] for n in names], weight_mib, settings.calibration_forms(),
+      seed=settings.calibration_seed,
       random_variants=settings.calibration_variants, load_1min=provenance.get("load_1min"),
       networks=[{"widths": w, "raw_s": r, "measured_s": measured[n]}
                 for n, w, r in zip(names, widths, raw)])
