@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import compactnet_models
+from benchmarks import compactnet_exchange, compactnet_models
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
 from dynscale.train import sweep
@@ -204,6 +204,59 @@ def test_the_models_benchmark_refuses_bad_input_before_measuring(finished, chang
   with pytest.raises(ValueError, match=message):
     compactnet_models.run(**{**kwargs, **change})
   assert requests == []
+
+
+def _exchange_runs(workdir, results):
+  """The run's own results (for its platform, cpu-b64) and a second run's for
+  cpu-b1 whose searched model is this run's uniform one (same original)."""
+  other = {**results, "platform": "cpu-b1", "export_dir": results["uniform_export_dir"]}
+  path = workdir / "exchange-b1-results.json"
+  path.write_text(json.dumps(other))
+  return [str(workdir / "results.json"), str(path)]
+
+
+def test_the_exchange_times_every_platforms_model_on_every_platform(finished, capsys):
+  _, workdir, results, _ = finished
+  per_mib_s = {"cpu-b64": 0.0, "cpu-b1": 5e-3}  # weights cost only at batch 1
+  requests = []
+  fakes = {p: fake_remote(requests, per_mib_s=c) for p, c in per_mib_s.items()}
+  record = compactnet_exchange.run(
+      results_paths=_exchange_runs(workdir, results),
+      settings=simulator.TableSettings(warmup=0, rounds=1),
+      remote=lambda target, request: fakes[target.name](target, request))
+  assert json.loads(capsys.readouterr().out.strip()) == record
+  assert requests == ["networks", "networks"]  # one interleaved run per platform
+
+  def expected(export_dir, on):
+    network = sliced.load(export_dir)
+    mib = sum(np.asarray(x).nbytes for x in jax.tree.leaves(network.variables)) / 2**20
+    return whole_network_latency(network.arch) + per_mib_s[on] * mib
+  exports = {"original": results["original_export_dir"], "cpu-b64": results["export_dir"],
+             "cpu-b1": results["uniform_export_dir"]}
+  for on in per_mib_s:
+    latency_s = {model: expected(d, on) for model, d in exports.items()}
+    assert record["latency_s"][on] == pytest.approx(latency_s)
+    other = "cpu-b1" if on == "cpu-b64" else "cpu-b64"
+    assert record["home_advantage"][on] == pytest.approx(latency_s[other] / latency_s[on] - 1)
+    assert record["speedup"][on]["original"] == 1
+
+
+def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
+  _, workdir, results, _ = finished
+  paths = _exchange_runs(workdir, results)
+  same_platform = tmp_path / "b64-again.json"
+  same_platform.write_text(json.dumps(results))
+  other_original = tmp_path / "other-original.json"
+  other_original.write_text(json.dumps({**results, "platform": "cpu-b1",
+                                        "original_export_dir": results["export_dir"]}))
+  for paths_, message in (([paths[0]], "at least two runs"),
+                          ([paths[0], str(same_platform)], "two runs for platform 'cpu-b64'"),
+                          ([paths[0], str(other_original)], "must trim the same original"),
+                          ([paths[0], "/nonexistent.json"], "CompactNet runs' results.json")):
+    requests = []
+    with pytest.raises(ValueError, match=message):
+      compactnet_exchange.run(results_paths=paths_, remote=fake_remote(requests))
+    assert requests == []
 
 
 def test_a_table_is_measured_once_and_reused(finished, fake_cifar):

@@ -1,0 +1,134 @@
+r"""CompactNet's exchange (paper 004, Table 7): each platform's searched model run on the others.
+
+python -m benchmarks.compactnet_exchange --results=W/b64-1_5x/results.json,W/b1-1_5x/results.json
+
+Takes finished CompactNet runs that trimmed the same original network,
+each for its own platform (``results.json``: ``platform``, ``export_dir``,
+``original_export_dir``), and times, on every one of those platforms in
+one interleaved run (a process set up for it, as the runs' own
+measurements), the original and every run's searched export. Table 7's
+question is whether a model searched on a platform is the better one
+there: for each platform the record gives every model's speed-up over the
+original (003 Eq. 10, ``s / s*``) and ``home_advantage``, the latency of
+the fastest model searched for another platform over the latency of the
+platform's own, minus one (positive: the platform's own model is faster
+there; the issue asks for at least 5%).
+
+Prints a table to stderr and one JSON line (also written to ``--out`` when
+given) to stdout: latencies, speed-ups, ``home_advantage``, the runs,
+timing, date and load.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+from dynscale.compactnet import platform, simulator
+from dynscale.io import write_json_atomic
+
+
+def check(results_paths: list[str], settings: simulator.TableSettings) -> dict[str, dict]:
+  """``{platform name: results}`` of the runs; a ValueError naming the first bad
+  argument, before anything is measured."""
+  if len(results_paths) < 2:
+    raise ValueError(f"results must name at least two runs (one per platform), "
+                     f"got {results_paths}")
+  runs: dict[str, dict] = {}
+  for path in results_paths:
+    try:
+      with open(path) as f:
+        results = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"results must be CompactNet runs' results.json: {e}") from e
+    missing = [k for k in ("platform", "export_dir", "original_export_dir") if k not in results]
+    if missing:
+      raise ValueError(f"results {path} is not a finished CompactNet run's: it has no {missing}")
+    name = platform.get(results["platform"], f"results {path}'s platform").name
+    if name in runs:
+      raise ValueError(f"results name two runs for platform {name!r}: one run per platform")
+    runs[name] = results
+  originals = {os.path.realpath(r["original_export_dir"]) for r in runs.values()}
+  if len(originals) > 1:
+    raise ValueError(f"results must trim the same original network; their "
+                     f"original_export_dir differ: {sorted(originals)}")
+  settings.check()
+  return runs
+
+
+def home_advantage(latency_s: dict[str, float], home: str) -> float:
+  """The fastest other platform's model over ``home``'s own, minus one."""
+  others = [s for name, s in latency_s.items() if name not in (home, "original")]
+  return min(others) / latency_s[home] - 1
+
+
+def _report(latencies: dict[str, dict[str, float]]) -> None:
+  models = list(next(iter(latencies.values())))
+  print(f"{'model':12s}" + "".join(f"{'on ' + p + ' ms (speed-up)':>28s}" for p in latencies),
+        file=sys.stderr)
+  for model in models:
+    cells = [f"{lat[model] * 1e3:.3f} ({lat['original'] / lat[model]:.2f}x)"
+             for lat in latencies.values()]
+    print(f"{model:12s}" + "".join(f"{c:>28s}" for c in cells), file=sys.stderr)
+  for p, lat in latencies.items():
+    print(f"on {p}: its own model is {100 * home_advantage(lat, p):+.1f}% faster than the "
+          "best other", file=sys.stderr)
+
+
+def run(*, results_paths: list[str],
+        settings: simulator.TableSettings = simulator.TableSettings(), out: str = "",
+        remote: simulator.Remote = simulator.isolated) -> dict:
+  """Measures and reports (module docstring); prints and returns the record."""
+  runs = check(results_paths, settings)
+  original = next(iter(runs.values()))["original_export_dir"]
+  specs = {"original": {"export_dir": original},
+           **{name: {"export_dir": r["export_dir"]} for name, r in runs.items()}}
+  latencies = {name: simulator.measure_networks(remote, platform.get(name), specs, settings)[0]
+               for name in runs}
+  _report(latencies)
+  record = {
+      "results": results_paths, "latency_s": latencies,
+      "speedup": {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latencies.items()},
+      "home_advantage": {p: home_advantage(lat, p) for p, lat in latencies.items()},
+      "timing": settings.timing(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
+  if out:
+    write_json_atomic(out, record)
+  print(json.dumps(record), flush=True)
+  return record
+
+
+def _define_flags() -> None:
+  """Flags only when run as a script (tests import :func:`run`)."""
+  defaults = simulator.TableSettings()
+  flags.DEFINE_list("results", None, "Finished CompactNet runs' results.json, one per platform.")
+  flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
+  flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
+  flags.DEFINE_integer("burst", defaults.burst,
+                       "Back-to-back timed runs of a network in each round (warm cache).")
+  flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+  flags.DEFINE_string("out", "", "Also write the JSON record here (atomically).")
+  flags.mark_flag_as_required("results")
+
+
+def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
+  del argv
+  f = flags.FLAGS
+  settings = simulator.TableSettings(warmup=f.warmup, rounds=f.rounds, burst=f.burst,
+                                     estimator=f.estimator)
+  try:
+    check(f.results, settings)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  run(results_paths=f.results, settings=settings, out=f.out, remote=remote)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
