@@ -4,7 +4,9 @@ python -m benchmarks.compactnet_table --model=mobilenet_v2_imagenet --platform=c
 
 Builds the platform simulator's table of unit latencies of ``--model`` on
 ``--platform`` and calibrates it on the original and
-``--calibration_variants`` random trims timed whole
+``--calibration_variants`` random trims timed whole, in the form
+``--calibration_form`` (``auto``: chosen on those networks, each left out
+of the fit in turn; :meth:`dynscale.compactnet.latency.Table.with_calibration`)
 (:func:`dynscale.compactnet.simulator.build_table`), saved to ``--out``; an
 existing ``--out`` is loaded instead when it is a table of this model,
 platform and expansion grouping (and refused when it is another's). Then
