@@ -29,6 +29,7 @@ import sys
 import jax
 from absl import app, flags
 
+from benchmarks import timing_flags
 from dynscale.compactnet import platform, simulator
 from dynscale.io import write_json_atomic
 
@@ -106,13 +107,9 @@ def run(*, results_paths: list[str],
 
 def _define_flags() -> None:
   """Flags only when run as a script (tests import :func:`run`)."""
-  defaults = simulator.TableSettings()
   flags.DEFINE_list("results", None, "Finished CompactNet runs' results.json, one per platform.")
-  flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
-  flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
-  flags.DEFINE_integer("burst", defaults.burst,
-                       "Back-to-back timed runs of a network in each round (warm cache).")
-  flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+  timing_flags.define()
+  flags.adopt_module_key_flags(timing_flags)  # listed by --help
   flags.DEFINE_string("out", "", "Also write the JSON record here (atomically).")
   flags.mark_flag_as_required("results")
 
@@ -120,8 +117,7 @@ def _define_flags() -> None:
 def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
   del argv
   f = flags.FLAGS
-  settings = simulator.TableSettings(warmup=f.warmup, rounds=f.rounds, burst=f.burst,
-                                     estimator=f.estimator)
+  settings = simulator.TableSettings(**timing_flags.values())
   try:
     check(f.results, settings)
   except ValueError as e:

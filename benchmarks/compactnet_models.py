@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import timing_flags
 from dynscale.compactnet import latency, measure, platform, simulator, training
 from dynscale.io import write_json_atomic
 from dynscale.nn import costs, sliced
@@ -160,17 +161,13 @@ def run(*, results_path: str, platforms: list[str], multipliers: list[float] = D
 
 def _define_flags() -> None:
   """Flags only when run as a script (tests import :func:`run`)."""
-  defaults = simulator.TableSettings()
   flags.DEFINE_string("results", None, "A finished CompactNet run's results.json.")
   flags.DEFINE_list("platforms", ["cpu-b1", "cpu-b64"],
                     f"Platforms, of {sorted(platform.PLATFORMS)}.")
   flags.DEFINE_list("multipliers", [str(m) for m in DEFAULT_MULTIPLIERS],
                     "Uniform width multipliers of the original, in (0, 1).")
-  flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
-  flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
-  flags.DEFINE_integer("burst", defaults.burst,
-                       "Back-to-back timed runs of a network in each round (warm cache).")
-  flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+  timing_flags.define()
+  flags.adopt_module_key_flags(timing_flags)  # listed by --help
   flags.DEFINE_string("out", "", "Also write the JSON record here (atomically).")
   flags.mark_flag_as_required("results")
 
@@ -178,8 +175,7 @@ def _define_flags() -> None:
 def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
   del argv
   f = flags.FLAGS
-  settings = simulator.TableSettings(warmup=f.warmup, rounds=f.rounds, burst=f.burst,
-                                     estimator=f.estimator)
+  settings = simulator.TableSettings(**timing_flags.values())
   try:
     try:
       multipliers = [float(m) for m in f.multipliers]

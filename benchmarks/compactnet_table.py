@@ -46,6 +46,7 @@ import time
 import jax
 from absl import app, flags
 
+from benchmarks import timing_flags
 from dynscale.compactnet import latency, platform, simulator
 from dynscale.io import write_json_atomic
 from dynscale.nn import models
@@ -151,11 +152,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("grid_points", defaults.grid_points, "Grid widths per group.")
   flags.DEFINE_float("min_fraction", defaults.min_fraction, "Smallest grid width / full width.")
   flags.DEFINE_integer("round_to", defaults.round_to, "Widths are multiples of this.")
-  flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
-  flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
-  flags.DEFINE_integer("burst", defaults.burst,
-                       "Back-to-back timed runs of a network in each round (warm cache).")
-  flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+  timing_flags.define()
+  flags.adopt_module_key_flags(timing_flags)  # listed by --help
   flags.DEFINE_integer("calibration_variants", defaults.calibration_variants,
                        "Random trims the calibration is fitted on (0: none).")
   flags.DEFINE_integer("calibration_seed", defaults.calibration_seed, "Their seed.")
@@ -172,8 +170,7 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                 out=f.out, width_multiplier=f.width_multiplier, num_classes=f.num_classes,
                 settings=simulator.TableSettings(
                     expansion=f.expansion, grid_points=f.grid_points,
-                    min_fraction=f.min_fraction, round_to=f.round_to, warmup=f.warmup,
-                    rounds=f.rounds, burst=f.burst, estimator=f.estimator,
+                    min_fraction=f.min_fraction, round_to=f.round_to, **timing_flags.values(),
                     calibration_variants=f.calibration_variants,
                     calibration_seed=f.calibration_seed,
                     calibration_form=f.calibration_form))
