@@ -21,9 +21,9 @@ network (``LEARNING_RATE``); every other variant starts from its export
   over one array at a time: a fixed cost per array was then a third of
   MobileNetV2's batch-1 latency, every group at a quarter of its width
   gave only 1.59x and no group alone could take a sixth of the way in one
-  step. Bound as deployed, the table of 2026-12-04 gives 3.2x with every
-  group at a quarter, and 3-29% from single groups at a quarter: N = 6
-  reaches it.)
+  step. Bound as deployed, the tables of 2026-12-04 give 3.0-3.2x with
+  every group at a quarter and 3-29% from single groups at a quarter, and
+  20 of 20 random paths of N = 6 reach 1.5x: ``benchmarks.compactnet_paths``.)
 * ``b64-1_5x-n24``: ``b64-1_5x`` with N = 24 (Table 3's N for 1.5x), so
   10-step fine-tunes and 5 recalibration batches, a study beside the
   issue's N ~ 6: with N = 6 each step must take about 6% of the original
