@@ -21,17 +21,14 @@ timing, date and load.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
 
-import jax
 from absl import app, flags
 
-from benchmarks import timing_flags
+from benchmarks import platform_timing
 from dynscale.compactnet import platform, simulator
-from dynscale.io import write_json_atomic
 
 
 def check(results_paths: list[str], settings: simulator.TableSettings) -> dict[str, dict]:
@@ -92,24 +89,18 @@ def run(*, results_paths: list[str],
   latencies = {name: simulator.measure_networks(remote, platform.get(name), specs, settings)[0]
                for name in runs}
   _report(latencies)
-  record = {
+  return platform_timing.emit({
       "results": results_paths, "latency_s": latencies,
-      "speedup": {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latencies.items()},
-      "home_advantage": {p: home_advantage(lat, p) for p, lat in latencies.items()},
-      "timing": settings.timing(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
-  if out:
-    write_json_atomic(out, record)
-  print(json.dumps(record), flush=True)
-  return record
+      "speedup": platform_timing.speedups(latencies),
+      "home_advantage": {p: home_advantage(lat, p) for p, lat in latencies.items()}},
+      settings, out)
 
 
 def _define_flags() -> None:
   """Flags only when run as a script (tests import :func:`run`)."""
   flags.DEFINE_list("results", None, "Finished CompactNet runs' results.json, one per platform.")
-  timing_flags.define()
-  flags.adopt_module_key_flags(timing_flags)  # listed by --help
+  platform_timing.define_flags()
+  flags.adopt_module_key_flags(platform_timing)  # listed by --help
   flags.DEFINE_string("out", "", "Also write the JSON record here (atomically).")
   flags.mark_flag_as_required("results")
 
@@ -117,7 +108,7 @@ def _define_flags() -> None:
 def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
   del argv
   f = flags.FLAGS
-  settings = simulator.TableSettings(**timing_flags.values())
+  settings = simulator.TableSettings(**platform_timing.flag_values())
   try:
     check(f.results, settings)
   except ValueError as e:

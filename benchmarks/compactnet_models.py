@@ -29,18 +29,15 @@ platform names, date and load.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import timing_flags
+from benchmarks import platform_timing
 from dynscale.compactnet import latency, measure, platform, simulator, training
-from dynscale.io import write_json_atomic
 from dynscale.nn import costs, sliced
 
 EXPORTS = {"original": "original_export_dir", "searched": "export_dir",
@@ -147,16 +144,10 @@ def run(*, results_path: str, platforms: list[str], multipliers: list[float] = D
   fits = {name: fit(sized, lat) for name, lat in latencies.items()}
   layers = {name: by_reuse(built[name][0]) for name in ("original", "searched")}
   _report(sized, latencies, fits, layers)
-  record = {
+  return platform_timing.emit({
       "results": results_path, "networks": sized, "latency_s": latencies,
-      "speedup": {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latencies.items()},
-      "fits": fits, "layers": layers, "timing": settings.timing(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
-  if out:
-    write_json_atomic(out, record)
-  print(json.dumps(record), flush=True)
-  return record
+      "speedup": platform_timing.speedups(latencies), "fits": fits, "layers": layers},
+      settings, out)
 
 
 def _define_flags() -> None:
@@ -166,8 +157,8 @@ def _define_flags() -> None:
                     f"Platforms, of {sorted(platform.PLATFORMS)}.")
   flags.DEFINE_list("multipliers", [str(m) for m in DEFAULT_MULTIPLIERS],
                     "Uniform width multipliers of the original, in (0, 1).")
-  timing_flags.define()
-  flags.adopt_module_key_flags(timing_flags)  # listed by --help
+  platform_timing.define_flags()
+  flags.adopt_module_key_flags(platform_timing)  # listed by --help
   flags.DEFINE_string("out", "", "Also write the JSON record here (atomically).")
   flags.mark_flag_as_required("results")
 
@@ -175,7 +166,7 @@ def _define_flags() -> None:
 def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
   del argv
   f = flags.FLAGS
-  settings = simulator.TableSettings(**timing_flags.values())
+  settings = simulator.TableSettings(**platform_timing.flag_values())
   try:
     try:
       multipliers = [float(m) for m in f.multipliers]

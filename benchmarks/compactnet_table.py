@@ -46,7 +46,7 @@ import time
 import jax
 from absl import app, flags
 
-from benchmarks import timing_flags
+from benchmarks import platform_timing
 from dynscale.compactnet import latency, platform, simulator
 from dynscale.io import write_json_atomic
 from dynscale.nn import models
@@ -152,8 +152,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("grid_points", defaults.grid_points, "Grid widths per group.")
   flags.DEFINE_float("min_fraction", defaults.min_fraction, "Smallest grid width / full width.")
   flags.DEFINE_integer("round_to", defaults.round_to, "Widths are multiples of this.")
-  timing_flags.define()
-  flags.adopt_module_key_flags(timing_flags)  # listed by --help
+  platform_timing.define_flags()
+  flags.adopt_module_key_flags(platform_timing)  # listed by --help
   flags.DEFINE_integer("calibration_variants", defaults.calibration_variants,
                        "Random trims the calibration is fitted on (0: none).")
   flags.DEFINE_integer("calibration_seed", defaults.calibration_seed, "Their seed.")
@@ -170,7 +170,7 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                 out=f.out, width_multiplier=f.width_multiplier, num_classes=f.num_classes,
                 settings=simulator.TableSettings(
                     expansion=f.expansion, grid_points=f.grid_points,
-                    min_fraction=f.min_fraction, round_to=f.round_to, **timing_flags.values(),
+                    min_fraction=f.min_fraction, round_to=f.round_to, **platform_timing.flag_values(),
                     calibration_variants=f.calibration_variants,
                     calibration_seed=f.calibration_seed,
                     calibration_form=f.calibration_form))

@@ -1,0 +1,47 @@
+"""What the CompactNet benchmarks share: how they time networks on a platform
+(:class:`dynscale.compactnet.simulator.TableSettings`, :mod:`dynscale.timing`)
+and how their records end."""
+
+import datetime
+import json
+import os
+
+import jax
+from absl import flags
+
+from dynscale.compactnet import simulator
+from dynscale.io import write_json_atomic
+
+
+def define_flags() -> None:
+  """``--warmup``, ``--rounds``, ``--burst`` and ``--estimator``, defaulting to
+  the tables' settings."""
+  defaults = simulator.TableSettings()
+  flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
+  flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
+  flags.DEFINE_integer("burst", defaults.burst,
+                       "Back-to-back timed runs of a network in each round (warm cache).")
+  flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+
+
+def flag_values() -> dict:
+  """The flags' values, as :class:`~dynscale.compactnet.simulator.TableSettings` fields."""
+  f = flags.FLAGS
+  return {"warmup": f.warmup, "rounds": f.rounds, "burst": f.burst, "estimator": f.estimator}
+
+
+def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+  """Per platform, every network's speed-up over ``original`` (003 Eq. 10, ``s / s*``)."""
+  return {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latency_s.items()}
+
+
+def emit(record: dict, settings: simulator.TableSettings, out: str = "") -> dict:
+  """``record`` with the timing, date, load and JAX version; written
+  atomically to ``out`` when given, printed as one JSON line, returned."""
+  record = {**record, "timing": settings.timing(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
+  if out:
+    write_json_atomic(out, record)
+  print(json.dumps(record), flush=True)
+  return record
