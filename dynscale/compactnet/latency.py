@@ -59,9 +59,12 @@ FORMAT = "dynscale.compactnet.latency_table/1"
 # independent expansion groups would take hours to measure).
 MAX_UNIT_ENTRIES = 400
 
-# The forms of a calibration, fewer terms first: the raw sum of units; a
-# scale; scale and offset; and a term per MiB of the network's variables.
-CALIBRATION_FORMS = ("raw", "scale", "affine", "affine+weights")
+# The forms of a calibration and the terms each fits, fewer terms first: the
+# raw sum of units; a scale; scale and offset; and a term per MiB of the
+# network's variables.
+_FORM_TERMS = {"raw": (), "scale": ("scale",), "affine": ("scale", "offset"),
+               "affine+weights": ("scale", "per_mib", "offset")}
+CALIBRATION_FORMS = tuple(_FORM_TERMS)
 # Calibrations on fewer whole networks fit no offset.
 AFFINE_MIN_NETWORKS = 8
 # Held-out errors closer than this are a tie (float rounding of exact fits).
@@ -298,8 +301,7 @@ class Table:
     if self.calibration is None:
       return raw
     c = self.calibration
-    weights = c["per_mib"] * self.weight_mib(widths) if c.get("per_mib") else 0.0
-    return c["scale"] * raw + weights + c["offset"]
+    return _calibrated(c, raw, self.weight_mib(widths) if c.get("per_mib") else 0.0)
 
   @property
   def full_widths(self) -> tuple[int, ...]:
@@ -354,9 +356,8 @@ class Table:
     # _FLOAT_TIE: exact fits differ by float rounding only
     form = next(f for f in admissible
                 if score[f] <= score[best] + standard_error[best] + _FLOAT_TIE)
-    scale, per_mib, offset = _fit_calibration(form, raw, weights, measured)
     return dataclasses.replace(self, calibration={
-        "form": form, "scale": scale, "per_mib": per_mib, "offset": offset,
+        "form": form, **_fit_calibration(form, raw, weights, measured),
         "leave_one_out_mean_abs_error": score, "leave_one_out_standard_error": standard_error,
         "variants": int(raw.shape[0]), **provenance})
 
@@ -385,21 +386,24 @@ def _form_admissible(form: str, networks: int, has_weights: bool) -> bool:
   return has_weights or form != "affine+weights"
 
 
+def _calibrated(c: Mapping[str, float], raw, weight_mib):
+  """``scale x raw + per_mib x weight_mib + offset`` of calibration ``c``."""
+  return c["scale"] * raw + c.get("per_mib", 0.0) * weight_mib + c["offset"]
+
+
 def _fit_calibration(form: str, raw: np.ndarray, weight_mib: np.ndarray,
-                     measured: np.ndarray) -> tuple[float, float, float]:
-  """``(scale, per_mib, offset)`` of ``form`` minimising the squared relative
-  errors ``(predicted / measured - 1)^2`` over the networks."""
-  if form == "raw":
-    return 1.0, 0.0, 0.0
-  columns = {"scale": (raw,), "affine": (raw, np.ones_like(raw)),
-             "affine+weights": (raw, weight_mib, np.ones_like(raw))}[form]
-  design = np.stack(columns, axis=1) / measured[:, None]
-  coefficients = [float(c) for c in np.linalg.lstsq(design, np.ones_like(raw), rcond=None)[0]]
-  if form == "scale":
-    return coefficients[0], 0.0, 0.0
-  if form == "affine":
-    return coefficients[0], 0.0, coefficients[1]
-  return coefficients[0], coefficients[1], coefficients[2]
+                     measured: np.ndarray) -> dict[str, float]:
+  """``{"scale", "per_mib", "offset"}`` of ``form``, its terms minimising the
+  squared relative errors ``(predicted / measured - 1)^2`` over the networks
+  (the raw sum: a scale of 1 and nothing else)."""
+  terms = _FORM_TERMS[form]
+  fitted = {"scale": 1.0, "per_mib": 0.0, "offset": 0.0}
+  if terms:
+    columns = {"scale": raw, "per_mib": weight_mib, "offset": np.ones_like(raw)}
+    design = np.stack([columns[t] for t in terms], axis=1) / measured[:, None]
+    solution = np.linalg.lstsq(design, np.ones_like(raw), rcond=None)[0]
+    fitted.update({t: float(v) for t, v in zip(terms, solution)})
+  return fitted
 
 
 def _held_out_errors(form: str, raw: np.ndarray, weight_mib: np.ndarray,
@@ -409,8 +413,8 @@ def _held_out_errors(form: str, raw: np.ndarray, weight_mib: np.ndarray,
   errors = []
   for k in range(raw.shape[0]):
     rest = np.arange(raw.shape[0]) != k
-    scale, per_mib, offset = _fit_calibration(form, raw[rest], weight_mib[rest], measured[rest])
-    errors.append(abs((scale * raw[k] + per_mib * weight_mib[k] + offset) / measured[k] - 1))
+    fitted = _fit_calibration(form, raw[rest], weight_mib[rest], measured[rest])
+    errors.append(abs(_calibrated(fitted, raw[k], weight_mib[k]) / measured[k] - 1))
   return np.asarray(errors)
 
 
