@@ -22,6 +22,7 @@ CPU_SETTINGS = {
     ("optimizer", "warmup_steps"): 0,
 }
 RTESLA_EPOCH_BUDGET = 20
+RTESLA_STAGE_EPOCHS = 10  # the same cap as every other stage
 
 CIFAR_CONFIGS = [(idp_fig8, "vgg16"), (idp_fig8, "mobilenet"), (idp_fig9, "vgg16"),
                  (tesla_vgg16_cifar, "cifar10"), (tesla_vgg16_cifar, "cifar100")]
@@ -39,6 +40,7 @@ def test_every_variant_of_a_cifar_config_under_the_cpu_protocol_has_the_document
       assert variant[block][field] == value, (name, block, field)
     if "schedule" in variant:
       assert variant.schedule.epoch_budget == RTESLA_EPOCH_BUDGET
+      assert variant.schedule.stage_epochs == RTESLA_STAGE_EPOCHS
     assert protocols.deviations(variant) == {}, name
     # Everything else is the paper config's: same data, method, network, comparisons.
     paper_variant = sweep.variant_configs(paper)[name]

@@ -260,6 +260,32 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
     assert np.max(np.abs(np.asarray(gamma) - 1.0)) > 1e-3, "ATP must move the profile from one"
 
 
+@pytest.mark.parametrize("stage_epochs, epochs_by_stage", [(0, [4]), (1, [1, 1, 1, 1])])
+def test_rtesla_stages_end_at_their_epoch_cap_and_follow_the_sampled_plan(
+    tmp_path, stage_epochs, epochs_by_stage):
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.train.patience = 10  # early stopping never ends a stage here
+  config.schedule.name = "rtesla"
+  config.schedule.tasks = TASKS
+  config.schedule.epoch_budget = 4
+  config.schedule.stage_epochs = stage_epochs
+  config.eval.dps = TASKS
+  config.tensorboard = False
+  results = tesla_training.train_and_evaluate(config, str(tmp_path))
+  assert [s["epochs"] for s in results["stages"]] == epochs_by_stage
+  assert results["epochs"] == 4
+  # Algorithm 2 by hand: the first task, then each new task's loss weighs alpha and
+  # the objective so far 1 - alpha, the task drawn uniformly with the run's seed.
+  rng = np.random.default_rng(config.seed)
+  coefficients = np.eye(len(TASKS))[0]
+  for stage in results["stages"]:
+    np.testing.assert_allclose(stage["coefficients"], coefficients)
+    task = rng.choice(len(TASKS), p=np.full(len(TASKS), 1 / len(TASKS)))
+    coefficients = 0.5 * np.eye(len(TASKS))[task] + 0.5 * coefficients
+
+
 @pytest.mark.parametrize("override, message", [
     ({"schedule.name": "random"}, r"schedule.name must be one of \('tesla', 'rtesla'\)"),
     ({"schedule.tasks": (0.4, 1.0)}, r"tasks"),
@@ -271,6 +297,7 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
      r"schedule.selection must be one of \('final', 'best_mean'\)"),
     ({"atp.enabled": True}, r"model.profile \(ATP starts at one\) must be one of"),
     ({"train.patience": 0}, r"train.patience must be >= 1"),
+    ({"schedule.stage_epochs": -1}, r"schedule.stage_epochs must be an integer >= 0, got -1"),
 ])
 def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   config = tesla_main.get_config()

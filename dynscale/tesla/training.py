@@ -31,7 +31,9 @@ low-DP task the running statistics put at chance can still count.
 * ``schedule.name='tesla'``: tasks in decreasing DP, one stage per task.
 * ``schedule.name='rtesla'``: after the first task, each stage's task is
   sampled from ``schedule.distribution`` until ``schedule.epoch_budget``
-  epochs are spent.
+  epochs are spent. A stage ends at its early stopping (Algorithm 2) or,
+  with ``schedule.stage_epochs`` > 0, after that many epochs, whichever
+  comes first.
 * ``cam.enabled``: after training, class activation maps of a few test
   images at ``cam.dps`` are saved as ``cam.png`` (a GAP model such as
   ``vgg16_gap``; 000 §4.2), each DP with the batch-norm statistics of
@@ -84,6 +86,7 @@ def check_config(config) -> None:
   validation.one_of(s.selection, SELECTIONS, "schedule.selection")
   schedules.check_tasks(s.tasks, decreasing=s.name == "tesla")
   schedules.check_alpha(s.alpha)
+  validation.non_negative_int(s.stage_epochs, "schedule.stage_epochs")
   if s.name == "rtesla":
     validation.positive(s.epoch_budget, "schedule.epoch_budget", integer=True)
     schedules.task_probabilities(s.distribution, len(s.tasks))
@@ -307,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.schedule.name == "rtesla":
       if spent >= budget:
         break
-      limit = budget - spent
+      limit = min(budget - spent, config.schedule.stage_epochs or budget)
     logging.info("Stage %d: task %d (DP %.2f), coefficients %s", stage.index, stage.task,
                  stage.dp, stage.coefficients)
     fit = stage_trainer(trainer, tasks, stage, stage_trainers, **loss_options).fit(

@@ -13,7 +13,8 @@ Every config has a ``protocol`` field, and every ``results.json`` records it
   recipe for every method, from scratch (the papers start VGG-16 from
   ImageNet weights, which cannot be had here): SGD, momentum 0.9, batch 128,
   learning rate 0.05 with cosine decay over the run, weight decay 5e-4,
-  random crop and flip; R-TESLA's total budget 20 epochs.
+  random crop and flip; R-TESLA's total budget 20 epochs, its stages
+  capped at 10 like every other stage.
 
 :func:`apply` sets a protocol's settings on a config (before command-line
 overrides); :func:`deviations` lists the fields a run changed afterwards, so
@@ -41,6 +42,7 @@ CPU = {
     "optimizer.weight_decay": 5e-4,
     "optimizer.warmup_steps": 0,
     "schedule.epoch_budget": 20,  # R-TESLA's total epochs (TESLA configs only)
+    "schedule.stage_epochs": 10,  # ... and the most of one R-TESLA stage
 }
 """The ``cpu`` protocol's settings: dotted config path -> value."""
 

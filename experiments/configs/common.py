@@ -140,6 +140,8 @@ def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 
                              # Algorithms 1-2) or 'best_mean' (best mean val accuracy
                              # over all tasks across the whole run)
       epoch_budget=epoch_budget,  # R-TESLA: total epochs over all stages
+      stage_epochs=0,             # R-TESLA: the most epochs of one stage (0: until its
+                                  # early stopping or the budget, as Algorithm 2)
       distribution="uniform",     # R-TESLA task distribution, or explicit probabilities
   ))
 
