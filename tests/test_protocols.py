@@ -58,6 +58,15 @@ def test_idp_variants_of_table_1_train_the_cpu_epochs_without_early_stopping():
   assert variants["tesla-gap-cam"].cam.dps == (0.1, 0.2, 0.3, 0.5, 1.0)  # Figs. 5-6
 
 
+def test_only_the_cifar10_column_has_the_cam_run():
+  # 000 §4.2 trains the GAP network at 20/50/100% DP: CIFAR-10's tasks.
+  for arg in ("cifar10", "cifar10,cpu", "cifar10-recipe"):
+    assert "tesla-gap-cam" in tesla_vgg16_cifar.get_config(arg).variants
+  for arg in ("cifar100", "cifar100,cpu", "cifar100-recipe"):
+    variants = tesla_vgg16_cifar.get_config(arg).variants
+    assert set(variants) == {"idp-all-one", "idp-linear", "mp-idp", "tesla", "rtesla"}
+
+
 def test_the_paper_protocol_is_the_default_and_changes_nothing():
   config = tesla_vgg16_cifar.get_config("cifar10")
   assert config.protocol == "paper"
