@@ -106,6 +106,8 @@ class DatasetSpec:
       ``""`` is the data directory itself.
     formats: local forms, tried in order within each searched directory.
     tfds_name: the tensorflow-datasets name, or None for package-only data.
+    class_names: the name of each label, in label order (the release's
+      metadata), or None where the label is its own name (digits).
     """
 
   num_classes: int
@@ -113,6 +115,7 @@ class DatasetSpec:
   subdirs: tuple[str, ...]
   formats: tuple[LocalFormat, ...]
   tfds_name: str | None
+  class_names: tuple[str, ...] | None = None
 
 
 def _cifar_formats(variant: formats.CifarVariant, python_tar: str, binary_tar: str,
@@ -138,6 +141,24 @@ def _cifar_formats(variant: formats.CifarVariant, python_tar: str, binary_tar: s
 _MNIST_LOCAL = (LocalFormat(MNIST_FILES, formats.read_mnist_dir,
                             "the four original idx .gz files"),)
 
+# The label names of the releases' metadata (``batches.meta`` / ``meta``), in label order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard",
+    "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse",
+    "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck",
+    "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray",
+    "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail",
+    "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
+    "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+
 _REGISTRY: dict[str, DatasetSpec] = {
     "mnist":
         DatasetSpec(10, (28, 28, 1), ("mnist", ""), _MNIST_LOCAL, "mnist"),
@@ -152,6 +173,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
             _cifar_formats(CIFAR10, "cifar-10-python.tar.gz", "cifar-10-binary.tar.gz",
                            "cifar10_uint8.npz.xz"),
             "cifar10",
+            CIFAR10_CLASSES,
         ),
     "cifar100":
         DatasetSpec(
@@ -161,6 +183,7 @@ _REGISTRY: dict[str, DatasetSpec] = {
             _cifar_formats(CIFAR100, "cifar-100-python.tar.gz", "cifar-100-binary.tar.gz",
                            "cifar100_uint8.npz.xz"),
             "cifar100",
+            CIFAR100_CLASSES,
         ),
     "mnist_sample":
         DatasetSpec(10, (28, 28, 1), (), (), None),

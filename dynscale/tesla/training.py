@@ -59,6 +59,7 @@ from absl import logging
 from flax import nnx
 
 from dynscale import cam, data
+from dynscale.data.datasets import dataset_spec
 from dynscale.nn import layers, sliced
 from dynscale.idp import checks, evaluation
 from dynscale.tesla import atp, multitask, schedules
@@ -282,7 +283,8 @@ def save_cams(run: runs.Run, trainer, state) -> tuple[str, dict]:
   logits = cam.cam_figure(run.arch, sliced.merge_variables(state.params, state.model_state),
                           run.dataset.test_x[:n], run.config.cam.dps, path,
                           normalization=data.normalization_stats(run.dataset.name),
-                          labels=run.dataset.test_y[:n], bn_stats_by_dp=stats)
+                          labels=run.dataset.test_y[:n], bn_stats_by_dp=stats,
+                          class_names=dataset_spec(run.dataset.name).class_names)
   return path, logits
 
 

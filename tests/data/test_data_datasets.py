@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dynscale.data import DATA_DIR_ENV, DATASETS, load, split_indices
+from dynscale.data.datasets import dataset_spec
 
 MNIST_NAMES = (
     "train-images-idx3-ubyte.gz",
@@ -46,6 +47,24 @@ def no_env(monkeypatch, tmp_path):
 
 def test_registry_names():
   assert set(DATASETS) == {"mnist", "fashion_mnist", "cifar10", "cifar100", "mnist_sample"}
+
+
+def test_class_names_name_every_label_once():
+  for name in DATASETS:
+    spec = dataset_spec(name)
+    if spec.class_names is not None:
+      assert len(set(spec.class_names)) == len(spec.class_names) == spec.num_classes, name
+
+
+@pytest.mark.parametrize("name, key", [("cifar10", "label_names"),
+                                       ("cifar100", "fine_label_names")])
+def test_class_names_are_the_releases_label_names(name, key):
+  path = os.path.join(os.environ.get(DATA_DIR_ENV, ""), f"{name}_uint8.npz.xz")
+  if not os.path.exists(path):
+    pytest.skip(f"needs {name}_uint8.npz.xz under ${DATA_DIR_ENV}")
+  with lzma.open(path) as f:
+    release = np.load(io.BytesIO(f.read()))[key]
+  assert dataset_spec(name).class_names == tuple(str(n) for n in release)
 
 
 def test_unknown_name_lists_allowed():
