@@ -168,3 +168,21 @@ def test_a_tiny_run_of_every_cifar_config_under_the_cpu_protocol_records_it(
     assert results["protocol"] == recorded
     assert results["config"]["model"]["width_multiplier"] == 1 / 16
     assert len(results["curves"]["test_accuracy_by_dp"]["points"]) == 2
+
+
+# Every method and the CAM path of Table 1's columns, in the default suite (the
+# whole columns above are slow): one variant per method each.
+@pytest.mark.parametrize("arg, variants", [
+    ("cifar10", ("idp-linear", "mp-idp", "tesla-gap-cam")),
+    ("cifar100", ("idp-linear",)),
+])
+def test_one_variant_per_method_of_each_table_1_column_runs_under_the_cpu_protocol(
+    arg, variants, fake_cifar, tmp_path):
+  config = shrunk(tesla_vgg16_cifar.get_config(f"{arg},cpu"), fake_cifar)
+  launcher.train_and_evaluate(config, str(tmp_path), variants)
+  for name in variants:
+    results = json.loads((tmp_path / name / "results.json").read_text())
+    assert results["protocol"]["name"] == "cpu"
+    assert results["dataset"]["name"] == arg
+    assert len(results["curves"]["test_accuracy_by_dp"]["points"]) == 2
+  assert (tmp_path / "tesla-gap-cam" / "cam.png").exists() == ("tesla-gap-cam" in variants)
