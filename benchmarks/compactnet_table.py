@@ -170,7 +170,8 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                 out=f.out, width_multiplier=f.width_multiplier, num_classes=f.num_classes,
                 settings=simulator.TableSettings(
                     expansion=f.expansion, grid_points=f.grid_points,
-                    min_fraction=f.min_fraction, round_to=f.round_to, **platform_timing.flag_values(),
+                    min_fraction=f.min_fraction, round_to=f.round_to,
+                    **platform_timing.flag_values(),
                     calibration_variants=f.calibration_variants,
                     calibration_seed=f.calibration_seed,
                     calibration_form=f.calibration_form))
