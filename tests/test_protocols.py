@@ -21,6 +21,8 @@ CPU_SETTINGS = {
     ("optimizer", "schedule"): "cosine", ("optimizer", "weight_decay"): 5e-4,
     ("optimizer", "warmup_steps"): 0,
 }
+# A DP curve at width x0.25 reads batch norm re-estimated at each DP (README, "Protocols").
+CPU_DP_CURVE_BN_MODE = "recalibrated"
 RTESLA_EPOCH_BUDGET = 20
 RTESLA_STAGE_EPOCHS = 10  # the same cap as every other stage
 
@@ -38,6 +40,8 @@ def test_every_variant_of_a_cifar_config_under_the_cpu_protocol_has_the_document
     assert variant.protocol == "cpu"
     for (block, field), value in CPU_SETTINGS.items():
       assert variant[block][field] == value, (name, block, field)
+    assert variant.eval.bn_mode == CPU_DP_CURVE_BN_MODE, name
+    assert sweep.variant_configs(paper)[name].eval.bn_mode == "shared", name  # the papers'
     if "schedule" in variant:
       assert variant.schedule.epoch_budget == RTESLA_EPOCH_BUDGET
       assert variant.schedule.stage_epochs == RTESLA_STAGE_EPOCHS
@@ -96,6 +100,14 @@ def test_an_unknown_protocol_set_on_the_command_line_fails_before_anything_is_wr
                                        r"\('paper', 'cpu'\), got 'gpu'"):
     launcher.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_cpu_dp_curve_read_with_the_shared_statistics_is_recorded_as_a_deviation():
+  config = tesla_vgg16_cifar.get_config("cifar10,cpu")
+  assert protocols.record(config)["settings"]["eval.bn_mode"] == CPU_DP_CURVE_BN_MODE
+  config.eval.bn_mode = "shared"
+  assert protocols.record(config)["deviations"] == {
+      "eval.bn_mode": {"protocol": CPU_DP_CURVE_BN_MODE, "run": "shared"}}
 
 
 def test_an_experiment_can_fix_its_own_sizes_within_the_cpu_protocol():

@@ -15,7 +15,9 @@ Every config has a ``protocol`` field, and every ``results.json`` records it
   ImageNet weights, which cannot be had here): SGD, momentum 0.9, batch 128,
   learning rate 0.05 with cosine decay over the run, weight decay 5e-4,
   random crop and flip; R-TESLA's total budget 20 epochs, its stages
-  capped at 10 like every other stage.
+  capped at 10 like every other stage. An experiment may add settings of its
+  own (:func:`apply`'s ``sizes``): the CIFAR DP curves read batch norm
+  recalibrated at each DP, SANP trains on 10,000 images.
 
 :func:`apply` sets a protocol's settings on a config (before command-line
 overrides); :func:`deviations` lists the fields a run changed afterwards, so

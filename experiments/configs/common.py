@@ -93,6 +93,20 @@ def split_arg(arg: str, field: str, allowed, *, cpu_allowed=None) -> tuple[str, 
   return choice, protocol
 
 
+CPU_DP_CURVE = {"eval": {"bn_mode": "recalibrated"}}
+"""What a DP curve (IDP, MP-IDP, TESLA on CIFAR) adds to the ``cpu`` protocol:
+batch norm read with statistics re-estimated at each DP, for validation and
+test alike. At width x 0.25 the trained running statistics put every network
+at chance below 50-60% DP, whatever its profile (RESULTS.md, "Batch norm at
+reduced DP decides the small network's curve")."""
+
+
+def dp_curve_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
+  """``config`` under ``protocol`` (:func:`dynscale.train.protocols.apply`), with
+  :data:`CPU_DP_CURVE` under ``cpu``."""
+  return protocols.apply(config, protocol, CPU_DP_CURVE if protocol == "cpu" else None)
+
+
 def overrides(**dotted) -> dict:
   """Nested overrides from dotted paths: ``overrides(**{"model.profile": "linear"})``.
 

@@ -4,10 +4,10 @@ binarized network. ``:mlp`` and ``:binary_net`` run on MNIST, ``:vgg16`` and
 settings; the CIFAR panels use our recipe (``common.cifar_sgd``: SGD momentum
 0.9, weight decay 5e-4, cosine decay), which their results must name.
 ``:vgg16,cpu`` and ``:mobilenet,cpu`` run a CIFAR panel under the ``cpu``
-protocol (:mod:`dynscale.train.protocols`), without early stopping.
+protocol (:mod:`dynscale.train.protocols`), without early stopping, batch norm
+read recalibrated at each DP (:data:`common.CPU_DP_CURVE`).
 """
 
-from dynscale.train import protocols
 from experiments.configs import common
 
 PANELS = {
@@ -34,4 +34,4 @@ def get_config(arg: str = "mlp"):
   )
   config.title = "001 Fig. 8: all-one vs linear"
   config.variants = {p: common.overrides(**{"model.profile": p}) for p in ("all-one", "linear")}
-  return protocols.apply(config, protocol)
+  return common.dp_curve_protocol(config, protocol)

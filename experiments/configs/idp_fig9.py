@@ -10,10 +10,10 @@ IDP layer, as Fig. 9 says ("the beginning 40% of input channels in the IDP
 layer are shared between all three profiles"). 001 gives no training
 settings; the VGG-16 panel uses our recipe (``common.cifar_sgd``: SGD momentum
 0.9, weight decay 5e-4, cosine decay), which its results must name.
-``:vgg16,cpu`` runs it under the ``cpu`` protocol (:mod:`dynscale.train.protocols`).
+``:vgg16,cpu`` runs it under the ``cpu`` protocol (:mod:`dynscale.train.protocols`),
+batch norm read recalibrated at each DP (:data:`common.CPU_DP_CURVE`).
 """
 
-from dynscale.train import protocols
 from experiments.configs import common
 
 PANELS = {
@@ -40,4 +40,4 @@ def get_config(arg: str = "mlp"):
       "linear": {},
       "mp-idp": common.overrides(**{"method": "mpidp", "model.mp_profiles": ranges}),
   }
-  return protocols.apply(config, protocol)
+  return common.dp_curve_protocol(config, protocol)

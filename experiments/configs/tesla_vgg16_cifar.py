@@ -1,5 +1,6 @@
-"""000 Table 1, VGG-16 columns: ``:cifar10`` (tasks 100/50/20, batch 32, Fig. 4a)
-and ``:cifar100`` (tasks 100/70/50/30, batch 64, Fig. 4b).
+"""000 Table 1, VGG-16 columns: ``:cifar10`` (tasks 100/50/20, batch 32, Fig. 4(b);
+Fig. 4(a) is its first two tasks) and ``:cifar100`` (tasks 100/70/50/30, batch 64,
+Fig. 4(c)).
 
 Table 1's settings: SGD momentum 0.9, lr 0.004 (constant), alpha 0.5, TESLA
 patience 4, R-TESLA 35 epochs, and nothing else (no weight decay, no
@@ -16,11 +17,11 @@ Needs CIFAR files (DYNSCALE_DATA_DIR); meant for a GPU.
 
 ``:cifar10,cpu`` / ``:cifar100,cpu`` run the column under the ``cpu`` protocol
 (:mod:`dynscale.train.protocols`: width x 0.25, 10 epochs per stage, one SGD
-recipe); its ``idp-all-one`` variant, the plain network trained at 100%,
+recipe; batch norm read recalibrated at each DP, :data:`common.CPU_DP_CURVE`);
+its ``idp-all-one`` variant, the plain network trained at 100%,
 is the unpruned baseline, and the IDP variants train without early stopping.
 """
 
-from dynscale.train import protocols
 from experiments.configs import common
 
 COLUMNS = {
@@ -64,4 +65,4 @@ def get_config(arg: str = "cifar10"):
     variants["tesla-gap-cam"] = {"model.name": "vgg16_gap", "cam.enabled": True,
                                  "cam.dps": CAM_DPS}
   config.variants = {name: common.overrides(**dotted) for name, dotted in variants.items()}
-  return protocols.apply(config, protocol)
+  return common.dp_curve_protocol(config, protocol)
