@@ -62,6 +62,19 @@ def test_idp_variants_of_table_1_train_the_cpu_epochs_without_early_stopping():
   assert variants["tesla-gap-cam"].cam.dps == (0.1, 0.2, 0.3, 0.5, 1.0)  # Figs. 5-6
 
 
+def test_fig_8_and_9_under_the_cpu_protocol_train_the_networks_of_table_1s_cifar10_column():
+  # RESULTS reads 001 Figs. 8-9 (VGG-16) off the CIFAR-10 column's rows.
+  column = sweep.variant_configs(tesla_vgg16_cifar.get_config("cifar10,cpu"))
+  rows = {(idp_fig8, "all-one"): "idp-all-one", (idp_fig8, "linear"): "idp-linear",
+          (idp_fig9, "linear"): "idp-linear", (idp_fig9, "mp-idp"): "mp-idp"}
+  for (module, name), row in rows.items():
+    panel = sweep.variant_configs(module.get_config("vgg16,cpu"))[name]
+    for block in ("data", "model", "optimizer", "train", "eval"):
+      assert panel[block].to_dict() == column[row][block].to_dict(), (name, block)
+    assert (panel.method, panel.seed, panel.protocol) == (column[row].method, column[row].seed,
+                                                          "cpu")
+
+
 def test_only_the_cifar10_column_has_the_cam_run():
   # 000 §4.2 trains the GAP network at 20/50/100% DP: CIFAR-10's tasks.
   for arg in ("cifar10", "cifar10,cpu", "cifar10-recipe"):
