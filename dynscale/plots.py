@@ -8,6 +8,7 @@ functions here take several under their labels, ``{label: curve}``.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping
 
 import matplotlib
@@ -26,13 +27,20 @@ def axes(curves: Mapping[str, Mapping]) -> tuple[str, str]:
   return names.pop()
 
 
-def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") -> None:
-  """One line per curve, labelled by its key, saved to ``path`` as PNG.
+TITLE_CHARACTERS = 64
+"""The longest line of a drawn title; longer titles wrap (the PNG's Title text keeps
+them whole)."""
 
-  ``title`` is drawn above the axes and stored as the PNG's ``Title`` text.
+
+def curves_figure(curves: Mapping[str, Mapping], *, title: str = ""):
+  """A matplotlib figure of one line per curve, labelled by its key.
+
+  ``title`` is drawn above the axes, wrapped at :data:`TITLE_CHARACTERS`. The
+  legend sits right of the axes, where it hides no point however many curves
+  there are.
   """
   x_name, y_name = axes(curves)
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = plt.subplots(figsize=(6.4, 3.8))
   for label, curve in curves.items():
     points = sorted(curve["points"])
     ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
@@ -40,9 +48,15 @@ def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") ->
   ax.set_ylabel(y_name)
   ax.grid(alpha=0.3)
   if title:
-    ax.set_title(title)
-  ax.legend()
+    ax.set_title(textwrap.fill(title, TITLE_CHARACTERS), fontsize=10)
+  ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9)
   fig.tight_layout()
+  return fig
+
+
+def plot_curves(curves: Mapping[str, Mapping], path: str, *, title: str = "") -> None:
+  """:func:`curves_figure` saved to ``path`` as PNG, ``title`` whole as its ``Title`` text."""
+  fig = curves_figure(curves, title=title)
   save_png(fig, path, dpi=120, title=title)
   plt.close(fig)
 

@@ -358,6 +358,30 @@ def test_curves_with_different_axes_are_not_tabulated_together():
                                "b": runs.curve("flops_ratio", "test_accuracy", [(1.0, 0.9)])})
 
 
+def test_a_figure_shows_its_whole_title_and_a_legend_that_hides_no_point():
+  import matplotlib.pyplot as plt
+  from dynscale import plots
+  from dynscale.train import runs
+  # A Table 1 column: six variants and a title longer than the figure is wide.
+  curves = {f"variant-{i}": runs.curve("dp", "test_accuracy",
+                                       [(dp / 10, 0.1 * i + dp / 100) for dp in range(1, 11)])
+            for i in range(6)}
+  title = ("000 Table 1 / Fig. 4, from scratch: vgg16, vgg16_gap on cifar10 "
+           "(idp, mpidp, tesla), cpu protocol")
+  fig = plots.curves_figure(curves, title=title)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  ax = fig.axes[0]
+  inside = fig.bbox
+  drawn = ax.title.get_window_extent(renderer)
+  legend = ax.get_legend().get_window_extent(renderer)
+  for box in (drawn, legend):
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and box.y1 <= inside.y1, box
+  assert legend.x0 >= ax.get_window_extent(renderer).x1  # beside the axes, not over the lines
+  assert ax.title.get_text().replace("\n", " ") == title
+  plt.close(fig)
+
+
 # --------------------------------------------------------------------------
 # Every run exports its best state; model.init_from continues from an export.
 # --------------------------------------------------------------------------
