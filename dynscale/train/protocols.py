@@ -6,8 +6,8 @@ Every config has a ``protocol`` field, and every ``results.json`` records it
 * ``'paper'``: the config file's own settings, as close to the paper as the
   paper says (meant for a GPU on CIFAR).
 * ``'cpu'``: the same method, network family, data and comparisons at a size
-  where an IDP run trains in 15-30 minutes on 2 cores and a run of several
-  tasks or profiles (TESLA, MP-IDP) in up to about 100 (:data:`CPU`):
+  where an IDP or MP-IDP run trains in 15-30 minutes on 2 cores and a TESLA
+  run of three or four tasks in 55-100 (:data:`CPU`):
   the full CIFAR training split with 5,000 of its images held out for
   validation (drawn with the run's seed), always the full test split; every
   hidden width x 0.25; at most 10 epochs per training stage; one optimizer
