@@ -101,7 +101,8 @@ at chance below 50-60% DP, whatever its profile (RESULTS.md, "Batch norm at
 reduced DP decides the small network's curve")."""
 
 
-def dp_curve_protocol(config: ml_collections.ConfigDict, protocol: str) -> ml_collections.ConfigDict:
+def dp_curve_protocol(config: ml_collections.ConfigDict,
+                      protocol: str) -> ml_collections.ConfigDict:
   """``config`` under ``protocol`` (:func:`dynscale.train.protocols.apply`), with
   :data:`CPU_DP_CURVE` under ``cpu``."""
   return protocols.apply(config, protocol, CPU_DP_CURVE if protocol == "cpu" else None)
