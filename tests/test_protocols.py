@@ -36,18 +36,19 @@ def test_every_variant_of_a_cifar_config_under_the_cpu_protocol_has_the_document
     module, arg):
   config = module.get_config(f"{arg},cpu")
   paper = module.get_config(arg)
+  paper_variants = sweep.variant_configs(paper)
   for name, variant in sweep.variant_configs(config).items():
+    paper_variant = paper_variants[name]
     assert variant.protocol == "cpu"
     for (block, field), value in CPU_SETTINGS.items():
       assert variant[block][field] == value, (name, block, field)
     assert variant.eval.bn_mode == CPU_DP_CURVE_BN_MODE, name
-    assert sweep.variant_configs(paper)[name].eval.bn_mode == "shared", name  # the papers'
+    assert paper_variant.eval.bn_mode == "shared", name  # the papers'
     if "schedule" in variant:
       assert variant.schedule.epoch_budget == RTESLA_EPOCH_BUDGET
       assert variant.schedule.stage_epochs == RTESLA_STAGE_EPOCHS
     assert protocols.deviations(variant) == {}, name
     # Everything else is the paper config's: same data, method, network, comparisons.
-    paper_variant = sweep.variant_configs(paper)[name]
     assert (variant.data.dataset, variant.method, variant.model.name, variant.model.profile) == (
         paper_variant.data.dataset, paper_variant.method, paper_variant.model.name,
         paper_variant.model.profile)
