@@ -122,6 +122,33 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
   assert (len(requests) > 1) == (searched_error != 0)
 
 
+def test_a_rerun_reads_the_uniform_choice_back_instead_of_measuring_again(finished, tmp_path):
+  config, workdir, results, _ = finished
+  kept = json.loads((workdir / training.UNIFORM_CHOICE).read_text())
+  assert kept["multiplier"] == results["uniform_multiplier"]
+  assert kept["widths"] == list(results["uniform_widths"].values())
+  table, arch = latency.load(results["table"]), training.architecture(config)
+  searched = list(results["widths"].values())
+  target, settings = platform.get(config.compactnet.platform), training.table_settings(config)
+
+  def choose(workdir_, widths, remote):
+    return training.kept_uniform_choice(
+        str(workdir_), table, arch, config.compactnet.uniform_multipliers, widths,
+        results["export_dir"], target, settings, remote)
+
+  def never(target, request):
+    raise AssertionError("the kept choice was measured again")
+  assert choose(workdir, searched, never) == (kept["multiplier"], kept["widths"])
+  # another searched model (a changed config in the same workdir) is measured anew
+  (tmp_path / training.UNIFORM_CHOICE).write_text(json.dumps(kept))
+  other = list(table.group_sizes)  # on the grid, and not the searched widths
+  assert other != searched
+  requests = []
+  choose(tmp_path, other, fake_remote(requests))
+  assert requests
+  assert json.loads((tmp_path / training.UNIFORM_CHOICE).read_text())["searched_widths"] == other
+
+
 def test_a_model_measured_short_of_the_target_is_searched_further(finished):
   config, workdir, results, _ = finished
   table, arch = latency.load(results["table"]), training.architecture(config)

@@ -20,7 +20,8 @@
    from the same pretrained network; the largest of
    ``compactnet.uniform_multipliers`` whose measured latency is at most the
    searched model's (the table guesses where; a few around the guess are
-   measured, :func:`choose_uniform`).
+   measured, :func:`choose_uniform`), chosen once per run and kept in
+   ``<workdir>/uniform-choice.json`` (:func:`kept_uniform_choice`).
 5. Retraining, once per ``compactnet.retrain_seeds``: the searched, the
    uniform and the original network each train ``compactnet.retrain_epochs``
    epochs with ``compactnet.retrain_optimizer``; the uniform and original
@@ -37,6 +38,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -57,6 +59,7 @@ from dynscale.train.state import create_train_state, merge_model
 TABLE_FILE = "latency-table.json"
 ORIGINAL_EXPORT = "original-export"
 UNIFORM_EXPORT = "uniform-export"
+UNIFORM_CHOICE = "uniform-choice.json"
 SEARCHED_PROBE = "searched-before-retrain"
 UNIFORM_WINDOW = 5  # uniform multipliers measured at a time around the table's guess
 
@@ -258,6 +261,32 @@ def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_width
       return choice, options[choice]
 
 
+def kept_uniform_choice(workdir: str, table: latency.Table, arch: dict, multipliers,
+                        searched_widths, searched_export: str, target: platform.Platform,
+                        settings: simulator.TableSettings, remote: simulator.Remote
+                        ) -> tuple[float, list[int]]:
+  """:func:`choose_uniform`, measured once per run: the choice is written to
+  ``<workdir>/uniform-choice.json`` and a rerun for the same searched widths,
+  multipliers and platform reads it back instead of measuring again, so that
+  a resumed run retrains, and resumes the checkpoints of, the model it
+  started with. (Measured again, a boundary within the measurements'
+  spread can move: a rerun of a finished 1.8x run chose another multiplier
+  and started its retrained uniform model over.)"""
+  path = os.path.join(workdir, UNIFORM_CHOICE)
+  key = {"platform": target.name, "searched_widths": [int(w) for w in searched_widths],
+         "multipliers": [float(m) for m in multipliers]}
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if {k: kept.get(k) for k in key} == key:
+      return kept["multiplier"], kept["widths"]
+  multiplier, widths = choose_uniform(table, arch, multipliers, searched_widths,
+                                      searched_export, target, settings, remote)
+  io.write_json_atomic(path, {**key, "multiplier": multiplier,
+                              "widths": [int(w) for w in widths]})
+  return multiplier, widths
+
+
 # --------------------------------------------------------------------------
 # Retraining
 # --------------------------------------------------------------------------
@@ -403,9 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   groups = trimming.trimmable_groups(arch, table.expansion)
   chosen = sum(r["chosen"] is not None for r in found.history["iterations"])
   catch_up = chosen * c.finetune_steps
-  multiplier, uniform = choose_uniform(table, arch, c.uniform_multipliers, found.widths,
-                                        os.path.join(run.workdir, SEARCHED_PROBE),
-                                        target, settings, remote)
+  multiplier, uniform = kept_uniform_choice(run.workdir, table, arch, c.uniform_multipliers,
+                                             found.widths,
+                                             os.path.join(run.workdir, SEARCHED_PROBE),
+                                             target, settings, remote)
   ordered = trimming.order_by_importance(arch, original, [g.size for g in
                                                           spec.prunable_groups(arch)])
   uniform_arch, uniform_vars = trimming.trim(arch, ordered.variables,
