@@ -270,8 +270,8 @@ def kept_uniform_choice(workdir: str, table: latency.Table, arch: dict, multipli
   multipliers and platform reads it back instead of measuring again, so that
   a resumed run retrains, and resumes the checkpoints of, the model it
   started with. (Measured again, a boundary within the measurements'
-  spread can move: a rerun of a finished 1.8x run chose another multiplier
-  and started its retrained uniform model over.)"""
+  spread can move: a 1.8x run rerun for a second retraining seed chose
+  another multiplier and retrained the first seed's uniform model anew.)"""
   path = os.path.join(workdir, UNIFORM_CHOICE)
   key = {"platform": target.name, "searched_widths": [int(w) for w in searched_widths],
          "multipliers": [float(m) for m in multipliers]}
