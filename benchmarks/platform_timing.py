@@ -14,20 +14,24 @@ from dynscale.io import write_json_atomic
 
 
 def define_flags() -> None:
-  """``--warmup``, ``--rounds``, ``--burst`` and ``--estimator``, defaulting to
-  the tables' settings."""
+  """``--warmup``, ``--rounds``, ``--burst``, ``--estimator`` and
+  ``--processes``, defaulting to the tables' settings."""
   defaults = simulator.TableSettings()
   flags.DEFINE_integer("warmup", defaults.warmup, "Untimed runs per network (compilation).")
   flags.DEFINE_integer("rounds", defaults.rounds, "Timed interleaved rounds.")
   flags.DEFINE_integer("burst", defaults.burst,
                        "Back-to-back timed runs of a network in each round (warm cache).")
   flags.DEFINE_string("estimator", defaults.estimator, "Latency estimator: median, min, q10.")
+  flags.DEFINE_integer("processes", defaults.processes,
+                       "Processes each measurement is repeated in; per network, the median "
+                       "of its ratio to the first network (simulator.median_over_processes).")
 
 
 def flag_values() -> dict:
   """The flags' values, as :class:`~dynscale.compactnet.simulator.TableSettings` fields."""
   f = flags.FLAGS
-  return {"warmup": f.warmup, "rounds": f.rounds, "burst": f.burst, "estimator": f.estimator}
+  return {"warmup": f.warmup, "rounds": f.rounds, "burst": f.burst, "estimator": f.estimator,
+          "processes": f.processes}
 
 
 def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -38,7 +42,7 @@ def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 def emit(record: dict, settings: simulator.TableSettings, out: str = "") -> dict:
   """``record`` with the timing, date, load and JAX version; written
   atomically to ``out`` when given, printed as one JSON line, returned."""
-  record = {**record, "timing": settings.timing(),
+  record = {**record, "timing": {**settings.timing(), "processes": settings.processes},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
   if out:

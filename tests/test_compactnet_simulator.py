@@ -43,6 +43,7 @@ def report(built):
     (dict(round_to=0), "table.round_to must be an int >= 1"),
     (dict(warmup=-1), "table.warmup must be an int >= 0"),
     (dict(rounds=0), "table.rounds must be an int >= 1"),
+    (dict(processes=0), "table.processes must be an int >= 1"),
     (dict(estimator="mean"), r"table.estimator must be one of \['median', 'min', 'q10'\]"),
     (dict(calibration_variants=-1), "table.calibration_variants must be an int >= 0"),
     (dict(calibration_seed=True), "table.calibration_seed must be an int >= 0"),
@@ -63,7 +64,8 @@ def test_settings_name_the_bad_field(change, message, tmp_path):
 
 def test_the_built_table_is_calibrated_and_saved(built):
   table, out, requests = built
-  assert requests == ["table", "networks"]  # the calibration networks in one request
+  # the calibration networks in one request per process
+  assert requests == ["table"] + ["networks"] * SETTINGS.processes
   loaded = latency.load(out)
   assert loaded.calibration == table.calibration
   assert table.calibration["scale"] == pytest.approx(WHOLE_SCALE, rel=0.02)
@@ -135,6 +137,36 @@ def test_validation_refuses_the_calibration_seed_and_bad_counts(built):
   assert requests == []
 
 
+def test_a_measurement_over_processes_takes_the_median_of_their_own_ratios(built):
+  """Three processes: the first reads the trimmed network 20% slow, the second
+  reads everything 30% slow, the third is right. The reference (the first
+  network) keeps its median latency and the trimmed network the median of
+  its ratio to it, so the answer is the true one; a median of each
+  network's latencies alone would keep the 20% (the second process's 1.3x
+  outvotes the true reading)."""
+  table, _, _ = built
+  target = platform.get("cpu-b64")
+  networks = {"original": {"arch": _mobilenet(), "widths": list(table.full_widths)},
+              "trimmed": {"arch": _mobilenet(),
+                          "widths": latency.random_widths(table, 1, seed=0)[0]}}
+  truth, _ = simulator.measure_networks(fake_remote([]), target, networks, SETTINGS)
+  distortions = iter([{"original": 1.0, "trimmed": 1.2}, {"original": 1.3, "trimmed": 1.3},
+                      {"original": 1.0, "trimmed": 1.0}])
+  requests = []
+
+  def remote(target, request):
+    result, scale = fake_remote(requests)(target, request), next(distortions)
+    return {**result, "latencies": {n: {**s, "latency_s": s["latency_s"] * scale[n]}
+                                    for n, s in result["latencies"].items()}}
+  measured, provenance = simulator.measure_networks(
+      remote, target, networks, dataclasses.replace(SETTINGS, processes=3))
+  assert requests == ["networks"] * 3
+  assert measured == pytest.approx(truth)
+  assert [r["trimmed"] / r["original"] for r in provenance["readings"]] == pytest.approx(
+      [1.2 * truth["trimmed"] / truth["original"], truth["trimmed"] / truth["original"],
+       truth["trimmed"] / truth["original"]])
+
+
 def test_a_failed_calibration_leaves_no_table(tmp_path):
   def failing(target, request):
     if request["kind"] == "networks":
@@ -158,7 +190,7 @@ def test_the_benchmark_prints_one_record_and_reuses_a_matching_table(built, tmp_
   captured = capsys.readouterr()
   lines = captured.out.strip().splitlines()
   assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(record))
-  assert requests == ["networks"] and record["table"] == "loaded"
+  assert requests == ["networks"] * SETTINGS.processes and record["table"] == "loaded"
   assert "matches this model and platform" in captured.err
   for key in ("mean_abs_error", "max_abs_error", "variants", "raw_mean_abs_error",
               "raw_max_abs_error", "speedup_mean_abs_error", "speedup_max_abs_error",

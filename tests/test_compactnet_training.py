@@ -190,12 +190,12 @@ def test_the_models_benchmark_reports_the_fakes_cost_model(finished, capsys):
   _, workdir, results, _ = finished
   requests = []
   out = workdir / "models.json"
+  settings = simulator.TableSettings(warmup=0, rounds=1)
   record = compactnet_models.run(results_path=str(workdir / "results.json"),
                                  platforms=["cpu-b1", "cpu-b64"], multipliers=[0.75, 0.5],
-                                 settings=simulator.TableSettings(warmup=0, rounds=1),
-                                 out=str(out), remote=fake_remote(requests))
+                                 settings=settings, out=str(out), remote=fake_remote(requests))
   assert json.loads(capsys.readouterr().out.strip()) == json.loads(out.read_text())
-  assert requests == ["networks", "networks"]
+  assert requests == ["networks"] * (2 * settings.processes)
   assert list(record["networks"]) == ["original", "searched", "uniform", "x0.75", "x0.5"]
   original = sliced.load(results["original_export_dir"])
   for name, key in (("original", "original_export_dir"), ("searched", "export_dir"),
@@ -247,12 +247,13 @@ def test_the_exchange_times_every_platforms_model_on_every_platform(finished, ca
   per_mib_s = {"cpu-b64": 0.0, "cpu-b1": 5e-3}  # weights cost only at batch 1
   requests = []
   fakes = {p: fake_remote(requests, per_mib_s=c) for p, c in per_mib_s.items()}
+  settings = simulator.TableSettings(warmup=0, rounds=1)
   record = compactnet_exchange.run(
-      results_paths=_exchange_runs(workdir, results),
-      settings=simulator.TableSettings(warmup=0, rounds=1),
+      results_paths=_exchange_runs(workdir, results), settings=settings,
       remote=lambda target, request: fakes[target.name](target, request))
   assert json.loads(capsys.readouterr().out.strip()) == record
-  assert requests == ["networks", "networks"]  # one interleaved run per platform
+  # one interleaved run per platform and process
+  assert requests == ["networks"] * (2 * settings.processes)
 
   def expected(export_dir, on):
     network = sliced.load(export_dir)
