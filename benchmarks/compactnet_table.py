@@ -157,6 +157,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("calibration_variants", defaults.calibration_variants,
                        "Random trims the calibration is fitted on (0: none).")
   flags.DEFINE_integer("calibration_seed", defaults.calibration_seed, "Their seed.")
+  flags.DEFINE_integer("calibration_processes", defaults.calibration_processes,
+                       "Processes the calibration networks are measured in.")
   flags.DEFINE_string("calibration_form", defaults.calibration_form,
                       f"One of {list(simulator.CALIBRATION_CHOICES)}; auto: the form that "
                       "predicts the calibration network left out best.")
@@ -174,6 +176,7 @@ def main(argv, remote: simulator.Remote = simulator.isolated) -> None:
                     **platform_timing.flag_values(),
                     calibration_variants=f.calibration_variants,
                     calibration_seed=f.calibration_seed,
+                    calibration_processes=f.calibration_processes,
                     calibration_form=f.calibration_form))
   try:  # bad flags, or an --out of another model, fail before anything is measured
     arch, target = check(**kwargs)

@@ -44,6 +44,7 @@ def report(built):
     (dict(warmup=-1), "table.warmup must be an int >= 0"),
     (dict(rounds=0), "table.rounds must be an int >= 1"),
     (dict(processes=0), "table.processes must be an int >= 1"),
+    (dict(calibration_processes=0), "table.calibration_processes must be an int >= 1"),
     (dict(estimator="mean"), r"table.estimator must be one of \['median', 'min', 'q10'\]"),
     (dict(calibration_variants=-1), "table.calibration_variants must be an int >= 0"),
     (dict(calibration_seed=True), "table.calibration_seed must be an int >= 0"),
@@ -64,8 +65,8 @@ def test_settings_name_the_bad_field(change, message, tmp_path):
 
 def test_the_built_table_is_calibrated_and_saved(built):
   table, out, requests = built
-  # the calibration networks in one request per process
-  assert requests == ["table"] + ["networks"] * SETTINGS.processes
+  # the calibration networks in one request per calibration process
+  assert requests == ["table"] + ["networks"] * SETTINGS.calibration_processes
   loaded = latency.load(out)
   assert loaded.calibration == table.calibration
   assert table.calibration["scale"] == pytest.approx(WHOLE_SCALE, rel=0.02)

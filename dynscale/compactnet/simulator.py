@@ -78,9 +78,12 @@ class TableSettings:
   (:func:`latency.group_grid`). warmup, rounds, estimator, burst: the timing
   (:func:`dynscale.timing.interleaved_latencies`), also of the calibration
   and validation networks. processes: every measurement of whole networks
+  (the validation, and the CompactNet run's and benchmarks' measurements)
   is served in this many processes, combined by
-  :func:`median_over_processes` (the unit table is measured once).
-  calibration_variants: random trims timed whole
+  :func:`median_over_processes`; calibration_processes: the same for the
+  calibration (one: it fits a few coefficients over many networks, and in
+  three processes the ``cpu-b64-bf16`` table took 566 s to build, over the
+  8 minutes allowed). The unit table is measured once. calibration_variants: random trims timed whole
   (besides the original) to fit the calibration, 0 for none;
   calibration_seed: their seed; calibration_form: one of
   :data:`latency.CALIBRATION_FORMS`, or ``auto`` for the one that predicts
@@ -96,6 +99,7 @@ class TableSettings:
   burst: int = 5
   estimator: str = "min"
   processes: int = 3
+  calibration_processes: int = 1
   calibration_variants: int = 10
   calibration_seed: int = 1000
   calibration_form: str = "auto"
@@ -118,6 +122,7 @@ class TableSettings:
       raise ValueError(f"{field}.estimator must be one of {list(timing.ESTIMATORS)}, "
                        f"got {self.estimator!r}")
     _check_int(f"{field}.processes", self.processes, 1)
+    _check_int(f"{field}.calibration_processes", self.calibration_processes, 1)
     _check_int(f"{field}.calibration_variants", self.calibration_variants, 0)
     _check_int(f"{field}.calibration_seed", self.calibration_seed, 0)
     if self.calibration_form not in CALIBRATION_CHOICES:
@@ -219,13 +224,14 @@ def build_table(arch: dict, target: Platform, settings: TableSettings, out: str,
 def calibrate(table: latency.Table, arch: dict, target: Platform, settings: TableSettings,
               remote: Remote = isolated) -> latency.Table:
   """``table`` calibrated on the original and ``settings.calibration_variants``
-  random trims of ``arch``, timed whole in one request (module docstring)."""
+  random trims of ``arch``, timed whole in one request in each of
+  ``settings.calibration_processes`` processes (module docstring)."""
   widths = [list(table.full_widths)] + latency.random_widths(
       table, settings.calibration_variants, settings.calibration_seed)
   names = ["original"] + [_name("variant", k) for k in range(len(widths) - 1)]
   measured, provenance = measure_networks(
       remote, target, {n: _trimmed(arch, table.expansion, w) for n, w in zip(names, widths)},
-      settings)
+      dataclasses.replace(settings, processes=settings.calibration_processes))
   raw = [table.raw(w) for w in widths]
   weight_mib = None if table.weight_bytes is None else [table.weight_mib(w) for w in widths]
   return table.with_calibration(
