@@ -42,7 +42,7 @@ def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 def emit(record: dict, settings: simulator.TableSettings, out: str = "") -> dict:
   """``record`` with the timing, date, load and JAX version; written
   atomically to ``out`` when given, printed as one JSON line, returned."""
-  record = {**record, "timing": {**settings.timing(), "processes": settings.processes},
+  record = {**record, "timing": settings.timing_record(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
   if out:

@@ -198,6 +198,9 @@ def test_the_benchmark_prints_one_record_and_reuses_a_matching_table(built, tmp_
               "table_build_s", "platform", "model", "date", "load"):
     assert key in record, key
   assert record["variants"] == 3 and record["raw_mean_abs_error"] > 0.3
+  assert record["timing"] == {"warmup": SETTINGS.warmup, "rounds": SETTINGS.rounds,
+                              "estimator": SETTINGS.estimator, "burst": SETTINGS.burst,
+                              "processes": SETTINGS.processes}
   full = json.loads((tmp_path / "table.json.validation.json").read_text())
   assert len(full["rows"]) == 3 and len(full["fig7"]) == record["units"]
   assert os.path.getsize(tmp_path / "table.json.validation.png") > 0

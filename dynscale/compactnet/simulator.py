@@ -35,9 +35,8 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-
 import statistics
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -83,8 +82,9 @@ class TableSettings:
   :func:`median_over_processes`; calibration_processes: the same for the
   calibration (one: it fits a few coefficients over many networks, and in
   three processes the ``cpu-b64-bf16`` table took 566 s to build, over the
-  8 minutes allowed). The unit table is measured once. calibration_variants: random trims timed whole
-  (besides the original) to fit the calibration, 0 for none;
+  8 minutes allowed). The unit table is measured once.
+  calibration_variants: random trims timed whole (besides the original) to
+  fit the calibration, 0 for none;
   calibration_seed: their seed; calibration_form: one of
   :data:`latency.CALIBRATION_FORMS`, or ``auto`` for the one that predicts
   the network left out best (:meth:`latency.Table.with_calibration`).
@@ -140,6 +140,11 @@ class TableSettings:
     """The timing fields of a measure request."""
     return {"warmup": self.warmup, "rounds": self.rounds, "estimator": self.estimator,
             "burst": self.burst}
+
+  def timing_record(self) -> dict:
+    """How a measurement of whole networks was timed, as records state it:
+    :meth:`timing` and ``processes``."""
+    return {**self.timing(), "processes": self.processes}
 
 
 # --------------------------------------------------------------------------
@@ -311,8 +316,7 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
           "fig7": fig7, "fig7_mean_abs_error": float(np.mean([r["error"] for r in fig7])),
           "fig7_max_abs_error": float(np.max([r["error"] for r in fig7])),
           "repeat_error": abs(fig7[-1]["measured_s"] / measured["original"] - 1),
-          "timing": {**settings.timing(), "processes": settings.processes},
-          "provenance": provenance}
+          "timing": settings.timing_record(), "provenance": provenance}
 
 
 def _table_timing(table: latency.Table) -> TableSettings:

@@ -282,8 +282,7 @@ def compactnet(platform: str = "cpu-b64", *, t_final: float = 1.5, iterations: i
       table_settings=dict(   # dynscale.compactnet.simulator.TableSettings
           expansion="tied", grid_points=7, min_fraction=0.25, round_to=8, warmup=2,
           rounds=25, estimator="min", burst=5, processes=3, calibration_processes=1,
-          calibration_variants=10,
-          calibration_seed=1000, calibration_form="auto"),
+          calibration_variants=10, calibration_seed=1000, calibration_form="auto"),
       t_final=t_final,       # the target speed-up; T_init is solved from it (Eq. 1-2)
       iterations=iterations,  # N
       decay=decay,           # d

@@ -43,8 +43,8 @@ original networks for retrain seeds 0 and 1 with the pretraining's SGD
 chosen on validation, see ``_base``), measured on both CPU platforms
 (Table 7's exchange).
 ``:smoke`` is one quick search (T_final 1.8 on ``cpu-b64``, a small table,
-one process per measurement, 2-step fine-tunes) from a 1-epoch pretraining on 2,000 images,
-to check the pipeline in a few minutes. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
+one process per measurement, 2-step fine-tunes) from a 1-epoch pretraining
+on 2,000 images, to check the pipeline in a few minutes. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
 """
 
 from dynscale.train import protocols
