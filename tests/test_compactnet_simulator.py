@@ -90,6 +90,13 @@ def test_calibration_removes_the_whole_network_discount(report):
     assert row["raw_predicted_s"] == pytest.approx(row["predicted_s"] / WHOLE_SCALE, rel=0.03)
 
 
+def test_validation_without_settings_times_as_the_table_was_timed(report):
+  # the fixture passes no settings: the table's own timing, not the defaults (25 rounds)
+  assert report["timing"] == {"warmup": SETTINGS.warmup, "rounds": SETTINGS.rounds,
+                              "estimator": SETTINGS.estimator, "burst": SETTINGS.burst,
+                              "processes": simulator.TableSettings().processes}
+
+
 def test_fig7_has_one_increasing_row_per_unit(built, report):
   table, _, _ = built
   fig7 = report["fig7"]

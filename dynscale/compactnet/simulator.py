@@ -321,8 +321,7 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
 
 def _table_timing(table: latency.Table) -> TableSettings:
   """Default settings with the timing the table was measured with."""
-  known = {k: table.provenance[k] for k in ("warmup", "rounds", "estimator", "burst")
-           if k in table.provenance}
+  known = {k: table.provenance[k] for k in TableSettings().timing() if k in table.provenance}
   return dataclasses.replace(TableSettings(), **known)
 
 
