@@ -111,7 +111,7 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
         "thin_over_dense": round(median["thin"] / median["dense"], 3),
         "skip_over_thin": round(median["skip"] / median["thin"], 3),
         "thin_flops_ratio": round(costs.flops(arch, widths) / costs.flops(arch), 4),
-        **{f"{name}_ms": round(1e3 * s, 3) for name, s in median.items()},
+        **{f"{name}_ms": round(1e3 * s, 4) for name, s in median.items()},
         **{f"{name}_spread": round(s["spread"], 3) for name, s in stats.items()},
         "gate_flops": budget.spm_flops(arch, 16),
         **timing.machine()})
