@@ -195,7 +195,34 @@ def test_a_gates_noise_stream_advances_and_resumes_from_its_saved_state():
                                    nnx.state(model, gates.NoiseKey).to_pure_dict()))
 
 
+@pytest.mark.parametrize("channels, floor, fraction, keep, expected", [
+    (64, 0, 0.5, 0.5, 16),      # k = 32, half of it
+    (64, 20, 0.5, 0.5, 20),     # the absolute floor is larger
+    (64, 1, 1 / 3, 0.5, 11),    # ceil(32 / 3)
+    (12, 1, 0.5, 0.3, 2),       # k = round(3.6) = 4
+    (64, 3, 0.0, None, 3),      # no fraction: the floor alone, no keep needed
+])
+def test_a_layers_floor_is_a_fraction_of_its_fixed_k_k_rounded_up(channels, floor, fraction,
+                                                                  keep, expected):
+  assert gates.layer_floor(channels, floor=floor, floor_fraction=fraction, keep=keep) == expected
+
+
+def test_a_floor_fraction_keeps_that_many_most_salient_channels_open_per_sample():
+  model = gated("sanp", keep=0.5, floor_fraction=0.5)
+  for name, gate in model.gates.items():  # layers of 8, 16 and 24 channels
+    channels = gate.head.w2.bias.value.shape[0]
+    least = -(-max(1, round(0.5 * channels)) // 2)
+    assert gate.floor == least, name
+    s = jax.random.normal(jax.random.key(4), (5, channels)) - 50.0  # every code closed
+    for train in (False, True):
+      decision = np.asarray(gate.decide(s, train).decision)
+      for row, saliency in zip(decision, np.asarray(s)):
+        assert set(np.flatnonzero(row)) == set(np.argsort(-saliency)[:least]), (name, train)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "sanp", "floor_fraction": 1.5}, r"sanp.floor_fraction must be a fraction of "
+                                                r"FIXED-K's k in \[0, 1\], got 1.5"),
     ({"variant": "dynamic"}, r"sanp.variant must be one of \('sanp', 'static', 'fixed_k'\), "
                              r"got 'dynamic'"),
     ({"variant": "fixed_k", "keep": 0.0}, r"sanp.keep must be in \(0, 1\] for fixed_k, got 0.0"),

@@ -152,6 +152,8 @@ def test_the_thin_variant_costs_the_budget():
     ({"sanp.reduction": 100}, r"sanp.reduction must be in \[1, 16\] \(the narrowest gated "
                               r"layer's channels\), got 100"),
     ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),
+    ({"sanp.floor_fraction": -0.1}, r"sanp.floor_fraction must be a fraction of FIXED-K's k "
+                                    r"in \[0, 1\], got -0.1"),
     ({"sanp.cost": "l2"}, r"sanp.cost must be one of \('filters', 'layers', 'flops'\)"),
     ({"sanp.gate_start": "closed"}, r"sanp.gate_start must be one of \('open', 'fixed_k'\)"),
     ({"sanp.gate_start": "fixed_k", "sanp.variant": "static", "sanp.warmup_epochs": 0},

@@ -24,6 +24,7 @@ trained backbone leaves its evaluation-mode function unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -110,6 +111,27 @@ def top_k_mask(s: Array, k: int) -> Array:
 def kept_channels(keep: float, channels: int) -> int:
   """FIXED-K's ``k`` of a layer: ``keep`` of its channels, rounded, at least one."""
   return max(1, min(channels, round(keep * channels)))
+
+
+def check_floor_fraction(floor_fraction: float) -> None:
+  if not (isinstance(floor_fraction, (int, float)) and 0 <= floor_fraction <= 1):
+    raise ValueError(f"sanp.floor_fraction must be a fraction of FIXED-K's k in [0, 1], "
+                     f"got {floor_fraction!r}")
+
+
+def layer_floor(channels: int, *, floor: int = 0, floor_fraction: float = 0.0,
+                keep: float | None = None) -> int:
+  """The channels a binarized gate over ``channels`` outputs keeps open for every
+  sample: ``floor``, or ``floor_fraction`` of the layer's FIXED-K ``k`` at the
+  budget (``kept_channels(keep, channels)``, rounded up) where that is larger
+  (not in 002: a per-sample gate may otherwise starve a layer the budget gives
+  ``k`` channels on average)."""
+  check_floor_fraction(floor_fraction)
+  if not floor_fraction:
+    return floor
+  if keep is None:
+    raise ValueError("sanp.floor_fraction needs FIXED-K's keep fraction at the budget")
+  return max(floor, math.ceil(floor_fraction * kept_channels(keep, channels)))
 
 
 class NoiseKey(nnx.Variable):
@@ -308,21 +330,26 @@ GateFactory = Callable[[str, int, int, nnx.Rngs], nnx.Module]
 
 def gate_factory(variant: str, *, reduction: int = 16,
                  binarization: Binarization = Binarization(),
-                 keep: float | None = None, floor: int = 0) -> GateFactory:
+                 keep: float | None = None, floor: int = 0,
+                 floor_fraction: float = 0.0) -> GateFactory:
   """The ``gate=`` factory of :func:`dynscale.nn.models.build` for ``variant``
-  (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels,
-  ``floor`` the channels a binarized gate keeps open at least."""
+  (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels at the
+  budget (FIXED-K keeps it; the binarized gates' ``floor_fraction`` reads it),
+  ``floor`` and ``floor_fraction`` what a binarized gate keeps open at least
+  (:func:`layer_floor`)."""
   if variant not in VARIANTS:
     raise ValueError(f"sanp.variant must be one of {VARIANTS}, got {variant!r}")
   if variant == "fixed_k" and not (keep is not None and 0 < keep <= 1):
     raise ValueError(f"sanp.keep must be in (0, 1] for fixed_k, got {keep}")
+  check_floor_fraction(floor_fraction)
 
   def factory(name: str, c_in: int, c_out: int, rngs: nnx.Rngs) -> nnx.Module:
     del name
+    least = layer_floor(c_out, floor=floor, floor_fraction=floor_fraction, keep=keep)
     if variant == "sanp":
-      return SPM(c_in, c_out, reduction=reduction, binarization=binarization, floor=floor,
+      return SPM(c_in, c_out, reduction=reduction, binarization=binarization, floor=least,
                  rngs=rngs)
     if variant == "static":
-      return StaticSaliency(c_out, binarization=binarization, floor=floor, rngs=rngs)
+      return StaticSaliency(c_out, binarization=binarization, floor=least, rngs=rngs)
     return FixedK(c_in, c_out, reduction=reduction, keep=keep, rngs=rngs)
   return factory

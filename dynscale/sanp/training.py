@@ -102,6 +102,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative(s.integral_rate, "sanp.integral_rate")
   validation.positive(s.reduction, "sanp.reduction", integer=True)
   validation.non_negative_int(s.floor, "sanp.floor")
+  gates.check_floor_fraction(s.floor_fraction)
   validation.non_negative_int(s.pretrain_epochs, "sanp.pretrain_epochs")
   validation.non_negative_int(s.warmup_epochs, "sanp.warmup_epochs")
   validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
@@ -127,9 +128,10 @@ def gate_factory(config, arch: dict) -> gates.GateFactory:
   """The ``sanp`` block's gates for :func:`dynscale.nn.models.build` (FIXED-K's k
   solved for the budget)."""
   s = config.sanp
-  keep = budget.fixed_k_keep(arch, s.budget) if s.variant == "fixed_k" else None
+  keep = (budget.fixed_k_keep(arch, s.budget) if s.variant == "fixed_k" or s.floor_fraction
+          else None)
   return gates.gate_factory(s.variant, reduction=s.reduction, binarization=binarization(config),
-                            keep=keep, floor=s.floor)
+                            keep=keep, floor=s.floor, floor_fraction=s.floor_fraction)
 
 
 def gated_model(config, arch: dict, backbone: nnx.Module, variant: str = "") -> nnx.Module:

@@ -207,6 +207,7 @@ def sanp(variant: str = "sanp", *, budget: float = 0.3, lambda0: float = 0.01
       budget_ramp_epochs=0,  # the budget falls linearly from 1.0 over these fine-tune epochs
       reduction=16,          # r of Eq. 6
       floor=0,               # channels every gated layer keeps open at least
+      floor_fraction=0.0,    # or this fraction of the layer's FIXED-K k, if more (not in 002)
       binarization=dict(a=1.2, b=0.1, sigma=1.0, mix=0.5, mix_per="sample"),  # Eq. 7-8
       pretrain_epochs=6,     # the backbone alone, unless model.init_from names one
       warmup_epochs=2,       # the gates alone, convolutions fixed
