@@ -114,7 +114,9 @@ def kept_channels(keep: float, channels: int) -> int:
 
 
 def check_floor_fraction(floor_fraction: float) -> None:
-  if not (isinstance(floor_fraction, (int, float)) and 0 <= floor_fraction <= 1):
+  """Raises unless ``floor_fraction`` is a number (not a bool) in [0, 1]."""
+  if (isinstance(floor_fraction, bool) or not isinstance(floor_fraction, (int, float))
+      or not 0 <= floor_fraction <= 1):
     raise ValueError(f"sanp.floor_fraction must be a fraction of FIXED-K's k in [0, 1], "
                      f"got {floor_fraction!r}")
 
