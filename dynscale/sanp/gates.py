@@ -246,8 +246,17 @@ class _BinarizedGate(_Gate):
 
 
 def descriptor(x: Array) -> Array:
-  """Eq. 5: the channel descriptor, global average pooling of ``x`` ``(B, H, W, C)``."""
-  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  """Eq. 5: the channel descriptor, global average pooling of ``x`` ``(B, H, W, C)``.
+
+  Written as a product with a constant row of ``1 / HW``, not ``jnp.mean``:
+  XLA:CPU fuses a reduction into the loop of whatever reads it (the gate's
+  gather at inference) and then sums the strided map once per output
+  element, 30-60 us per gate at batch 1; a product is its own kernel, one
+  pass (RESULTS.md, issue 12)."""
+  batch, height, width, channels = x.shape
+  positions = x.astype(jnp.float32).reshape(batch, height * width, channels)
+  weights = jnp.full((batch, 1, height * width), 1.0 / (height * width), jnp.float32)
+  return jnp.matmul(weights, positions)[:, 0]
 
 
 class _SPMHead(nnx.Module):

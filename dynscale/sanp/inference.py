@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dynscale import bound
@@ -79,7 +80,7 @@ def open_first(is_open: jax.Array) -> tuple[jax.Array, jax.Array]:
   counts at batch 1."""
   channels = is_open.shape[0]
   opened = is_open.astype(jnp.float32)
-  upto = jnp.triu(jnp.ones((channels, channels), jnp.float32))
+  upto = np.triu(np.ones((channels, channels), np.float32))  # a constant of the program
   before = (opened @ upto).astype(jnp.int32) - is_open  # open channels before each
   position = jnp.arange(channels)
   slot = jnp.where(is_open, before, jnp.sum(is_open) + position - before)
