@@ -40,8 +40,7 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
             ) -> list[dict]:
   """One record per DP: latencies of both paths by ``estimator`` (one of
   :data:`dynscale.timing.ESTIMATORS`), their ratios to 100% DP, FLOPs ratio."""
-  if estimator not in timing.ESTIMATORS:
-    raise ValueError(f"estimator must be one of {timing.ESTIMATORS}, got {estimator!r}")
+  timing.check_estimator(estimator)  # before the model is built
   dps = sorted({float(dp) for dp in dps} | {1.0}, reverse=True)
   shape = MODELS[model_name]
   arch = models.architecture(model_name, num_classes=10, input_shape=shape, profile="linear",

@@ -33,10 +33,15 @@ def _run_once(fn: Callable[[], object]) -> float:
 ESTIMATORS = ("median", "min", "q10")
 
 
-def estimate(times, estimator: str = "median") -> float:
-  """One latency from repeated runs: their median, minimum or 10% quantile."""
+def check_estimator(estimator: str) -> None:
+  """Raises unless ``estimator`` is one of :data:`ESTIMATORS`."""
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def estimate(times, estimator: str = "median") -> float:
+  """One latency from repeated runs: their median, minimum or 10% quantile."""
+  check_estimator(estimator)
   quantile = {"median": 50, "min": 0, "q10": 10}[estimator]
   return float(np.percentile(times, quantile))
 
@@ -55,8 +60,7 @@ def interleaved_latencies(candidates: Mapping[str, Callable[[], object]], *, war
   if repeats < 1 or warmup < 0 or burst < 1:
     raise ValueError(f"repeats and burst must be >= 1 and warmup >= 0, got {repeats}, "
                      f"{burst}, {warmup}")
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+  check_estimator(estimator)
   for fn in candidates.values():
     for _ in range(warmup):
       _run_once(fn)
