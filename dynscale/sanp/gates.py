@@ -255,6 +255,8 @@ def descriptor(x: Array) -> Array:
   pass (RESULTS.md, issue 12)."""
   batch, height, width, channels = x.shape
   positions = x.astype(jnp.float32).reshape(batch, height * width, channels)
+  # one row per image, a batched product that reads the map as laid out (one row
+  # shared by the batch would make XLA transpose the map first)
   weights = jnp.full((batch, 1, height * width), 1.0 / (height * width), jnp.float32)
   return jnp.matmul(weights, positions)[:, 0]
 
