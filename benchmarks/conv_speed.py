@@ -15,7 +15,10 @@ filter) rates in GFLOP/s of
   (for a depthwise filter, the same number of multiply-adds as one
   elementwise product and sum over taps).
 
-and ``chosen_over_dot``. FLOPs count 2 per multiply-add over every tap
+and ``chosen_over_dot``; for a depthwise filter also the milliseconds of its
+filter gradient alone in each of :data:`dynscale.kernels.conv.FILTER_GRADIENT_FORMS`
+(``filter_grad_frames_over_windows``) and the form the rule takes
+(``filter_grad_form``). FLOPs count 2 per multiply-add over every tap
 (padding included); forward+backward counts 3x the forward. Then one line
 per network (``"kind": "network"``): images/s of a plain train step (SGD,
 masked network at 100% DP), of sliced inference at 100% DP, and of a
@@ -107,16 +110,35 @@ def time_shape(shape: dict, repeats: int) -> dict:
   dot_grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.dot(a, b)), argnums=(0, 1)))
   chosen_fwd, chosen_bwd = fns(chosen)
   xla_fwd, xla_bwd = fns("xla")
-  stats = timing.interleaved_latencies({
+  candidates = {
       "chosen_fwd": chosen_fwd, "chosen_bwd": chosen_bwd, "xla_fwd": xla_fwd,
-      "xla_bwd": xla_bwd, "dot_fwd": lambda: dot(a, b), "dot_bwd": lambda: dot_grad(a, b)},
-      warmup=1, repeats=repeats)
-  rate = {name: (flops if name.endswith("fwd") else 3 * flops) / s["median_s"] / 1e9
-          for name, s in stats.items()}
-  return {"kind": "conv", **shape, "implementation": chosen, "gflops": flops / 1e9,
-          **{f"{name}_gflops_per_s": round(r, 3) for name, r in rate.items()},
-          "chosen_over_dot_fwd": round(rate["chosen_fwd"] / rate["dot_fwd"], 3),
-          "chosen_over_dot_bwd": round(rate["chosen_bwd"] / rate["dot_bwd"], 3)}
+      "xla_bwd": xla_bwd, "dot_fwd": lambda: dot(a, b), "dot_bwd": lambda: dot_grad(a, b)}
+  depthwise = chosen == "shifted"
+  if depthwise:
+    g = jnp.asarray(rng.standard_normal((x.shape[0], h, w, m)), jnp.float32)
+    candidates.update({f"filter_grad_{form}": _filter_gradient_program(x, g, shape, form)
+                       for form in conv.FILTER_GRADIENT_FORMS})
+  stats = timing.interleaved_latencies(candidates, warmup=1, repeats=repeats)
+  rate = {name: (flops if name.endswith("fwd") else 3 * flops) / stats[name]["median_s"] / 1e9
+          for name in ("chosen_fwd", "chosen_bwd", "xla_fwd", "xla_bwd", "dot_fwd", "dot_bwd")}
+  record = {"kind": "conv", **shape, "implementation": chosen, "gflops": flops / 1e9,
+            **{f"{name}_gflops_per_s": round(r, 3) for name, r in rate.items()},
+            "chosen_over_dot_fwd": round(rate["chosen_fwd"] / rate["dot_fwd"], 3),
+            "chosen_over_dot_bwd": round(rate["chosen_bwd"] / rate["dot_bwd"], 3)}
+  if depthwise:
+    ms = {form: stats[f"filter_grad_{form}"]["median_s"] * 1e3
+          for form in conv.FILTER_GRADIENT_FORMS}
+    record.update({f"filter_grad_{form}_ms": round(t, 3) for form, t in ms.items()},
+                  filter_grad_frames_over_windows=round(ms["frames"] / ms["windows"], 3),
+                  filter_grad_form=conv.filter_gradient_form(g.shape, strides))
+  return record
+
+
+def _filter_gradient_program(x, g, shape: dict, form: str):
+  """A zero-argument call of the depthwise filter gradient in ``form``, jitted."""
+  program = jax.jit(lambda x, g: conv.depthwise_filter_gradient(
+      x, g, shape["filter"], tuple(shape["strides"]), [tuple(p) for p in shape["padding"]], form))
+  return lambda: program(x, g)
 
 
 def _synthetic_batch(data, idx, key):

@@ -34,6 +34,11 @@ def test_depthwise_shapes_and_records():
     assert record[f"{key}_gflops_per_s"] > 0
   assert record["chosen_over_dot_fwd"] == pytest.approx(
       record["chosen_fwd_gflops_per_s"] / record["dot_fwd_gflops_per_s"], rel=0.1)
+  assert record["filter_grad_frames_over_windows"] == pytest.approx(
+      record["filter_grad_frames_ms"] / record["filter_grad_windows_ms"], rel=0.02)
+  # the 32x32 stem's first depthwise layer, stride 1: frames
+  assert depthwise[0]["input"][1:3] == [32, 32] and depthwise[0]["strides"] == [1, 1]
+  assert record["filter_grad_form"] == "frames"
 
 
 def test_network_record():

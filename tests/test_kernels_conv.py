@@ -15,6 +15,7 @@ SHAPES = {
     "dense 1x1": ((5, 6, 4), (1, 1, 4, 3), 1),
     "dense 2x3 kernel": ((6, 7, 2), (2, 3, 2, 3), 1),
     "depthwise 3x3": ((7, 5, 4), (3, 3, 1, 4), 4),
+    "depthwise on a 16x17 map": ((16, 17, 3), (3, 3, 1, 3), 3),  # stride 1 sums over frames
     "tiny map": ((2, 2, 5), (3, 3, 5, 6), 1),
 }
 PADDINGS = ["SAME", "VALID", ((1, 2), (0, 1)), ((3, 0), (0, 3))]
@@ -54,8 +55,10 @@ def test_every_implementation_equals_lax_conv(name, stride, padding, impl):
   want_grads = jax.grad(lambda x, f: loss(
       lambda a, b: _reference(a, b, strides, padding, groups), x, f), argnums=(0, 1))(x, f)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the filter gradient sums over batch and positions: its rounding grows with their root
+  tol = 1e-5 * max(1.0, np.sqrt(x.shape[0] * x.shape[1] * x.shape[2] / 64))
   for g, w in zip(grads, want_grads):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("impl", ["patches", "shifted"])
@@ -99,6 +102,29 @@ def test_the_rule():
   with pytest.raises(ValueError, match="implementation must be one of"):
     with conv.forced("winograd"):
       pass
+
+
+@pytest.mark.parametrize("form", conv.FILTER_GRADIENT_FORMS)
+@pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit", "wider than the kernel"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_depthwise_filter_gradient_forms_equal_lax_conv(form, stride, padding):
+  x, f = _arrays((9, 8, 3), (3, 2, 1, 3))
+  strides = (stride, stride)
+  out, vjp = jax.vjp(lambda f: _reference(x, f, strides, padding, 3), f)
+  g = jnp.asarray(RNG.standard_normal(out.shape), jnp.float32)
+  got = conv.depthwise_filter_gradient(x, g, f.shape, strides, padding, form)
+  np.testing.assert_allclose(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_filter_gradient_form_rule():
+  form = conv.filter_gradient_form
+  assert form((64, 16, 16, 8), (1, 1)) == "frames"
+  assert form((64, 32, 8, 8), (1, 1)) == "frames"      # 256 positions
+  assert form((64, 15, 16, 8), (1, 1)) == "windows"    # 240
+  assert form((64, 16, 16, 8), (2, 2)) == "windows"
+  x, f = _arrays((4, 4, 2), (3, 3, 1, 2))
+  with pytest.raises(ValueError, match="form must be one of"):
+    conv.depthwise_filter_gradient(x, x, f.shape, (1, 1), "SAME", "im2col")
 
 
 # implementation -> (input H, W, C), filter, groups: the forms with a backward of their own

@@ -15,7 +15,8 @@ the same function, NHWC input and HWIO filters, with one of:
   product over the (strided) pixels;
 * ``"shifted"``: for a depthwise filter, the sum over taps of each shifted
   window times that tap's per-channel weights (multiply-adds, no dot), with
-  a backward of its own that keeps only the input and the filter;
+  a backward of its own that keeps only the input and the filter (its filter
+  gradient: :func:`depthwise_filter_gradient`);
 * ``"xla_patches_grad"``: ``lax.conv`` forward and input gradient, and the
   filter gradient as ONE im2col matrix product (the patches' transpose
   times the output gradient). XLA:CPU computes a dense convolution's
@@ -60,6 +61,9 @@ CPU_PATCHES_MAX_INPUT_CHANNELS = 4
 # im2col matrix product (RESULTS.md, issue 9: 1.1-7x faster than XLA:CPU's from 64
 # input channels up, 0.8-1.1x below).
 CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS = 64
+# The fewest output positions at which a stride-1 depthwise filter gradient is summed
+# over zero frames instead of windows (:func:`filter_gradient_form`).
+CPU_FRAMED_FILTER_GRADIENT_MIN_POSITIONS = 256
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("conv_implementation",
                                                                      default=None)
@@ -227,8 +231,7 @@ def _shifted_depthwise_fwd(x, f, strides, padding):
 def _shifted_depthwise_bwd(strides, padding, residuals, g):
   """Input gradient: the output gradient, dilated by the stride and padded so that
   its stride-1 VALID windows line up with ``x``, correlated with the flipped filter
-  (the transposed convolution); filter gradient: per tap, the sum over batch and
-  positions of that tap's window of ``x`` times ``g``."""
+  (the transposed convolution); filter gradient: :func:`depthwise_filter_gradient`."""
   x, f = residuals
   (ph, pw), (sh, sw) = _axis_padding(padding), strides
   kh, kw = f.shape[0], f.shape[1]
@@ -242,9 +245,61 @@ def _shifted_depthwise_bwd(strides, padding, residuals, g):
       (kw - 1 - lw, x.shape[2] + lw - (ow - 1) * sw - 1, sw - 1),
       (0, 0, 0)))
   dx = _multiply_add_taps(dilated, f[::-1, ::-1], (1, 1), "VALID")
-  df = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2))
-                  for window in _windows(x, f.shape, strides, padding)])
-  return dx, df.reshape(f.shape).astype(f.dtype)
+  return dx, depthwise_filter_gradient(x, g, f.shape, strides, padding).astype(f.dtype)
+
+
+FILTER_GRADIENT_FORMS = ("windows", "frames")
+
+
+def depthwise_filter_gradient(x: Array, g: Array, f_shape, strides, padding: Padding,
+                              form: str | None = None) -> Array:
+  """The gradient of a depthwise convolution's filter ``f_shape`` ``(kh, kw, 1, C)``.
+
+  ``df[u, v, 0, c] = sum_{n,i,j} x_pad[n, s i + u, s j + v, c] g[n, i, j, c]``, with
+  ``g`` the output gradient ``(B, H_out, W_out, C)``. Per tap, either the tap's
+  window of padded ``x`` times ``g`` (``form="windows"``), or padded ``x`` times
+  ``g`` placed at the tap's offset in a zero frame the size of padded ``x``
+  (``"frames"``): the same sum, as the frame is zero wherever the window does not
+  reach. XLA:CPU's YNNPACK reduction reads a padded operand in place but copies
+  a sliced one out first, so frames avoid writing ``kh kw`` windows of ``x`` at
+  the price of summing over the frame's border and, at stride ``s``, its
+  interleaved zeros. ``form=None`` takes :func:`filter_gradient_form`'s.
+  """
+  form = filter_gradient_form(g.shape, strides) if form is None else form
+  if form not in FILTER_GRADIENT_FORMS:
+    raise ValueError(f"form must be one of {FILTER_GRADIENT_FORMS} or None, got {form!r}")
+  (ph, pw), (sh, sw) = _axis_padding(padding), tuple(strides)
+  kh, kw = f_shape[0], f_shape[1]
+  if form == "windows":
+    taps = [jnp.sum(window * g, axis=(0, 1, 2))
+            for window in _windows(x, f_shape, (sh, sw), padding)]
+  else:
+    lh, rh, oh = _pads(x.shape[1], kh, sh, ph)
+    lw, rw, ow = _pads(x.shape[2], kw, sw, pw)
+    x_pad = jnp.pad(x, ((0, 0), (lh, rh), (lw, rw), (0, 0)))
+    height, width = x_pad.shape[1], x_pad.shape[2]
+    zero = jnp.zeros((), g.dtype)
+
+    def frame(u: int, v: int) -> Array:
+      return jax.lax.pad(g, zero, ((0, 0, 0), (u, height - u - (oh - 1) * sh - 1, sh - 1),
+                                   (v, width - v - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+
+    taps = [jnp.sum(x_pad * frame(u, v), axis=(0, 1, 2)) for u in range(kh) for v in range(kw)]
+  return jnp.stack(taps).reshape(f_shape)
+
+
+def filter_gradient_form(g_shape, strides) -> str:
+  """The form :func:`depthwise_filter_gradient` takes by default: ``"frames"`` at
+  stride 1 with at least :data:`CPU_FRAMED_FILTER_GRADIENT_MIN_POSITIONS` output
+  positions, ``"windows"`` otherwise (``benchmarks.conv_speed``'s depthwise
+  records, RESULTS.md issue 9: at batch 64, stride 1, frames took 0.58-0.75 of
+  the windows' time on 32x32 and 16x16 maps; on 8x8 the two traded places from
+  one run to the next, on 4x4 frames took 1.27x; at stride 2, whose frames are
+  four times the output, 3-4x)."""
+  positions = g_shape[1] * g_shape[2]
+  if tuple(strides) == (1, 1) and positions >= CPU_FRAMED_FILTER_GRADIENT_MIN_POSITIONS:
+    return "frames"
+  return "windows"
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
