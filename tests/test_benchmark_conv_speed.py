@@ -44,10 +44,10 @@ def test_depthwise_shapes_and_records():
 def test_network_record():
   record = conv_speed.time_network("m_cifarnet", batch=2, repeats=1, width_multiplier=1 / 8)
   assert record["model"] == "m_cifarnet" and record["batch"] == 2
-  for program in ("train", "infer", "grad"):
+  for program in ("train", "infer", "grad"):  # the ratio is rounded to 2 decimals
     assert record[f"{program}_speedup"] == pytest.approx(
         record[f"{program}_chosen_images_per_s"] / record[f"{program}_xla_images_per_s"],
-        rel=0.02)
+        rel=0.02, abs=0.006)
 
 
 @pytest.mark.slow  # compiles conv gradients inside scan and cond: minutes on CPU
