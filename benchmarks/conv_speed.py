@@ -116,8 +116,9 @@ def time_shape(shape: dict, repeats: int) -> dict:
   depthwise = chosen == "shifted"
   if depthwise:
     g = jnp.asarray(rng.standard_normal((x.shape[0], h, w, m)), jnp.float32)
-    candidates.update({f"filter_grad_{form}": _filter_gradient_program(x, g, shape, form)
-                       for form in conv.FILTER_GRADIENT_FORMS})
+    candidates.update({
+        f"filter_grad_{form}": _filter_gradient_program(x, g, f.shape, strides, padding, form)
+        for form in conv.FILTER_GRADIENT_FORMS})
   stats = timing.interleaved_latencies(candidates, warmup=1, repeats=repeats)
   rate = {name: (flops if name.endswith("fwd") else 3 * flops) / stats[name]["median_s"] / 1e9
           for name in ("chosen_fwd", "chosen_bwd", "xla_fwd", "xla_bwd", "dot_fwd", "dot_bwd")}
@@ -134,10 +135,10 @@ def time_shape(shape: dict, repeats: int) -> dict:
   return record
 
 
-def _filter_gradient_program(x, g, shape: dict, form: str):
+def _filter_gradient_program(x, g, f_shape, strides, padding, form: str):
   """A zero-argument call of the depthwise filter gradient in ``form``, jitted."""
   program = jax.jit(lambda x, g: conv.depthwise_filter_gradient(
-      x, g, shape["filter"], tuple(shape["strides"]), [tuple(p) for p in shape["padding"]], form))
+      x, g, f_shape, strides, padding, form))
   return lambda: program(x, g)
 
 

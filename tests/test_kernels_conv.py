@@ -28,8 +28,9 @@ def _reference(x, f, strides, padding, groups):
 
 
 def _filter_gradient_tolerance(x):
-  """A filter gradient sums over batch and positions: its rounding grows with their root."""
-  return 1e-5 * max(1.0, np.sqrt(x.shape[0] * x.shape[1] * x.shape[2] / 64))
+  """A filter gradient sums over batch and positions: its rounding grows with their root
+  (1e-5 up to 100 of them, every shape here but the 16x17 map and the forms' 9x8)."""
+  return 1e-5 * max(1.0, np.sqrt(x.shape[0] * x.shape[1] * x.shape[2] / 100))
 
 
 def _arrays(shape, fshape):

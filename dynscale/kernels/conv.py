@@ -142,14 +142,20 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   return "xla"
 
 
-def _windows(x: Array, f_shape, strides, padding: Padding) -> list[Array]:
-  """The ``kh * kw`` shifted, strided windows ``(B, H_out, W_out, C)`` of padded ``x``."""
+def _padded(x: Array, f_shape, strides, padding: Padding) -> tuple[Array, int, int]:
+  """``x`` zero-padded as the convolution pads it, and the output's ``(H_out, W_out)``."""
   (ph, pw), (sh, sw) = _axis_padding(padding), strides
-  kh, kw = f_shape[0], f_shape[1]
-  lh, rh, oh = _pads(x.shape[1], kh, sh, ph)
-  lw, rw, ow = _pads(x.shape[2], kw, sw, pw)
+  lh, rh, oh = _pads(x.shape[1], f_shape[0], sh, ph)
+  lw, rw, ow = _pads(x.shape[2], f_shape[1], sw, pw)
   if lh or rh or lw or rw:
     x = jnp.pad(x, ((0, 0), (lh, rh), (lw, rw), (0, 0)))
+  return x, oh, ow
+
+
+def _windows(x: Array, f_shape, strides, padding: Padding) -> list[Array]:
+  """The ``kh * kw`` shifted, strided windows ``(B, H_out, W_out, C)`` of padded ``x``."""
+  (sh, sw), kh, kw = strides, f_shape[0], f_shape[1]
+  x, oh, ow = _padded(x, f_shape, strides, padding)
   b, c = x.shape[0], x.shape[3]
   return [jax.lax.slice(x, (0, u, v, 0), (b, u + (oh - 1) * sh + 1, v + (ow - 1) * sw + 1, c),
                         (1, sh, sw, 1))
@@ -268,15 +274,13 @@ def depthwise_filter_gradient(x: Array, g: Array, f_shape, strides, padding: Pad
   form = filter_gradient_form(g.shape, strides) if form is None else form
   if form not in FILTER_GRADIENT_FORMS:
     raise ValueError(f"form must be one of {FILTER_GRADIENT_FORMS} or None, got {form!r}")
-  (ph, pw), (sh, sw) = _axis_padding(padding), tuple(strides)
-  kh, kw = f_shape[0], f_shape[1]
+  strides, kh, kw = tuple(strides), f_shape[0], f_shape[1]
   if form == "windows":
     taps = [jnp.sum(window * g, axis=(0, 1, 2))
-            for window in _windows(x, f_shape, (sh, sw), padding)]
+            for window in _windows(x, f_shape, strides, padding)]
   else:
-    lh, rh, oh = _pads(x.shape[1], kh, sh, ph)
-    lw, rw, ow = _pads(x.shape[2], kw, sw, pw)
-    x_pad = jnp.pad(x, ((0, 0), (lh, rh), (lw, rw), (0, 0)))
+    sh, sw = strides
+    x_pad, oh, ow = _padded(x, f_shape, strides, padding)
     height, width = x_pad.shape[1], x_pad.shape[2]
     zero = jnp.zeros((), g.dtype)
 
