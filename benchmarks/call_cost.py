@@ -65,9 +65,9 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   print(json.dumps({**measure(f.model, f.batch, width_multiplier=f.width_multiplier,
-                              rounds=f.rounds, burst=f.burst), "allocator": allocator}))
+                              rounds=f.rounds, burst=f.burst), **tuning}))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ program that returns gradients alone (``grad``: ``jit(grad(loss))`` of the
 sliced network at 100% DP, as a user's own training loop computes them),
 with every convolution under the rule (``chosen``) and forced to
 ``lax.conv`` (``xla``), measured in one run with interleaved rounds, and
-their ratios (``train_speedup``, ``infer_speedup``, ``grad_speedup``).
+their ratios (``train_speedup``, ``infer_speedup``, ``grad_speedup``);
+and the gradient program's roofline: XLA's flops and bytes accessed
+(``grad_gflop``, ``grad_gb_accessed``, ``grad_flops_per_byte``), the
+machine's streaming bandwidth and matmul rate measured in the same run,
+the images/s those two alone would allow (``grad_roofline_images_per_s``)
+and the measured share of it (``grad_chosen_over_roofline``).
 """
 
 import contextlib
@@ -38,7 +43,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from dynscale import host, timing
+from dynscale import host, metrics, timing
 from dynscale.kernels import conv
 from dynscale.nn import models, sliced, spec
 from dynscale.train import steps
@@ -149,55 +154,109 @@ def _synthetic_batch(data, idx, key):
   return images[idx], labels[idx]
 
 
-def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 1.0) -> dict:
-  """Train-step and inference images/s with the rule and with lax.conv, one run.
+def network_programs(arch: dict, batch: int, impl: str | None = None) -> dict:
+  """``{"train", "infer", "grad"}``: zero-argument calls of the network of ``arch``
+  at ``batch`` on synthetic data, each traced (its first call) inside
+  ``conv.forced(impl)`` when ``impl`` is given, else under the rule.
 
-  The train step is the trainer's own (:func:`dynscale.train.steps.
-  make_train_chunk`, classification loss at 100% DP, SGD with momentum);
-  inference is the sliced network at 100% DP. Each candidate is traced
-  inside its ``conv.forced`` block (the first call), then timed.
+  ``train`` is the trainer's own step (:func:`dynscale.train.steps.make_train_chunk`,
+  classification loss at 100% DP, SGD with momentum), ``infer`` the sliced
+  network at 100% DP, ``grad`` ``jit(grad(loss))`` of the sliced network.
   """
-  shape = INPUTS[name]
-  arch = models.architecture(name, num_classes=10, input_shape=shape,
-                             width_multiplier=width_multiplier)
+  shape = tuple(arch["input_shape"])
   model = models.build(arch, rngs=models.init_rngs(0))
   tx = optax.sgd(0.01, momentum=0.9)
   graphdef, state = create_train_state(model, tx)
-  mesh = steps.data_mesh()
   data = (jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32),
-          jax.random.randint(jax.random.key(2), (batch,), 0, 10))
+          jax.random.randint(jax.random.key(2), (batch,), 0, arch["num_classes"]))
   idx = jnp.arange(batch).reshape(1, batch)
   variables = model.pure_variables()
-  x = data[0]
+  chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
+                                 steps.data_mesh())
+  infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
+  grad = jax.jit(jax.grad(lambda v, x, y: jnp.mean(
+      steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y))))
+  holder = [jax.tree.map(jnp.copy, state)]  # the chunk donates it; variables share its buffers
 
-  def candidates(impl):
-    chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
-                                   mesh)
-    infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
-    grad = jax.jit(jax.grad(lambda v, x, y: jnp.mean(
-        steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y))))
-    holder = [jax.tree.map(jnp.copy, state)]
+  def train():
+    holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), jnp.float32(1.0))
+    return metrics
 
-    def train():
-      holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), jnp.float32(1.0))
-      return metrics
+  programs = {"train": train, "infer": lambda: infer(variables, data[0]),
+              "grad": lambda: grad(variables, *data)}
+  with conv.forced(impl) if impl else contextlib.nullcontext():
+    jax.block_until_ready([run() for run in programs.values()])  # traced under the block
+  return programs
 
-    programs = {"train": train, "infer": lambda: infer(variables, x),
-                "grad": lambda: grad(variables, *data)}
-    with conv.forced(impl) if impl else contextlib.nullcontext():
-      jax.block_until_ready([run() for run in programs.values()])  # traced under the block
-    return programs
 
-  chosen, xla = candidates(None), candidates("xla")
+STREAM_FLOATS = 1 << 26  # 256 MiB: beyond any cache
+MATMUL_SIZE = 2048
+
+
+def machine_rates(repeats: int) -> dict:
+  """The machine now: ``stream_gb_per_s``, one elementwise kernel over 256 MiB
+  (read and write counted), and ``matmul_gflops_per_s``, a 2048^3 float32
+  product, interleaved."""
+  x = jnp.ones((STREAM_FLOATS,), jnp.float32)
+  a = jnp.ones((MATMUL_SIZE, MATMUL_SIZE), jnp.float32)
+  stream, product = jax.jit(lambda x: x * 1.5 + 1.0), jax.jit(jnp.matmul)
+  stats = timing.interleaved_latencies({"stream": lambda: stream(x),
+                                        "matmul": lambda: product(a, a)},
+                                       warmup=1, repeats=repeats)
+  return {"stream_gb_per_s": 2 * x.nbytes / stats["stream"]["median_s"] / 1e9,
+          "matmul_gflops_per_s": 2 * MATMUL_SIZE ** 3 / stats["matmul"]["median_s"] / 1e9}
+
+
+def gradient_cost(arch: dict, batch: int) -> dict:
+  """XLA's flops and bytes accessed of ``jit(grad(loss))`` (``grad`` of
+  :func:`network_programs`) under the rule, per batch."""
+  model = models.build(arch, rngs=models.init_rngs(0))
+  x = jnp.zeros((batch, *arch["input_shape"]), jnp.float32)
+  y = jnp.zeros((batch,), jnp.int32)
+  grad = jax.grad(lambda v, x, y: jnp.mean(
+      steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y)))
+  args = (model.pure_variables(), x, y)
+  return {"flops": metrics.xla_flops(grad, *args),
+          "bytes": metrics.xla_bytes_accessed(grad, *args)}
+
+
+def roofline_images_per_s(batch: int, cost: dict, rates: dict) -> float:
+  """Images/s of a program bound only by the machine's memory bandwidth and
+  matmul rate: ``batch / max(bytes / bandwidth, flops / matmul rate)``."""
+  return batch / max(cost["bytes"] / (rates["stream_gb_per_s"] * 1e9),
+                     cost["flops"] / (rates["matmul_gflops_per_s"] * 1e9))
+
+
+def _significant(value: float) -> float:
+  """``value`` to 4 significant digits (a record of small and large networks alike)."""
+  return float(f"{value:.4g}")
+
+
+def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 1.0) -> dict:
+  """Train-step, inference and gradient images/s (:func:`network_programs`) with
+  the rule and with every convolution forced to ``lax.conv``, in one run of
+  interleaved rounds; then the gradient program's roofline: its XLA flops and
+  bytes accessed against the machine's rates measured in the same run."""
+  arch = models.architecture(name, num_classes=10, input_shape=INPUTS[name],
+                             width_multiplier=width_multiplier)
+  chosen, xla = network_programs(arch, batch), network_programs(arch, batch, "xla")
   stats = timing.interleaved_latencies(
       {f"{program}_{impl}": run for impl, programs in (("chosen", chosen), ("xla", xla))
        for program, run in programs.items()}, warmup=1, repeats=repeats)
   per_s = {k: batch / s["median_s"] for k, s in stats.items()}
+  cost, rates = gradient_cost(arch, batch), machine_rates(repeats)
+  roofline = roofline_images_per_s(batch, cost, rates)
   return {"kind": "network", "model": name, "batch": batch,
           **{f"{k}_images_per_s": round(v, 1) for k, v in per_s.items()},
           **{f"{k}_spread": round(s["spread"], 3) for k, s in stats.items()},
           **{f"{program}_speedup": round(per_s[f"{program}_chosen"] / per_s[f"{program}_xla"], 2)
              for program in ("train", "infer", "grad")},
+          "grad_gflop": _significant(cost["flops"] / 1e9),
+          "grad_gb_accessed": _significant(cost["bytes"] / 1e9),
+          "grad_flops_per_byte": round(cost["flops"] / cost["bytes"], 2),
+          **{k: _significant(v) for k, v in rates.items()},
+          "grad_roofline_images_per_s": _significant(roofline),
+          "grad_chosen_over_roofline": round(per_s["grad_chosen"] / roofline, 3),
           **timing.machine()}
 
 
@@ -219,7 +278,7 @@ def main(argv):
   for name in f.models:
     if name not in INPUTS:
       raise app.UsageError(f"--models entries must be in {sorted(INPUTS)}, got {name!r}")
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   for name in f.models:
     arch = models.architecture(name, num_classes=10, input_shape=INPUTS[name])
     if f.shapes:
@@ -227,9 +286,9 @@ def main(argv):
         widths = spec.widths_at_dp(arch, float(width))
         for shape in conv_shapes(arch, widths, f.batch):
           print(json.dumps({"model": name, "width": float(width),
-                            **time_shape(shape, f.repeats), "allocator": allocator}), flush=True)
+                            **time_shape(shape, f.repeats), **tuning}), flush=True)
     if f.networks:
-      print(json.dumps({**time_network(name, f.batch, f.repeats), "allocator": allocator}),
+      print(json.dumps({**time_network(name, f.batch, f.repeats), **tuning}),
             flush=True)
 
 

@@ -74,13 +74,13 @@ def measure(model_name: str, batch: int, dps: list[float], *, repeats: int, warm
 
 def main(argv):
   del argv
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   for record in measure(_MODEL.value, _BATCH.value, [float(d) for d in _DPS.value],
                         repeats=_REPEATS.value, warmup=_WARMUP.value,
                         width_multiplier=_WIDTH.value, dtype=dtype,
                         estimator=_ESTIMATOR.value):
-    print(json.dumps({**record, "allocator": allocator}), flush=True)
+    print(json.dumps({**record, **tuning}), flush=True)
 
 
 if __name__ == "__main__":

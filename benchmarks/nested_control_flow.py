@@ -80,9 +80,9 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   print(json.dumps({**measure(f.model, f.batch, f.width_multiplier, f.repeats),
-                    "allocator": allocator}), flush=True)
+                    **tuning}), flush=True)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,11 @@ def main(argv):
   f = flags.FLAGS
   if f.batch != 1:
     raise app.UsageError(f"--batch must be 1 (skipping inference runs one image), got {f.batch}")
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   for record in measure(f.model, [float(t) for t in f.flops],
                         width_multiplier=f.width_multiplier, buckets=f.buckets,
                         repeats=f.repeats, warmup=f.warmup):
-    print(json.dumps({**record, "allocator": allocator}))
+    print(json.dumps({**record, **tuning}))
 
 
 if __name__ == "__main__":

@@ -162,12 +162,12 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  allocator = host.tune_allocator()["allocator"]
+  tuning = host.tune()
   record = measure(f.model, f.batch, [float(t) for t in f.tasks], repeats=f.repeats,
                    warmup=f.warmup, width_multiplier=f.width_multiplier,
                    dtype=DTYPES[f.dtype], steps_per_call=f.steps_per_call,
                    stage=f.stage)
-  print(json.dumps({**record, "allocator": allocator}), flush=True)
+  print(json.dumps({**record, **tuning}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The host process's memory allocator, set for XLA:CPU's large, short-lived buffers.
+"""The host process, set up for XLA:CPU: its memory allocator and its convolutions.
 
 Each execution of a compiled XLA:CPU program allocates its temporary
 buffers and frees them at the end. glibc serves an allocation above its
@@ -16,6 +16,15 @@ blocks, and no trimming of the heap's free top. The price: the process
 keeps its peak heap until it exits. Call it before the first XLA
 computation (the launcher and the benchmarks do); ``DYNSCALE_ALLOCATOR=system``
 leaves glibc's defaults.
+
+XLA:CPU (jax 0.10) hands every convolution to YNNPACK by default, which
+ran a 3x3 convolution on 32x32x64 at batch 64 at half the rate of XLA's
+own (Eigen) convolution (136 against 269 GFLOP/s; RESULTS.md, issue 9).
+:func:`tune_xla_cpu` takes convolutions out of YNNPACK's fusions (its
+products and reductions stay) through ``XLA_FLAGS``, which XLA reads when
+JAX starts its CPU backend: call it before the first JAX computation.
+``DYNSCALE_XLA_CPU=system``, or ``XLA_FLAGS`` that already set YNNPACK's
+fusion types, leave XLA's defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ import platform
 
 ALLOCATOR_ENV = "DYNSCALE_ALLOCATOR"
 ALLOCATORS = ("tuned", "system")
+XLA_CPU_ENV = "DYNSCALE_XLA_CPU"
+XLA_CPU_CHOICES = ("tuned", "system")
+_YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+XLA_CPU_FLAGS = (f"{_YNN_FUSION_FLAG}=-individual_convolution",)
 # mallopt parameters (glibc malloc.h) and the values tune_allocator sets
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 SETTINGS = {"arena_max": (_M_ARENA_MAX, 1),
@@ -52,3 +65,42 @@ def tune_allocator() -> dict:
     if libc.mallopt(parameter, value) != 1:
       raise OSError(f"mallopt refused {name}={value}")
   return {"allocator": "tuned", **{name: value for name, (_, value) in SETTINGS.items()}}
+
+
+def tune_xla_cpu() -> dict:
+  """Adds :data:`XLA_CPU_FLAGS` to ``XLA_FLAGS`` (module docstring); returns what
+  was done, for a benchmark's record: ``{"xla_cpu": "tuned", "flags": ...}``
+  or ``{"xla_cpu": "system", "reason": ...}``."""
+  choice = os.environ.get(XLA_CPU_ENV, "tuned")
+  if choice not in XLA_CPU_CHOICES:
+    raise ValueError(f"{XLA_CPU_ENV} must be one of {XLA_CPU_CHOICES}, got {choice!r}")
+  if choice == "system":
+    return {"xla_cpu": "system", "reason": f"{XLA_CPU_ENV}=system"}
+  current = os.environ.get("XLA_FLAGS", "")
+  if _YNN_FUSION_FLAG in current:
+    return {"xla_cpu": "system", "reason": f"XLA_FLAGS sets {_YNN_FUSION_FLAG}"}
+  os.environ["XLA_FLAGS"] = " ".join([current, *XLA_CPU_FLAGS]).strip()
+  return {"xla_cpu": "tuned", "flags": " ".join(XLA_CPU_FLAGS)}
+
+
+def ynnpack_convolutions(xla_flags: str | None = None) -> bool:
+  """Whether XLA:CPU hands convolutions to YNNPACK under ``xla_flags`` (default:
+  this process's ``XLA_FLAGS``): its default list does; the last
+  ``--xla_cpu_experimental_ynn_fusion_type`` given decides otherwise (a list of
+  names replaces the default, ``+name`` / ``-name`` entries edit it)."""
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  values = [token.split("=", 1)[1] for token in flags.split()
+            if token.startswith(f"{_YNN_FUSION_FLAG}=")]
+  if not values:
+    return True
+  entries = [entry for entry in values[-1].split(",") if entry]
+  if entries and all(entry[0] in "+-" for entry in entries):
+    return "-individual_convolution" not in entries
+  return "individual_convolution" in entries
+
+
+def tune() -> dict:
+  """:func:`tune_allocator` and :func:`tune_xla_cpu`, before the first JAX
+  computation; returns ``{"allocator": ..., "xla_cpu": ...}`` ("tuned" or
+  "system" each), what a benchmark's record says of its process."""
+  return {"allocator": tune_allocator()["allocator"], "xla_cpu": tune_xla_cpu()["xla_cpu"]}

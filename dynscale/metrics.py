@@ -294,13 +294,17 @@ def speedup_rate(time_original: float, time_compressed: float) -> float:
 # --------------------------------------------------------------------------
 
 
-def _flops_from_cost_analysis(cost: Any) -> float:
-  """The ``'flops'`` entry of a cost analysis: a dict, or (older JAX) a list of one dict."""
+def _cost_entry(cost: Any, key: str) -> float:
+  """Entry ``key`` of a cost analysis: a dict, or (older JAX) a list of one dict."""
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not isinstance(cost, dict) or "flops" not in cost:
-    raise RuntimeError(f"XLA cost analysis reported no 'flops' entry, got {cost!r}")
-  return float(cost["flops"])
+  if not isinstance(cost, dict) or key not in cost:
+    raise RuntimeError(f"XLA cost analysis reported no {key!r} entry, got {cost!r}")
+  return float(cost[key])
+
+
+def _cost_analysis(fn: Callable[..., Any], args: tuple, static_argnums) -> Any:
+  return jax.jit(fn, static_argnums=static_argnums).lower(*args).compile().cost_analysis()
 
 
 def xla_flops(fn: Callable[..., Any], *args: Any,
@@ -315,5 +319,20 @@ def xla_flops(fn: Callable[..., Any], *args: Any,
     Raises:
       RuntimeError: if XLA's cost analysis gives no ``'flops'`` entry.
     """
-  compiled = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
-  return _flops_from_cost_analysis(compiled.cost_analysis())
+  return _cost_entry(_cost_analysis(fn, args, static_argnums), "flops")
+
+
+def xla_bytes_accessed(fn: Callable[..., Any], *args: Any,
+                       static_argnums: int | Sequence[int] = ()) -> float:
+  """Bytes the compiled ``jax.jit(fn)(*args)`` reads and writes, by XLA's count.
+
+    XLA's cost analysis (``'bytes accessed'``) adds every top-level operation's
+    operand and output bytes after fusion: the memory traffic of a program
+    whose every fused kernel streams its operands once (caches that serve a
+    repeated read make the real traffic smaller). With :func:`xla_flops` it
+    gives a program's arithmetic intensity.
+
+    Raises:
+      RuntimeError: if XLA's cost analysis gives no ``'bytes accessed'`` entry.
+    """
+  return _cost_entry(_cost_analysis(fn, args, static_argnums), "bytes accessed")

@@ -90,7 +90,8 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.multihost:
     jax.distributed.initialize()
-  logging.info("Host allocator: %s", host.tune_allocator())  # before any XLA computation
+  # before any XLA computation
+  logging.info("Host: %s, %s", host.tune_allocator(), host.tune_xla_cpu())
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
   print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.variants), FLAGS.workdir))

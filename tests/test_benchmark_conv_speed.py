@@ -48,6 +48,13 @@ def test_network_record():
     assert record[f"{program}_speedup"] == pytest.approx(
         record[f"{program}_chosen_images_per_s"] / record[f"{program}_xla_images_per_s"],
         rel=0.02, abs=0.006)
+  # the roofline: the slower of moving the bytes at the stream rate and the flops at the
+  # matmul rate (each to 4 significant digits in the record)
+  seconds = max(record["grad_gb_accessed"] / record["stream_gb_per_s"],
+                record["grad_gflop"] / record["matmul_gflops_per_s"])
+  assert record["grad_roofline_images_per_s"] == pytest.approx(2 / seconds, rel=0.002)
+  assert record["grad_flops_per_byte"] == pytest.approx(
+      record["grad_gflop"] / record["grad_gb_accessed"], rel=0.02)
 
 
 @pytest.mark.slow  # compiles conv gradients inside scan and cond: minutes on CPU

@@ -53,3 +53,48 @@ def test_unknown_allocator_is_refused(monkeypatch):
   monkeypatch.setenv(host.ALLOCATOR_ENV, "jemalloc")
   with pytest.raises(ValueError, match="DYNSCALE_ALLOCATOR must be one of"):
     host.tune_allocator()
+
+
+# In a fresh process: tune, then compile a 3x3 convolution and say whether XLA:CPU put it
+# in a YNNPACK fusion (its default) or emitted its own.
+XLA_PROBE = """
+import json, os
+from dynscale import host
+record = host.tune_xla_cpu()
+import jax, jax.numpy as jnp
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+hlo = jax.jit(conv).lower(jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 64))).compile().as_text()
+print(json.dumps({"record": record, "flags": os.environ.get("XLA_FLAGS", ""),
+                  "conv_in_ynn": "ynn_fusion" in hlo}))
+"""
+
+
+def _xla_probe(**env) -> dict:
+  env = {**{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", host.XLA_CPU_ENV)},
+         "JAX_PLATFORMS": "cpu", **env}
+  out = subprocess.run([sys.executable, "-c", XLA_PROBE], env=env, capture_output=True,
+                       text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_xla_cpu_takes_convolutions_out_of_ynnpack():
+  tuned, system = _xla_probe(), _xla_probe(**{host.XLA_CPU_ENV: "system"})
+  assert tuned["record"] == {"xla_cpu": "tuned", "flags": " ".join(host.XLA_CPU_FLAGS)}
+  assert system["record"]["xla_cpu"] == "system" and system["flags"] == ""
+  assert system["conv_in_ynn"] and not tuned["conv_in_ynn"]  # the probe tells them apart
+  for probe in (tuned, system):  # the convolution rule's reading of the flags agrees with XLA
+    assert host.ynnpack_convolutions(probe["flags"]) == probe["conv_in_ynn"]
+
+
+def test_xla_flags_that_set_ynn_fusions_are_left_alone():
+  own = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+  probe = _xla_probe(XLA_FLAGS=own)
+  assert probe["record"]["xla_cpu"] == "system" and probe["flags"] == own
+  assert not probe["conv_in_ynn"] and not host.ynnpack_convolutions(own)
+
+
+def test_unknown_xla_cpu_choice_is_refused(monkeypatch):
+  monkeypatch.setenv(host.XLA_CPU_ENV, "fast")
+  with pytest.raises(ValueError, match="DYNSCALE_XLA_CPU must be one of"):
+    host.tune_xla_cpu()

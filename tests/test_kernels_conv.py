@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dynscale import host
 from dynscale.kernels import conv
 
 RNG = np.random.default_rng(0)
@@ -38,7 +39,7 @@ def _arrays(shape, fshape):
           jnp.asarray(RNG.standard_normal(fshape), jnp.float32))
 
 
-@pytest.mark.parametrize("impl", ["patches", "shifted", "xla_patches_grad"])
+@pytest.mark.parametrize("impl", ["patches", "shifted", "xla_patches_grad", "xla_patches_bwd"])
 @pytest.mark.parametrize("padding", PADDINGS, ids=["SAME", "VALID", "explicit", "wider than the kernel"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -81,7 +82,8 @@ def test_under_vmap_and_bf16(impl):
                              rtol=0.05, atol=0.1)
 
 
-def test_the_rule():
+def test_the_rule(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   dense, depthwise = (3, 3, 64, 64), (3, 3, 1, 64)
   rule = conv.implementation
   assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
@@ -92,6 +94,15 @@ def test_the_rule():
   assert rule((64, 8, 8, 63), (3, 3, 63, 64), (1, 1), "SAME", 1, "cpu") == "xla"
   assert rule((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 32, 32, 8), (3, 3, 8, 64), (1, 1), "SAME", 1, "cpu") == "xla"
+  # convolutions out of YNNPACK (host.tune_xla_cpu): XLA's own backward from 64 channels up
+  monkeypatch.setenv("XLA_FLAGS", " ".join(host.XLA_CPU_FLAGS))
+  assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla"
+  assert rule((64, 32, 32, 16), (3, 3, 16, 64), (1, 1), "SAME", 1, "cpu") == "xla"
+  assert rule((64, 32, 32, 16), (3, 3, 16, 32), (2, 2), "SAME", 1, "cpu") == "xla_patches_bwd"
+  assert rule((64, 32, 32, 64), dense, (1, 2), "SAME", 1, "cpu") == "xla_patches_bwd"
+  assert rule((64, 2, 2, 64), dense, (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 8, 8, 64), dense, (2, 2), "SAME", 1, "cpu") == "patches"  # 4x4 out
+  monkeypatch.delenv("XLA_FLAGS")
   assert rule((64, 32, 32, 64), (1, 1, 64, 64), (1, 1), "SAME", 1, "cpu") == "patches"
   assert rule((64, 32, 32, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "shifted"
   for backend in ("gpu", "tpu"):
@@ -103,6 +114,9 @@ def test_the_rule():
     assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "gpu") == "patches"
   with conv.forced("xla_patches_grad"):
     assert rule((64, 8, 8, 8), (3, 3, 8, 8), (1, 1), "SAME", 1, "gpu") == "xla_patches_grad"
+    assert rule((64, 8, 8, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "xla"
+  with conv.forced("xla_patches_bwd"):
+    assert rule((64, 8, 8, 8), (3, 3, 8, 8), (1, 1), "SAME", 1, "gpu") == "xla_patches_bwd"
     assert rule((64, 8, 8, 64), depthwise, (1, 1), "SAME", 64, "cpu") == "xla"
   with pytest.raises(ValueError, match="implementation must be one of"):
     with conv.forced("winograd"):
@@ -135,7 +149,8 @@ def test_filter_gradient_form_rule():
 
 # implementation -> (input H, W, C), filter, groups: the forms with a backward of their own
 OWN_BACKWARD = {"shifted": ((9, 9, 4), (3, 3, 1, 4), 4),
-                "xla_patches_grad": ((9, 9, 4), (3, 3, 4, 5), 1)}
+                "xla_patches_grad": ((9, 9, 4), (3, 3, 4, 5), 1),
+                "xla_patches_bwd": ((9, 9, 4), (3, 3, 4, 5), 1)}
 
 
 @pytest.mark.parametrize("impl", list(OWN_BACKWARD))
@@ -172,3 +187,19 @@ def test_own_backward_second_order_and_vmapped_gradients(impl):
   for i in range(2):
     np.testing.assert_allclose(
         batched[i], jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, f))))(xs[i]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, in_ynnpack", [
+    ("", True),
+    ("--xla_cpu_multi_thread_eigen=false", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=+individual_convolution", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=individual_dot", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", True),  # the last wins
+])
+def test_where_xla_puts_convolutions_is_read_from_its_flags(flags, in_ynnpack):
+  assert host.ynnpack_convolutions(flags) is in_ynnpack

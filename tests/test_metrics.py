@@ -291,3 +291,12 @@ def test_xla_dense_is_twice_analytic():
                            w) == pytest.approx(2 * metrics.dense_flops(7, 4, bias=False), rel=0.01)
   got = metrics.xla_flops(lambda a, w, b: a @ w + b, a, w, b)
   assert got == pytest.approx(2 * metrics.dense_flops(7, 4) - 4, rel=0.01)
+
+
+def test_xla_bytes_accessed_counts_operands_and_outputs_once():
+  # one fused elementwise kernel reads x (4 kB) and writes its result (4 kB)
+  x = jnp.ones((1000,), jnp.float32)
+  assert metrics.xla_bytes_accessed(lambda x: x * 2 + 1, x) == 2 * 4 * 1000
+  # a product reads both operands and writes its output: (64x32 + 32x16 + 64x16) floats
+  a, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+  assert metrics.xla_bytes_accessed(jnp.matmul, a, w) == 4 * (64 * 32 + 32 * 16 + 64 * 16)

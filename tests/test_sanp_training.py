@@ -55,7 +55,8 @@ def test_the_warm_up_trains_only_the_gates(tmp_path):
 def test_a_tiny_run_reports_cost_and_gating_and_the_analyses(tmp_path):
   results = training.train_and_evaluate(tiny(**{"sanp.budget": 0.5}), str(tmp_path))
   for key in ("test_accuracy", "flops_ratio", "flops_ratio_std", "dead_layer_rate",
-              "sometimes_pruned_fraction", "budget", "gate_flops"):
+              "val_flops_ratio", "val_flops_ratio_std", "sometimes_pruned_fraction", "budget",
+              "gate_flops"):
     assert key in results, key
   assert 0 < results["flops_ratio"] <= 1 and 0 <= results["dead_layer_rate"] <= 1
   types = results["channel_types"]
@@ -74,7 +75,7 @@ def test_fixed_k_costs_its_budget_on_every_image(tmp_path):
                                                             0.4))
   assert results["flops_ratio"] == pytest.approx(expected, rel=1e-5)
   assert abs(expected - 0.4) < 0.03
-  assert results["flops_ratio_std"] < 1e-3
+  assert results["flops_ratio_std"] < 1e-3 and results["val_flops_ratio_std"] < 1e-3
 
 
 def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():

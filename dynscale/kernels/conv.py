@@ -22,14 +22,22 @@ the same function, NHWC input and HWIO filters, with one of:
   times the output gradient). XLA:CPU computes a dense convolution's
   filter gradient far below the matmul rate: 5 GFLOP/s for a 3x3
   convolution on 32x32x64 at batch 64, 6-7x slower than the product.
+* ``"xla_patches_bwd"``: ``lax.conv`` forward, and both gradients those of
+  the im2col product (the input gradient added back over the windows).
 
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
 outputs of at most 4x4 positions and for at most 4 input channels (a first
 layer on RGB images), ``"xla_patches_grad"`` for at least 64 input channels
-(where the product computed the filter gradient 1.1-7x faster; below 64,
-0.8-1.1x), ``"xla"`` otherwise (where XLA:CPU's forward and input gradient
-are at or near the matmul rate). The measurements behind it are in
+while XLA:CPU hands convolutions to YNNPACK (its default; the product
+computed the filter gradient 1.1-7x faster there; below 64, 0.8-1.1x),
+``"xla"`` otherwise (where XLA:CPU's forward and input gradient are at or
+near the matmul rate). With convolutions out of YNNPACK, as
+:func:`dynscale.host.tune_xla_cpu` sets, XLA's own backward ran 1.2-1.8x
+the product form from 64 channels up, so ``"xla"`` there too, except for
+strided convolutions: ``"xla_patches_bwd"`` (XLA's input gradient of a
+stride-2 3x3 convolution ran at 0.41-0.68 of a matmul on 16-128 channels,
+the product's at 0.60-0.77). The measurements behind it are in
 docs/RESULTS.md (issue 9). Every implementation gives the same values and
 gradients up to float rounding (tested against ``lax.conv`` for every kind,
 stride, padding and odd size). :func:`forced` overrides the rule inside a
@@ -47,10 +55,12 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
+from dynscale import host
+
 Array = jax.Array
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-IMPLEMENTATIONS = ("xla", "patches", "shifted", "xla_patches_grad")
+IMPLEMENTATIONS = ("xla", "patches", "shifted", "xla_patches_grad", "xla_patches_bwd")
 # The most output positions (H_out * W_out) at which a CPU convolution is
 # computed as one matrix product (RESULTS.md, issue 9: 4x4 and below).
 CPU_PATCHES_MAX_POSITIONS = 16
@@ -58,8 +68,8 @@ CPU_PATCHES_MAX_POSITIONS = 16
 # filter gradient for it ran at a third of a matmul, im2col's at full rate).
 CPU_PATCHES_MAX_INPUT_CHANNELS = 4
 # The fewest input channels at which a CPU convolution's filter gradient is one
-# im2col matrix product (RESULTS.md, issue 9: 1.1-7x faster than XLA:CPU's from 64
-# input channels up, 0.8-1.1x below).
+# im2col matrix product while XLA:CPU runs convolutions in YNNPACK (RESULTS.md,
+# issue 9: 1.1-7x faster than XLA:CPU's from 64 input channels up, 0.8-1.1x below).
 CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS = 64
 # The fewest output positions at which a stride-1 depthwise filter gradient is summed
 # over zero frames instead of windows (:func:`filter_gradient_form`).
@@ -126,7 +136,7 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if forced_name is not None or groups not in (1, channels):
     if forced_name == "xla" or not (groups == 1 or depthwise):
       return "xla"
-    if forced_name == "xla_patches_grad":
+    if forced_name in ("xla_patches_grad", "xla_patches_bwd"):
       return "xla" if depthwise else forced_name
     return "shifted" if depthwise else "patches"
   if (backend or jax.default_backend()) != "cpu":
@@ -137,9 +147,9 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if (f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS
       or f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS):
     return "patches"
-  if f_shape[2] >= CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS:
-    return "xla_patches_grad"
-  return "xla"
+  if host.ynnpack_convolutions():
+    return "xla_patches_grad" if f_shape[2] >= CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS else "xla"
+  return "xla_patches_bwd" if max(strides) > 1 else "xla"
 
 
 def _padded(x: Array, f_shape, strides, padding: Padding) -> tuple[Array, int, int]:
@@ -205,6 +215,32 @@ def _xla_conv_patches_grad_bwd(strides, padding, residuals, g):
 
 
 _xla_conv_patches_grad.defvjp(_xla_conv_patches_grad_fwd, _xla_conv_patches_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _xla_conv_patches_bwd(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """``lax.conv`` whose gradients are those of the im2col product.
+
+  The backward keeps ``x`` and ``f``, cuts the windows of ``x`` again and
+  takes both gradients of ``im2col(x) f``: the filter gradient one product,
+  the input gradient ``g f^T`` added back over the windows. XLA:CPU's own
+  input gradient of a strided convolution (a convolution over a dilated
+  input) ran at 0.4-0.5 of a matmul's rate on 16-32 input channels.
+  """
+  return _xla_conv(x, f, strides, padding)
+
+
+def _xla_conv_patches_bwd_fwd(x, f, strides, padding):
+  return _xla_conv(x, f, strides, padding), (x, f)
+
+
+def _xla_conv_patches_bwd_bwd(strides, padding, residuals, g):
+  x, f = residuals
+  _, vjp = jax.vjp(lambda x, f: _patches(x, f, strides, padding), x, f)
+  return vjp(g)
+
+
+_xla_conv_patches_bwd.defvjp(_xla_conv_patches_bwd_fwd, _xla_conv_patches_bwd_bwd)
 
 
 def _multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
@@ -332,6 +368,8 @@ def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
     return _shifted_depthwise(x, f, strides, hashable)
   if name == "xla_patches_grad":
     return _xla_conv_patches_grad(x, f, strides, hashable)
+  if name == "xla_patches_bwd":
+    return _xla_conv_patches_bwd(x, f, strides, hashable)
   if name == "patches":
     return _patches(x, f, strides, padding)
   return _xla_conv(x, f, strides, padding, groups)

@@ -329,6 +329,12 @@ def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
   return model, fine_tune(run, model)
 
 
+def _spread(metrics: dict) -> float:
+  """Standard deviation over images of the FLOPs ratio, from an evaluation's
+  mean ratio and mean squared ratio."""
+  return float(max(0.0, metrics["flops_ratio_sq"] - metrics["flops_ratio"] ** 2) ** 0.5)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the three stages of ``config``; writes and returns results."""
   run = runs.start(config, workdir, check=check_config)
@@ -345,10 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "test_accuracy": test["accuracy"],
       "val_accuracy": val["accuracy"],
       "flops_ratio": test["flops_ratio"],
-      "flops_ratio_std": float(max(0.0, test["flops_ratio_sq"] - test["flops_ratio"] ** 2)
-                               ** 0.5),
+      "flops_ratio_std": _spread(test),
       "dead_layer_rate": test["dead_layer"],
       "val_flops_ratio": val["flops_ratio"],
+      "val_flops_ratio_std": _spread(val),
       "flops_full": costs.flops(run.arch),
       "gate_flops": 0 if s.variant == "static" else budget.spm_flops(run.arch, s.reduction),
       **analysis.summary(usage),
