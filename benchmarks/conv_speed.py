@@ -154,9 +154,18 @@ def _synthetic_batch(data, idx, key):
   return images[idx], labels[idx]
 
 
-def network_programs(arch: dict, batch: int, impl: str | None = None) -> dict:
-  """``{"train", "infer", "grad"}``: zero-argument calls of the network of ``arch``
-  at ``batch`` on synthetic data, each traced (its first call) inside
+PROGRAMS = ("train", "infer", "grad")
+
+
+def _sliced_loss(arch: dict):
+  """``loss(variables, x, y)``: mean cross-entropy of the sliced network at 100% DP."""
+  return lambda v, x, y: jnp.mean(steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y))
+
+
+def network_programs(arch: dict, batch: int, impl: str | None = None,
+                     names: tuple[str, ...] = PROGRAMS) -> dict:
+  """``{name: zero-argument call}`` for ``names`` of :data:`PROGRAMS`, the network
+  of ``arch`` at ``batch`` on synthetic data, each traced (its first call) inside
   ``conv.forced(impl)`` when ``impl`` is given, else under the rule.
 
   ``train`` is the trainer's own step (:func:`dynscale.train.steps.make_train_chunk`,
@@ -174,8 +183,7 @@ def network_programs(arch: dict, batch: int, impl: str | None = None) -> dict:
   chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
                                  steps.data_mesh())
   infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
-  grad = jax.jit(jax.grad(lambda v, x, y: jnp.mean(
-      steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y))))
+  grad = jax.jit(jax.grad(_sliced_loss(arch)))
   holder = [jax.tree.map(jnp.copy, state)]  # the chunk donates it; variables share its buffers
 
   def train():
@@ -184,6 +192,7 @@ def network_programs(arch: dict, batch: int, impl: str | None = None) -> dict:
 
   programs = {"train": train, "infer": lambda: infer(variables, data[0]),
               "grad": lambda: grad(variables, *data)}
+  programs = {name: programs[name] for name in names}  # the others never compile
   with conv.forced(impl) if impl else contextlib.nullcontext():
     jax.block_until_ready([run() for run in programs.values()])  # traced under the block
   return programs
@@ -213,17 +222,13 @@ def gradient_cost(arch: dict, batch: int) -> dict:
   model = models.build(arch, rngs=models.init_rngs(0))
   x = jnp.zeros((batch, *arch["input_shape"]), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
-  grad = jax.grad(lambda v, x, y: jnp.mean(
-      steps.cross_entropy(sliced.apply_sliced(arch, v, x, 1.0), y)))
-  args = (model.pure_variables(), x, y)
-  return {"flops": metrics.xla_flops(grad, *args),
-          "bytes": metrics.xla_bytes_accessed(grad, *args)}
+  return metrics.xla_cost(jax.grad(_sliced_loss(arch)), model.pure_variables(), x, y)
 
 
 def roofline_images_per_s(batch: int, cost: dict, rates: dict) -> float:
   """Images/s of a program bound only by the machine's memory bandwidth and
   matmul rate: ``batch / max(bytes / bandwidth, flops / matmul rate)``."""
-  return batch / max(cost["bytes"] / (rates["stream_gb_per_s"] * 1e9),
+  return batch / max(cost["bytes_accessed"] / (rates["stream_gb_per_s"] * 1e9),
                      cost["flops"] / (rates["matmul_gflops_per_s"] * 1e9))
 
 
@@ -252,8 +257,8 @@ def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 
           **{f"{program}_speedup": round(per_s[f"{program}_chosen"] / per_s[f"{program}_xla"], 2)
              for program in ("train", "infer", "grad")},
           "grad_gflop": _significant(cost["flops"] / 1e9),
-          "grad_gb_accessed": _significant(cost["bytes"] / 1e9),
-          "grad_flops_per_byte": round(cost["flops"] / cost["bytes"], 2),
+          "grad_gb_accessed": _significant(cost["bytes_accessed"] / 1e9),
+          "grad_flops_per_byte": round(cost["flops"] / cost["bytes_accessed"], 2),
           **{k: _significant(v) for k, v in rates.items()},
           "grad_roofline_images_per_s": _significant(roofline),
           "grad_chosen_over_roofline": round(per_s["grad_chosen"] / roofline, 3),

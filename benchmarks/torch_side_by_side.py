@@ -67,8 +67,7 @@ def check_same_network(name: str, arch: dict, record: dict) -> None:
 def side_by_side(name: str, batch: int, rounds: int, repeats: int, python: str) -> dict:
   """The record of one network (module docstring)."""
   arch = models.architecture(name, num_classes=10, input_shape=conv_speed.INPUTS[name])
-  programs = conv_speed.network_programs(arch, batch)
-  programs = {key: programs[key] for key in ("train", "infer")}
+  programs = conv_speed.network_programs(arch, batch, names=("train", "infer"))
   per_s = {f"{framework}_{program}": [] for framework in ("dynscale", *LAYOUTS)
            for program in programs}
   with tempfile.TemporaryDirectory() as tmp:

@@ -322,17 +322,19 @@ def xla_flops(fn: Callable[..., Any], *args: Any,
   return _cost_entry(_cost_analysis(fn, args, static_argnums), "flops")
 
 
-def xla_bytes_accessed(fn: Callable[..., Any], *args: Any,
-                       static_argnums: int | Sequence[int] = ()) -> float:
-  """Bytes the compiled ``jax.jit(fn)(*args)`` reads and writes, by XLA's count.
+def xla_cost(fn: Callable[..., Any], *args: Any,
+             static_argnums: int | Sequence[int] = ()) -> dict[str, float]:
+  """XLA's ``{"flops", "bytes_accessed"}`` for ``jax.jit(fn)(*args)``, one compile.
 
-    XLA's cost analysis (``'bytes accessed'``) adds every top-level operation's
-    operand and output bytes after fusion: the memory traffic of a program
-    whose every fused kernel streams its operands once (caches that serve a
-    repeated read make the real traffic smaller). With :func:`xla_flops` it
-    gives a program's arithmetic intensity.
+    ``flops`` as :func:`xla_flops`. ``bytes_accessed`` is the cost analysis'
+    ``'bytes accessed'``: every top-level operation's operand and output bytes
+    after fusion, the memory traffic of a program whose every fused kernel
+    streams its operands once (caches that serve a repeated read make the real
+    traffic smaller). Their ratio is the program's arithmetic intensity.
 
     Raises:
-      RuntimeError: if XLA's cost analysis gives no ``'bytes accessed'`` entry.
+      RuntimeError: if XLA's cost analysis lacks either entry.
     """
-  return _cost_entry(_cost_analysis(fn, args, static_argnums), "bytes accessed")
+  cost = _cost_analysis(fn, args, static_argnums)
+  return {"flops": _cost_entry(cost, "flops"),
+          "bytes_accessed": _cost_entry(cost, "bytes accessed")}

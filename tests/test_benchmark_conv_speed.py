@@ -57,6 +57,14 @@ def test_network_record():
       record["grad_gflop"] / record["grad_gb_accessed"], rel=0.02)
 
 
+def test_network_programs_builds_only_the_programs_asked_for():
+  arch = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 8)
+  programs = conv_speed.network_programs(arch, batch=2, names=("infer",))
+  assert list(programs) == ["infer"]
+  assert programs["infer"]().shape == (2, 10)
+
+
 @pytest.mark.slow  # compiles conv gradients inside scan and cond: minutes on CPU
 def test_nested_control_flow_record():
   from benchmarks import nested_control_flow

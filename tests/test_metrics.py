@@ -293,10 +293,13 @@ def test_xla_dense_is_twice_analytic():
   assert got == pytest.approx(2 * metrics.dense_flops(7, 4) - 4, rel=0.01)
 
 
-def test_xla_bytes_accessed_counts_operands_and_outputs_once():
-  # one fused elementwise kernel reads x (4 kB) and writes its result (4 kB)
+def test_xla_cost_counts_operands_and_outputs_once():
+  # one fused elementwise kernel reads x (4 kB) and writes its result (4 kB): 2 flops each
   x = jnp.ones((1000,), jnp.float32)
-  assert metrics.xla_bytes_accessed(lambda x: x * 2 + 1, x) == 2 * 4 * 1000
+  assert metrics.xla_cost(lambda x: x * 2 + 1, x) == {"flops": 2 * 1000,
+                                                      "bytes_accessed": 2 * 4 * 1000}
   # a product reads both operands and writes its output: (64x32 + 32x16 + 64x16) floats
   a, w = jnp.ones((64, 32)), jnp.ones((32, 16))
-  assert metrics.xla_bytes_accessed(jnp.matmul, a, w) == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+  cost = metrics.xla_cost(jnp.matmul, a, w)
+  assert cost["bytes_accessed"] == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+  assert cost["flops"] == metrics.xla_flops(jnp.matmul, a, w) == 2 * 64 * 32 * 16
