@@ -333,3 +333,37 @@ def test_a_calibrated_decision_point_opens_the_asked_fraction_and_reads_s_minus_
   assert float(jnp.mean(uncalibrated.decision)) == 1.0   # s > 0 everywhere
   with pytest.raises(ValueError, match=r"open_fraction must be in \(0, 1\], got 0"):
     gates.decision_point(s, 0)
+
+
+def test_per_channel_decision_points_open_each_channel_at_its_own_rate():
+  # channels with their own offsets (far apart) and small per-image movement: one
+  # layer-wide point would leave each channel always open or always shut
+  key_offsets, key_moves = jax.random.split(jax.random.key(5))
+  offsets = jax.random.normal(key_offsets, (12,))
+  s = offsets + 0.01 * jax.random.normal(key_moves, (200, 12))
+  rates = jnp.linspace(0.0, 1.0, 12)
+  tau, rho = gates.channel_decision_points(s, rates)
+  values = np.asarray(s)
+  for c in range(12):   # each column split where round(rate N) samples lie above, by numpy
+    column, rho_c = np.sort(values[:, c]), values[:, c].std()
+    opened = round(float(rates[c]) * 200)
+    np.testing.assert_allclose(float(rho[c]), rho_c, rtol=1e-4)
+    assert (values[:, c] > float(tau[c])).sum() == opened
+    below = column[200 - opened - 1] if opened < 200 else column[0] - rho_c
+    above = column[200 - opened] if opened else column[-1] + rho_c
+    np.testing.assert_allclose(float(tau[c]), (below + above) / 2, rtol=1e-5, atol=1e-6)
+  gate = gates.SPM(8, 12, reduction=4, binarization=gates.Binarization(),
+                   decision_point="channel", rngs=nnx.Rngs(0))
+  assert gate.threshold.value.shape == gate.temperature.value.shape == (12,)
+  gate.threshold.value, gate.temperature.value = tau, rho
+  code = gate.decide(s, train=False)
+  np.testing.assert_array_equal(np.asarray(code.decision), np.asarray(s > tau, np.float32))
+  layer_tau, _ = gates.decision_point(s, 0.5)
+  per_layer = np.asarray(s > layer_tau)
+  assert ((per_layer.mean(0) > 0) & (per_layer.mean(0) < 1)).sum() <= 1   # static channels
+  with pytest.raises(ValueError, match=r"open_rates must have shape \(12,\), got \(3,\)"):
+    gates.channel_decision_points(s, rates[:3])
+  with pytest.raises(ValueError, match=r"sanp.decision_point must be one of \('layer', "
+                                       r"'channel'\), got 'sample'"):
+    gates.SPM(8, 12, reduction=4, binarization=gates.Binarization(), decision_point="sample",
+              rngs=nnx.Rngs(0))

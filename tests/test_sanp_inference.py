@@ -47,6 +47,25 @@ def test_skipping_equals_the_masked_network_with_an_all_off_layer():
   np.testing.assert_allclose(reopened(images[:1]), trace.output, rtol=1e-4, atol=1e-4)
 
 
+def test_skipping_equals_the_masked_network_under_per_channel_decision_points():
+  model = models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory(
+      "sanp", reduction=4, decision_point="channel"))
+  rng = np.random.default_rng(1)
+  for gate in model.gates.values():  # each channel its own threshold and spread
+    w2 = gate.head.w2
+    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
+    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape), jnp.float32)
+    channels = gate.threshold.value.shape[0]
+    gate.threshold.value = jnp.asarray(rng.standard_normal(channels), jnp.float32)
+    gate.temperature.value = jnp.asarray(rng.uniform(0.5, 2.0, channels), jnp.float32)
+  skip = inference.skipping_forward(model, buckets=3)
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  for image in images:
+    trace = model.run(image[None], 1.0, train=False)
+    assert 0 < float(trace.activity["layers.4"].mean()) < 1
+    np.testing.assert_allclose(skip(image[None]), trace.output, rtol=1e-4, atol=1e-4)
+
+
 def test_skipping_refuses_what_it_cannot_run():
   resnet = models.architecture("resnet18", num_classes=10, input_shape=(32, 32, 3),
                                width_multiplier=1 / 16)

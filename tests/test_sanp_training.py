@@ -161,6 +161,8 @@ def test_the_thin_variant_costs_the_budget():
      r"sanp.gate_start='fixed_k' hands .* to the 'static' gates: it needs "
      r"sanp.warmup_epochs > 0, got 0"),
     ({"sanp.calibration_batches": 0}, r"sanp.calibration_batches must be"),
+    ({"sanp.decision_point": "sample"}, r"sanp.decision_point must be one of \('layer', "
+                                        r"'channel'\), got 'sample'"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
@@ -255,6 +257,31 @@ def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_w
                       for t in inputs])
   np.testing.assert_allclose(np.asarray(model.flops_window.value), measured, rtol=1e-5)
   assert measured < 0.9
+
+
+def test_per_channel_decision_points_open_each_channel_as_often_as_fixed_k_did(tmp_path):
+  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3,
+                                                           "sanp.decision_point": "channel"})
+  batches = fitted.trainer.training_batches(3)
+  first = next(iter(model.gates))   # its input is the image: no upstream gate moves it
+  gate, source = model.gates[first], ranked.gates[first]
+  saliency = np.concatenate([np.asarray(source.saliency(images)) for images in batches])
+  for images in batches:   # the same saliencies, learned in per-channel decision units
+    np.testing.assert_allclose(gate.saliency(images), source.saliency(images),
+                               rtol=1e-5, atol=1e-6)
+  def open_rates(network):
+    return np.concatenate([np.asarray(network.run(images, 1.0, train=False).activity[first])
+                           for images in batches]).mean(0)
+
+  # each channel opens on as many images as under FIXED-K's top k, up to a few images
+  # whose saliencies tie across channels at float precision (a one-epoch warm-up leaves
+  # them within 0.003 of s = 1); one point per layer would open these channels on all
+  # images or none
+  fixed_k = open_rates(ranked)
+  assert ((fixed_k > 0) & (fixed_k < 1)).any()
+  np.testing.assert_allclose(open_rates(model), fixed_k, atol=5.0 / saliency.shape[0])
+  np.testing.assert_allclose(np.asarray(gate.temperature.value), saliency.std(axis=0),
+                             rtol=1e-3, atol=1e-6)
 
 
 def test_a_handed_off_static_gate_opens_the_k_channels_of_highest_mean_saliency(tmp_path):

@@ -182,6 +182,9 @@ class DecisionPoint(nnx.Variable):
   and ``temperature`` (``rho``), set by calibration, never trained."""
 
 
+DECISION_POINTS = ("layer", "channel")
+
+
 def decision_point(s: Array, open_fraction: float) -> tuple[Array, Array]:
   """The ``(tau, rho)`` under which ``(s - tau) / rho > 0`` for ``open_fraction``
   of the entries of the saliencies ``s`` ``(N, C)``, with unit spread (``rho``
@@ -191,6 +194,28 @@ def decision_point(s: Array, open_fraction: float) -> tuple[Array, Array]:
     raise ValueError(f"open_fraction must be in (0, 1], got {open_fraction}")
   s = jnp.asarray(s, jnp.float32)
   return jnp.quantile(s, 1.0 - open_fraction), jnp.maximum(jnp.std(s), 1e-6)
+
+
+def channel_decision_points(s: Array, open_rates: Array) -> tuple[Array, Array]:
+  """Per channel ``c`` of the saliencies ``s`` ``(N, C)``: ``rho_c``, the spread of
+  ``s[:, c]`` over the samples, and ``tau_c``, halfway between the sample values
+  around which ``s[:, c] > tau_c`` holds for ``round(open_rates[c] N)`` samples
+  (half a spread beyond the extremes for a channel always or never open). So
+  ``z = (s - tau) / rho`` measures each channel against how much its own
+  saliency moves from image to image, not against how far apart the channels
+  sit (:func:`decision_point`)."""
+  s = jnp.asarray(s, jnp.float32)
+  open_rates = jnp.asarray(open_rates, jnp.float32)
+  if open_rates.shape != s.shape[-1:]:
+    raise ValueError(f"open_rates must have shape ({s.shape[-1]},), got {open_rates.shape}")
+  samples = s.shape[0]
+  rho = jnp.maximum(jnp.std(s, axis=0), 1e-6)
+  ordered = jnp.concatenate([s.min(0, keepdims=True) - rho, jnp.sort(s, axis=0),
+                             s.max(0, keepdims=True) + rho])
+  below = samples - jnp.round(open_rates * samples).astype(jnp.int32)  # closed samples
+  lower = jnp.take_along_axis(ordered, below[None], axis=0)[0]
+  upper = jnp.take_along_axis(ordered, below[None] + 1, axis=0)[0]
+  return (lower + upper) / 2, rho
 
 
 class _BinarizedGate(_Gate):
@@ -206,14 +231,15 @@ class _BinarizedGate(_Gate):
   :func:`dynscale.sanp.training.hand_off`).
   """
 
-  def __init__(self, binarization: Binarization, floor: int, rngs: nnx.Rngs):
+  def __init__(self, binarization: Binarization, floor: int, rngs: nnx.Rngs,
+               points: tuple[int, ...] = ()):
     self.binarization = binarization
     self.floor = floor
     key = rngs.params()
     self.key_impl = str(jax.random.key_impl(key))
     self.noise = NoiseKey(jax.random.key_data(key))
-    self.threshold = DecisionPoint(jnp.zeros((), jnp.float32))
-    self.temperature = DecisionPoint(jnp.ones((), jnp.float32))
+    self.threshold = DecisionPoint(jnp.zeros(points, jnp.float32))
+    self.temperature = DecisionPoint(jnp.ones(points, jnp.float32))
 
   def in_saliency_units(self, z: Array) -> Array:
     """``s = tau + rho z`` of the learned decision-unit output ``z``."""
@@ -280,19 +306,34 @@ class _SPMHead(nnx.Module):
 
 class SPM(_BinarizedGate):
   """The Saliency-and-Pruning Module (002 Eq. 1-8): per-sample saliency from the
-  layer's input, binarized."""
+  layer's input, binarized.
+
+  ``decision_point``: ``'layer'``, one ``(tau, rho)`` for the layer
+  (:func:`decision_point`), or ``'channel'``, one per channel
+  (:func:`channel_decision_points`; not in 002), both placed by a hand-off.
+  """
 
   def __init__(self, c_in: int, c_out: int, *, reduction: int, binarization: Binarization,
-               floor: int = 0, rngs: nnx.Rngs):
-    super().__init__(binarization, floor, rngs)
+               floor: int = 0, decision_point: str = "layer", rngs: nnx.Rngs):
+    if decision_point not in DECISION_POINTS:
+      raise ValueError(f"sanp.decision_point must be one of {DECISION_POINTS}, got "
+                       f"{decision_point!r}")
+    super().__init__(binarization, floor, rngs,
+                     points=(c_out,) if decision_point == "channel" else ())
     self.head = _SPMHead(c_in, c_out, reduction, rngs)
 
   def saliency(self, x):
     return self.in_saliency_units(self.head(x))
 
   def adopt(self, source, saliencies, open_fraction):
-    """``source``'s head with ``W2 / rho`` and ``(b2 - tau) / rho``."""
-    tau, rho = decision_point(saliencies, open_fraction)
+    """``source``'s head with ``W2 / rho`` and ``(b2 - tau) / rho``. Per-channel
+    decision points open each channel on as many of the samples as ``source``
+    (FIXED-K's top ``k``) did, which over the layer is ``open_fraction``."""
+    if self.threshold.value.ndim:
+      rates = jnp.mean(top_k_mask(saliencies, source.k), axis=0)
+      tau, rho = channel_decision_points(saliencies, rates)
+    else:
+      tau, rho = decision_point(saliencies, open_fraction)
     nnx.update(self.head, nnx.state(source.head, nnx.Param))
     self.head.w2.kernel.value = self.head.w2.kernel.value / rho
     self.head.w2.bias.value = (self.head.w2.bias.value - tau) / rho
@@ -344,12 +385,12 @@ GateFactory = Callable[[str, int, int, nnx.Rngs], nnx.Module]
 def gate_factory(variant: str, *, reduction: int = 16,
                  binarization: Binarization = Binarization(),
                  keep: float | None = None, floor: int = 0,
-                 floor_fraction: float = 0.0) -> GateFactory:
+                 floor_fraction: float = 0.0, decision_point: str = "layer") -> GateFactory:
   """The ``gate=`` factory of :func:`dynscale.nn.models.build` for ``variant``
   (one of :data:`VARIANTS`); ``keep`` is FIXED-K's fraction of channels at the
   budget (FIXED-K keeps it; the binarized gates' ``floor_fraction`` reads it),
   ``floor`` and ``floor_fraction`` what a binarized gate keeps open at least
-  (:func:`layer_floor`)."""
+  (:func:`layer_floor`), ``decision_point`` the SPMs' (:class:`SPM`)."""
   if variant not in VARIANTS:
     raise ValueError(f"sanp.variant must be one of {VARIANTS}, got {variant!r}")
   if variant == "fixed_k" and not (keep is not None and 0 < keep <= 1):
@@ -361,7 +402,7 @@ def gate_factory(variant: str, *, reduction: int = 16,
     least = layer_floor(c_out, floor=floor, floor_fraction=floor_fraction, keep=keep)
     if variant == "sanp":
       return SPM(c_in, c_out, reduction=reduction, binarization=binarization, floor=least,
-                 rngs=rngs)
+                 decision_point=decision_point, rngs=rngs)
     if variant == "static":
       return StaticSaliency(c_out, binarization=binarization, floor=least, rngs=rngs)
     return FixedK(c_in, c_out, reduction=reduction, keep=keep, rngs=rngs)

@@ -108,6 +108,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(s.budget_ramp_epochs, "sanp.budget_ramp_epochs")
   validation.one_of(s.gate_start, GATE_STARTS, "sanp.gate_start")
   validation.positive(s.calibration_batches, "sanp.calibration_batches", integer=True)
+  validation.one_of(s.decision_point, gates.DECISION_POINTS, "sanp.decision_point")
   if handed_off(s) and not s.warmup_epochs:
     raise ValueError(f"sanp.gate_start='fixed_k' hands FIXED-K's warmed-up saliencies to "
                      f"the {s.variant!r} gates: it needs sanp.warmup_epochs > 0, got "
@@ -131,7 +132,8 @@ def gate_factory(config, arch: dict) -> gates.GateFactory:
   keep = (budget.fixed_k_keep(arch, s.budget) if s.variant == "fixed_k" or s.floor_fraction
           else None)
   return gates.gate_factory(s.variant, reduction=s.reduction, binarization=binarization(config),
-                            keep=keep, floor=s.floor, floor_fraction=s.floor_fraction)
+                            keep=keep, floor=s.floor, floor_fraction=s.floor_fraction,
+                            decision_point=s.decision_point)
 
 
 def gated_model(config, arch: dict, backbone: nnx.Module, variant: str = "") -> nnx.Module:

@@ -213,6 +213,7 @@ def sanp(variant: str = "sanp", *, budget: float = 0.3, lambda0: float = 0.01
       warmup_epochs=2,       # the gates alone, convolutions fixed
       gate_start="open",     # 'open': s = 1 (002); 'fixed_k': warm up as FIXED-K, hand off at the budget
       calibration_batches=20,  # training batches that place the handed-off decision points
+      decision_point="layer",  # SPMs handed off: one per layer, or 'channel' (not in 002)
   ))
 
 
