@@ -24,11 +24,18 @@ the same function, NHWC input and HWIO filters, with one of:
   convolution on 32x32x64 at batch 64, 6-7x slower than the product.
 * ``"xla_patches_bwd"``: ``lax.conv`` forward, and both gradients those of
   the im2col product (the input gradient added back over the windows).
+* ``"taps"``: for a dense filter on few input channels, the sum over taps
+  and input channels of each shifted window's channel times that filter
+  row (``kh kw C`` multiply-adds per output, one fused loop, no copy of the
+  windows), with the im2col product's gradients.
 
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
 outputs of at most 4x4 positions and for at most 4 input channels (a first
-layer on RGB images), ``"xla_patches_grad"`` for at least 64 input channels
+layer on RGB images) but ``"taps"`` for such a layer with at most 32 output
+channels (its forward ran 1.1-2.9x the product form's, which spends most of
+its time writing the windows side by side; from 64 outputs the product is
+the faster), ``"xla_patches_grad"`` for at least 64 input channels
 while XLA:CPU hands convolutions to YNNPACK (its default; the product
 computed the filter gradient 1.1-7x faster there; below 64, 0.8-1.1x),
 ``"xla"`` otherwise (where XLA:CPU's forward and input gradient are at or
@@ -60,13 +67,16 @@ from dynscale import host
 Array = jax.Array
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-IMPLEMENTATIONS = ("xla", "patches", "shifted", "xla_patches_grad", "xla_patches_bwd")
+IMPLEMENTATIONS = ("xla", "patches", "shifted", "xla_patches_grad", "xla_patches_bwd", "taps")
 # The most output positions (H_out * W_out) at which a CPU convolution is
 # computed as one matrix product (RESULTS.md, issue 9: 4x4 and below).
 CPU_PATCHES_MAX_POSITIONS = 16
 # ... and with at most this many input channels (a first layer on RGB: XLA:CPU's
 # filter gradient for it ran at a third of a matmul, im2col's at full rate).
 CPU_PATCHES_MAX_INPUT_CHANNELS = 4
+# ... of which those with at most this many output channels are computed as
+# multiply-adds over taps (``"taps"``).
+CPU_TAPS_MAX_OUTPUT_CHANNELS = 32
 # The fewest input channels at which a CPU convolution's filter gradient is one
 # im2col matrix product while XLA:CPU runs convolutions in YNNPACK (RESULTS.md,
 # issue 9: 1.1-7x faster than XLA:CPU's from 64 input channels up, 0.8-1.1x below).
@@ -85,8 +95,8 @@ def forced(name: str) -> Iterator[None]:
 
   ``"patches"`` and ``"shifted"`` both mean the matmul-free-of-XLA-conv
   forms: ``"shifted"`` for depthwise filters, ``"patches"`` for the others.
-  ``"xla_patches_grad"`` applies to dense convolutions; depthwise ones use
-  ``"xla"`` under it. Grouped convolutions other than depthwise always use
+  ``"xla_patches_grad"``, ``"xla_patches_bwd"`` and ``"taps"`` apply to dense
+  convolutions; depthwise ones use ``"xla"`` under them. Grouped convolutions other than depthwise always use
   ``"xla"``. Functions already traced and cached by ``jit`` keep their
   implementation.
   """
@@ -136,7 +146,7 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if forced_name is not None or groups not in (1, channels):
     if forced_name == "xla" or not (groups == 1 or depthwise):
       return "xla"
-    if forced_name in ("xla_patches_grad", "xla_patches_bwd"):
+    if forced_name in ("xla_patches_grad", "xla_patches_bwd", "taps"):
       return "xla" if depthwise else forced_name
     return "shifted" if depthwise else "patches"
   if (backend or jax.default_backend()) != "cpu":
@@ -144,9 +154,10 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   if depthwise:
     return "shifted"
   h, w = output_shape(x_shape, f_shape, strides, padding)
-  if (f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS
-      or f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS):
+  if f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS:
     return "patches"
+  if f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS:
+    return "taps" if f_shape[3] <= CPU_TAPS_MAX_OUTPUT_CHANNELS else "patches"
   if host.ynnpack_convolutions():
     return "xla_patches_grad" if f_shape[2] >= CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS else "xla"
   return "xla_patches_bwd" if max(strides) > 1 else "xla"
@@ -234,13 +245,42 @@ def _xla_conv_patches_bwd_fwd(x, f, strides, padding):
   return _xla_conv(x, f, strides, padding), (x, f)
 
 
-def _xla_conv_patches_bwd_bwd(strides, padding, residuals, g):
+def _patches_gradients(strides, padding, residuals, g):
+  """Both gradients of the im2col product at the saved ``(x, f)``."""
   x, f = residuals
   _, vjp = jax.vjp(lambda x, f: _patches(x, f, strides, padding), x, f)
   return vjp(g)
 
 
-_xla_conv_patches_bwd.defvjp(_xla_conv_patches_bwd_fwd, _xla_conv_patches_bwd_bwd)
+_xla_conv_patches_bwd.defvjp(_xla_conv_patches_bwd_fwd, _patches_gradients)
+
+
+def _dense_multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """``sum_{u,v,c} window_{u,v}(x)[..., c] * f[u, v, c, :]``: a dense conv as multiply-adds."""
+  windows = _windows(x, f.shape, strides, padding)
+  rows = f.reshape(len(windows), f.shape[2], f.shape[3])
+  y = None
+  for window, taps in zip(windows, rows):
+    for c in range(f.shape[2]):
+      term = window[..., c:c + 1] * taps[c]
+      y = term if y is None else y + term
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _taps_patches_bwd(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """A dense conv on few input channels as multiply-adds over taps and channels,
+  whose gradients are those of the im2col product (differentiated as written,
+  the multiply-adds would keep every window and sum the filter gradient in
+  ``kh kw C`` separate reductions)."""
+  return _dense_multiply_add_taps(x, f, strides, padding)
+
+
+def _taps_patches_bwd_fwd(x, f, strides, padding):
+  return _dense_multiply_add_taps(x, f, strides, padding), (x, f)
+
+
+_taps_patches_bwd.defvjp(_taps_patches_bwd_fwd, _patches_gradients)
 
 
 def _multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
@@ -370,6 +410,8 @@ def conv2d(x: Array, f: Array, strides=1, padding: Padding = "SAME",
     return _xla_conv_patches_grad(x, f, strides, hashable)
   if name == "xla_patches_bwd":
     return _xla_conv_patches_bwd(x, f, strides, hashable)
+  if name == "taps":
+    return _taps_patches_bwd(x, f, strides, hashable)
   if name == "patches":
     return _patches(x, f, strides, padding)
   return _xla_conv(x, f, strides, padding, groups)
