@@ -33,7 +33,7 @@ the same function, NHWC input and HWIO filters, with one of:
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
 outputs of at most 4x4 positions and for at most 4 input channels (a first
 layer on RGB images) but ``"taps"`` for such a layer with at most 32 output
-channels (its forward ran 1.1-2.9x the product form's, which spends most of
+channels (its forward ran 1.3-4x the product form's, which spends most of
 its time writing the windows side by side; from 64 outputs the product is
 the faster), ``"xla_patches_grad"`` for at least 64 input channels
 while XLA:CPU hands convolutions to YNNPACK (its default; the product
@@ -96,9 +96,9 @@ def forced(name: str) -> Iterator[None]:
   ``"patches"`` and ``"shifted"`` both mean the matmul-free-of-XLA-conv
   forms: ``"shifted"`` for depthwise filters, ``"patches"`` for the others.
   ``"xla_patches_grad"``, ``"xla_patches_bwd"`` and ``"taps"`` apply to dense
-  convolutions; depthwise ones use ``"xla"`` under them. Grouped convolutions other than depthwise always use
-  ``"xla"``. Functions already traced and cached by ``jit`` keep their
-  implementation.
+  convolutions; depthwise ones use ``"xla"`` under them. Grouped convolutions
+  other than depthwise always use ``"xla"``. Functions already traced and
+  cached by ``jit`` keep their implementation.
   """
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
