@@ -13,7 +13,10 @@ filter) rates in GFLOP/s of
 * ``dot``: one ``jnp.dot`` of the same FLOPs, ``(B H_out W_out, kh kw C_in)
   x (kh kw C_in, C_out)``: the machine's attainable rate for this size
   (for a depthwise filter, the same number of multiply-adds as one
-  elementwise product and sum over taps).
+  elementwise product and sum over taps);
+* for a first layer on RGB (a dense, non-1x1 filter on at most 4 input
+  channels), also ``patches`` and ``taps``, the two forms the rule chooses
+  between (:data:`FIRST_LAYER_FORMS`).
 
 and ``chosen_over_dot``; for a depthwise filter also the milliseconds of its
 filter gradient alone in each of :data:`dynscale.kernels.conv.FILTER_GRADIENT_FORMS`
@@ -119,14 +122,18 @@ def time_shape(shape: dict, repeats: int) -> dict:
       "chosen_fwd": chosen_fwd, "chosen_bwd": chosen_bwd, "xla_fwd": xla_fwd,
       "xla_bwd": xla_bwd, "dot_fwd": lambda: dot(a, b), "dot_bwd": lambda: dot_grad(a, b)}
   depthwise = chosen == "shifted"
+  first_layer_forms = _first_layer_forms(f.shape, groups)
+  for form in first_layer_forms:
+    candidates[f"{form}_fwd"], candidates[f"{form}_bwd"] = fns(form)
   if depthwise:
     g = jnp.asarray(rng.standard_normal((x.shape[0], h, w, m)), jnp.float32)
     candidates.update({
         f"filter_grad_{form}": _filter_gradient_program(x, g, f.shape, strides, padding, form)
         for form in conv.FILTER_GRADIENT_FORMS})
   stats = timing.interleaved_latencies(candidates, warmup=1, repeats=repeats)
-  rate = {name: (flops if name.endswith("fwd") else 3 * flops) / stats[name]["median_s"] / 1e9
-          for name in ("chosen_fwd", "chosen_bwd", "xla_fwd", "xla_bwd", "dot_fwd", "dot_bwd")}
+  timed = ("chosen", "xla", "dot", *first_layer_forms)
+  rate = {f"{name}_{way}": (flops if way == "fwd" else 3 * flops)
+          / stats[f"{name}_{way}"]["median_s"] / 1e9 for name in timed for way in ("fwd", "bwd")}
   record = {"kind": "conv", **shape, "implementation": chosen, "gflops": flops / 1e9,
             **{f"{name}_gflops_per_s": round(r, 3) for name, r in rate.items()},
             "chosen_over_dot_fwd": round(rate["chosen_fwd"] / rate["dot_fwd"], 3),
@@ -138,6 +145,19 @@ def time_shape(shape: dict, repeats: int) -> dict:
                   filter_grad_frames_over_windows=round(ms["frames"] / ms["windows"], 3),
                   filter_grad_form=conv.filter_gradient_form(g.shape, strides))
   return record
+
+
+FIRST_LAYER_FORMS = ("patches", "taps")
+
+
+def _first_layer_forms(f_shape, groups: int) -> tuple[str, ...]:
+  """The forms the rule chooses between for a dense, non-1x1 filter on at most
+  ``conv.CPU_PATCHES_MAX_INPUT_CHANNELS`` input channels (a first layer on RGB),
+  each timed beside the chosen one; none for other filters."""
+  kh, kw, c_in, _ = f_shape
+  if groups == 1 and kh * kw > 1 and c_in <= conv.CPU_PATCHES_MAX_INPUT_CHANNELS:
+    return FIRST_LAYER_FORMS
+  return ()
 
 
 def _filter_gradient_program(x, g, f_shape, strides, padding, form: str):

@@ -41,6 +41,20 @@ def test_depthwise_shapes_and_records():
   assert record["filter_grad_form"] == "frames"
 
 
+def test_a_first_layer_on_rgb_is_timed_in_both_forms_the_rule_chooses_between():
+  arch = models.architecture("vgg16", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 16)
+  shapes = conv_speed.conv_shapes(arch, spec.widths_at_dp(arch, 1.0), batch=2)
+  first, wider = shapes[0], next(s for s in shapes if s["filter"][2] > 4)
+  record = conv_speed.time_shape(first, repeats=1)
+  assert record["implementation"] == "taps"   # 3 -> 4 channels
+  for form in ("patches", "taps"):
+    for way in ("fwd", "bwd"):
+      assert record[f"{form}_{way}_gflops_per_s"] > 0
+  assert not any(key.startswith(("patches_", "taps_"))
+                 for key in conv_speed.time_shape(wider, repeats=1))
+
+
 def test_network_record():
   record = conv_speed.time_network("m_cifarnet", batch=2, repeats=1, width_multiplier=1 / 8)
   assert record["model"] == "m_cifarnet" and record["batch"] == 2
