@@ -95,8 +95,8 @@ def test_the_rule(monkeypatch):
   assert rule((64, 8, 8, 64), dense, (1, 1), "SAME", 1, "cpu") == "xla_patches_grad"
   assert rule((64, 32, 32, 64), dense, (2, 2), "SAME", 1, "cpu") == "xla_patches_grad"
   assert rule((64, 8, 8, 63), (3, 3, 63, 64), (1, 1), "SAME", 1, "cpu") == "xla"
-  assert rule((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), "SAME", 1, "cpu") == "patches"
-  assert rule((64, 32, 32, 3), (3, 3, 3, 32), (1, 1), "SAME", 1, "cpu") == "taps"
+  assert rule((64, 32, 32, 3), (3, 3, 3, 128), (1, 1), "SAME", 1, "cpu") == "patches"
+  assert rule((64, 32, 32, 3), (3, 3, 3, 64), (1, 1), "SAME", 1, "cpu") == "taps"
   assert rule((64, 32, 32, 3), (3, 3, 3, 8), (2, 2), "SAME", 1, "cpu") == "taps"
   assert rule((64, 4, 4, 3), (3, 3, 3, 8), (1, 1), "SAME", 1, "cpu") == "patches"  # 4x4 out
   assert rule((64, 32, 32, 3), (1, 1, 3, 8), (1, 1), "SAME", 1, "cpu") == "patches"

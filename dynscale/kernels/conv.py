@@ -32,10 +32,10 @@ the same function, NHWC input and HWIO filters, with one of:
 :func:`implementation` is the rule: on GPU and TPU always ``"xla"``; on
 CPU ``"shifted"`` for depthwise filters, ``"patches"`` for 1x1 kernels, for
 outputs of at most 4x4 positions and for at most 4 input channels (a first
-layer on RGB images) but ``"taps"`` for such a layer with at most 32 output
-channels (its forward ran 1.3-4x the product form's, which spends most of
-its time writing the windows side by side; from 64 outputs the product is
-the faster), ``"xla_patches_grad"`` for at least 64 input channels
+layer on RGB images) but ``"taps"`` for such a layer with at most 64 output
+channels (the zoo's widest first layer; its forward ran 1.3-4x the product
+form's up to 32 outputs and 1.1-1.5x at 64, where the product spends most
+of its time writing the windows side by side), ``"xla_patches_grad"`` for at least 64 input channels
 while XLA:CPU hands convolutions to YNNPACK (its default; the product
 computed the filter gradient 1.1-7x faster there; below 64, 0.8-1.1x),
 ``"xla"`` otherwise (where XLA:CPU's forward and input gradient are at or
@@ -75,8 +75,8 @@ CPU_PATCHES_MAX_POSITIONS = 16
 # filter gradient for it ran at a third of a matmul, im2col's at full rate).
 CPU_PATCHES_MAX_INPUT_CHANNELS = 4
 # ... of which those with at most this many output channels are computed as
-# multiply-adds over taps (``"taps"``).
-CPU_TAPS_MAX_OUTPUT_CHANNELS = 32
+# multiply-adds over taps (``"taps"``; measured up to 64, the zoo's widest).
+CPU_TAPS_MAX_OUTPUT_CHANNELS = 64
 # The fewest input channels at which a CPU convolution's filter gradient is one
 # im2col matrix product while XLA:CPU runs convolutions in YNNPACK (RESULTS.md,
 # issue 9: 1.1-7x faster than XLA:CPU's from 64 input channels up, 0.8-1.1x below).
