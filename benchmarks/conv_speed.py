@@ -38,6 +38,7 @@ and the measured share of it (``grad_chosen_over_roofline``).
 """
 
 import contextlib
+import functools
 import json
 
 import jax
@@ -190,7 +191,8 @@ def network_programs(arch: dict, batch: int, impl: str | None = None,
 
   ``train`` is the trainer's own step (:func:`dynscale.train.steps.make_train_chunk`,
   classification loss at 100% DP, SGD with momentum), ``infer`` the sliced
-  network at 100% DP, ``grad`` ``jit(grad(loss))`` of the sliced network.
+  network at 100% DP, ``grad`` ``jit(grad(loss))`` of the sliced network, a
+  ``functools.partial`` of the jitted function (:func:`program_cost` reads it).
   """
   shape = tuple(arch["input_shape"])
   model = models.build(arch, rngs=models.init_rngs(0))
@@ -211,7 +213,7 @@ def network_programs(arch: dict, batch: int, impl: str | None = None,
     return metrics
 
   programs = {"train": train, "infer": lambda: infer(variables, data[0]),
-              "grad": lambda: grad(variables, *data)}
+              "grad": functools.partial(grad, variables, *data)}
   programs = {name: programs[name] for name in names}  # the others never compile
   with conv.forced(impl) if impl else contextlib.nullcontext():
     jax.block_until_ready([run() for run in programs.values()])  # traced under the block
@@ -236,13 +238,11 @@ def machine_rates(repeats: int) -> dict:
           "matmul_gflops_per_s": 2 * MATMUL_SIZE ** 3 / stats["matmul"]["median_s"] / 1e9}
 
 
-def gradient_cost(arch: dict, batch: int) -> dict:
-  """XLA's flops and bytes accessed of ``jit(grad(loss))`` (``grad`` of
-  :func:`network_programs`) under the rule, per batch."""
-  model = models.build(arch, rngs=models.init_rngs(0))
-  x = jnp.zeros((batch, *arch["input_shape"]), jnp.float32)
-  y = jnp.zeros((batch,), jnp.int32)
-  return metrics.xla_cost(jax.grad(_sliced_loss(arch)), model.pure_variables(), x, y)
+def program_cost(program: functools.partial) -> dict:
+  """XLA's flops and bytes accessed of a program of :func:`network_programs` that
+  has run (``grad``: a jitted function bound to its arguments), per call, from
+  the compile it ran (no second compile)."""
+  return metrics.compiled_cost(program.func.lower(*program.args).compile())
 
 
 def roofline_images_per_s(batch: int, cost: dict, rates: dict) -> float:
@@ -269,7 +269,7 @@ def time_network(name: str, batch: int, repeats: int, width_multiplier: float = 
       {f"{program}_{impl}": run for impl, programs in (("chosen", chosen), ("xla", xla))
        for program, run in programs.items()}, warmup=1, repeats=repeats)
   per_s = {k: batch / s["median_s"] for k, s in stats.items()}
-  cost, rates = gradient_cost(arch, batch), machine_rates(repeats)
+  cost, rates = program_cost(chosen["grad"]), machine_rates(repeats)
   roofline = roofline_images_per_s(batch, cost, rates)
   return {"kind": "network", "model": name, "batch": batch,
           **{f"{k}_images_per_s": round(v, 1) for k, v in per_s.items()},

@@ -335,6 +335,17 @@ def xla_cost(fn: Callable[..., Any], *args: Any,
     Raises:
       RuntimeError: if XLA's cost analysis lacks either entry.
     """
-  cost = _cost_analysis(fn, args, static_argnums)
+  return compiled_cost(jax.jit(fn, static_argnums=static_argnums).lower(*args).compile())
+
+
+def compiled_cost(compiled: jax.stages.Compiled) -> dict[str, float]:
+  """:func:`xla_cost` of a program already compiled, e.g.
+  ``jitted.lower(*args).compile()`` after ``jitted(*args)`` ran (JAX's cache
+  then serves the compile).
+
+    Raises:
+      RuntimeError: if XLA's cost analysis lacks either entry.
+    """
+  cost = compiled.cost_analysis()
   return {"flops": _cost_entry(cost, "flops"),
           "bytes_accessed": _cost_entry(cost, "bytes accessed")}

@@ -1,8 +1,10 @@
 """benchmarks.conv_speed: the shapes it times, its FLOP count, and its records."""
 
+import jax
 import pytest
 
 from benchmarks import conv_speed
+from dynscale import metrics
 from dynscale.nn import models, spec
 
 
@@ -77,6 +79,15 @@ def test_network_programs_builds_only_the_programs_asked_for():
   programs = conv_speed.network_programs(arch, batch=2, names=("infer",))
   assert list(programs) == ["infer"]
   assert programs["infer"]().shape == (2, 10)
+
+
+def test_program_cost_reads_the_gradient_program_it_timed():
+  arch = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 8)
+  grad = conv_speed.network_programs(arch, batch=2, names=("grad",))["grad"]
+  variables, x, y = grad.args
+  assert conv_speed.program_cost(grad) == metrics.xla_cost(
+      jax.grad(conv_speed._sliced_loss(arch)), variables, x, y)
 
 
 @pytest.mark.slow  # compiles conv gradients inside scan and cond: minutes on CPU
