@@ -163,6 +163,8 @@ def test_the_thin_variant_costs_the_budget():
     ({"sanp.calibration_batches": 0}, r"sanp.calibration_batches must be"),
     ({"sanp.decision_point": "sample"}, r"sanp.decision_point must be one of \('layer', "
                                         r"'channel'\), got 'sample'"),
+    ({"sanp.flops_statistics": "ema"}, r"sanp.flops_statistics must be one of \('batch', "
+                                       r"'running'\), got 'ema'"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
@@ -189,6 +191,33 @@ def test_running_statistics_follow_the_inference_gates_not_the_noisy_ones():
   assert len(ours) == len(theirs) > 0
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("statistics", ["batch", "running"])
+def test_p_t_is_measured_under_the_batch_norm_statistics_asked_for(statistics):
+  config = tiny(**{"sanp.flops_statistics": statistics, "sanp.flops_window": 1})
+  arch = training.architecture(config)
+  model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
+  rng = np.random.default_rng(0)
+  for gate in model.gates.values():  # saliencies that depend on the image, about half open
+    for linear in (gate.head.w1, gate.head.w2):
+      linear.kernel.value = jnp.asarray(rng.standard_normal(linear.kernel.value.shape),
+                                        jnp.float32)
+    gate.head.w2.bias.value = jnp.zeros_like(gate.head.w2.bias.value)
+  images = 3.0 + jax.random.normal(jax.random.key(0), (16, *arch["input_shape"]))
+
+  def flops_ratio(network, train):
+    gates.set_deterministic(network, True)
+    activity = network.run(images, 1.0, train=train).activity
+    return float(jnp.mean(costs.sample_flops(arch, 1.0, activity)) / costs.flops(arch))
+
+  under_batch = flops_ratio(nnx.clone(model), train=True)
+  _, metrics = training.sanp_loss(arch, config, penalised=True)(model, images,
+                                                               jnp.arange(16) % 10, None)
+  under_running = flops_ratio(nnx.clone(model), train=False)  # the statistics just updated
+  assert abs(under_batch - under_running) > 0.01  # the two readings differ here
+  expected = under_running if statistics == "running" else under_batch
+  assert float(metrics["eval_flops_ratio"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_integral_term_accumulates_the_budget_error_step_by_step():

@@ -58,6 +58,9 @@ from dynscale.train import protocols, runs, steps, validation
 GATE_STARTS = ("open", "fixed_k")
 """``sanp.gate_start``: the paper's gates open at ``s = 1``, or warmed up as
 FIXED-K's and handed off at the budget (:func:`hand_off`)."""
+FLOPS_STATISTICS = ("batch", "running")
+"""``sanp.flops_statistics``: how Eq. 10's ``p_t`` is measured, under the measuring
+forward's batch statistics or in evaluation mode under the running ones (:func:`sanp_loss`)."""
 
 
 class FlopsWindow(nnx.Variable):
@@ -109,6 +112,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.one_of(s.gate_start, GATE_STARTS, "sanp.gate_start")
   validation.positive(s.calibration_batches, "sanp.calibration_batches", integer=True)
   validation.one_of(s.decision_point, gates.DECISION_POINTS, "sanp.decision_point")
+  validation.one_of(s.flops_statistics, FLOPS_STATISTICS, "sanp.flops_statistics")
   if handed_off(s) and not s.warmup_epochs:
     raise ValueError(f"sanp.gate_start='fixed_k' hands FIXED-K's warmed-up saliencies to "
                      f"the {s.variant!r} gates: it needs sanp.warmup_epochs > 0, got "
@@ -200,6 +204,11 @@ def sanp_loss(arch: dict, config, *, penalised: bool, ramp_steps: int = 0) -> st
      describe the network inference will run (noisy codes scale the
      channels differently), and its FLOPs join the window of Eq. 10's
      ``p_t``. No gradient flows through it.
+  3. with ``sanp.flops_statistics='running'`` (not the default), the batch
+     once more in evaluation mode, the running statistics just updated:
+     its FLOPs join the window instead, the cost inference will have (the
+     gates read batch-normalised inputs, and batch statistics of augmented
+     training images decide differently from the running ones).
   """
   s = config.sanp
   full = costs.flops(arch)
@@ -213,6 +222,8 @@ def sanp_loss(arch: dict, config, *, penalised: bool, ramp_steps: int = 0) -> st
     gates.set_deterministic(model, True)
     measured = model.run(images, 1.0, train=True)
     gates.set_deterministic(model, False)
+    if s.flops_statistics == "running":
+      measured = model.run(images, 1.0, train=False)
     batch_flops = jax.lax.stop_gradient(
         jnp.mean(costs.sample_flops(arch, 1.0, measured.activity)) / full)
     window = jnp.concatenate([model.flops_window.value[1:], batch_flops[None]])

@@ -203,6 +203,7 @@ def sanp(variant: str = "sanp", *, budget: float = 0.3, lambda0: float = 0.01
       cost="filters",        # Eq. 9's 1/N_c; or 'layers', 'flops' (dynscale.sanp.objective)
       code="relaxed",        # penalise the relaxed codes s1; 'saliency': the literal L1 of s
       flops_window=20,       # p_t: mean evaluation-mode FLOPs of the last N batches
+      flops_statistics="batch",  # their batch norm: the batch's statistics, or 'running'
       integral_rate=0.0,     # > 0 adds sum_t rate (p_t - p) to Eq. 10's lambda (not in 002)
       budget_ramp_epochs=0,  # the budget falls linearly from 1.0 over these fine-tune epochs
       reduction=16,          # r of Eq. 6
