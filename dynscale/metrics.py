@@ -303,8 +303,8 @@ def _cost_entry(cost: Any, key: str) -> float:
   return float(cost[key])
 
 
-def _cost_analysis(fn: Callable[..., Any], args: tuple, static_argnums) -> Any:
-  return jax.jit(fn, static_argnums=static_argnums).lower(*args).compile().cost_analysis()
+def _compiled(fn: Callable[..., Any], args: tuple, static_argnums) -> jax.stages.Compiled:
+  return jax.jit(fn, static_argnums=static_argnums).lower(*args).compile()
 
 
 def xla_flops(fn: Callable[..., Any], *args: Any,
@@ -319,7 +319,7 @@ def xla_flops(fn: Callable[..., Any], *args: Any,
     Raises:
       RuntimeError: if XLA's cost analysis gives no ``'flops'`` entry.
     """
-  return _cost_entry(_cost_analysis(fn, args, static_argnums), "flops")
+  return _cost_entry(_compiled(fn, args, static_argnums).cost_analysis(), "flops")
 
 
 def xla_cost(fn: Callable[..., Any], *args: Any,
@@ -335,7 +335,7 @@ def xla_cost(fn: Callable[..., Any], *args: Any,
     Raises:
       RuntimeError: if XLA's cost analysis lacks either entry.
     """
-  return compiled_cost(jax.jit(fn, static_argnums=static_argnums).lower(*args).compile())
+  return compiled_cost(_compiled(fn, args, static_argnums))
 
 
 def compiled_cost(compiled: jax.stages.Compiled) -> dict[str, float]:
