@@ -10,9 +10,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from dynscale import io
 from dynscale.idp import training as idp_training
+from dynscale.train import runs, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from experiments.configs import baseline
@@ -267,6 +270,7 @@ def test_early_stopping_rejects_bad_settings():
     ({"eval.dps": (0.5, 1.2)}, r"eval.dps\[1\] must be in \(0, 1\]"),
     ({"model.profile": "cubic"}, r"model.profile must be one of \("),
     ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
+    ({"data.augment": "False"}, r"data.augment must be one of \('auto', 'on', 'off'\), got 'False'"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
   workdir = tmp_path / "run"
@@ -275,8 +279,28 @@ def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, mess
   assert not workdir.exists(), "validation must happen before anything is written"
 
 
+@pytest.mark.parametrize("setting, dataset, augmented", [
+    ("auto", "mnist", False), ("auto", "cifar10", True), ("on", "mnist", True),
+    ("off", "cifar10", False)])
+def test_data_augment_on_and_off_override_the_datasets_recipe(setting, dataset, augmented):
+  config = tiny_config(**{"data.augment": setting})
+  assert runs.augment(config, dataset) is augmented
+
+
+def test_data_augment_off_on_the_command_line_turns_augmentation_off():
+  # absl/ml_collections parse the flag into the field's type: 'off' must arrive
+  # as a value validation accepts and runs.augment reads as off.
+  argv = ["launcher", "--config=experiments/configs/baseline.py", "--config.data.augment=off",
+          "--config.data.dataset=cifar10"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  config = flag_values.config
+  validation.check_data(config.data)
+  assert runs.augment(config, config.data.dataset) is False
+
+
 def test_core_checks_need_no_dp_fields_and_the_idp_method_adds_them():
-  from dynscale.train import validation
   config = tiny_config()
   del config.train["dp"]
   del config["eval"]

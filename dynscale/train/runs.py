@@ -110,9 +110,11 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
 
 
 def augment(config, dataset_name: str) -> bool:
+  """Whether training batches of ``dataset_name`` are cropped and flipped
+  (``data.augment``, :data:`dynscale.train.validation.AUGMENT`)."""
   if config.data.augment == "auto":
     return data.uses_augmentation(dataset_name)
-  return bool(config.data.augment)
+  return config.data.augment == "on"
 
 
 def make_trainer(run: Run, graphdef, tx, loss_fn: steps.LossFn,

@@ -19,6 +19,10 @@ from dynscale.train import protocols
 from dynscale.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
+AUGMENT = ("auto", "on", "off")
+"""``data.augment``: the dataset's standard recipe (crop and flip for CIFAR,
+nothing for MNIST), or crop and flip on or off (strings, so that the command
+line's ``--config.data.augment=off`` means what it says)."""
 # What dynscale.nn.sliced.export writes, and where a run puts it.
 EXPORT_FILES = ("architecture.json", "params.npz")
 EXPORT_DIR = "export"
@@ -57,7 +61,7 @@ def check_data(config) -> None:
   positive(config.eval_batch_size, "data.eval_batch_size", integer=True)
   non_negative_int(config.val_size, "data.val_size")
   non_negative_int(config.train_examples, "data.train_examples")
-  one_of(config.augment, ("auto", True, False), "data.augment")
+  one_of(config.augment, AUGMENT, "data.augment")
 
 
 def check_model(config) -> None:

@@ -21,7 +21,7 @@ def data(dataset: str = "mnist_sample", *, batch_size: int = 128, val_size: int 
                              # this size (one fixed subset), validation carved from it
       batch_size=batch_size,
       eval_batch_size=500,
-      augment=augment,       # 'auto': crop+flip for CIFAR, none for MNIST
+      augment=augment,       # 'auto': crop+flip for CIFAR, none for MNIST; or 'on', 'off'
   ))
 
 
