@@ -152,13 +152,10 @@ FIRST_LAYER_FORMS = ("patches", "taps")
 
 
 def _first_layer_forms(f_shape, groups: int) -> tuple[str, ...]:
-  """The forms the rule chooses between for a dense, non-1x1 filter on at most
-  ``conv.CPU_PATCHES_MAX_INPUT_CHANNELS`` input channels (a first layer on RGB),
-  each timed beside the chosen one; none for other filters."""
-  kh, kw, c_in, _ = f_shape
-  if groups == 1 and kh * kw > 1 and c_in <= conv.CPU_PATCHES_MAX_INPUT_CHANNELS:
-    return FIRST_LAYER_FORMS
-  return ()
+  """The forms the rule chooses between for a first layer on RGB
+  (:func:`dynscale.kernels.conv.first_layer_on_rgb`), each timed beside the
+  chosen one; none for other filters."""
+  return FIRST_LAYER_FORMS if conv.first_layer_on_rgb(f_shape, groups) else ()
 
 
 def _filter_gradient_program(x, g, f_shape, strides, padding, form: str):

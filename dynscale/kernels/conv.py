@@ -137,6 +137,13 @@ def output_shape(x_shape, f_shape, strides, padding: Padding) -> tuple[int, int]
           _pads(x_shape[2], f_shape[1], strides[1], pw)[2])
 
 
+def first_layer_on_rgb(f_shape, groups: int) -> bool:
+  """A dense filter larger than 1x1 on at most ``CPU_PATCHES_MAX_INPUT_CHANNELS``
+  input channels: on CPU computed by ``"taps"`` or ``"patches"``, by its outputs."""
+  kh, kw, c_in, _ = f_shape
+  return groups == 1 and kh * kw > 1 and c_in <= CPU_PATCHES_MAX_INPUT_CHANNELS
+
+
 def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
                    backend: str | None = None) -> str:
   """The implementation :func:`conv2d` uses for these shapes (module docstring)."""
@@ -156,7 +163,7 @@ def implementation(x_shape, f_shape, strides, padding: Padding, groups: int,
   h, w = output_shape(x_shape, f_shape, strides, padding)
   if f_shape[0] * f_shape[1] == 1 or h * w <= CPU_PATCHES_MAX_POSITIONS:
     return "patches"
-  if f_shape[2] <= CPU_PATCHES_MAX_INPUT_CHANNELS:
+  if first_layer_on_rgb(f_shape, groups):
     return "taps" if f_shape[3] <= CPU_TAPS_MAX_OUTPUT_CHANNELS else "patches"
   if host.ynnpack_convolutions():
     return "xla_patches_grad" if f_shape[2] >= CPU_PATCHES_GRAD_MIN_INPUT_CHANNELS else "xla"
