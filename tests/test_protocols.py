@@ -132,10 +132,12 @@ def test_an_experiment_can_fix_its_own_sizes_within_the_cpu_protocol():
   assert fixed["settings"]["data.train_examples"] == 10000
   assert fixed["settings"]["data.val_size"] == 1000
   assert fixed["settings"]["model.width_multiplier"] == 0.25
-  assert fixed["deviations"] == {}
-  # The thin network is narrower on purpose, and trains pretrain + fine-tune epochs:
-  assert set(protocols.deviations(variants["thin-seed0"])) == {"model.width_multiplier",
-                                                               "train.num_epochs"}
+  # the gated stages read the training images without crop and flip, on purpose:
+  assert fixed["deviations"] == {"data.augment": {"protocol": "auto", "run": "off"}}
+  assert "data.augment" not in protocols.deviations(variants["backbone-seed0"])
+  # The thin network is narrower on purpose:
+  assert set(protocols.deviations(variants["thin-backbone-seed0"])) == {
+      "model.width_multiplier", "train.num_epochs"}
   with pytest.raises(ValueError, match=r"protocol sizes apply to the cpu protocol only"):
     protocols.apply(sanp, "paper", {"data": {"val_size": 10}})
 

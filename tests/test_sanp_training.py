@@ -128,15 +128,22 @@ def test_seeds_give_each_variant_a_mean_and_a_by_seed_entry():
   assert "sanp, mean±std over seeds ['0', '1', '2']: test_accuracy=0.1000±0.0816" in text
 
 
-def test_the_thin_variant_costs_the_budget():
-  config = sanp_cpu.get_config("all")
-  thin = sweep.variant_configs(config)["thin-seed0"]
-  unpruned = sweep.variant_configs(config)["unpruned-seed0"]
+def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
+  variants = sweep.variant_configs(sanp_cpu.get_config("all"))
+  thin, backbone = variants["thin-seed0"], variants["thin-backbone-seed0"]
+  unpruned, sanp = variants["unpruned-seed0"], variants["sanp-seed0"]
   def flops(c):
     return costs.flops(models.architecture(c.model.name, num_classes=10,
                                            input_shape=(32, 32, 3),
                                            width_multiplier=c.model.width_multiplier))
-  assert abs(flops(thin) / flops(unpruned) - sanp_cpu.BUDGET) < 0.02
+  assert thin.model.init_from == "variant:thin-backbone-seed0"
+  assert abs(flops(backbone) / flops(unpruned) - sanp_cpu.BUDGET) < 0.02
+  # the same epochs on the same images as a gated variant: backbone, then warm-up + fine-tune
+  gated_epochs = variants["backbone-seed0"].train.num_epochs + sanp.sanp.warmup_epochs \
+      + sanp.train.num_epochs
+  assert backbone.train.num_epochs + thin.train.num_epochs == gated_epochs
+  assert thin.data.augment == sanp.data.augment == "off"
+  assert backbone.data.augment == variants["backbone-seed0"].data.augment == "auto"
 
 
 @pytest.mark.parametrize("override, message", [
