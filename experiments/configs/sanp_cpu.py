@@ -91,14 +91,13 @@ def get_config(arg: str = "all"):
   config.title = f"002 SANP at {BUDGET:.0%} FLOPs"
   spec = dataset_spec("cifar10")
   thin = budget.thin_width_multiplier(MODEL, spec.num_classes, spec.image_shape, BUDGET, WIDTH)
-  plain = {"method": "idp", "train.num_epochs": PRETRAIN + FINETUNE}
+  pretrained = {"method": "idp", "train.num_epochs": PRETRAIN}
   tuned = {"data.augment": GATED_STAGES_AUGMENT}
   gated = {**tuned, "model.init_from": "variant:backbone"}
   variants = {
-      "backbone": {"method": "idp", "train.num_epochs": PRETRAIN},
-      "unpruned": plain,
-      "thin-backbone": {"method": "idp", "train.num_epochs": PRETRAIN,
-                        "model.width_multiplier": thin},
+      "backbone": pretrained,
+      "unpruned": {**pretrained, "train.num_epochs": PRETRAIN + FINETUNE},
+      "thin-backbone": {**pretrained, "model.width_multiplier": thin},
       "thin": {**tuned, "method": "idp", "train.num_epochs": WARMUP + FINETUNE,
                "model.init_from": "variant:thin-backbone"},
       "sanp": gated,
