@@ -147,7 +147,8 @@ def _masked_and_trimmed(arch, v, core, x, labels):
   def trimmed_loss(variables):
     logits, stats = sliced.apply_sliced(t_arch, variables, x, train=True)
     return jnp.mean(logits * labels), (logits, stats)
-  (_, (t_logits, t_stats)), t_grads = jax.value_and_grad(trimmed_loss, has_aux=True)(t_vars)
+  (_, (t_logits, t_stats)), t_grads = jax.jit(jax.value_and_grad(trimmed_loss, has_aux=True))(
+      t_vars)
   return (m_logits, m_grads, m_vars), (t_arch, t_logits, t_grads, t_stats)
 
 

@@ -106,9 +106,9 @@ def test_mp_idp_stage_loss_is_the_masked_network_at_the_stage_dp(digits, stage, 
 
   loss_fn = mpidp.stage_loss(stage, dp, stats_frozen)
   reference = models.build(arch, rngs=models.init_rngs(0))
-  want_loss, want_grads = nnx.value_and_grad(masked)(reference)
-  (got_loss, _), got_grads = nnx.value_and_grad(
-      lambda m: loss_fn(m, images, labels, jnp.float32(dp)), has_aux=True)(model)
+  want_loss, want_grads = nnx.jit(nnx.value_and_grad(masked))(reference)
+  (got_loss, _), got_grads = nnx.jit(nnx.value_and_grad(
+      lambda m: loss_fn(m, images, labels, jnp.float32(dp)), has_aux=True))(model)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
                got_grads.to_pure_dict(), want_grads.to_pure_dict())
