@@ -45,7 +45,7 @@ def _fake_latency(export_dir, config):
 @pytest.fixture(scope="module")
 def finished(fake_cifar, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("compactnet")
-  config = _tiny(fake_cifar, measure_on=("cpu-b1",), corrections=4)
+  config = _tiny(fake_cifar, measure_on=("cpu-b1",), corrections=4, distill=dict(weight=0.5))
   requests = []
   results = training.train_and_evaluate(
       config, str(workdir), remote=fake_remote(requests, network_overhead_s=_overhead(config)))
@@ -78,6 +78,20 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
   for key in ("test_accuracy", "original_test_accuracy", "uniform_test_accuracy"):
     assert 0 <= results[key] <= 1
   assert (workdir / "widths_per_layer.png").stat().st_size > 0
+
+
+def test_the_trimmed_networks_retrain_distilled_from_the_original(finished):
+  """With compactnet.distill.weight > 0 the searched and uniform networks log the
+  distillation term of their loss; the original, their teacher, trains on labels."""
+  config, workdir, _, _ = finished
+  logged = set()
+  for line in (workdir / "metrics.jsonl").open():
+    logged.update(json.loads(line))
+  for seed in config.compactnet.retrain_seeds:
+    for name in ("searched", "uniform"):
+      assert f"retrain-{name}-seed{seed}/train_distillation" in logged
+    assert f"retrain-original-seed{seed}/train_loss" in logged
+    assert f"retrain-original-seed{seed}/train_distillation" not in logged
 
 
 def test_every_search_iteration_met_its_budget(finished):
@@ -308,6 +322,8 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
     (dict(min_width=0.0), r"compactnet.min_width\['layers.0'\] must be a fraction"),
     (dict(retrain_seeds=()), r"compactnet.retrain_seeds must be a non-empty list"),
     (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),
+    (dict(distill=dict(weight=1.5)), r"compactnet.distill.weight must be in \[0, 1\]"),
+    (dict(distill=dict(temperature=0.0)), r"compactnet.distill.temperature must be"),
 ])
 def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
   with pytest.raises(ValueError, match=message):

@@ -668,3 +668,34 @@ def test_only_some_variants_run_with_those_they_start_from_and_no_figure_is_writ
   with pytest.raises(ValueError, match="--variants=a-search needs a figure"):
     launcher.train_and_evaluate(ml_collections.ConfigDict({"method": "idp"}), str(tmp_path),
                                 ["a-search"])
+
+
+def test_distillation_loss_mixes_cross_entropy_with_hintons_soft_targets():
+  """(1 - w) CE + w T^2 KL(teacher || student) of softened predictions, written out
+  here with numpy; the teacher runs in evaluation mode and gets no gradient."""
+  from dynscale.nn import models, sliced
+  from dynscale.train import steps
+  arch = models.architecture("mlp", num_classes=10, input_shape=(6, 6, 1), profile="all-one",
+                             width_multiplier=0.25)
+  student = models.build(arch, rngs=models.init_rngs(0))
+  teacher = models.build(arch, rngs=models.init_rngs(1)).pure_variables()
+  images = jax.random.normal(jax.random.key(2), (5, 6, 6, 1))
+  labels = np.array([0, 3, 9, 3, 1])
+  s = np.asarray(student(images, 1.0, train=True), np.float64)
+  t = np.asarray(sliced.apply_sliced(arch, teacher, images, 1.0), np.float64)
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  ce = -log_softmax(s)[np.arange(5), labels].mean()
+  for weight, temperature in [(0.0, 4.0), (0.5, 4.0), (1.0, 2.0)]:
+    p_teacher = np.exp(log_softmax(t / temperature))
+    kl = (p_teacher * (log_softmax(t / temperature) - log_softmax(s / temperature))).sum(-1)
+    want = (1 - weight) * ce + weight * temperature**2 * kl.mean()
+    loss, metrics = steps.distillation_loss(arch, weight, temperature)(
+        student, images, labels, teacher)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(metrics["cross_entropy"], ce, rtol=1e-5)
+  grads = jax.grad(lambda v: steps.distillation_loss(arch, 1.0, 4.0)(
+      student, images, labels, v)[0])(teacher)
+  assert all(not np.any(g) for g in jax.tree.leaves(grads))

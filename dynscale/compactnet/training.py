@@ -22,13 +22,16 @@
    searched model's (the table guesses where; a few around the guess are
    measured, :func:`choose_uniform`), chosen once per run and kept in
    ``<workdir>/uniform-choice.json`` (:func:`kept_uniform_choice`).
-5. Retraining, once per ``compactnet.retrain_seeds``: the searched, the
-   uniform and the original network each train ``compactnet.retrain_epochs``
+5. Retraining, once per ``compactnet.retrain_seeds``: the original, the
+   searched and the uniform network each train ``compactnet.retrain_epochs``
    epochs with ``compactnet.retrain_optimizer``; the uniform and original
    ones first train as many steps as the searched model's chosen fine-tunes,
    so that all three see the same number of training images after the
-   pretraining. Selection reads the validation split; the test split is read
-   once per final model.
+   pretraining. With ``compactnet.distill.weight`` > 0 (beyond the paper)
+   the searched and uniform networks also learn the original's predictions
+   as retrained with the same seed (:func:`dynscale.train.steps.distillation_loss`).
+   Selection reads the validation split; the test split is read once per
+   final model.
 6. Export (the trimmed network reloads without Flax) and the measured
    latencies of the original, searched and uniform exports, interleaved, on
    the platform and on each of ``compactnet.measure_on`` (Table 7's
@@ -107,6 +110,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(c.score_examples, "compactnet.score_examples")
   validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
   validation.non_negative_int(c.corrections, "compactnet.corrections")
+  if not 0 <= c.distill.weight <= 1:
+    raise ValueError(f"compactnet.distill.weight must be in [0, 1], got {c.distill.weight!r}")
+  validation.positive(c.distill.temperature, "compactnet.distill.temperature")
   if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                 for s in c.retrain_seeds):
     raise ValueError(f"compactnet.retrain_seeds must be a non-empty list of integers >= 0, "
@@ -300,9 +306,10 @@ def _network(run: runs.Run, arch: dict, variables: dict) -> nnx.Module:
 
 
 def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
-            catch_up_steps: int) -> runs.Fitted:
+            catch_up_steps: int, teacher: tuple[dict, dict] | None = None) -> runs.Fitted:
   """``name`` retrained with data order ``seed`` (first ``catch_up_steps`` steps
-  with the fine-tune optimizer when it has no checkpoint yet)."""
+  with the fine-tune optimizer when it has no checkpoint yet), distilled from
+  ``teacher`` = ``(architecture, variables)`` when given (``compactnet.distill``)."""
   c = run.config.compactnet
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.seed = seed
@@ -317,9 +324,15 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
                                 steps.eval_forward)
     state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps, 0)
     set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
+  if teacher is None:
+    return runs.fit_stage(seeded, model, runs.Stage(
+        stage, c.retrain_epochs, nnx.Param, steps.classification_loss, steps.eval_forward,
+        optimizer=c.retrain_optimizer))
+  teacher_arch, teacher_variables = teacher
   return runs.fit_stage(seeded, model, runs.Stage(
-      stage, c.retrain_epochs, nnx.Param, steps.classification_loss, steps.eval_forward,
-      optimizer=c.retrain_optimizer))
+      stage, c.retrain_epochs, nnx.Param,
+      steps.distillation_loss(teacher_arch, c.distill.weight, c.distill.temperature),
+      steps.full_width_forward, task=teacher_variables, optimizer=c.retrain_optimizer))
 
 
 def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
@@ -443,10 +456,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   accuracy: dict[str, dict[str, list[float]]] = {}
   final = {}
   for seed in c.retrain_seeds:
-    for name, (a, v, extra) in {"searched": (searched_arch, searched_vars, 0),
-                                "uniform": (uniform_arch, uniform_vars, catch_up),
-                                "original": (arch, original, catch_up)}.items():
-      fitted = retrain(run, name, a, v, seed, extra)
+    teacher = None
+    for name, (a, v, extra) in {"original": (arch, original, catch_up),
+                                "searched": (searched_arch, searched_vars, 0),
+                                "uniform": (uniform_arch, uniform_vars, catch_up)}.items():
+      fitted = retrain(run, name, a, v, seed, extra, teacher)
+      if name == "original" and c.distill.weight > 0:
+        teacher = (arch, merge_model(fitted.graphdef, fitted.state.params,
+                                     fitted.state.model_state).pure_variables())
       for split, value in _accuracies(fitted).items():
         accuracy.setdefault(name, {}).setdefault(split, []).append(value)
       final.setdefault(name, fitted)

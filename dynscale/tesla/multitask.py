@@ -30,7 +30,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from dynscale.nn import sliced
@@ -44,13 +43,6 @@ def _task_metrics(tasks: Sequence[float], losses, accuracies) -> dict:
     metrics[f"loss_dp{pct}"] = loss
     metrics[f"accuracy_dp{pct}"] = acc
   return metrics
-
-
-def _distillation(logits, teacher_logits, temperature: float):
-  """KL(teacher || student) on softened predictions, scaled by T^2 (Hinton et al.)."""
-  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
-  student = jax.nn.log_softmax(logits / temperature)
-  return temperature**2 * jnp.mean(optax.kl_divergence(student, teacher))
 
 
 def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
@@ -100,7 +92,7 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
                              new_stats, stats)
       loss = jnp.mean(steps.cross_entropy(logits, labels))
       if teacher is not None and distill_weight > 0:
-        loss = loss + distill_weight * _distillation(logits, teacher, temperature)
+        loss = loss + distill_weight * steps.distillation(logits, teacher, temperature)
       teacher = logits if k == 0 else teacher
       total = total + coefficients[k] * loss
       losses.append(loss)

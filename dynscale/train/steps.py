@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dynscale.nn import sliced
 from dynscale.train.state import TrainState, merge_model, model_state_of
 
 # (model, images, labels, task) -> (scalar loss, dict of scalar metrics)
@@ -62,6 +63,38 @@ def classification_loss(model: nnx.Module, images, labels, dp) -> tuple[jax.Arra
   logits = model(images, dp, train=True)
   loss = jnp.mean(cross_entropy(logits, labels))
   return loss, {"loss": loss, "accuracy": accuracy(logits, labels)}
+
+
+def distillation(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """``T^2 KL(softmax(t / T) || softmax(s / T))``, the batch mean: Hinton et al.'s
+  soft-target term, scaled by ``T^2`` so its gradient keeps the size of the
+  cross-entropy's; no gradient reaches the teacher's logits ``t``."""
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+                           / temperature)
+  student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+  return temperature**2 * jnp.mean(optax.kl_divergence(student, teacher))
+
+
+def distillation_loss(teacher_arch: dict, weight: float, temperature: float) -> LossFn:
+  """``(1 - weight) CE + weight distillation`` of the model at full width against a
+  fixed teacher network, whose variables are the task: it runs in evaluation
+  mode (running statistics) on the same augmented batch."""
+  def loss_fn(model, images, labels, teacher_variables):
+    logits = model(images, 1.0, train=True)
+    teacher = sliced.apply_sliced(teacher_arch, teacher_variables, images, 1.0)
+    ce = jnp.mean(cross_entropy(logits, labels))
+    soft = distillation(logits, teacher, temperature)
+    loss = (1 - weight) * ce + weight * soft
+    return loss, {"loss": loss, "cross_entropy": ce, "distillation": soft,
+                  "accuracy": accuracy(logits, labels)}
+  return loss_fn
+
+
+def full_width_forward(model: nnx.Module, images, task) -> jax.Array:
+  """The model at full width in evaluation mode, whatever the task (a teacher's
+  variables under :func:`distillation_loss`)."""
+  del task
+  return model(images, 1.0, train=False)
 
 
 def eval_forward(model: nnx.Module, images, dp) -> jax.Array:
