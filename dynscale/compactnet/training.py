@@ -324,15 +324,14 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
                                 steps.eval_forward)
     state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps, 0)
     set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
-  if teacher is None:
-    return runs.fit_stage(seeded, model, runs.Stage(
-        stage, c.retrain_epochs, nnx.Param, steps.classification_loss, steps.eval_forward,
-        optimizer=c.retrain_optimizer))
-  teacher_arch, teacher_variables = teacher
+  loss_fn, forward, task = steps.classification_loss, steps.eval_forward, None
+  if teacher is not None:
+    teacher_arch, task = teacher
+    loss_fn = steps.distillation_loss(teacher_arch, c.distill.weight, c.distill.temperature)
+    forward = steps.full_width_forward
   return runs.fit_stage(seeded, model, runs.Stage(
-      stage, c.retrain_epochs, nnx.Param,
-      steps.distillation_loss(teacher_arch, c.distill.weight, c.distill.temperature),
-      steps.full_width_forward, task=teacher_variables, optimizer=c.retrain_optimizer))
+      stage, c.retrain_epochs, nnx.Param, loss_fn, forward, task=task,
+      optimizer=c.retrain_optimizer))
 
 
 def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
