@@ -82,7 +82,7 @@ def test_half_of_the_forwards_use_the_hard_code(mix_per):
     ("b", {"b": 1.2}, r"binarization.b must be in \[0, a\) = \[0, 1.2\), got 1.2"),
     ("b", {"b": -0.1}, r"binarization.b must be in \[0, a\)"),
     ("sigma", {"sigma": -1.0}, r"binarization.sigma must be >= 0, got -1.0"),
-    ("mix", {"mix": 1.5}, r"binarization.mix must be in \[0, 1\], got 1.5"),
+    ("mix", {"mix": 1.5}, r"binarization.mix must be a number in \[0, 1\], got 1.5"),
     ("mix_per", {"mix_per": "batch"}, r"binarization.mix_per must be one of \('sample', "
                                       r"'step'\), got 'batch'"),
 ])

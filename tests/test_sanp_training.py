@@ -156,7 +156,7 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
     ({"sanp.binarization.a": 0.0}, r"binarization.a must be > 0"),
     ({"sanp.binarization.b": 1.5}, r"binarization.b must be in \[0, a\)"),
     ({"sanp.binarization.sigma": -1.0}, r"binarization.sigma must be >= 0"),
-    ({"sanp.binarization.mix": 2.0}, r"binarization.mix must be in \[0, 1\]"),
+    ({"sanp.binarization.mix": 2.0}, r"binarization.mix must be a number in \[0, 1\]"),
     ({"sanp.reduction": 100}, r"sanp.reduction must be in \[1, 16\] \(the narrowest gated "
                               r"layer's channels\), got 100"),
     ({"sanp.floor": 17}, r"sanp.floor must be at most 16"),

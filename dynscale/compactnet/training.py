@@ -110,8 +110,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(c.score_examples, "compactnet.score_examples")
   validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
   validation.non_negative_int(c.corrections, "compactnet.corrections")
-  if not 0 <= c.distill.weight <= 1:
-    raise ValueError(f"compactnet.distill.weight must be in [0, 1], got {c.distill.weight!r}")
+  validation.fraction(c.distill.weight, "compactnet.distill.weight")
   validation.positive(c.distill.temperature, "compactnet.distill.temperature")
   if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                 for s in c.retrain_seeds):

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynscale.train import validation
+
 Array = jax.Array
 
 MIX_PER = ("sample", "step")
@@ -61,8 +63,7 @@ class Binarization:
       raise ValueError(f"binarization.b must be in [0, a) = [0, {self.a}), got {self.b}")
     if not self.sigma >= 0:
       raise ValueError(f"binarization.sigma must be >= 0, got {self.sigma}")
-    if not 0 <= self.mix <= 1:
-      raise ValueError(f"binarization.mix must be in [0, 1], got {self.mix}")
+    validation.fraction(self.mix, "binarization.mix")
     if self.mix_per not in MIX_PER:
       raise ValueError(f"binarization.mix_per must be one of {MIX_PER}, got {self.mix_per!r}")
 
@@ -115,10 +116,7 @@ def kept_channels(keep: float, channels: int) -> int:
 
 def check_floor_fraction(floor_fraction: float) -> None:
   """Raises unless ``floor_fraction`` is a number (not a bool) in [0, 1]."""
-  if (isinstance(floor_fraction, bool) or not isinstance(floor_fraction, (int, float))
-      or not 0 <= floor_fraction <= 1):
-    raise ValueError(f"sanp.floor_fraction must be a fraction of FIXED-K's k in [0, 1], "
-                     f"got {floor_fraction!r}")
+  validation.fraction(floor_fraction, "sanp.floor_fraction", of="FIXED-K's k")
 
 
 def layer_floor(channels: int, *, floor: int = 0, floor_fraction: float = 0.0,

@@ -49,6 +49,14 @@ def non_negative(value, field: str) -> None:
     raise ValueError(f"{field} must be a number >= 0, got {value!r}")
 
 
+def fraction(value, field: str, *, of: str = "") -> None:
+  """Raises unless ``value`` is a number (not a bool) in [0, 1]; ``of`` says what
+  it is a fraction of, in the message."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    what = f"a fraction of {of} in [0, 1]" if of else "a number in [0, 1]"
+    raise ValueError(f"{field} must be {what}, got {value!r}")
+
+
 def non_negative_int(value, field: str) -> None:
   """Raises unless ``value`` is an int >= 0."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 0:
