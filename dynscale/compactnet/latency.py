@@ -224,7 +224,7 @@ def timed_forward(arch: dict, dtype=jnp.float32) -> Callable[[Mapping, jax.Array
   loop that computes the unit's last layer, it made that loop index the
   flat output and ran MobileNetV2's first convolution at batch 64 in 6.0 ms
   instead of 0.66 ms on a Zen 4 core (RESULTS.md, CompactNet), so the table
-  charged the first conv ten times its cost in the network, where its
+  charged the first conv nine times its cost in the network, where its
   output feeds the next layer."""
   layers = arch["layers"]
   upto = len(layers) - 1 if layers[-1]["kind"] == "flatten" else len(layers)
