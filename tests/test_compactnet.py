@@ -256,7 +256,7 @@ def test_units_are_the_stem_the_stages_and_the_head(table):
 
 def test_a_unit_is_timed_without_the_flatten_that_makes_it_a_network(table):
   """A unit ending in a map is timed up to that map (a fused flatten slowed
-  MobileNetV2's stem tenfold on XLA:CPU); a whole network up to its logits."""
+  MobileNetV2's stem ninefold on XLA:CPU); a whole network up to its logits."""
   arch = _mobilenet()
   full = [g.size for g in spec.prunable_groups(arch)]
   stem = latency.unit_architecture(arch, table.units[0], full)

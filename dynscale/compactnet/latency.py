@@ -222,10 +222,10 @@ def timed_forward(arch: dict, dtype=jnp.float32) -> Callable[[Mapping, jax.Array
   :func:`unit_architecture` appends to a unit ending in a map. That reshape
   is free as an operation but not inside XLA:CPU's fusion: fused into the
   loop that computes the unit's last layer, it made that loop index the
-  flat output and ran MobileNetV2's first convolution at batch 64 in 6.0 ms
-  instead of 0.66 ms on a Zen 4 core (RESULTS.md, CompactNet), so the table
-  charged the first conv nine times its cost in the network, where its
-  output feeds the next layer."""
+  flat output: MobileNetV2's first convolution at batch 64 measured 5.92 ms
+  as a unit with it and 0.64 ms without on a Zen 4 core (RESULTS.md,
+  CompactNet), so the table charged the first conv nine times its cost in
+  the network, where its output feeds the next layer."""
   layers = arch["layers"]
   upto = len(layers) - 1 if layers[-1]["kind"] == "flatten" else len(layers)
   return lambda v, x: sliced.features_sliced(arch, v, x, 1.0, upto, dtype=dtype)
