@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -452,6 +453,32 @@ def test_a_table_for_another_model_or_platform_is_refused(table, change, message
     target = dataclasses.replace(target, **{field: value})
   with pytest.raises(ValueError, match=message):
     latency.check_matches(table, arch, target, change.get("expansion", "tied"))
+
+
+def test_a_table_serves_every_profile_name_of_a_network_without_idp_layers(table):
+  """The network-level profile is read only by IDP layers: with none, a table
+  built under one profile name (the benchmark's default) serves a run whose
+  config names another (CompactNet's ``all-one``); with an IDP layer the
+  profile changes the computation and the table is refused."""
+  plain = dict(_mobilenet(), profile="all-one")
+  target = platform.get("cpu-b64")
+  latency.check_matches(table, plain, target, "tied")
+  idp = models.architecture("mobilenet_v2_imagenet", num_classes=10, input_shape=[32, 32, 3],
+                            idp_layers="all", width_multiplier=0.25)
+  other_profile = dataclasses.replace(table, model_fingerprint=latency.fingerprint(idp))
+  with pytest.raises(ValueError, match="is for model"):
+    latency.check_matches(other_profile, dict(idp, profile="all-one"), target, "tied")
+
+
+def test_a_table_written_before_profiles_were_left_out_still_matches_its_network(table):
+  """Tables written before hashed the whole architecture, profile included."""
+  arch = dict(_mobilenet(), profile="all-one")
+  whole = hashlib.sha256(json.dumps(spec.validate_architecture(arch), sort_keys=True)
+                         .encode()).hexdigest()[:16]
+  older = dataclasses.replace(table, model_fingerprint=whole)
+  latency.check_matches(older, arch, platform.get("cpu-b64"), "tied")
+  with pytest.raises(ValueError, match="is for model"):
+    latency.check_matches(older, _mobilenet(0.5), platform.get("cpu-b64"), "tied")
 
 
 def test_unknown_platform_is_refused():

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import compactnet_exchange, compactnet_models
+from benchmarks import compactnet_exchange, compactnet_models, compactnet_table
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
 from dynscale.train import sweep
@@ -328,6 +328,20 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
 def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
   with pytest.raises(ValueError, match=message):
     training.check_config(_tiny(fake_cifar, **change))
+
+
+def test_a_table_built_by_the_benchmark_serves_the_launcher(fake_cifar, tmp_path):
+  """The README's two CompactNet commands compose: the benchmark's network (the
+  models' default profile) and the launcher's (``all-one``) compute the same."""
+  config = _tiny(fake_cifar)
+  settings = training.table_settings(config)
+  arch, target = compactnet_table.check(
+      config.model.name, config.compactnet.platform, 1, 0, str(tmp_path / "t.json"),
+      config.model.width_multiplier, 10, settings)
+  assert arch["profile"] != config.model.profile
+  simulator.build_table(arch, target, settings, str(tmp_path / "t.json"), fake_remote([]))
+  config.compactnet.table = str(tmp_path / "t.json")
+  training.check_config(config)
 
 
 def test_bad_table_settings_name_the_field(fake_cifar):

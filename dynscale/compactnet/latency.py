@@ -231,10 +231,28 @@ def timed_forward(arch: dict, dtype=jnp.float32) -> Callable[[Mapping, jax.Array
   return lambda v, x: sliced.features_sliced(arch, v, x, 1.0, upto, dtype=dtype)
 
 
+def _short_hash(body: dict) -> str:
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(arch: dict) -> str:
-  """A short hash of the (validated) architecture."""
-  text = json.dumps(spec.validate_architecture(arch), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  """A short hash of what the (validated) architecture computes.
+
+  The network's ``profile`` is left out when no layer is IDP: nothing reads
+  it then, and a table built by ``benchmarks.compactnet_table`` (the models'
+  default profile) serves a run whose config names another, as CompactNet's
+  (``all-one``, from its IDP pretraining config)."""
+  arch = spec.validate_architecture(arch)
+  if not any(layer.get("idp") for layer in arch["layers"]):
+    arch = {k: v for k, v in arch.items() if k != "profile"}
+  return _short_hash(arch)
+
+
+def _whole_fingerprint(arch: dict) -> str:
+  """The hash of the whole validated architecture, ``profile`` included: the
+  fingerprint of tables written before 2026-12-06, still accepted for the
+  architecture they were built for."""
+  return _short_hash(spec.validate_architecture(arch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,7 +492,7 @@ def load(path: str) -> Table:
 def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                   where: str = "latency table") -> None:
   """Raises unless ``table`` was measured for this model, platform and grouping."""
-  if table.model_fingerprint != fingerprint(arch):
+  if table.model_fingerprint not in (fingerprint(arch), _whole_fingerprint(arch)):
     raise ValueError(f"{where} is for model {table.model!r} (fingerprint "
                      f"{table.model_fingerprint}), not this {arch['name']!r} "
                      f"({fingerprint(arch)})")
