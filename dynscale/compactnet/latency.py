@@ -231,10 +231,6 @@ def timed_forward(arch: dict, dtype=jnp.float32) -> Callable[[Mapping, jax.Array
   return lambda v, x: sliced.features_sliced(arch, v, x, 1.0, upto, dtype=dtype)
 
 
-def _short_hash(body: dict) -> str:
-  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def fingerprint(arch: dict) -> str:
   """A short hash of what the (validated) architecture computes.
 
@@ -245,14 +241,14 @@ def fingerprint(arch: dict) -> str:
   arch = spec.validate_architecture(arch)
   if not any(layer.get("idp") for layer in arch["layers"]):
     arch = {k: v for k, v in arch.items() if k != "profile"}
-  return _short_hash(arch)
+  return _digest(arch)[:16]
 
 
 def _whole_fingerprint(arch: dict) -> str:
   """The hash of the whole validated architecture, ``profile`` included: the
   fingerprint of tables written before 2026-12-06, still accepted for the
   architecture they were built for."""
-  return _short_hash(spec.validate_architecture(arch))
+  return _digest(spec.validate_architecture(arch))[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,10 +488,10 @@ def load(path: str) -> Table:
 def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                   where: str = "latency table") -> None:
   """Raises unless ``table`` was measured for this model, platform and grouping."""
-  if table.model_fingerprint not in (fingerprint(arch), _whole_fingerprint(arch)):
+  ours = fingerprint(arch)
+  if table.model_fingerprint not in (ours, _whole_fingerprint(arch)):
     raise ValueError(f"{where} is for model {table.model!r} (fingerprint "
-                     f"{table.model_fingerprint}), not this {arch['name']!r} "
-                     f"({fingerprint(arch)})")
+                     f"{table.model_fingerprint}), not this {arch['name']!r} ({ours})")
   expected = dataclasses.asdict(platform)
   for field in ("name", "backend", "batch", "resolution", "dtype", "threads"):
     if table.platform.get(field) != expected[field]:
