@@ -1,6 +1,7 @@
 """CompactNet's launcher method end to end on a fake platform (paper 004)."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from benchmarks import compactnet_exchange, compactnet_models, compactnet_table
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
-from dynscale.train import sweep
+from dynscale.train import runs, sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
@@ -63,6 +64,12 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
               / _fake_latency(results["export_dir"], config))
   assert results["measured_speedup"] == pytest.approx(expected)
   assert set(results["speedup_by_platform"]) == {"cpu-b64", "cpu-b1"}
+  # each platform's latencies are the median of the readings kept with the load
+  processes = training.table_settings(config).processes
+  for name, conditions in results["latency_conditions"].items():
+    assert len(conditions["readings"]) == processes and conditions["load_1min"] == 0.0
+    assert results["latency_s"][name] == pytest.approx(
+        simulator.median_over_processes(conditions["readings"]))
   # the uniform model is the widest one at most as slow as the searched one
   assert results["uniform_measured_speedup"] >= results["measured_speedup"]
   table, arch = latency.load(results["table"]), training.architecture(config)
@@ -186,6 +193,33 @@ def test_a_model_measured_short_of_the_target_is_searched_further(finished):
       assert iterations[check["after_iterations"]]["budget_s"] == check["next_budget_s"]
   assert checks[0]["measured_speedup"] < t <= checks[-1]["measured_speedup"]
   assert results["measured_speedup"] == pytest.approx(checks[-1]["measured_speedup"])
+
+
+def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished, tmp_path):
+  """The original's retraining first trains as many steps as the search's chosen
+  fine-tunes; its checkpoint in a workdir whose search chose another number (a
+  copy from another run) is refused, as is a trimmed network's that distilled
+  from such an original; the run's own checkpoints resume."""
+  config, workdir, results, _ = finished
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  run = runs.start(config, str(tmp_path))
+  history = json.loads((workdir / "search-summary.json").read_text())
+  chosen = sum(i["chosen"] is not None for i in history["iterations"])
+  catch_up = chosen * config.compactnet.finetune_steps
+  seed = config.compactnet.retrain_seeds[0]
+  variables = run.model.pure_variables()
+  with pytest.raises(ValueError, match=f"retrain-original-seed{seed}.*delete"):
+    training.retrain(run, "original", run.arch, variables, seed, catch_up + 1)
+  resumed = training.retrain(run, "original", run.arch, variables, seed, catch_up)
+  assert resumed.trainer.evaluate(resumed.state, "val", 1.0)["accuracy"] == \
+      results["accuracy_by_seed"]["original"]["val"][0]
+  searched = sliced.load(results["export_dir"])
+  teacher = lambda steps: training.Teacher(run.arch, variables, training.retrain_origin(steps))
+  with pytest.raises(ValueError, match=f"retrain-searched-seed{seed}"):
+    training.retrain(run, "searched", searched.arch, searched.variables, seed, 0,
+                     teacher(catch_up + 1))
+  training.retrain(run, "searched", searched.arch, searched.variables, seed, 0,
+                   teacher(catch_up))
 
 
 def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):

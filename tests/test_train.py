@@ -2,6 +2,7 @@
 parallel, early stopping, config validation, atomic results."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from dynscale import io
 from dynscale.idp import training as idp_training
-from dynscale.train import runs, validation
+from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from experiments.configs import baseline
@@ -116,6 +118,32 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
 
 def test_no_checkpoint_restores_none(tmp_path):
   assert Checkpoints(str(tmp_path / "empty")).restore({"w": np.zeros(2)}) is None
+
+
+def test_a_stage_resumes_only_a_checkpoint_started_as_it_starts(fake_cifar, tmp_path, caplog):
+  """A stage's origin is saved with its checkpoints: another origin is refused
+  (naming the checkpoint to delete), the same one resumes, and a checkpoint
+  that records none (written before origins were kept) resumes with a warning."""
+  config = tiny_config(**{"data.dataset": "cifar10", "data.data_dir": str(fake_cifar),
+                          "data.val_size": 12, "data.batch_size": 16,
+                          "train.num_epochs": 1})
+  run = runs.start(config, str(tmp_path))
+  caplog.set_level(logging.INFO)
+
+  def fit(name, origin):
+    return runs.fit_stage(run, run.model, runs.Stage(
+        name, 1, nnx.Param, steps.classification_loss, steps.eval_forward, origin=origin))
+  started = {"catch_up_steps": 3, "teacher": None}
+  first = fit("stage", started)
+  with pytest.raises(ValueError, match=r"catch_up_steps.: 3.*catch_up_steps.: 5.*delete .*stage"):
+    fit("stage", {**started, "catch_up_steps": 5})
+  caplog.clear()
+  again = fit("stage", started)
+  assert "Resumed stage 'stage'" in caplog.text and "records no origin" not in caplog.text
+  assert jax.tree.all(jax.tree.map(np.array_equal, again.state.params, first.state.params))
+  fit("older", None)
+  fit("older", started)
+  assert "records no origin" in caplog.text
 
 
 # --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ CPU set (which the process applies to itself first thing, :func:`pin`),
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import subprocess
@@ -97,11 +98,13 @@ def check_process(platform: Platform) -> None:
 
 
 def describe(platform: Platform) -> dict:
-  """Provenance of the current process for ``platform``: device, versions, flags, load."""
+  """Provenance of the current process for ``platform``: device, versions, flags,
+  date and load."""
   import jax
   import jaxlib
 
-  return {"platform": dataclasses.asdict(platform), "device": jax.devices()[0].device_kind,
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "platform": dataclasses.asdict(platform), "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "cpus": sorted(os.sched_getaffinity(0)), "load_1min": os.getloadavg()[0]}

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -304,11 +305,27 @@ def _network(run: runs.Run, arch: dict, variables: dict) -> nnx.Module:
   return model
 
 
+class Teacher(NamedTuple):
+  """The network the trimmed ones distill from, and its retraining's origin."""
+  arch: dict
+  variables: dict
+  origin: dict
+
+
+def retrain_origin(catch_up_steps: int, teacher: Teacher | None = None) -> dict:
+  """How a retraining stage starts (its checkpoints' origin): the catch-up
+  steps it trained first and, when it distills, its teacher's origin."""
+  return {"catch_up_steps": catch_up_steps,
+          "teacher": None if teacher is None else teacher.origin}
+
+
 def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
-            catch_up_steps: int, teacher: tuple[dict, dict] | None = None) -> runs.Fitted:
+            catch_up_steps: int, teacher: Teacher | None = None) -> runs.Fitted:
   """``name`` retrained with data order ``seed`` (first ``catch_up_steps`` steps
   with the fine-tune optimizer when it has no checkpoint yet), distilled from
-  ``teacher`` = ``(architecture, variables)`` when given (``compactnet.distill``)."""
+  ``teacher`` when given (``compactnet.distill``). A checkpoint of the stage
+  started otherwise (:func:`retrain_origin`; e.g. one copied from a run whose
+  search chose another number of candidates) is refused, not resumed."""
   c = run.config.compactnet
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.seed = seed
@@ -325,12 +342,11 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
     set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
   loss_fn, forward, task = steps.classification_loss, steps.eval_forward, None
   if teacher is not None:
-    teacher_arch, task = teacher
-    loss_fn = steps.distillation_loss(teacher_arch, c.distill.weight, c.distill.temperature)
-    forward = steps.full_width_forward
+    loss_fn = steps.distillation_loss(teacher.arch, c.distill.weight, c.distill.temperature)
+    forward, task = steps.full_width_forward, teacher.variables
   return runs.fit_stage(seeded, model, runs.Stage(
       stage, c.retrain_epochs, nnx.Param, loss_fn, forward, task=task,
-      optimizer=c.retrain_optimizer))
+      optimizer=c.retrain_optimizer, origin=retrain_origin(catch_up_steps, teacher)))
 
 
 def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
@@ -460,8 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 "uniform": (uniform_arch, uniform_vars, catch_up)}.items():
       fitted = retrain(run, name, a, v, seed, extra, teacher)
       if name == "original" and c.distill.weight > 0:
-        teacher = (arch, merge_model(fitted.graphdef, fitted.state.params,
-                                     fitted.state.model_state).pure_variables())
+        teacher = Teacher(arch, merge_model(fitted.graphdef, fitted.state.params,
+                                            fitted.state.model_state).pure_variables(),
+                          retrain_origin(extra))
       for split, value in _accuracies(fitted).items():
         accuracy.setdefault(name, {}).setdefault(split, []).append(value)
       final.setdefault(name, fitted)
@@ -470,11 +487,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sliced.export(merge_model(u.graphdef, u.state.params, u.state.model_state), uniform_export)
   s = final["searched"]
   export_dir = runs.export(run, s.graphdef, s.state)
-  latencies = {}
+  latencies, conditions = {}, {}
   for name in dict.fromkeys((target.name, *c.measure_on)):  # the target first, once
-    latencies[name], _ = simulator.measure_networks(remote, platform.get(name), {
+    latencies[name], provenance = simulator.measure_networks(remote, platform.get(name), {
         "original": {"export_dir": original_export}, "searched": {"export_dir": export_dir},
         "uniform": {"export_dir": uniform_export}}, settings)
+    conditions[name] = {k: provenance.get(k) for k in ("date", "load_1min", "readings")}
   on_target = latencies[target.name]
   names = list(table.group_names)
   plot_widths(names, {"original": list(table.group_sizes), "searched": list(found.widths),
@@ -498,6 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "uniform_test_accuracy": mean("uniform", "test"),
       "accuracy_by_seed": accuracy,
       "latency_s": latencies,
+      "latency_conditions": conditions,
       "speedup_by_platform": {p: lat["original"] / lat["searched"] for p, lat in latencies.items()},
       "widths": dict(zip(names, (int(w) for w in found.widths))),
       "uniform_widths": dict(zip(names, uniform)),

@@ -47,6 +47,25 @@ class DeviceSplit(NamedTuple):
     return int(self.labels.shape[0])
 
 
+def check_origin(stage: str, directory: str, saved: dict | None, expected: dict | None
+                 ) -> None:
+  """Refuses to resume ``stage`` from the checkpoint in ``directory`` when it
+  was started from another state than this run starts it from (``saved`` and
+  ``expected`` origins differ), e.g. a checkpoint copied from another run.
+  A checkpoint that records no origin (written before origins were kept), or
+  a run that gives none, resumes with what is there."""
+  if expected is None or saved == expected:
+    return
+  if saved is None:
+    logging.warning("Stage %r: the checkpoint in %s records no origin; resuming it as %s.",
+                    stage, directory, expected)
+    return
+  raise ValueError(
+      f"stage {stage!r}: the checkpoint in {directory} started from {saved}, but this run "
+      f"starts the stage from {expected}; delete {directory} and {directory}-best to train "
+      "the stage again")
+
+
 def _to_mesh(array, sharding) -> jax.Array:
   """Places an array, identical on every process, on ``sharding`` (as is if already there)."""
   if getattr(array, "sharding", None) == sharding:
@@ -190,7 +209,8 @@ class Trainer:
           checkpoint_dir: str | None = None, writer: MetricWriter | None = None,
           early_stopping: EarlyStopping | None = None,
           validate: Callable[[TrainState], dict[str, float]] | None = None,
-          on_epoch_end: Callable[[int, TrainState], None] | None = None) -> FitResult:
+          on_epoch_end: Callable[[int, TrainState], None] | None = None,
+          origin: dict | None = None) -> FitResult:
     """Trains at ``task`` for up to ``num_epochs`` epochs, resuming if possible.
 
     After every epoch ``validate(state)`` (default: accuracy and loss on the
@@ -200,6 +220,9 @@ class Trainer:
     ``<checkpoint_dir>/<stage>-best``. An existing checkpoint of this stage is
     resumed. ``on_epoch_end(epoch, state)`` runs before the epoch's checkpoint,
     so what it saves is never behind the epoch a resumed run starts from.
+    ``origin`` (JSON values) says how the stage's starting state was made; it
+    is saved with every checkpoint, and one saved with another origin is
+    refused (:func:`check_origin`).
     """
     if validate is None:
       validate = functools.partial(self.evaluate, split="val", task=task)
@@ -212,6 +235,7 @@ class Trainer:
       restored = store.restore(state)
       if restored is not None:
         _, state, meta = restored
+        check_origin(stage, store.directory, meta.get("origin"), origin)
         start_epoch = meta["epoch"]
         if meta.get("early_stopping") is not None:
           early_stopping = EarlyStopping.from_json(meta["early_stopping"])
@@ -242,7 +266,7 @@ class Trainer:
         on_epoch_end(epoch, state)
       if store is not None:
         store.save(epoch, state, {
-            "epoch": epoch, "stage": stage,
+            "epoch": epoch, "stage": stage, "origin": origin,
             "early_stopping": early_stopping.to_json() if early_stopping else None})
     for manager in (store, best_store):
       if manager is not None:

@@ -139,8 +139,10 @@ def total_steps(run: Run, epochs: int | None = None) -> int:
 class Stage:
   """A training stage: its checkpoint name, epochs, what learns, its objective,
   its evaluation forward, which state it hands on (``'best'`` validation
-  accuracy, or ``'final'``), the task it trains at, and its optimizer block
-  (default ``config.optimizer``)."""
+  accuracy, or ``'final'``), the task it trains at, its optimizer block
+  (default ``config.optimizer``), and how its starting state was made
+  (``origin``: a checkpoint with another one is not resumed,
+  :func:`dynscale.train.loop.check_origin`)."""
 
   name: str
   epochs: int
@@ -150,6 +152,7 @@ class Stage:
   keep: str = "best"
   task: Any = None  # None: the constant 1.0
   optimizer: ml_collections.ConfigDict | None = None
+  origin: dict | None = None
 
 
 @dataclasses.dataclass
@@ -174,7 +177,8 @@ def fit_stage(run: Run, model: nnx.Module, stage: Stage) -> Fitted:
   task = jnp.float32(1.0) if stage.task is None else stage.task
   fit = trainer.fit(trainer.place(state), task=task, num_epochs=stage.epochs,
                     stage=stage.name, checkpoint_dir=run.checkpoint_dir, writer=run.writer,
-                    early_stopping=EarlyStopping(patience) if patience else None)
+                    early_stopping=EarlyStopping(patience) if patience else None,
+                    origin=stage.origin)
   state = fit.best_state if stage.keep == "best" else fit.state
   nnx.update(model, nnx.state(merge_model(graphdef, state.params, state.model_state)))
   return Fitted(trainer, graphdef, state)
