@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -195,6 +196,41 @@ def test_a_model_measured_short_of_the_target_is_searched_further(finished):
   assert results["measured_speedup"] == pytest.approx(checks[-1]["measured_speedup"])
 
 
+def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp_path):
+  """With compactnet.speedup_margin m the checks hold the model to T (1 + m):
+  a search whose model measured T without it trims further, each corrected
+  budget aimed at T (1 + m); a history checked against another goal is refused."""
+  config, _, results, _ = finished
+  t = config.compactnet.t_final
+  margin = 1.02 * results["measured_speedup"] / t - 1  # the run without it ends below
+  goal = t * (1 + margin)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.compactnet.speedup_margin = margin
+  run = runs.start(config, str(tmp_path))
+  table = latency.load(results["table"])
+  original = run.model.pure_variables()
+
+  def search_on_platform(run):
+    return training.search_on_platform(
+        run, original, results["original_export_dir"], table,
+        training.Candidates.create(run, original),
+        fake_remote([], network_overhead_s=_overhead(config)))
+  checks = search_on_platform(run).history["checks"]
+  assert [c["goal_speedup"] for c in checks] == [pytest.approx(goal)] * len(checks)
+  assert checks[-1]["next_budget_s"] is None
+  assert checks[-1]["measured_speedup"] >= goal > results["measured_speedup"]
+  iterations = json.loads((tmp_path / "search" / "history.json").read_text())["iterations"]
+  for check in checks[:-1]:
+    widths = iterations[check["after_iterations"] - 1]["widths"]
+    assert check["measured_speedup"] < goal
+    assert check["next_budget_s"] == pytest.approx(
+        table.predict(table.full_widths) / (goal * table.speedup(widths)
+                                            / check["measured_speedup"]))
+  config.compactnet.speedup_margin = 0.0
+  with pytest.raises(ValueError, match="compactnet.speedup_margin.*another workdir"):
+    search_on_platform(runs.start(config, str(tmp_path)))
+
+
 def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished, tmp_path):
   """The original's retraining first trains as many steps as the search's chosen
   fine-tunes; its checkpoint in a workdir whose search chose another number (a
@@ -358,6 +394,8 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
     (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),
     (dict(distill=dict(weight=1.5)), r"compactnet.distill.weight must be a number in \[0, 1\]"),
     (dict(distill=dict(temperature=0.0)), r"compactnet.distill.temperature must be"),
+    (dict(speedup_margin=1.0), r"compactnet.speedup_margin must be a number in \[0, 1\)"),
+    (dict(speedup_margin=-0.1), r"compactnet.speedup_margin must be a number in \[0, 1\)"),
 ])
 def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
   with pytest.raises(ValueError, match=message):

@@ -111,6 +111,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative_int(c.score_examples, "compactnet.score_examples")
   validation.non_negative_int(c.retrain_epochs, "compactnet.retrain_epochs")
   validation.non_negative_int(c.corrections, "compactnet.corrections")
+  margin = c.speedup_margin
+  if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+    raise ValueError(f"compactnet.speedup_margin must be a number in [0, 1), got {margin!r}")
   validation.fraction(c.distill.weight, "compactnet.distill.weight")
   validation.positive(c.distill.temperature, "compactnet.distill.temperature")
   if not c.retrain_seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
@@ -401,19 +404,27 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
                        remote: simulator.Remote) -> search.Result:
   """The search, then its model measured against the original on the platform
   (exported to ``<workdir>/searched-before-retrain``), with up to
-  ``compactnet.corrections`` extra iterations while it measures short of the
-  target. Every measurement is a check in the search's history, so a rerun
-  resumes without measuring again."""
+  ``compactnet.corrections`` extra iterations while it measures short of
+  ``compactnet.t_final`` x (1 + ``compactnet.speedup_margin``). Every
+  measurement is a check in the search's history, with the speed-up it was
+  held to, so a rerun resumes without measuring again (and refuses a history
+  checked against another goal)."""
   c = run.config.compactnet
   target, workdir = platform.get(c.platform), os.path.join(run.workdir, "search")
+  goal = c.t_final * (1 + c.speedup_margin)
   probe = os.path.join(run.workdir, SEARCHED_PROBE)
   while True:
     found = search.search(run.arch, original, table, plan(run.config),
                           fine_tune=candidates.fine_tune, score=candidates.score,
                           workdir=workdir, min_width=c.min_width, seed=run.config.seed,
                           log=logging.info)
-    sliced.export(_network(run, *trimmed_searched(run.arch, found, table.expansion)), probe)
     checks = found.history["checks"]
+    if checks and checks[-1].get("goal_speedup", c.t_final) != goal:
+      raise ValueError(
+          f"compactnet.speedup_margin: the search in {workdir} was checked against a "
+          f"speed-up of {checks[-1].get('goal_speedup', c.t_final):g}, this config asks for "
+          f"{goal:g}; use another workdir")
+    sliced.export(_network(run, *trimmed_searched(run.arch, found, table.expansion)), probe)
     if checks and checks[-1]["after_iterations"] == len(found.history["iterations"]):
       return found  # measured by an earlier call
     measured, _ = simulator.measure_networks(remote, target, {
@@ -421,16 +432,16 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
         table_settings(run.config))
     speedup = measured["original"] / measured["searched"]
     budget = None
-    if speedup < c.t_final and len(checks) < c.corrections:
-      budget = search.corrected_budget(table, found.widths, speedup, c.t_final)
+    if speedup < goal and len(checks) < c.corrections:
+      budget = search.corrected_budget(table, found.widths, speedup, goal)
       if not search.one_trim_meets(table, found.widths, budget, c.min_width):
         logging.warning("the searched model measures %.3fx; no single trim reaches the "
                         "corrected budget", speedup)
         budget = None
-    logging.info("searched model on %s: %.3fx measured, %.3fx predicted%s", target.name,
-                 speedup, table.speedup(list(found.widths)),
+    logging.info("searched model on %s: %.3fx measured (goal %.3fx), %.3fx predicted%s",
+                 target.name, speedup, goal, table.speedup(list(found.widths)),
                  "" if budget is None else "; one more iteration")
-    if search.record_check(workdir, found, speedup, budget)["next_budget_s"] is None:
+    if search.record_check(workdir, found, speedup, budget, goal)["next_budget_s"] is None:
       return found
 
 
