@@ -12,9 +12,10 @@
    ``compactnet.finetune_optimizer`` (Table 4: RMSProp) and scored on the
    validation split, all on the masked network (one compile). The searched
    model is then measured against the original on the platform; while it
-   measures short of ``compactnet.t_final``, up to
-   ``compactnet.corrections`` more iterations run, each under the budget
-   the table's error on the current model asks for
+   measures short of ``compactnet.t_final`` (times 1 +
+   ``compactnet.speedup_margin``), up to ``compactnet.corrections`` more
+   iterations run, each under the budget the table's error on the current
+   model asks for
    (:func:`dynscale.compactnet.search.corrected_budget`).
 4. The *uniform* baseline: every group cut by one multiplier, L2-trimmed
    from the same pretrained network; the largest of
