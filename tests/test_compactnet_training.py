@@ -215,11 +215,11 @@ def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp
         run, original, results["original_export_dir"], table,
         training.Candidates.create(run, original),
         fake_remote([], network_overhead_s=_overhead(config)))
-  checks = search_on_platform(run).history["checks"]
+  history = search_on_platform(run).history
+  checks, iterations = history["checks"], history["iterations"]
   assert [c["goal_speedup"] for c in checks] == [pytest.approx(goal)] * len(checks)
   assert checks[-1]["next_budget_s"] is None
   assert checks[-1]["measured_speedup"] >= goal > results["measured_speedup"]
-  iterations = json.loads((tmp_path / "search" / "history.json").read_text())["iterations"]
   for check in checks[:-1]:
     widths = iterations[check["after_iterations"] - 1]["widths"]
     assert check["measured_speedup"] < goal

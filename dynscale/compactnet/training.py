@@ -420,11 +420,11 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
                           workdir=workdir, min_width=c.min_width, seed=run.config.seed,
                           log=logging.info)
     checks = found.history["checks"]
-    if checks and checks[-1].get("goal_speedup", c.t_final) != goal:
+    checked = checks[-1].get("goal_speedup", c.t_final) if checks else goal
+    if checked != goal:
       raise ValueError(
           f"compactnet.speedup_margin: the search in {workdir} was checked against a "
-          f"speed-up of {checks[-1].get('goal_speedup', c.t_final):g}, this config asks for "
-          f"{goal:g}; use another workdir")
+          f"speed-up of {checked:g}, this config asks for {goal:g}; use another workdir")
     sliced.export(_network(run, *trimmed_searched(run.arch, found, table.expansion)), probe)
     if checks and checks[-1]["after_iterations"] == len(found.history["iterations"]):
       return found  # measured by an earlier call
