@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from benchmarks import compactnet_exchange, compactnet_models, compactnet_table
+from benchmarks import compactnet_exchange, compactnet_models, compactnet_prefixes, compactnet_table
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
 from dynscale.train import runs, sweep
@@ -324,6 +324,46 @@ def _exchange_runs(workdir, results):
   path = workdir / "exchange-b1-results.json"
   path.write_text(json.dumps(other))
   return [str(workdir / "results.json"), str(path)]
+
+
+def test_the_prefixes_benchmark_charges_each_unit_what_it_adds_to_its_prefix(finished, capsys):
+  _, workdir, results, _ = finished
+  requests = []
+  out = workdir / "prefixes.json"
+  settings = simulator.TableSettings(warmup=0, rounds=1, processes=1)
+  record = compactnet_prefixes.run(results_path=str(workdir / "results.json"), settings=settings,
+                                   out=str(out), remote=fake_remote(requests))
+  assert json.loads(capsys.readouterr().out.strip()) == json.loads(out.read_text())
+  assert requests == ["networks"]  # every prefix of both networks in one interleaved run
+  table = latency.load(results["table"])
+  original, searched = (sliced.load(results[k]).arch for k in ("original_export_dir", "export_dir"))
+  full, trimmed = record["networks"].values()
+  assert full["widths"] == list(table.full_widths)
+  assert trimmed["widths"] == list(results["widths"].values())
+  for traced, arch in ((full, original), (trimmed, searched)):
+    assert traced["measured_ms"] == pytest.approx(1e3 * whole_network_latency(arch))
+    assert traced["units"][-1]["prefix_ms"] == pytest.approx(traced["measured_ms"])
+    assert traced["predicted_ms"] == pytest.approx(1e3 * table.predict(traced["widths"]))
+  # The fake runs a network in WHOLE_SCALE x the sum of its units alone, and the
+  # table holds the units alone: at full width (grid points, no interpolation)
+  # each unit's increment over the prefix before it is WHOLE_SCALE x its entry.
+  assert len(full["units"]) == len(table.units) > 2
+  for row, unit in zip(full["units"], table.units):
+    assert row["unit"] == unit.name
+    assert row["increment_ms"] == pytest.approx(WHOLE_SCALE * row["table_ms"], rel=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(widths=[[10 ** 6] * 9]), "widths"),
+    (dict(results_path="/nonexistent/results.json"), "results must be a CompactNet run"),
+])
+def test_the_prefixes_benchmark_refuses_bad_input_before_measuring(finished, change, message):
+  _, workdir, _, _ = finished
+  requests = []
+  kwargs = dict(results_path=str(workdir / "results.json"), remote=fake_remote(requests))
+  with pytest.raises(ValueError, match=message):
+    compactnet_prefixes.run(**{**kwargs, **change})
+  assert requests == []
 
 
 def test_the_exchange_times_every_platforms_model_on_every_platform(finished, capsys):
