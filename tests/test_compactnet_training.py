@@ -71,6 +71,14 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
     assert len(conditions["readings"]) == processes and conditions["load_1min"] == 0.0
     assert results["latency_s"][name] == pytest.approx(
         simulator.median_over_processes(conditions["readings"]))
+  # and so is every check's speed-up in the search
+  assert results["search_checks"]
+  for check in results["search_checks"]:
+    readings = check["conditions"]["readings"]
+    assert len(readings) == processes and check["conditions"]["load_1min"] == 0.0
+    latencies = simulator.median_over_processes(readings)
+    assert check["measured_speedup"] == pytest.approx(latencies["original"] /
+                                                      latencies["searched"])
   # the uniform model is the widest one at most as slow as the searched one
   assert results["uniform_measured_speedup"] >= results["measured_speedup"]
   table, arch = latency.load(results["table"]), training.architecture(config)
@@ -130,9 +138,10 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
                           for name, item in request["networks"].items()}}
 
   multipliers = config.compactnet.uniform_multipliers
-  chosen, widths = training.choose_uniform(
+  settings = training.table_settings(config)
+  chosen, widths, measurements = training.choose_uniform(
       table, arch, multipliers, list(results["widths"].values()), results["export_dir"],
-      platform.get(config.compactnet.platform), training.table_settings(config), remote)
+      platform.get(config.compactnet.platform), settings, remote)
 
   def uniform_s(m):
     core = trimming.core_widths(arch, groups, training.uniform_widths(table, m))
@@ -140,6 +149,12 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
   assert chosen == max(m for m in multipliers if uniform_s(m) <= searched_s)
   assert widths == training.uniform_widths(table, chosen)
   assert max(requests) <= training.UNIFORM_WINDOW + 1  # a few at a time, beside the searched
+  # every window measured is kept, with its readings
+  assert len(measurements) == len(requests) // settings.processes
+  for window in measurements:
+    assert len(window["readings"]) == settings.processes
+    assert window["latency_s"] == pytest.approx(simulator.median_over_processes(window["readings"]))
+    assert window["latency_s"]["searched"] == pytest.approx(searched_s)
   # the table is exact here: its guess holds the boundary unless the searched model misleads it
   assert (len(requests) > 1) == (searched_error != 0)
 
@@ -148,6 +163,7 @@ def test_a_rerun_reads_the_uniform_choice_back_instead_of_measuring_again(finish
   config, workdir, results, _ = finished
   kept = json.loads((workdir / training.UNIFORM_CHOICE).read_text())
   assert kept["multiplier"] == results["uniform_multiplier"]
+  assert kept["measurements"] and all(m["readings"] for m in kept["measurements"])
   assert kept["widths"] == list(results["uniform_widths"].values())
   table, arch = latency.load(results["table"]), training.architecture(config)
   searched = list(results["widths"].values())

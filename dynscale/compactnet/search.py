@@ -184,14 +184,17 @@ def one_trim_meets(table: Table, widths: Sequence[int], budget: float,
 
 
 def record_check(workdir: str, result: Result, measured_speedup: float,
-                 next_budget_s: float | None, goal_speedup: float) -> dict:
+                 next_budget_s: float | None, goal_speedup: float,
+                 conditions: dict | None = None) -> dict:
   """Appends to ``result``'s history, and to its file in ``workdir``, a
-  measurement of its model (``measured_speedup`` on the platform), the
-  speed-up it was held to and the budget of the extra iteration it asks for
-  (None: none); returns the check."""
+  measurement of its model (``measured_speedup`` on the platform, taken
+  under ``conditions``: date, load, readings), the speed-up it was held to
+  and the budget of the extra iteration it asks for (None: none); returns
+  the check."""
   check = {"after_iterations": len(result.history["iterations"]),
            "measured_speedup": float(measured_speedup), "goal_speedup": float(goal_speedup),
-           "next_budget_s": None if next_budget_s is None else float(next_budget_s)}
+           "next_budget_s": None if next_budget_s is None else float(next_budget_s),
+           "conditions": conditions}
   result.history["checks"].append(check)
   write_json_atomic(os.path.join(workdir, HISTORY_FILE), result.history)
   return check

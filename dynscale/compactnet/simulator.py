@@ -184,6 +184,13 @@ def measure_networks(remote: Remote, target: Platform, networks: dict, settings:
   return median_over_processes(readings), {**provenance, "readings": readings}
 
 
+def conditions(provenance: dict) -> dict:
+  """What a measurement of :func:`measure_networks` ran under, to keep beside its
+  result: the measuring process's date and load average and every process's
+  readings."""
+  return {k: provenance.get(k) for k in ("date", "load_1min", "readings")}
+
+
 def _trimmed(arch: dict, expansion: str, widths: Sequence[int]) -> dict:
   return {"arch": arch, "widths": [int(w) for w in widths], "expansion": expansion}
 

@@ -236,9 +236,11 @@ def distinct_uniform(table: latency.Table, multipliers) -> dict[float, list[int]
 def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_widths,
                    searched_export: str, target: platform.Platform,
                    settings: simulator.TableSettings, remote: simulator.Remote,
-                   window: int = UNIFORM_WINDOW) -> tuple[float, list[int]]:
+                   window: int = UNIFORM_WINDOW) -> tuple[float, list[int], list[dict]]:
   """The largest multiplier whose network measures at most the searched model's
-  latency (the smallest one when none does), with its widths.
+  latency (the smallest one when none does), its widths, and the
+  measurements that chose it (per window: its latencies and
+  :func:`simulator.conditions`).
 
   The table predicts where the boundary lies (the first multiplier predicted
   at most the searched model's latency); ``window`` multipliers around it
@@ -251,24 +253,26 @@ def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_width
   first = next((i for i, m in enumerate(ms) if table.predict(options[m]) <= budget), len(ms) - 1)
   lo = max(0, min(first - window // 2, len(ms) - window))
   direction, wider_fast = 0, None  # -1: moving to wider windows, +1: to narrower
+  measurements = []
   while True:
     part = ms[lo:lo + window]
     networks = {"searched": {"export_dir": searched_export},
                 **{f"uniform-{m:g}": {"arch": arch, "widths": options[m],
                                       "expansion": table.expansion} for m in part}}
-    measured, _ = simulator.measure_networks(remote, target, networks, settings)
+    measured, provenance = simulator.measure_networks(remote, target, networks, settings)
+    measurements.append({"latency_s": measured, **simulator.conditions(provenance)})
     fast = [m for m in part if measured[f"uniform-{m:g}"] <= measured["searched"]]
     if direction >= 0 and not fast:  # the boundary lies below the window
       if lo + window >= len(ms):
         logging.warning("no uniform multiplier is as fast as the searched model; using %g",
                         ms[-1])
-        return ms[-1], options[ms[-1]]
+        return ms[-1], options[ms[-1]], measurements
       lo, direction = lo + window - 1, 1
     elif direction <= 0 and fast and fast[0] == part[0] and lo > 0:  # it lies above
       lo, direction, wider_fast = max(0, lo - window + 1), -1, fast[0]
     else:
       choice = fast[0] if fast else wider_fast
-      return choice, options[choice]
+      return choice, options[choice], measurements
 
 
 def kept_uniform_choice(workdir: str, table: latency.Table, arch: dict, multipliers,
@@ -290,10 +294,11 @@ def kept_uniform_choice(workdir: str, table: latency.Table, arch: dict, multipli
       kept = json.load(f)
     if {k: kept.get(k) for k in key} == key:
       return kept["multiplier"], kept["widths"]
-  multiplier, widths = choose_uniform(table, arch, multipliers, searched_widths,
-                                      searched_export, target, settings, remote)
+  multiplier, widths, measurements = choose_uniform(table, arch, multipliers, searched_widths,
+                                                    searched_export, target, settings, remote)
   io.write_json_atomic(path, {**key, "multiplier": multiplier,
-                              "widths": [int(w) for w in widths]})
+                              "widths": [int(w) for w in widths],
+                              "measurements": measurements})
   return multiplier, widths
 
 
@@ -428,7 +433,7 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
     sliced.export(_network(run, *trimmed_searched(run.arch, found, table.expansion)), probe)
     if checks and checks[-1]["after_iterations"] == len(found.history["iterations"]):
       return found  # measured by an earlier call
-    measured, _ = simulator.measure_networks(remote, target, {
+    measured, provenance = simulator.measure_networks(remote, target, {
         "original": {"export_dir": original_export}, "searched": {"export_dir": probe}},
         table_settings(run.config))
     speedup = measured["original"] / measured["searched"]
@@ -442,7 +447,9 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
     logging.info("searched model on %s: %.3fx measured (goal %.3fx), %.3fx predicted%s",
                  target.name, speedup, goal, table.speedup(list(found.widths)),
                  "" if budget is None else "; one more iteration")
-    if search.record_check(workdir, found, speedup, budget, goal)["next_budget_s"] is None:
+    check = search.record_check(workdir, found, speedup, budget, goal,
+                                simulator.conditions(provenance))
+    if check["next_budget_s"] is None:
       return found
 
 
@@ -504,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     latencies[name], provenance = simulator.measure_networks(remote, platform.get(name), {
         "original": {"export_dir": original_export}, "searched": {"export_dir": export_dir},
         "uniform": {"export_dir": uniform_export}}, settings)
-    conditions[name] = {k: provenance.get(k) for k in ("date", "load_1min", "readings")}
+    conditions[name] = simulator.conditions(provenance)
   on_target = latencies[target.name]
   names = list(table.group_names)
   plot_widths(names, {"original": list(table.group_sizes), "searched": list(found.widths),
