@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 ALLOCATOR_ENV = "DYNSCALE_ALLOCATOR"
 ALLOCATORS = ("tuned", "system")
@@ -67,20 +68,30 @@ def tune_allocator() -> dict:
   return {"allocator": "tuned", **{name: value for name, (_, value) in SETTINGS.items()}}
 
 
-def tune_xla_cpu() -> dict:
-  """Adds :data:`XLA_CPU_FLAGS` to ``XLA_FLAGS`` (module docstring); returns what
-  was done, for a benchmark's record: ``{"xla_cpu": "tuned", "flags": ...}``
-  or ``{"xla_cpu": "system", "reason": ...}``."""
-  choice = os.environ.get(XLA_CPU_ENV, "tuned")
+def xla_cpu_flags(env: Mapping[str, str]) -> tuple[str, dict]:
+  """The ``XLA_FLAGS`` of a process started with environment ``env`` once its
+  XLA:CPU is tuned (module docstring: :data:`XLA_CPU_FLAGS` added unless
+  ``env`` says otherwise), and the record of what was done:
+  ``{"xla_cpu": "tuned", "flags": ...}`` or ``{"xla_cpu": "system", "reason": ...}``."""
+  choice = env.get(XLA_CPU_ENV, "tuned")
   if choice not in XLA_CPU_CHOICES:
     raise ValueError(f"{XLA_CPU_ENV} must be one of {XLA_CPU_CHOICES}, got {choice!r}")
+  current = env.get("XLA_FLAGS", "")
   if choice == "system":
-    return {"xla_cpu": "system", "reason": f"{XLA_CPU_ENV}=system"}
-  current = os.environ.get("XLA_FLAGS", "")
+    return current, {"xla_cpu": "system", "reason": f"{XLA_CPU_ENV}=system"}
   if _YNN_FUSION_FLAG in current:
-    return {"xla_cpu": "system", "reason": f"XLA_FLAGS sets {_YNN_FUSION_FLAG}"}
-  os.environ["XLA_FLAGS"] = " ".join([current, *XLA_CPU_FLAGS]).strip()
-  return {"xla_cpu": "tuned", "flags": " ".join(XLA_CPU_FLAGS)}
+    return current, {"xla_cpu": "system", "reason": f"XLA_FLAGS sets {_YNN_FUSION_FLAG}"}
+  return (" ".join([current, *XLA_CPU_FLAGS]).strip(),
+          {"xla_cpu": "tuned", "flags": " ".join(XLA_CPU_FLAGS)})
+
+
+def tune_xla_cpu() -> dict:
+  """Sets this process's ``XLA_FLAGS`` to :func:`xla_cpu_flags` of its
+  environment; returns the record, for a benchmark's output."""
+  flags, record = xla_cpu_flags(os.environ)
+  if flags != os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = flags
+  return record
 
 
 def ynnpack_convolutions(xla_flags: str | None = None) -> bool:

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import compactnet_paths
-from dynscale import timing
+from dynscale import host, timing
 from dynscale.compactnet import latency, platform, schedule, search, trimming
 from dynscale.nn import costs, models, sliced, spec
 
@@ -484,6 +484,33 @@ def test_a_table_written_before_profiles_were_left_out_still_matches_its_network
 def test_unknown_platform_is_refused():
   with pytest.raises(ValueError, match=r"platform must be one of \['cpu-b1'"):
     platform.get("tpu-b64")
+
+
+def test_a_platforms_process_runs_the_tuned_xla_cpu_whoever_starts_it():
+  """The launcher tunes its own XLA:CPU (host.tune_xla_cpu), the CompactNet
+  benchmarks did not: their platform processes must run under the same flags."""
+  target = platform.get("cpu-b64")
+  untuned_parent = platform.environment(target, base={})["XLA_FLAGS"].split()
+  tuned_parent = platform.environment(
+      target, base={"XLA_FLAGS": " ".join(host.XLA_CPU_FLAGS)})["XLA_FLAGS"].split()
+  assert sorted(untuned_parent) == sorted(tuned_parent)
+  assert set(host.XLA_CPU_FLAGS) <= set(tuned_parent) and len(set(tuned_parent)) == len(tuned_parent)
+  assert "intra_op_parallelism_threads=1" in tuned_parent
+  system = platform.environment(target, base={host.XLA_CPU_ENV: "system"})["XLA_FLAGS"].split()
+  assert not set(host.XLA_CPU_FLAGS) & set(system) and "intra_op_parallelism_threads=1" in system
+
+
+def test_a_table_measured_under_other_xla_flags_is_refused(table):
+  target = platform.get("cpu-b64")
+  ours = platform.environment(target)["XLA_FLAGS"].split()
+  same = dataclasses.replace(table, provenance={**table.provenance,
+                                                "xla_flags": " ".join(reversed(ours))})
+  latency.check_matches(same, _mobilenet(), target, "tied")  # the order of flags is no matter
+  untuned = [flag for flag in ours if flag not in host.XLA_CPU_FLAGS]
+  other = dataclasses.replace(table, provenance={**table.provenance,
+                                                 "xla_flags": " ".join(untuned)})
+  with pytest.raises(ValueError, match="measured under XLA_FLAGS"):
+    latency.check_matches(other, _mobilenet(), target, "tied")
 
 
 def test_a_process_not_set_up_for_the_platform_refuses_to_measure():

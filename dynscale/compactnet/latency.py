@@ -49,6 +49,7 @@ import numpy as np
 from scipy import interpolate
 
 from dynscale import bound, timing
+from dynscale.compactnet import platform as platforms
 from dynscale.compactnet import trimming
 from dynscale.compactnet.platform import Platform
 from dynscale.io import write_json_atomic
@@ -195,8 +196,6 @@ def measure_networks(platform: Platform, networks: Mapping[str, tuple[dict, dict
   as a deployed network would, its variables bound (:func:`dynscale.bound.bind`):
   handed to the runtime one by one, MobileNetV2's 297 arrays cost 0.24 ms a
   call, 40% of its batch-1 latency on the 2-core machine (RESULTS.md)."""
-  from dynscale.compactnet import platform as platforms
-
   platforms.check_process(platform)
   dtype = jnp.dtype(platform.dtype)
   candidates = {}
@@ -500,6 +499,12 @@ def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
   if table.expansion != expansion:
     raise ValueError(f"{where} groups expansions as {table.expansion!r}, this run as "
                      f"{expansion!r}")
+  measured_under = table.provenance.get("xla_flags")
+  runs_under = platforms.environment(platform).get("XLA_FLAGS", "")
+  if measured_under is not None and sorted(measured_under.split()) != sorted(runs_under.split()):
+    raise ValueError(f"{where} was measured under XLA_FLAGS {measured_under!r}; a "
+                     f"{platform.name} process here runs under {runs_under!r}: build the "
+                     "table again (it holds the latencies of the XLA:CPU it ran on)")
 
 
 def unit_entries(arch: dict, groups: Sequence[trimming.TrimGroup],

@@ -8,6 +8,15 @@ started for the platform: :func:`environment` gives its ``XLA_FLAGS`` and
 CPU set (which the process applies to itself first thing, :func:`pin`),
 :func:`check_process` refuses to measure in any other, and
 :func:`run_isolated` starts such a process for a measurement module.
+
+The flags are the platform's whichever process starts it: XLA:CPU tuned as
+the launcher tunes it (:func:`dynscale.host.xla_cpu_flags`: convolutions
+out of YNNPACK), then the thread flags. Until 2026-12-06 a platform's
+process took its parent's ``XLA_FLAGS``, so what the launcher measured
+(tuned) and what the CompactNet benchmarks measured (which did not tune:
+YNNPACK's convolutions) ran under two XLA:CPUs; a table records its flags
+(:func:`describe`) and one measured under others is refused
+(:func:`dynscale.compactnet.latency.check_matches`).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+from dynscale import host
 
 BACKENDS = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16")
@@ -60,14 +71,15 @@ def get(name: str, field: str = "platform") -> Platform:
 def environment(platform: Platform, base: dict | None = None) -> dict:
   """The environment variables of a process for ``platform``.
 
-  On a CPU with ``threads`` set: XLA's single-threaded Eigen with one intra-op
-  thread, on the first ``threads`` CPUs this process may use (applied by
-  :func:`pin` in the new process).
+  On a CPU with ``threads`` set: XLA:CPU tuned (:func:`dynscale.host.xla_cpu_flags`
+  of ``base``) with single-threaded Eigen and one intra-op thread, on the
+  first ``threads`` CPUs this process may use (applied by :func:`pin` in the
+  new process).
   """
   env = dict(os.environ if base is None else base)
   if platform.backend != "cpu" or platform.threads is None:
     return env
-  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_THREAD_FLAGS}".strip()
+  env["XLA_FLAGS"] = f"{host.xla_cpu_flags(env)[0]} {_THREAD_FLAGS}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   env[_CPUS_VARIABLE] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:platform.threads])
   return env
