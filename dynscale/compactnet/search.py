@@ -184,8 +184,7 @@ def one_trim_meets(table: Table, widths: Sequence[int], budget: float,
 
 
 def record_check(workdir: str, result: Result, measured_speedup: float,
-                 next_budget_s: float | None, goal_speedup: float,
-                 conditions: dict | None = None) -> dict:
+                 next_budget_s: float | None, goal_speedup: float, conditions: dict) -> dict:
   """Appends to ``result``'s history, and to its file in ``workdir``, a
   measurement of its model (``measured_speedup`` on the platform, taken
   under ``conditions``: date, load, readings), the speed-up it was held to
