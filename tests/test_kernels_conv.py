@@ -214,3 +214,24 @@ def test_own_backward_second_order_and_vmapped_gradients(impl):
 ])
 def test_where_xla_puts_convolutions_is_read_from_its_flags(flags, in_ynnpack):
   assert host.ynnpack_convolutions(flags) is in_ynnpack
+
+
+def _fusions_reading(hlo: str, parameter: int) -> list[str]:
+  """The fusions of a compiled program's entry computation that read its ``parameter``."""
+  entry = hlo[hlo.index("\nENTRY"):].splitlines()
+  name = next(line.split("=")[0].strip() for line in entry if f"parameter({parameter})" in line)
+  return [line.split("=")[0].strip() for line in entry
+          if "fusion(" in line and f"{name}," in line.replace(")", ",")]
+
+
+def test_a_depthwise_conv_reads_its_input_and_never_recomputes_it():
+  """XLA reads a padded input's centre window as the input itself and fused the input's
+  producer, here an RGB conv as multiply-adds (MobileNetV2's stem), into the depthwise
+  loop, which computed it a second time; the windows come from behind a barrier."""
+  def stem_then_depthwise(x, stem, depthwise):
+    y = jnp.clip(conv.conv2d(x, stem, 2, "SAME"), 0, 6)
+    return conv.conv2d(y, depthwise, 1, "SAME", groups=y.shape[-1])
+  x, stem, depthwise = jnp.ones((4, 16, 16, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((3, 3, 1, 8))
+  assert conv.implementation(x.shape, stem.shape, (2, 2), "SAME", 1) == "taps"
+  hlo = jax.jit(stem_then_depthwise).lower(x, stem, depthwise).compile().as_text()
+  assert len(_fusions_reading(hlo, 1)) == 1  # the stem's filters: one loop computes it

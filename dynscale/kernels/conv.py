@@ -300,6 +300,23 @@ def _multiply_add_taps(x: Array, f: Array, strides, padding: Padding) -> Array:
   return y
 
 
+def _multiply_add_taps_once(x: Array, f: Array, strides, padding: Padding) -> Array:
+  """:func:`_multiply_add_taps` with the windows cut from the padded input behind an
+  optimization barrier, so that the input is computed once.
+
+  Without it XLA reads the centre window of a padded input as the input
+  itself (a slice of a pad) and fuses the input's producer into the
+  multiply-add loop, which computes it again: in MobileNetV2 the first
+  block's depthwise computed the RGB stem (a multiply-add conv) a second
+  time. With the barrier MobileNetV2's inference at batch 64 ran 6% (one
+  thread, Table 1's strides) to 13% (two threads, CIFAR strides) faster,
+  its train steps 0.5-2.5% slower (RESULTS.md, CompactNet), so only
+  inference takes it.
+  """
+  padded, _, _ = _padded(x, f.shape, strides, padding)
+  return _multiply_add_taps(jax.lax.optimization_barrier(padded), f, strides, "VALID")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
   """A depthwise conv as multiply-adds over taps, with a backward that keeps only ``x``, ``f``.
@@ -308,9 +325,10 @@ def _shifted_depthwise(x: Array, f: Array, strides, padding: Padding) -> Array:
   windows of ``x`` for the backward pass (nine copies of the input of a 3x3
   layer) and build the input gradient as nine zero-padded tensors summed;
   on CPU that memory traffic, not the arithmetic, was the time of
-  MobileNetV2's train step (RESULTS.md, issue 9).
+  MobileNetV2's train step (RESULTS.md, issue 9). Outside differentiation
+  (inference) it is :func:`_multiply_add_taps_once`.
   """
-  return _multiply_add_taps(x, f, strides, padding)
+  return _multiply_add_taps_once(x, f, strides, padding)
 
 
 def _shifted_depthwise_fwd(x, f, strides, padding):
