@@ -308,10 +308,9 @@ def _multiply_add_taps_once(x: Array, f: Array, strides, padding: Padding) -> Ar
   itself (a slice of a pad) and fuses the input's producer into the
   multiply-add loop, which computes it again: in MobileNetV2 the first
   block's depthwise computed the RGB stem (a multiply-add conv) a second
-  time. With the barrier MobileNetV2's inference at batch 64 ran 6% (one
-  thread, Table 1's strides) to 13% (two threads, CIFAR strides) faster,
-  its train steps 0.5-2.5% slower (RESULTS.md, CompactNet), so only
-  inference takes it.
+  time. With the barrier MobileNetV2's inference ran 2-13% faster, its
+  train steps 0.5-2.5% slower (RESULTS.md, CompactNet), so only inference
+  takes it.
   """
   padded, _, _ = _padded(x, f.shape, strides, padding)
   return _multiply_add_taps(jax.lax.optimization_barrier(padded), f, strides, "VALID")
