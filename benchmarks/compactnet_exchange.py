@@ -21,7 +21,6 @@ timing, date and load.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -39,14 +38,7 @@ def check(results_paths: list[str], settings: simulator.TableSettings) -> dict[s
                      f"got {results_paths}")
   runs: dict[str, dict] = {}
   for path in results_paths:
-    try:
-      with open(path) as f:
-        results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"results must be CompactNet runs' results.json: {e}") from e
-    missing = [k for k in ("platform", "export_dir", "original_export_dir") if k not in results]
-    if missing:
-      raise ValueError(f"results {path} is not a finished CompactNet run's: it has no {missing}")
+    results = platform_timing.load_results(path, ("platform", "export_dir", "original_export_dir"))
     name = platform.get(results["platform"], f"results {path}'s platform").name
     if name in runs:
       raise ValueError(f"results name two runs for platform {name!r}: one run per platform")

@@ -29,7 +29,6 @@ platform names, date and load.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
@@ -49,15 +48,7 @@ def check(results_path: str, platforms: list[str], multipliers: list[float],
           settings: simulator.TableSettings) -> tuple[dict, list[platform.Platform]]:
   """``(results, platforms)``; a ValueError naming the first bad argument,
   before anything is measured."""
-  try:
-    with open(results_path) as f:
-      results = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"results must be a CompactNet run's results.json: {e}") from e
-  missing = [k for k in (*EXPORTS.values(), "table") if k not in results]
-  if missing:
-    raise ValueError(f"results {results_path} is not a finished CompactNet run's: "
-                     f"it has no {missing}")
+  results = platform_timing.load_results(results_path, (*EXPORTS.values(), "table"))
   if not platforms:
     raise ValueError(f"platforms must name at least one of {sorted(platform.PLATFORMS)}")
   targets = [platform.get(name, "platforms") for name in platforms]

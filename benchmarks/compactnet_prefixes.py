@@ -25,7 +25,6 @@ whole network measured and predicted (calibrated), with date and load.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import app, flags
@@ -39,15 +38,7 @@ def check(results_path: str, widths: list[list[int]],
           settings: simulator.TableSettings) -> tuple[dict, latency.Table, platform.Platform]:
   """``(results, table, platform)``; a ValueError naming the first bad argument,
   before anything is measured."""
-  try:
-    with open(results_path) as f:
-      results = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"results must be a CompactNet run's results.json: {e}") from e
-  missing = [k for k in ("table", "original_export_dir", "widths") if k not in results]
-  if missing:
-    raise ValueError(f"results {results_path} is not a finished CompactNet run's: "
-                     f"it has no {missing}")
+  results = platform_timing.load_results(results_path, ("table", "original_export_dir", "widths"))
   table = latency.load(results["table"])
   target = platform.get(table.platform["name"])
   for w in widths:

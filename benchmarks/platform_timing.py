@@ -34,6 +34,20 @@ def flag_values() -> dict:
           "processes": f.processes}
 
 
+def load_results(path: str, keys) -> dict:
+  """A finished CompactNet run's ``results.json`` at ``path``; a ValueError naming
+  ``results`` if it cannot be read or lacks any of ``keys``."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"results must be a CompactNet run's results.json: {e}") from e
+  missing = [k for k in keys if k not in results]
+  if missing:
+    raise ValueError(f"results {path} is not a finished CompactNet run's: it has no {missing}")
+  return results
+
+
 def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
   """Per platform, every network's speed-up over ``original`` (003 Eq. 10, ``s / s*``)."""
   return {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latency_s.items()}

@@ -420,7 +420,7 @@ def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
   for paths_, message in (([paths[0]], "at least two runs"),
                           ([paths[0], str(same_platform)], "two runs for platform 'cpu-b64'"),
                           ([paths[0], str(other_original)], "must trim the same original"),
-                          ([paths[0], "/nonexistent.json"], "CompactNet runs' results.json")):
+                          ([paths[0], "/nonexistent.json"], "a CompactNet run's results.json")):
     requests = []
     with pytest.raises(ValueError, match=message):
       compactnet_exchange.run(results_paths=paths_, remote=fake_remote(requests))
