@@ -607,6 +607,59 @@ def test_an_unreachable_target_stops_with_the_best_reachable_speedup(tmp_path):
                   fine_tune=fine_tune, score=score, workdir=str(tmp_path), min_width=0.9)
 
 
+def test_a_correction_takes_its_gap_in_equal_steps_no_deeper_than_the_schedules_last():
+  """The corrected budget is reached in the fewest equal steps of at most the
+  given size; steps that need two groups are walked when no single group
+  could take the whole gap; none when the minimum widths cannot reach it."""
+  arch = _toy()
+  table = _toy_table(arch)
+  widths, start = table.full_widths, table.predict(table.full_widths)
+  budget = 0.8 * start
+  budgets = search.correction_budgets(table, widths, budget, 0.07 * start, 0.25)
+  assert len(budgets) == 3  # 0.2 of the latency in steps of at most 0.07: three
+  np.testing.assert_allclose(np.diff([start, *budgets]), -(start - budget) / 3)
+  assert budgets[-1] == pytest.approx(budget)
+  assert search.correction_budgets(table, widths, budget, start, 0.25) == (
+      pytest.approx(budget),)
+  # 5% of the latency beyond what any single group at half its width removes
+  minimum = search.minimum_widths(table, 0.5)
+  one_group = min(table.predict(list(widths[:k]) + [minimum[k]] + list(widths[k + 1:]))
+                  for k in range(len(widths)))
+  two_groups = one_group - 0.05 * start
+  assert search.correction_budgets(table, widths, two_groups, start, 0.5) == ()
+  walked = search.correction_budgets(table, widths, two_groups, (start - two_groups) / 2, 0.5)
+  assert len(walked) == 2 and walked[-1] == pytest.approx(two_groups)
+  every_group = table.predict(list(minimum))
+  assert search.correction_budgets(table, widths, 0.99 * every_group, start / 50, 0.5) == ()
+
+
+def test_a_check_with_stepped_budgets_runs_one_more_iteration_per_step(tmp_path):
+  """After a check asking for budgets b1 > b2, the search runs two more
+  iterations under them, in order, each met by one group's trim; a history
+  written before stepped corrections (one ``next_budget_s``) reads as one step."""
+  arch = _toy()
+  table = _toy_table(arch)
+  v = {**_variables(arch), "tag": np.asarray(0.0, np.float32)}
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  score, fine_tune = _oracle(arch, table)
+
+  def run():
+    return search.search(arch, v, table, plan, fine_tune=fine_tune, score=score,
+                         workdir=str(tmp_path), min_width=0.25)
+  found = run()
+  start = table.predict(list(found.widths))
+  budgets = (0.95 * start, 0.9 * start)
+  search.record_check(str(tmp_path), found, 1.0, budgets, 1.5, {})
+  extended = run().history["iterations"]
+  assert len(extended) == 5
+  for record, budget in zip(extended[3:], budgets):
+    assert record["budget_s"] == budget and record["done"]
+    assert table.predict(record["widths"]) <= budget
+    assert sum(a != b for a, b in zip(record["widths"], record["start_widths"])) == 1
+  assert search.extra_budgets({"next_budget_s": 0.5}) == [0.5]
+  assert search.extra_budgets({"next_budget_s": None}) == []
+
+
 def test_random_paths_meet_what_the_search_meets_and_stop_where_it_stops(tmp_path):
   table = _toy_table(_toy())
   easy = compactnet_paths.reachability(table, 1.4, 3, decay=0.9, paths=5)

@@ -195,19 +195,26 @@ def test_a_model_measured_short_of_the_target_is_searched_further(finished):
   assert results["search_checks"] == checks
   original = whole_network_latency(arch) + _overhead(config)
   t = config.compactnet.t_final
-  assert len(checks) > 1 and checks[-1]["next_budget_s"] is None
+  assert len(checks) > 1 and checks[-1]["next_budgets_s"] == []
+  step = training.plan(config).reductions[-1] * table.predict(table.full_widths)
   for check in checks:
     widths = iterations[check["after_iterations"] - 1]["widths"]
     core = trimming.core_widths(arch, trimming.trimmable_groups(arch), widths)
     measured = original / (whole_network_latency(spec.trimmed_architecture(arch, list(core)))
                            + _overhead(config))
     assert check["measured_speedup"] == pytest.approx(measured)
-    if check["next_budget_s"] is not None:
+    budgets = check["next_budgets_s"]
+    if budgets:
       assert measured < t
-      # the budget of a predicted speed-up T p / m, p the table's speed-up at these widths
-      assert check["next_budget_s"] == pytest.approx(
+      # the last: the budget of a predicted speed-up T p / m, p the table's speed-up here
+      assert budgets[-1] == pytest.approx(
           table.predict(table.full_widths) / (t * table.speedup(widths) / measured))
-      assert iterations[check["after_iterations"]]["budget_s"] == check["next_budget_s"]
+      # reached in equal steps, none removing more than the schedule's last iteration
+      steps = -np.diff([table.predict(widths), *budgets])
+      assert np.allclose(steps, steps[0]) and steps[0] <= step * (1 + 1e-9)
+      assert steps[0] * len(budgets) > step * (len(budgets) - 1)  # as few steps as that allows
+      first = check["after_iterations"]
+      assert [r["budget_s"] for r in iterations[first:first + len(budgets)]] == budgets
   assert checks[0]["measured_speedup"] < t <= checks[-1]["measured_speedup"]
   assert results["measured_speedup"] == pytest.approx(checks[-1]["measured_speedup"])
 
@@ -234,12 +241,12 @@ def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp
   history = search_on_platform(run).history
   checks, iterations = history["checks"], history["iterations"]
   assert [c["goal_speedup"] for c in checks] == [pytest.approx(goal)] * len(checks)
-  assert checks[-1]["next_budget_s"] is None
+  assert checks[-1]["next_budgets_s"] == []
   assert checks[-1]["measured_speedup"] >= goal > results["measured_speedup"]
   for check in checks[:-1]:
     widths = iterations[check["after_iterations"] - 1]["widths"]
     assert check["measured_speedup"] < goal
-    assert check["next_budget_s"] == pytest.approx(
+    assert check["next_budgets_s"][-1] == pytest.approx(
         table.predict(table.full_widths) / (goal * table.speedup(widths)
                                             / check["measured_speedup"]))
   config.compactnet.speedup_margin = 0.0

@@ -25,9 +25,11 @@ finished candidate and ends with the same history.
 The table predicts; the platform decides. A caller that measures the
 searched model on the platform records it with :func:`record_check`; when
 the model measures short of the target, the check carries a corrected
-budget (:func:`corrected_budget`) and the next call of :func:`search` runs
-one more iteration under it, after the schedule's (an addition to 004, whose
-search ends when the table's prediction meets the target).
+budget (:func:`corrected_budget`), reached in steps no deeper than the
+schedule's last (:func:`correction_budgets`), and the next call of
+:func:`search` runs one more iteration per step, after the schedule's (an
+addition to 004, whose search ends when the table's prediction meets the
+target).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -174,29 +177,58 @@ def corrected_budget(table: Table, widths: Sequence[int], measured_speedup: floa
   return table.predict(table.full_widths) * measured_speedup / (target_speedup * predicted)
 
 
-def one_trim_meets(table: Table, widths: Sequence[int], budget: float,
-                   min_width: float | Sequence[float]) -> bool:
-  """Whether one iteration can bring the model at ``widths`` to ``budget``: some
-  group trimmed no lower than its minimum width meets it."""
-  minimum = minimum_widths(table, min_width)
-  return any(trim_group(table, widths, k, budget, minimum[k]) is not None
-             for k in range(len(widths)))
+def correction_budgets(table: Table, widths: Sequence[int], budget: float, step_s: float,
+                       min_width: float | Sequence[float]) -> tuple[float, ...]:
+  """The budgets of the extra iterations that bring the model at ``widths`` to
+  ``budget``: the gap in equal steps of at most ``step_s`` (the schedule's last
+  reduction): no step of a correction removes more latency than the schedule's
+  last iteration did, and each picks its group by validation.
+
+  Empty when the table finds no walk of the steps, one group's trim each
+  (in turn the group that keeps the most of its width above its minimum).
+  """
+  start = table.predict(list(widths))
+  steps = max(1, math.ceil((start - budget) / step_s))
+  budgets = tuple(start - (start - budget) * j / steps for j in range(1, steps + 1))
+  return budgets if _walkable(table, widths, budgets, minimum_widths(table, min_width)) else ()
+
+
+def _walkable(table: Table, widths: Sequence[int], budgets: Sequence[float],
+              minimum: Sequence[int]) -> bool:
+  """Whether one group's trim per budget, in turn, meets every budget."""
+  trial = list(widths)
+  for budget in budgets:
+    options = {k: w for k in range(len(trial))
+               if (w := trim_group(table, trial, k, budget, minimum[k])) is not None}
+    if not options:
+      return False
+    k = max(options, key=lambda k: (options[k] - minimum[k]) / table.full_widths[k])
+    trial[k] = options[k]
+  return True
 
 
 def record_check(workdir: str, result: Result, measured_speedup: float,
-                 next_budget_s: float | None, goal_speedup: float, conditions: dict) -> dict:
+                 next_budgets_s: Sequence[float], goal_speedup: float, conditions: dict) -> dict:
   """Appends to ``result``'s history, and to its file in ``workdir``, a
   measurement of its model (``measured_speedup`` on the platform, taken
   under ``conditions``: date, load, readings), the speed-up it was held to
-  and the budget of the extra iteration it asks for (None: none); returns
-  the check."""
+  and the budgets of the extra iterations it asks for (empty: none);
+  returns the check."""
   check = {"after_iterations": len(result.history["iterations"]),
            "measured_speedup": float(measured_speedup), "goal_speedup": float(goal_speedup),
-           "next_budget_s": None if next_budget_s is None else float(next_budget_s),
+           "next_budgets_s": [float(b) for b in next_budgets_s],
            "conditions": conditions}
   result.history["checks"].append(check)
   write_json_atomic(os.path.join(workdir, HISTORY_FILE), result.history)
   return check
+
+
+def extra_budgets(check: Mapping) -> list[float]:
+  """The budgets of the extra iterations a check asked for (a history written
+  before corrections were stepped holds one, as ``next_budget_s``)."""
+  if "next_budgets_s" in check:
+    return list(check["next_budgets_s"])
+  return [] if check["next_budget_s"] is None else [check["next_budget_s"]]
 
 
 def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[int]) -> dict:
@@ -247,7 +279,7 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
                     {"widths": np.asarray(widths), **_origin_arrays(origin)})
     write_json_atomic(history_path, history)
   budgets = (*schedule.budgets(table.predict(table.full_widths)),
-             *(c["next_budget_s"] for c in history["checks"] if c["next_budget_s"] is not None))
+             *(b for c in history["checks"] for b in extra_budgets(c)))
   for i, budget in enumerate(budgets):
     if i < len(history["iterations"]) and history["iterations"][i]["done"]:
       continue

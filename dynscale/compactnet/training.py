@@ -14,9 +14,11 @@
    model is then measured against the original on the platform; while it
    measures short of ``compactnet.t_final`` (times 1 +
    ``compactnet.speedup_margin``), up to ``compactnet.corrections`` more
-   iterations run, each under the budget the table's error on the current
-   model asks for
-   (:func:`dynscale.compactnet.search.corrected_budget`).
+   rounds of iterations run toward the budget the table's error on the
+   current model asks for
+   (:func:`dynscale.compactnet.search.corrected_budget`), in steps no
+   deeper than the schedule's last
+   (:func:`dynscale.compactnet.search.correction_budgets`).
 4. The *uniform* baseline: every group cut by one multiplier, L2-trimmed
    from the same pretrained network; the largest of
    ``compactnet.uniform_multipliers`` whose measured latency is at most the
@@ -91,6 +93,12 @@ def plan(config) -> schedule.Schedule:
   """The schedule whose final speed-up is ``compactnet.t_final`` (Eq. 1-2)."""
   c = config.compactnet
   return schedule.Schedule.for_final(c.t_final, c.iterations, c.decay)
+
+
+def last_step_s(config, table: latency.Table) -> float:
+  """The latency the schedule's last iteration removes, ``T_sub,N L_orig`` as the
+  table predicts it: the deepest step a correction takes."""
+  return plan(config).reductions[-1] * table.predict(table.full_widths)
 
 
 def architecture(config) -> dict:
@@ -437,19 +445,20 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
         "original": {"export_dir": original_export}, "searched": {"export_dir": probe}},
         table_settings(run.config))
     speedup = measured["original"] / measured["searched"]
-    budget = None
+    budgets = ()
     if speedup < goal and len(checks) < c.corrections:
-      budget = search.corrected_budget(table, found.widths, speedup, goal)
-      if not search.one_trim_meets(table, found.widths, budget, c.min_width):
-        logging.warning("the searched model measures %.3fx; no single trim reaches the "
-                        "corrected budget", speedup)
-        budget = None
+      budgets = search.correction_budgets(
+          table, found.widths, search.corrected_budget(table, found.widths, speedup, goal),
+          last_step_s(run.config, table), c.min_width)
+      if not budgets:
+        logging.warning("the searched model measures %.3fx; no trims above the minimum "
+                        "widths reach the corrected budget", speedup)
     logging.info("searched model on %s: %.3fx measured (goal %.3fx), %.3fx predicted%s",
                  target.name, speedup, goal, table.speedup(list(found.widths)),
-                 "" if budget is None else "; one more iteration")
-    check = search.record_check(workdir, found, speedup, budget, goal,
+                 f"; {len(budgets)} more iteration(s)" if budgets else "")
+    check = search.record_check(workdir, found, speedup, budgets, goal,
                                 simulator.conditions(provenance))
-    if check["next_budget_s"] is None:
+    if not check["next_budgets_s"]:
       return found
 
 
