@@ -135,6 +135,8 @@ def get_config(arg: str = "all"):
   if arg == "smoke":
     return _smoke(config)
   start = {"model.init_from": "variant:pretrain"}
+  b1_margin = {**start, "compactnet.platform": "cpu-b1", "compactnet.t_final": 1.5,
+               "compactnet.speedup_margin": 0.08, "compactnet.corrections": 4}
   variants = {
       "pretrain": {"method": "idp"},
       "b64-1_5x": {**start, "compactnet.t_final": 1.5},
@@ -147,11 +149,8 @@ def get_config(arg: str = "all"):
       "b64-1_8x-kd-m3": {**start, "compactnet.t_final": 1.8, "compactnet.iterations": 8,
                          "compactnet.speedup_margin": 0.03, "compactnet.corrections": 4,
                          **DISTILL},
-      "b1-1_5x-m8": {**start, "compactnet.platform": "cpu-b1", "compactnet.t_final": 1.5,
-                     "compactnet.speedup_margin": 0.08, "compactnet.corrections": 4},
-      "b1-1_5x-m8-kd": {**start, "compactnet.platform": "cpu-b1", "compactnet.t_final": 1.5,
-                        "compactnet.speedup_margin": 0.08, "compactnet.corrections": 4,
-                        **DISTILL},
+      "b1-1_5x-m8": b1_margin,
+      "b1-1_5x-m8-kd": {**b1_margin, **DISTILL},
   }
   config.variants = {name: common.overrides(**v) for name, v in variants.items()}
   return config
