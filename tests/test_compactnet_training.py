@@ -340,13 +340,19 @@ def test_the_models_benchmark_refuses_bad_input_before_measuring(finished, chang
   assert requests == []
 
 
-def _exchange_runs(workdir, results):
+def _exchange_runs(workdir, results, third: bool = False):
   """The run's own results (for its platform, cpu-b64) and a second run's for
-  cpu-b1 whose searched model is this run's uniform one (same original)."""
-  other = {**results, "platform": "cpu-b1", "export_dir": results["uniform_export_dir"]}
-  path = workdir / "exchange-b1-results.json"
-  path.write_text(json.dumps(other))
-  return [str(workdir / "results.json"), str(path)]
+  cpu-b1 whose searched model is this run's uniform one (same original); with
+  ``third``, a cpu-b64-bf16 run whose searched model is the original itself."""
+  others = {"cpu-b1": results["uniform_export_dir"]}
+  if third:
+    others["cpu-b64-bf16"] = results["original_export_dir"]
+  paths = [str(workdir / "results.json")]
+  for name, export_dir in others.items():
+    path = workdir / f"exchange-{name}-results.json"
+    path.write_text(json.dumps({**results, "platform": name, "export_dir": export_dir}))
+    paths.append(str(path))
+  return paths
 
 
 def test_the_prefixes_benchmark_charges_each_unit_what_it_adds_to_its_prefix(finished, capsys):
@@ -401,6 +407,8 @@ def test_the_exchange_times_every_platforms_model_on_every_platform(finished, ca
   assert json.loads(capsys.readouterr().out.strip()) == record
   # one interleaved run per platform and process
   assert requests == ["networks"] * (2 * settings.processes)
+  assert [pair["platforms"] for pair in record["pairs"]] == [["cpu-b64", "cpu-b1"]]
+  assert record["pairs"][0]["advantage"] == pytest.approx(record["home_advantage"])
 
   def expected(export_dir, on):
     network = sliced.load(export_dir)
@@ -414,6 +422,29 @@ def test_the_exchange_times_every_platforms_model_on_every_platform(finished, ca
     other = "cpu-b1" if on == "cpu-b64" else "cpu-b64"
     assert record["home_advantage"][on] == pytest.approx(latency_s[other] / latency_s[on] - 1)
     assert record["speedup"][on]["original"] == 1
+
+
+def test_the_exchange_of_three_platforms_compares_every_pair_alone(finished, capsys):
+  """With a third platform, ``home_advantage`` is against the fastest other
+  model, while each pair of Table 7 compares two platforms' models alone."""
+  _, workdir, results, _ = finished
+  per_mib_s = {"cpu-b64": 0.0, "cpu-b1": 5e-3, "cpu-b64-bf16": 1e-3}
+  fakes = {p: fake_remote([], per_mib_s=c) for p, c in per_mib_s.items()}
+  record = compactnet_exchange.run(
+      results_paths=_exchange_runs(workdir, results, third=True),
+      settings=simulator.TableSettings(warmup=0, rounds=1, processes=1),
+      remote=lambda target, request: fakes[target.name](target, request))
+  lat = record["latency_s"]
+  expected = {("cpu-b64", "cpu-b1"), ("cpu-b64", "cpu-b64-bf16"), ("cpu-b1", "cpu-b64-bf16")}
+  assert {tuple(pair["platforms"]) for pair in record["pairs"]} == expected
+  for pair in record["pairs"]:
+    a, b = pair["platforms"]
+    assert pair["advantage"] == pytest.approx({a: lat[a][b] / lat[a][a] - 1,
+                                               b: lat[b][a] / lat[b][b] - 1})
+  for home in per_mib_s:
+    others = [lat[home][m] for m in per_mib_s if m != home]
+    assert record["home_advantage"][home] == pytest.approx(min(others) / lat[home][home] - 1)
+  assert "cpu-b1 / cpu-b64-bf16: on cpu-b1 its own" in capsys.readouterr().err
 
 
 def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
