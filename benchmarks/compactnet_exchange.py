@@ -12,8 +12,9 @@ there: for each platform the record gives every model's speed-up over the
 original (003 Eq. 10, ``s / s*``) and ``home_advantage``, the latency of
 the fastest model searched for another platform over the latency of the
 platform's own, minus one (positive: the platform's own model is faster
-there; the issue asks for at least 5%) and, with more than two platforms,
-``pairs``: the same for every two of them, each against the other alone.
+there; the issue asks for at least 5%) and ``pairs``: the same for every
+two platforms, each against the other alone (with two platforms, the same
+numbers as ``home_advantage``).
 
 Prints a table to stderr and one JSON line (also written to ``--out`` when
 given) to stdout: latencies, speed-ups, ``home_advantage``, the runs,
