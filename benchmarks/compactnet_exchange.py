@@ -61,13 +61,12 @@ def home_advantage(latency_s: dict[str, float], home: str) -> float:
 
 
 def pair_advantages(latencies: dict[str, dict[str, float]]) -> list[dict]:
-  """Table 7 pair by pair: for every two platforms ``a``, ``b``, each one's own
-  model against the other's on it, ``{"platforms": [a, b], "advantage": {a:
-  latency of b's model on a / latency of a's own on a - 1, b: ...}}``
-  (positive: the platform's own model is the faster there)."""
+  """Table 7 pair by pair: for every two platforms ``a``, ``b``, each one's
+  :func:`home_advantage` with the other's model as the only other,
+  ``{"platforms": [a, b], "advantage": {a: ..., b: ...}}``."""
   return [{"platforms": [a, b],
-           "advantage": {a: latencies[a][b] / latencies[a][a] - 1,
-                         b: latencies[b][a] / latencies[b][b] - 1}}
+           "advantage": {p: home_advantage({m: latencies[p][m] for m in (a, b)}, p)
+                         for p in (a, b)}}
           for a, b in itertools.combinations(latencies, 2)]
 
 
