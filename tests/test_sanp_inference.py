@@ -29,9 +29,10 @@ def test_bucket_sizes_round_channel_counts_up():
   assert inference.bucket_sizes(3, 1) == (3,)
 
 
-def test_skipping_equals_the_masked_network_with_an_all_off_layer():
+@pytest.mark.parametrize("layer", ["layers.0", "layers.4"])  # the first reads the image
+def test_skipping_equals_the_masked_network_with_an_all_off_layer(layer):
   model = gated_model()
-  closed = model.gates["layers.4"]
+  closed = model.gates[layer]
   closed.head.w2.kernel.value = jnp.zeros_like(closed.head.w2.kernel.value)
   closed.head.w2.bias.value = jnp.full_like(closed.head.w2.bias.value, -5.0)  # all off
   skip = inference.skipping_forward(model, buckets=3)
@@ -39,9 +40,9 @@ def test_skipping_equals_the_masked_network_with_an_all_off_layer():
       [[[[1.0, -1.0, 0.5]]]])
   for image in images:
     trace = model.run(image[None], 1.0, train=False)
-    assert float(trace.activity["layers.4"].sum()) == 0
+    assert float(trace.activity[layer].sum()) == 0
     np.testing.assert_allclose(skip(image[None]), trace.output, rtol=1e-4, atol=1e-4)
-  model.gates["layers.4"].head.w2.bias.value = jnp.full_like(closed.head.w2.bias.value, 5.0)
+  model.gates[layer].head.w2.bias.value = jnp.full_like(closed.head.w2.bias.value, 5.0)
   reopened = inference.skipping_forward(model, buckets=3)
   trace = model.run(images[:1], 1.0, train=False)
   np.testing.assert_allclose(reopened(images[:1]), trace.output, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,13 @@ layer reads a prefix of them (a slice, not a gather) and pooling runs on
 them as they are; the next gate reads its pooled descriptor put back in
 channel order, and a layer that mixes channel positions (flatten, dense,
 an ungated convolution) gets the channel order back first. What every
-layer sees is what the masked network gives it. The permutation comes from
+layer sees is what the masked network gives it. The exception is a gated
+convolution that reads the image (the first): it computes all its output
+channels, as the masked network does, and then puts the open ones first. It
+is the cheapest layer (1% of M-CifarNet's multiply-adds), and skipping its
+closed channels cost more than it saved: XLA:CPU fused the layer's
+multiply-adds over taps into the zero-padding of a bucket's output, one loop
+about 7x the time of the layer's own loop in the plain network (RESULTS.md, issue 12). The permutation comes from
 cumulative sums of the decisions (:func:`open_first`), not a sort: at batch
 1 every operation's fixed cost counts.
 
@@ -115,7 +121,6 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
     layer = arch["layers"][node.index]
     channels = node.inputs.channels
     if placed is None:
-      order_in, count_in, sizes_in = jnp.arange(channels), channels, (channels,)
       descriptor_map = y
     else:  # Eq. 5's pooled descriptor, put back in channel order: a 1x1 map pools to itself
       order_in, slot_in = placed
@@ -126,6 +131,10 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
     order_out, slot_out = open_first(is_open)
     sizes_out = bucket_sizes(layer["features"], buckets)
     name = gate_name(f"layers.{node.index}", "")
+    if placed is None:  # reads the image: every output, then the open ones first (docstring)
+      ctx = context(node.index, {name: lambda x, y, train: multiplier[None]})
+      y = KINDS["conv"].apply(layer, v, y, ctx, node.inputs, node.outputs)
+      return y[..., order_out], (order_out, slot_out), jnp.sum(is_open)
 
     def branch(k_in, k_out):
       def run(y):
