@@ -10,15 +10,18 @@ layer reads a prefix of them (a slice, not a gather) and pooling runs on
 them as they are; the next gate reads its pooled descriptor put back in
 channel order, and a layer that mixes channel positions (flatten, dense,
 an ungated convolution) gets the channel order back first. What every
-layer sees is what the masked network gives it. The exception is a gated
-convolution that reads the image (the first): it computes all its output
-channels, as the masked network does, and then puts the open ones first. It
-is the cheapest layer (1% of M-CifarNet's multiply-adds), and skipping its
-closed channels cost more than it saved: XLA:CPU fused the layer's
-multiply-adds over taps into the zero-padding of a bucket's output, one loop
-about 7x the time of the layer's own loop in the plain network (RESULTS.md, issue 12). The permutation comes from
+layer sees is what the masked network gives it. The permutation comes from
 cumulative sums of the decisions (:func:`open_first`), not a sort: at batch
 1 every operation's fixed cost counts.
+
+A gated convolution that reads the image (the first) computes all its
+output channels, as the masked network does, with its filters and
+batch-norm entries taken in the open-first order, so that its output comes
+out in that order. It is the cheapest layer (1% of M-CifarNet's
+multiply-adds), and skipping its closed channels cost more than it saved:
+XLA:CPU fused its multiply-adds over taps into the zero padding of a
+bucket's output, one loop 7x the time of the same layer's loop in the plain
+network (RESULTS.md, issue 12).
 
 Shapes must be static, so open-channel counts are rounded up to
 ``buckets`` sizes per layer (the padded slots are closed channels, which
@@ -131,10 +134,11 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
     order_out, slot_out = open_first(is_open)
     sizes_out = bucket_sizes(layer["features"], buckets)
     name = gate_name(f"layers.{node.index}", "")
-    if placed is None:  # reads the image: every output, then the open ones first (docstring)
-      ctx = context(node.index, {name: lambda x, y, train: multiplier[None]})
-      y = KINDS["conv"].apply(layer, v, y, ctx, node.inputs, node.outputs)
-      return y[..., order_out], (order_out, slot_out), jnp.sum(is_open)
+    if placed is None:  # reads the image: every output, the open ones first (docstring)
+      sub = sliced.gather_layer_variables(arch, node.index, v, {"out": order_out})
+      ctx = context(node.index, {name: lambda x, y, train: multiplier[order_out][None]})
+      y = KINDS["conv"].apply(layer, sub, y, ctx, node.inputs, node.outputs)
+      return y, (order_out, slot_out), jnp.sum(is_open)
 
     def branch(k_in, k_out):
       def run(y):
