@@ -1,7 +1,9 @@
-"""bind: a function with its arrays bound gives what the function gives them."""
+"""bind and export: a function with its arrays bound, or saved with them and loaded,
+gives what the function gives them."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dynscale import bound
 
@@ -52,3 +54,24 @@ def test_bound_function_is_traced_once_per_argument_shape():
     g(jnp.ones(()))
   g(jnp.ones((2, 3)))
   assert traces == [(), (2, 3)]
+
+
+def test_an_exported_function_runs_from_its_files_alone(tmp_path):
+  """The saved arrays are the bound ones, in their places: a swapped, shifted or
+  recast array, or one packed in another order, changes an output."""
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3)), jnp.float32)
+  expected = use_every_leaf(tree(), x)
+  for separate_from in (5, 10**6):  # some arrays packed, some alone; all packed
+    directory = tmp_path / str(separate_from)
+    bound.export(use_every_leaf, tree(), [x], directory, separate_from=separate_from)
+    got = bound.load(directory)(x)
+    for g, e in zip(got, expected):
+      assert g.dtype == e.dtype and g.shape == e.shape
+      np.testing.assert_array_equal(g, e)
+
+
+def test_loading_a_directory_without_an_exported_function_names_the_missing_file(tmp_path):
+  bound.export(use_every_leaf, tree(), [jnp.ones((2, 3))], tmp_path)
+  (tmp_path / bound.FUNCTION_FILE).unlink()
+  with pytest.raises(FileNotFoundError, match=r"function\.jax not found"):
+    bound.load(tmp_path)

@@ -200,6 +200,13 @@ def test_the_per_image_numbers_recomputed_from_the_gates_are_the_runs(sanp_noteb
   assert recomputed == pytest.approx(accuracy, abs=6e-4)
 
 
+def test_the_exported_skipping_function_gives_the_masked_networks_logits(sanp_notebook):
+  text = tagged_stdout(sanp_notebook, "skipping")
+  assert "['arrays.npz', 'function.jax']" in text
+  difference = float(re.search(r"logits on 8 test images: (\S+)", text).group(1))
+  assert difference <= 1e-4
+
+
 
 # Output channels of Table 1's rows (first conv, the seven bottleneck stages, last conv).
 TABLE_1_OUTPUTS = (32, 16, 24, 32, 64, 96, 160, 320, 1280)

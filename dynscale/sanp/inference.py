@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,29 @@ def _ignore(*_):
 def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array], jax.Array]:
   """``logits = f(image)`` for one image ``(1, H, W, C)`` of the gated ``model``,
   computing only the open channels of every gated convolution (jitted)."""
+  compiled = bound.bind(*_skipping(model, buckets))
+
+  def run(image: jax.Array) -> jax.Array:
+    if image.shape[0] != 1:
+      raise ValueError(f"skipping inference takes one image (1, H, W, C), got {image.shape}")
+    return compiled(image)
+  return run
+
+
+def export_skipping(model: nnx.Module, directory: str | os.PathLike,
+                    buckets: int = 4) -> Path:
+  """Saves :func:`skipping_forward` of ``model`` (``jax.export``, with its
+  variables) so that ``dynscale.bound.load(directory)`` gives ``logits =
+  f(image)`` for one image ``(1, H, W, C)`` from the files alone, without
+  Flax or the model's code (:func:`dynscale.bound.export`)."""
+  forward, values = _skipping(model, buckets)
+  image = jax.ShapeDtypeStruct((1, *model.arch["input_shape"]), jnp.float32)
+  return bound.export(forward, values, [image], directory)
+
+
+def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
+  """``(forward, values)``: ``forward(values, image)`` is the skipping forward
+  of the gated ``model``, ``values`` its variables and gate parameters."""
   if buckets < 1:
     raise ValueError(f"buckets must be >= 1, got {buckets}")
   arch = model.arch
@@ -178,10 +203,4 @@ def skipping_forward(model: nnx.Module, buckets: int = 4) -> Callable[[jax.Array
       y = y[..., placed[1]]
     return y.astype(jnp.float32)
 
-  compiled = bound.bind(forward, (variables, gate_values))
-
-  def run(image: jax.Array) -> jax.Array:
-    if image.shape[0] != 1:
-      raise ValueError(f"skipping inference takes one image (1, H, W, C), got {image.shape}")
-    return compiled(image)
-  return run
+  return forward, (variables, gate_values)
