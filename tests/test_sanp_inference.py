@@ -15,9 +15,9 @@ ARCH = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3)
                            width_multiplier=0.125)
 
 
-def gated_model(seed=0):
-  model = models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp",
-                                                                               reduction=4))
+def gated_model(seed=0, gate=None):
+  model = models.build(ARCH, rngs=models.init_rngs(0),
+                       gate=gate or gates.gate_factory("sanp", reduction=4))
   rng = np.random.default_rng(seed)
   for gate in model.gates.values():  # per-sample decisions, about half the channels open
     w2 = gate.head.w2
@@ -49,6 +49,20 @@ def test_skipping_equals_the_masked_network_with_an_all_off_layer(layer):
   reopened = inference.skipping_forward(model, buckets=3)
   trace = model.run(images[:1], 1.0, train=False)
   np.testing.assert_allclose(reopened(images[:1]), trace.output, rtol=1e-4, atol=1e-4)
+
+
+def test_skipping_equals_the_masked_network_after_an_ungated_convolution():
+  """layers.2 reads layers.1's output in channel order, not the image: it picks
+  its input bucket as a whole layer, unlike the first, which computes every
+  output."""
+  sanp = gates.gate_factory("sanp", reduction=4)
+  model = gated_model(gate=lambda name, *shape: None if name == "layers.1" else sanp(name, *shape))
+  assert "layers.1" not in model.gates
+  skip = inference.skipping_forward(model, buckets=3)
+  for image in jax.random.normal(jax.random.key(5), (2, 1, 32, 32, 3)):
+    trace = model.run(image, 1.0, train=False)
+    assert 0 < float(trace.activity["layers.2"].mean()) < 1
+    np.testing.assert_allclose(skip(image), trace.output, rtol=1e-4, atol=1e-4)
 
 
 def test_skipping_equals_the_masked_network_under_per_channel_decision_points():

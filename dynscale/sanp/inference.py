@@ -142,13 +142,14 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     return Context(train=False, epsilon=arch["bn_epsilon"], masks={}, gates=gates,
                    path=f"layers.{index}", record=_ignore)
 
-  def gated_conv(node, v, y, placed, count_in, gate):
+  def gated_conv(node, v, y, placed, count_in, gate, reads_image):
     """``y`` holds the input channels placed by ``placed`` = ``(order, slot)`` of
     :func:`open_first` (open first, the rest zeros; ``None``: the natural order);
     returns the output the same way."""
     layer = arch["layers"][node.index]
     channels = node.inputs.channels
     if placed is None:
+      order_in, count_in, sizes_in = jnp.arange(channels), channels, (channels,)
       descriptor_map = y
     else:  # Eq. 5's pooled descriptor, put back in channel order: a 1x1 map pools to itself
       order_in, slot_in = placed
@@ -159,7 +160,7 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     order_out, slot_out = open_first(is_open)
     sizes_out = bucket_sizes(layer["features"], buckets)
     name = gate_name(f"layers.{node.index}", "")
-    if placed is None:  # reads the image: every output, the open ones first (docstring)
+    if reads_image:  # every output, the open ones first (module docstring)
       sub = sliced.gather_layer_variables(arch, node.index, v, {"out": order_out})
       ctx = context(node.index, {name: lambda x, y, train: multiplier[order_out][None]})
       y = KINDS["conv"].apply(layer, sub, y, ctx, node.inputs, node.outputs)
@@ -193,7 +194,7 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
       v = variables[node.index] if node.kind in spec.PARAMETRIC_KINDS else {}
       name = gate_name(f"layers.{node.index}", "")
       if node.kind == "conv" and name in gates:
-        y, placed, count = gated_conv(node, v, y, placed, count, gates[name])
+        y, placed, count = gated_conv(node, v, y, placed, count, gates[name], y is image)
         continue
       if placed is not None and node.kind not in CHANNELWISE:  # back to channel order
         y, placed, count = y[..., placed[1]], None, None
