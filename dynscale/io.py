@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -23,6 +27,13 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_npz_atomic(path: str, arrays: Mapping[str, Any]) -> None:
+  """Writes ``arrays`` (name: array) as an ``.npz`` file to ``path`` atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
+  write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -35,7 +35,6 @@ target).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -46,7 +45,7 @@ import numpy as np
 from dynscale.compactnet import trimming
 from dynscale.compactnet.latency import Table
 from dynscale.compactnet.schedule import Schedule
-from dynscale.io import write_bytes_atomic, write_json_atomic
+from dynscale.io import write_json_atomic, write_npz_atomic
 from dynscale.nn import sliced, spec
 
 HISTORY_FILE = "history.json"
@@ -144,9 +143,7 @@ def best_reachable_speedup(table: Table, minimum: Sequence[int]) -> float:
 def _save_variables(path: str, variables: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
   flat = {f"v/{k}": np.asarray(v) for k, v in sliced.flatten_tree(variables).items()}
   flat.update({f"a/{k}": np.asarray(v) for k, v in arrays.items()})
-  buffer = io.BytesIO()
-  np.savez(buffer, **flat)
-  write_bytes_atomic(path, buffer.getvalue())
+  write_npz_atomic(path, flat)
 
 
 def _load_variables(path: str) -> tuple[dict, dict[str, np.ndarray]]:

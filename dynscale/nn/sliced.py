@@ -25,7 +25,6 @@ reloads without Flax or the model classes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynscale import idp
-from dynscale.io import write_bytes_atomic
+from dynscale.io import write_bytes_atomic, write_npz_atomic
 from dynscale.nn import forward, spec
 from dynscale.nn.kinds import KINDS, Var
 
@@ -485,12 +484,9 @@ def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = Non
   arrays = flatten_tree(variables)
   for dp, stats in stats_by_dp.items():
     arrays.update(flatten_tree(stats, f"{_STATS_PREFIX}{dp!r}/"))
-  arrays = {name: np.asarray(value) for name, value in arrays.items()}
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  write_bytes_atomic(str(directory / PARAMS_FILE), buffer.getvalue())
+  write_npz_atomic(str(directory / PARAMS_FILE), arrays)
   write_bytes_atomic(str(directory / ARCHITECTURE_FILE),
                      json.dumps(arch, indent=2, sort_keys=True).encode())
   return directory
