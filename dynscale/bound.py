@@ -16,7 +16,6 @@ from the files alone.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,18 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynscale.io import write_bytes_atomic
+from dynscale.io import write_bytes_atomic, write_npz_atomic
 
 SEPARATE_FROM = 4096  # elements: arrays this large are passed as they are
 FUNCTION_FILE = "function.jax"
 ARRAYS_FILE = "arrays.npz"
 
 
-def _pack(tree: Any, separate_from: int) -> tuple[list[jax.Array], Callable[[Any], Any]]:
-  """``(arrays, unpack)``: ``tree``'s arrays of fewer than ``separate_from``
-  elements packed into one buffer per dtype, the others as they are, and the
-  function that rebuilds ``tree`` from ``arrays`` inside a traced function
-  (where the static slices of the buffers cost nothing)."""
+def _bound_call(fn: Callable[..., Any], tree: Any,
+                separate_from: int) -> tuple[list[jax.Array], Callable[..., Any]]:
+  """``(arrays, call)`` with ``call(arrays, *args) = fn(tree, *args)``, jitted:
+  ``arrays`` holds ``tree``'s arrays of fewer than ``separate_from`` elements
+  packed into one buffer per dtype, then the others as they are; ``call``
+  rebuilds ``tree`` from them (static slices of the buffers, which cost
+  nothing inside the compiled function)."""
   leaves, treedef = jax.tree.flatten(tree)
   leaves = [jnp.asarray(a) for a in leaves]
   separate = [i for i, a in enumerate(leaves) if a.size >= separate_from]
@@ -49,7 +50,8 @@ def _pack(tree: Any, separate_from: int) -> tuple[list[jax.Array], Callable[[Any
   arrays = [jnp.concatenate([jnp.ravel(leaves[i]) for i in members])
             for members in packed.values()] + [leaves[i] for i in separate]
 
-  def unpack(arrays: list[jax.Array]) -> Any:
+  @jax.jit
+  def call(arrays: list[jax.Array], *args):
     out = [None] * len(leaves)
     for buffer, members in zip(arrays, packed.values()):
       start = 0
@@ -59,8 +61,8 @@ def _pack(tree: Any, separate_from: int) -> tuple[list[jax.Array], Callable[[Any
         start += size
     for i, a in zip(separate, arrays[len(packed):]):
       out[i] = a
-    return jax.tree.unflatten(treedef, out)
-  return arrays, unpack
+    return fn(jax.tree.unflatten(treedef, out), *args)
+  return arrays, call
 
 
 def bind(fn: Callable[..., Any], tree: Any, *,
@@ -68,8 +70,7 @@ def bind(fn: Callable[..., Any], tree: Any, *,
   """``g(*args) = fn(tree, *args)``, jitted, with ``tree``'s arrays of fewer
   than ``separate_from`` elements packed into one buffer per dtype and the
   others passed on their own. The packed arrays are copied once, here."""
-  arrays, unpack = _pack(tree, separate_from)
-  call = jax.jit(lambda arrays, *args: fn(unpack(arrays), *args))
+  arrays, call = _bound_call(fn, tree, separate_from)
   return lambda *args: call(arrays, *args)
 
 
@@ -94,14 +95,11 @@ def export(fn: Callable[..., Any], tree: Any, args: Sequence[Any], directory: st
   Returns:
     The directory as a Path.
   """
-  arrays, unpack = _pack(tree, separate_from)
-  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-  exported = jax.export.export(jax.jit(lambda arrays, *args: fn(unpack(arrays), *args)))(
-      arrays, *specs)
+  arrays, call = _bound_call(fn, tree, separate_from)
+  exported = jax.export.export(call)(
+      arrays, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args])
   directory = Path(directory)
-  buffer = io.BytesIO()
-  np.savez(buffer, *[np.asarray(a) for a in arrays])
-  write_bytes_atomic(str(directory / ARRAYS_FILE), buffer.getvalue())
+  write_npz_atomic(str(directory / ARRAYS_FILE), {f"arr_{i}": a for i, a in enumerate(arrays)})
   write_bytes_atomic(str(directory / FUNCTION_FILE), bytes(exported.serialize()))
   return directory
 
