@@ -160,21 +160,22 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     order_out, slot_out = open_first(is_open)
     sizes_out = bucket_sizes(layer["features"], buckets)
     name = gate_name(f"layers.{node.index}", "")
+
+    def on_channels(kept, y):
+      """The layer computing only the ``kept`` channels (``{"out": idx}``, and
+      ``"in"``: those ``y`` holds) of each slot."""
+      sub = sliced.gather_layer_variables(arch, node.index, v, kept)
+      picked = multiplier[kept["out"]][None]
+      ctx = context(node.index, {name: lambda x, y, train: picked})
+      return KINDS["conv"].apply({**layer, "features": len(kept["out"])}, sub, y, ctx,
+                                 node.inputs, node.outputs)
+
     if reads_image:  # every output, the open ones first (module docstring)
-      sub = sliced.gather_layer_variables(arch, node.index, v, {"out": order_out})
-      ctx = context(node.index, {name: lambda x, y, train: multiplier[order_out][None]})
-      y = KINDS["conv"].apply(layer, sub, y, ctx, node.inputs, node.outputs)
-      return y, (order_out, slot_out), jnp.sum(is_open)
+      return on_channels({"out": order_out}, y), (order_out, slot_out), jnp.sum(is_open)
 
     def branch(k_in, k_out):
       def run(y):
-        idx_out = order_out[:k_out]
-        sub = sliced.gather_layer_variables(arch, node.index, v,
-                                            {"in": order_in[:k_in], "out": idx_out})
-        picked = multiplier[idx_out][None]
-        ctx = context(node.index, {name: lambda x, y, train: picked})
-        out = KINDS["conv"].apply({**layer, "features": k_out}, sub, y[..., :k_in], ctx,
-                                  node.inputs, node.outputs)
+        out = on_channels({"in": order_in[:k_in], "out": order_out[:k_out]}, y[..., :k_in])
         return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, layer["features"] - k_out)])
       return run
 
