@@ -18,7 +18,10 @@ against whichever path pays it. A fourth path,
 ``thin``, is the plain backbone at the widths skipping computes (each
 layer's open count rounded up to its bucket), without gates: the floor any
 skipping can reach, so ``skip_over_thin`` is what the gates, the filter
-gathers and the bucket switches cost. Prints one JSON
+gathers and the bucket switches cost. In ResNet-18 only the blocks' inner
+widths narrow in ``thin`` (outputs that meet at a residual add stay whole,
+:func:`bucketed_widths`), so there ``thin`` is no floor
+(``thin_flops_ratio``). Prints one JSON
 line per target: ``skip_over_dense``, ``masked_over_dense``, the analytic
 ``flops_ratio`` (§4.1.1's formula), the gates' own cost and the XLA flags.
 Untrained weights: latency does not depend on their values.
@@ -41,10 +44,11 @@ from absl import app, flags
 from flax import nnx
 
 from dynscale import bound, host, timing
-from dynscale.nn import costs, models, sliced
+from dynscale.nn import costs, models, sliced, spec
 from dynscale.sanp import budget, gates, inference
 
-MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3)}
+MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3),
+          "resnet18": (32, 32, 3)}
 
 
 def open_fraction(model, keep: float) -> None:
@@ -56,13 +60,21 @@ def open_fraction(model, keep: float) -> None:
 
 
 def bucketed_widths(model, keep: float, buckets: int) -> dict[str, int]:
-  """Each gated layer's width as skipping computes it under :func:`open_fraction`:
-  its open count rounded up to a bucket size."""
+  """Each gated output's width as skipping computes it under :func:`open_fraction`:
+  its open count rounded up to a bucket size, by layer output (a block's
+  ``conv1`` is its ``mid`` output). Outputs that meet at a residual add keep
+  their full width: the add with the shortcut makes every channel active
+  again, and a narrower tied group would cut the shortcut too."""
+  tied = {m for group in spec.graph(model.arch).groups if len(group.members) > 1
+          for m in group.members}
   widths = {}
   for name, gate in model.gates.items():
+    member = name.removesuffix(".conv2").replace(".conv1", ".mid")
+    if member in tied:
+      continue
     channels = gate.head.w2.bias.value.shape[0]
     opened = gates.kept_channels(keep, channels)
-    widths[name] = min(k for k in inference.bucket_sizes(channels, buckets) if k >= opened)
+    widths[member] = min(k for k in inference.bucket_sizes(channels, buckets) if k >= opened)
   return widths
 
 

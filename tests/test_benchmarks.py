@@ -146,6 +146,24 @@ def test_sanp_latency_records_skipping_against_dense_and_masked():
       record["masked_ms"] / record["dense_ms"], abs=2e-3)
 
 
+def test_sanp_latency_thin_resnet_narrows_only_the_blocks_inner_widths():
+  """Outputs that meet at a residual add stay whole in ``thin`` (a width there
+  would also cut the shortcut and the tied group); each block's inner width is
+  its open count rounded up to a bucket: keep 0.4 opens 2 of 4, 3 of 8, 6 of 16
+  and 13 of 32 channels, in buckets of a quarter 2, 4, 8 and 16."""
+  from benchmarks import sanp_latency
+  from dynscale.sanp import gates
+  arch = models.architecture("resnet18", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 16)
+  model = models.build(arch, rngs=models.init_rngs(0),
+                       gate=gates.gate_factory("sanp", reduction=4))
+  widths = sanp_latency.bucketed_widths(model, 0.4, 4)
+  mid = {1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 16, 8: 16}
+  assert widths == {f"layers.{i}.mid": w for i, w in mid.items()}
+  sliced.slice_variables(arch, models.build(arch, rngs=models.init_rngs(0)).pure_variables(),
+                         widths)  # a width vector the sliced path takes
+
+
 def test_call_cost_counts_the_arrays_and_reports_the_measured_ratio():
   from benchmarks import call_cost  # its flags would clash with the other benchmarks'
   record = call_cost.measure("mobilenet_v2_imagenet", 1, width_multiplier=0.25, rounds=3, burst=2)

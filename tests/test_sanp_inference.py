@@ -85,10 +85,10 @@ def test_skipping_equals_the_masked_network_under_per_channel_decision_points():
 
 
 def test_skipping_refuses_what_it_cannot_run():
-  resnet = models.architecture("resnet18", num_classes=10, input_shape=(32, 32, 3),
-                               width_multiplier=1 / 16)
-  with pytest.raises(ValueError, match=r"layers\[1\] is a 'resblock'"):
-    inference.check_architecture(resnet)
+  mobilenet = models.architecture("mobilenet_v2", num_classes=10, input_shape=(32, 32, 3),
+                                  width_multiplier=1 / 8)
+  with pytest.raises(ValueError, match=r"layers\[1\] is a 'invres'"):
+    inference.check_architecture(mobilenet)
   skip = inference.skipping_forward(gated_model())
   with pytest.raises(ValueError, match=r"takes one image \(1, H, W, C\), got \(2, 32, 32, 3\)"):
     skip(jnp.zeros((2, 32, 32, 3)))
@@ -124,6 +124,66 @@ def test_skipping_equals_the_masked_network_through_max_pooling():
     scale = float(jnp.max(jnp.abs(trace.output)))
     assert scale > 1
     np.testing.assert_allclose(skip(image[None]), trace.output, rtol=1e-4, atol=1e-4 * scale)
+
+
+RESNET = models.architecture("resnet18", num_classes=10, input_shape=(16, 16, 3),
+                             width_multiplier=1 / 16)
+
+
+def gated_resnet(closed=()):
+  """A gated ResNet-18 whose gates open part of the channels, per image; the
+  gates named in ``closed`` close every channel."""
+  model = models.build(RESNET, rngs=models.init_rngs(0),
+                       gate=gates.gate_factory("sanp", reduction=4))
+  rng = np.random.default_rng(0)
+  for name, gate in model.gates.items():
+    w2 = gate.head.w2
+    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
+    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape) + 0.5, jnp.float32)
+    if name in closed:
+      w2.kernel.value = jnp.zeros_like(w2.kernel.value)
+      w2.bias.value = jnp.full_like(w2.bias.value, -5.0)
+  return model
+
+
+def resnet_images(count):
+  """Images whose colour shifts make the gates decide differently per image."""
+  return (jax.random.normal(jax.random.key(0), (count, 1, 16, 16, 3))
+          + 2 * jax.random.normal(jax.random.key(1), (count, 1, 1, 1, 3)))
+
+
+def test_skipping_equals_the_masked_network_through_residual_blocks():
+  """ResNet-18's blocks: conv1 reads the block input in channel order, conv2 the
+  open-first output of conv1, and the add meets the shortcut (the identity, or
+  a projection in the first block of stages 2-4) in channel order. Catches a
+  branch added in the gates' order, a shortcut left out or gated, and conv2
+  reading conv1's channels in the wrong order or ungated (it computes every
+  output, the gate zeroes the closed ones)."""
+  model = gated_resnet()
+  skip = inference.skipping_forward(model, buckets=2)
+  decisions = []
+  for image in resnet_images(4):
+    trace = model.run(image, 1.0, train=False)
+    decisions.append(np.concatenate([np.asarray(trace.activity[f"layers.{i}.{conv}"][0])
+                                     for i in range(1, 9) for conv in ("conv1", "conv2")]))
+    scale = float(jnp.max(jnp.abs(trace.output)))
+    np.testing.assert_allclose(skip(image), trace.output, rtol=1e-4, atol=1e-4 * scale)
+  decisions = np.stack(decisions)
+  assert 0.3 < decisions.mean() < 0.8
+  assert (decisions != decisions[0]).any(axis=1)[1:].all()  # every image decides its own way
+
+
+def test_skipping_equals_the_masked_network_with_all_off_block_convolutions():
+  """A block whose conv2 is all off outputs ReLU of its shortcut alone; one whose
+  conv1 is all off gives conv2 zeros to read (its batch norm's offset remains)."""
+  closed = ("layers.2.conv2", "layers.3.conv1")
+  model = gated_resnet(closed)
+  skip = inference.skipping_forward(model, buckets=2)
+  for image in resnet_images(2):
+    trace = model.run(image, 1.0, train=False)
+    assert all(float(trace.activity[name].sum()) == 0 for name in closed)
+    scale = float(jnp.max(jnp.abs(trace.output)))
+    np.testing.assert_allclose(skip(image), trace.output, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_exported_skipping_runs_without_flax_and_equals_the_masked_network(tmp_path):

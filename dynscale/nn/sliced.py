@@ -113,18 +113,26 @@ def _slice_tree(specs: Mapping, v: Mapping, widths: Mapping[str, int]) -> dict:
 def gather_layer_variables(arch: dict, index: int, v: Mapping,
                            channels: Mapping[str, Array]) -> dict:
   """The variables ``v`` of layer ``index`` restricted to the given channels of each
-  slot (``{"in": idx, "out": idx}``, index arrays, may be traced): a kernel
-  ``(kh, kw, C, M) -> (kh, kw, len(in), len(out))``, profiles, biases and batch
-  norm likewise. The channels need not be a prefix (cf. :func:`slice_variables`)
-  but must be in range: traced indices cannot be checked, and out-of-range
-  ones are clamped. The last axis is gathered first, so the next gathers
-  move whole rows of the smaller array (about a third faster on XLA:CPU)."""
+  slot (:func:`gather_variables`)."""
   node = spec.graph(arch).nodes[index]
+  return gather_variables(layer_variables(arch, node), v, channels, f"layers[{index}]")
+
+
+def gather_variables(specs: Mapping, v: Mapping, channels: Mapping[str, Array],
+                     where: str = "a layer") -> dict:
+  """The variables ``v`` of one layer, whose :class:`~dynscale.nn.kinds.Var` tree
+  is ``specs``, restricted to the given channels of each slot (``{"in": idx,
+  "out": idx}``, index arrays, may be traced): a kernel ``(kh, kw, C, M) ->
+  (kh, kw, len(in), len(out))``, profiles, biases and batch norm likewise.
+  The channels need not be a prefix (cf. :func:`slice_variables`) but must be
+  in range: traced indices cannot be checked, and out-of-range ones are
+  clamped. The last axis is gathered first, so the next gathers move whole
+  rows of the smaller array (about a third faster on XLA:CPU)."""
 
   def take(a: Array, var: Var) -> Array:
     if var.positions > 1:
-      raise ValueError(f"layers[{index}]: a dense kernel on a flattened map cannot be "
-                       "gathered by channel")
+      raise ValueError(f"{where}: a dense kernel on a flattened map cannot be gathered "
+                       "by channel")
     for axis, slot in sorted(var.axes, reverse=True):
       if slot in channels:
         a = jnp.take(a, channels[slot], axis=axis, mode="clip")
@@ -140,7 +148,7 @@ def gather_layer_variables(arch: dict, index: int, v: Mapping,
       else:
         out[name] = take(values[name], var)
     return out
-  return walk(layer_variables(arch, node), v)
+  return walk(specs, v)
 
 
 def check_variables(arch: dict, variables: Mapping) -> None:

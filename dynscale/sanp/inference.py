@@ -3,7 +3,7 @@
 The masked network computes every channel and multiplies the closed ones by
 zero. Here a gated convolution reads only its open input channels and
 computes only its open output channels: it gathers those filters, batch-norm
-entries and gate values (:func:`dynscale.nn.sliced.gather_layer_variables`)
+entries and gate values (:func:`dynscale.nn.sliced.gather_variables`)
 and runs the core's own layer on them. Between layers the activations stay
 in the gates' order, open channels first and the rest zeros, so the next
 layer reads a prefix of them (a slice, not a gather) and pooling runs on
@@ -30,17 +30,23 @@ output bucket) pair with ``lax.switch`` inside one jitted function, with no
 host round trip. The returned function takes the image alone: the
 variables are bound (:func:`dynscale.bound.bind`: plain arrays, the small
 ones packed into one buffer), so a call flattens no Flax objects and hands
-the runtime a handful of arrays instead of a hundred. Plain convolution
-chains only (``m_cifarnet``, ``vgg16``, ``vgg19``); residual blocks are not
-supported yet.
+the runtime a handful of arrays instead of a hundred. Convolution chains
+(``m_cifarnet``, ``vgg16``, ``vgg19``) and ResNets of basic blocks
+(``resnet18``): a block runs as the convolutions its apply is made of
+(:func:`_block_convolutions`), ``conv1`` from the block's input in channel
+order, ``conv2`` from ``conv1``'s open channels. ``conv2`` computes every
+output channel, in channel order, where the shortcut meets it at the add (the
+gate zeroes the closed ones): computing only its open outputs and gathering
+them back into channel order cost more at batch 1 (RESULTS.md, issue 12).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -50,10 +56,10 @@ from flax import nnx
 
 from dynscale import bound
 from dynscale.nn import sliced, spec
-from dynscale.nn.kinds import KINDS, Context, gate_name
+from dynscale.nn.kinds import KINDS, Context, Feature, activate, gate_name
 from dynscale.sanp.gates import descriptor
 
-SUPPORTED = ("conv", "maxpool", "global_avgpool", "flatten", "dense")
+SUPPORTED = ("conv", "resblock", "maxpool", "global_avgpool", "flatten", "dense")
 CHANNELWISE = ("maxpool", "global_avgpool")  # run on channels in any order
 
 
@@ -126,6 +132,51 @@ def export_skipping(model: nnx.Module, directory: str | os.PathLike,
   return bound.export(forward, values, [image], directory)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Convolution:
+  """One convolution as the executor runs it: a ``conv`` layer dict, its
+  variables, its full input and output shapes and the path of its gate point
+  (the gate's name)."""
+
+  layer: dict
+  variables: Mapping
+  inputs: Feature
+  outputs: Feature
+  path: str
+
+
+def _block_convolutions(node: spec.Node, layer: dict, v: Mapping
+                        ) -> tuple[_Convolution, _Convolution, _Convolution | None]:
+  """A ResNet basic block (:class:`dynscale.nn.kinds.ResBlock`) as the ``conv``
+  layers its apply runs: ``conv1`` (with ``stride``, batch norm, the block's
+  activation), ``conv2`` (batch norm, no activation: it comes after the add)
+  and the 1x1 projection shortcut (``None`` for the identity)."""
+  path = f"layers.{node.index}"
+  conv = {"kind": "conv", "kernel": 3, "padding": "SAME", "idp": layer["idp"], "bn": True,
+          "binary": False, "profile": None}
+  mid = Feature(node.outputs.height, node.outputs.width,
+                KINDS["resblock"].mid_width(layer, node.inputs), False)
+  first = _Convolution({**conv, "features": mid.channels, "stride": layer["stride"],
+                        "act": layer["act"]}, {**v["conv1"], "bn": v["bn1"]},
+                       node.inputs, mid, gate_name(path, "conv1"))
+  second = _Convolution({**conv, "features": layer["features"], "stride": 1, "act": None},
+                        {**v["conv2"], "bn": v["bn2"]}, mid, node.outputs,
+                        gate_name(path, "conv2"))
+  if "shortcut" not in v:
+    return first, second, None
+  shortcut = _Convolution({**conv, "kernel": 1, "idp": False, "features": layer["features"],
+                           "stride": layer["stride"], "act": None},
+                          {**v["shortcut"], "bn": v["shortcut_bn"]}, node.inputs,
+                          node.outputs, f"{path}.shortcut")
+  return first, second, shortcut
+
+
+def _natural(y: jax.Array, placed) -> jax.Array:
+  """``y`` in channel order, from the order ``placed`` = ``(order, slot)`` of
+  :func:`open_first` (``None``: it is in channel order)."""
+  return y if placed is None else y[..., placed[1]]
+
+
 def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
   """``(forward, values)``: ``forward(values, image)`` is the skipping forward
   of the gated ``model``, ``values`` its variables and gate parameters."""
@@ -138,16 +189,26 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
   gate_values = gate_state.to_pure_dict()
   variables = model.pure_variables()["layers"]
 
-  def context(index: int, gates=None) -> Context:
-    return Context(train=False, epsilon=arch["bn_epsilon"], masks={}, gates=gates,
-                   path=f"layers.{index}", record=_ignore)
+  def context(path: str, gates=None) -> Context:
+    return Context(train=False, epsilon=arch["bn_epsilon"], masks={}, gates=gates, path=path,
+                   record=_ignore)
 
-  def gated_conv(node, v, y, placed, count_in, gate, reads_image):
+  def apply(conv: _Convolution, y, cut=None, gate=None):
+    """``conv`` on ``y`` (its variables, or ``cut``: them cut to the kept channels),
+    its gate point multiplying by ``gate`` if given."""
+    layer = conv.layer if cut is None else {**conv.layer, "features": gate.shape[-1]}
+    ctx = context(conv.path, None if gate is None else {conv.path: lambda x, y, train: gate})
+    return KINDS["conv"].apply(layer, conv.variables if cut is None else cut, y, ctx,
+                               conv.inputs, conv.outputs)
+
+  def gated_conv(conv: _Convolution, y, placed, count_in, gate, reads_image,
+                 every_output=False):
     """``y`` holds the input channels placed by ``placed`` = ``(order, slot)`` of
     :func:`open_first` (open first, the rest zeros; ``None``: the natural order);
-    returns the output the same way."""
-    layer = arch["layers"][node.index]
-    channels = node.inputs.channels
+    returns the output the same way, with the open output count. With
+    ``every_output``, every output channel, in channel order, from the open
+    inputs (closed outputs are zeros: the gate multiplies them by zero)."""
+    channels = conv.inputs.channels
     if placed is None:
       order_in, count_in, sizes_in = jnp.arange(channels), channels, (channels,)
       descriptor_map = y
@@ -158,33 +219,56 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     multiplier = gate(descriptor_map, None, False)[0]
     is_open = multiplier != 0
     order_out, slot_out = open_first(is_open)
-    sizes_out = bucket_sizes(layer["features"], buckets)
-    name = gate_name(f"layers.{node.index}", "")
+    features = conv.layer["features"]
+    specs = KINDS["conv"].variables(conv.layer, conv.inputs, conv.outputs)
 
     def on_channels(kept, y):
-      """The layer computing only the ``kept`` channels (``{"out": idx}``, and
-      ``"in"``: those ``y`` holds) of each slot."""
-      sub = sliced.gather_layer_variables(arch, node.index, v, kept)
-      picked = multiplier[kept["out"]][None]
-      ctx = context(node.index, {name: lambda x, y, train: picked})
-      return KINDS["conv"].apply({**layer, "features": len(kept["out"])}, sub, y, ctx,
-                                 node.inputs, node.outputs)
+      """The layer computing only the ``kept`` channels (``"in"``: those ``y``
+      holds; ``"out"``, else all) of each slot."""
+      sub = sliced.gather_variables(specs, conv.variables, kept, conv.path)
+      picked = multiplier[kept["out"]] if "out" in kept else multiplier
+      return apply(conv, y, sub, picked[None])
 
     if reads_image:  # every output, the open ones first (module docstring)
       return on_channels({"out": order_out}, y), (order_out, slot_out), jnp.sum(is_open)
 
+    if every_output:
+      def from_inputs(k_in):
+        return lambda y: on_channels({"in": order_in[:k_in]}, y[..., :k_in])
+      y = jax.lax.switch(bucket_index(sizes_in, count_in), [from_inputs(k) for k in sizes_in], y)
+      return y, None, None
+
     def branch(k_in, k_out):
       def run(y):
         out = on_channels({"in": order_in[:k_in], "out": order_out[:k_out]}, y[..., :k_in])
-        return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, layer["features"] - k_out)])
+        return jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, features - k_out)])
       return run
 
+    sizes_out = bucket_sizes(features, buckets)
     pairs = list(itertools.product(sizes_in, sizes_out))
     which_in = bucket_index(sizes_in, count_in)
     which_out = bucket_index(sizes_out, jnp.sum(is_open))
     y = jax.lax.switch(which_in * len(sizes_out) + which_out,
                        [branch(k_in, k_out) for k_in, k_out in pairs], y)
     return y, (order_out, slot_out), jnp.sum(is_open)
+
+  def convolution(conv: _Convolution, y, placed, count, gates, reads_image,
+                  every_output=False):
+    """``conv`` on ``y`` placed by ``placed``: its open channels only if it is
+    gated (:func:`gated_conv`); returns the output, its placement and open count."""
+    if conv.path not in gates:
+      return apply(conv, _natural(y, placed)), None, None
+    return gated_conv(conv, y, placed, count, gates[conv.path], reads_image, every_output)
+
+  def residual_block(node, layer, v, x, gates, reads_image):
+    """A basic block on ``x`` in channel order; its output in channel order
+    (the residual add mixes the two branches' channels): ``conv2`` computes
+    every output from its open inputs (module docstring)."""
+    first, second, shortcut = _block_convolutions(node, layer, v)
+    h, placed, count = convolution(first, x, None, None, gates, reads_image)
+    y, placed, _ = convolution(second, h, placed, count, gates, False, every_output=True)
+    shortcut = x if shortcut is None else apply(shortcut, x)
+    return activate(layer["act"], _natural(y, placed) + shortcut)
 
   def forward(bound_values, image):
     variables, gate_values = bound_values
@@ -193,16 +277,17 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     for node in graph.nodes:
       layer = arch["layers"][node.index]
       v = variables[node.index] if node.kind in spec.PARAMETRIC_KINDS else {}
-      name = gate_name(f"layers.{node.index}", "")
-      if node.kind == "conv" and name in gates:
-        y, placed, count = gated_conv(node, v, y, placed, count, gates[name], y is image)
-        continue
-      if placed is not None and node.kind not in CHANNELWISE:  # back to channel order
-        y, placed, count = y[..., placed[1]], None, None
-      y = KINDS[layer["kind"]].apply(layer, v, y, context(node.index), node.inputs,
-                                     node.outputs)
-    if placed is not None:
-      y = y[..., placed[1]]
-    return y.astype(jnp.float32)
+      if node.kind == "conv":
+        conv = _Convolution(layer, v, node.inputs, node.outputs, f"layers.{node.index}")
+        y, placed, count = convolution(conv, y, placed, count, gates, y is image)
+      elif node.kind == "resblock":
+        y, placed, count = residual_block(node, layer, v, _natural(y, placed), gates,
+                                          y is image), None, None
+      else:
+        if node.kind not in CHANNELWISE:  # back to channel order
+          y, placed, count = _natural(y, placed), None, None
+        y = KINDS[layer["kind"]].apply(layer, v, y, context(f"layers.{node.index}"),
+                                       node.inputs, node.outputs)
+    return _natural(y, placed).astype(jnp.float32)
 
   return forward, (variables, gate_values)
