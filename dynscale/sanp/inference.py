@@ -217,9 +217,6 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
       sizes_in = bucket_sizes(channels, buckets)
       descriptor_map = descriptor(y)[:, slot_in][:, None, None, :]
     multiplier = gate(descriptor_map, None, False)[0]
-    is_open = multiplier != 0
-    order_out, slot_out = open_first(is_open)
-    features = conv.layer["features"]
     specs = KINDS["conv"].variables(conv.layer, conv.inputs, conv.outputs)
 
     def on_channels(kept, y):
@@ -229,14 +226,18 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
       picked = multiplier[kept["out"]] if "out" in kept else multiplier
       return apply(conv, y, sub, picked[None])
 
-    if reads_image:  # every output, the open ones first (module docstring)
-      return on_channels({"out": order_out}, y), (order_out, slot_out), jnp.sum(is_open)
-
     if every_output:
       def from_inputs(k_in):
         return lambda y: on_channels({"in": order_in[:k_in]}, y[..., :k_in])
       y = jax.lax.switch(bucket_index(sizes_in, count_in), [from_inputs(k) for k in sizes_in], y)
       return y, None, None
+
+    is_open = multiplier != 0
+    order_out, slot_out = open_first(is_open)
+    if reads_image:  # every output, the open ones first (module docstring)
+      return on_channels({"out": order_out}, y), (order_out, slot_out), jnp.sum(is_open)
+
+    features = conv.layer["features"]
 
     def branch(k_in, k_out):
       def run(y):
