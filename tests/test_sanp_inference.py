@@ -130,11 +130,13 @@ RESNET = models.architecture("resnet18", num_classes=10, input_shape=(16, 16, 3)
                              width_multiplier=1 / 16)
 
 
-def gated_resnet(closed=()):
+def gated_resnet(closed=(), ungated=()):
   """A gated ResNet-18 whose gates open part of the channels, per image; the
-  gates named in ``closed`` close every channel."""
+  gates named in ``closed`` close every channel, the points in ``ungated``
+  have none."""
+  sanp = gates.gate_factory("sanp", reduction=4)
   model = models.build(RESNET, rngs=models.init_rngs(0),
-                       gate=gates.gate_factory("sanp", reduction=4))
+                       gate=lambda name, *shape: None if name in ungated else sanp(name, *shape))
   rng = np.random.default_rng(0)
   for name, gate in model.gates.items():
     w2 = gate.head.w2
@@ -173,11 +175,14 @@ def test_skipping_equals_the_masked_network_through_residual_blocks():
   assert (decisions != decisions[0]).any(axis=1)[1:].all()  # every image decides its own way
 
 
-def test_skipping_equals_the_masked_network_with_all_off_block_convolutions():
+def test_skipping_equals_the_masked_network_with_all_off_and_ungated_block_convolutions():
   """A block whose conv2 is all off outputs ReLU of its shortcut alone; one whose
-  conv1 is all off gives conv2 zeros to read (its batch norm's offset remains)."""
+  conv1 is all off gives conv2 zeros to read (its batch norm's offset remains);
+  an ungated conv1 hands conv2 every channel, an ungated conv2 reads conv1's
+  open channels back in channel order."""
   closed = ("layers.2.conv2", "layers.3.conv1")
-  model = gated_resnet(closed)
+  model = gated_resnet(closed, ungated=("layers.5.conv1", "layers.6.conv2"))
+  assert "layers.5.conv1" not in model.gates and "layers.6.conv1" in model.gates
   skip = inference.skipping_forward(model, buckets=2)
   for image in resnet_images(2):
     trace = model.run(image, 1.0, train=False)
