@@ -15,14 +15,21 @@ ARCH = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3)
                            width_multiplier=0.125)
 
 
+def decide_per_image(model, seed, bias_shift=0.0):
+  """Random SPM output layers: each gate's decisions depend on the image, about
+  half the channels open (more with a positive ``bias_shift``)."""
+  rng = np.random.default_rng(seed)
+  for gate in model.gates.values():
+    w2 = gate.head.w2
+    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
+    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape) + bias_shift,
+                                jnp.float32)
+
+
 def gated_model(seed=0, gate=None):
   model = models.build(ARCH, rngs=models.init_rngs(0),
                        gate=gate or gates.gate_factory("sanp", reduction=4))
-  rng = np.random.default_rng(seed)
-  for gate in model.gates.values():  # per-sample decisions, about half the channels open
-    w2 = gate.head.w2
-    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
-    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape), jnp.float32)
+  decide_per_image(model, seed)
   return model
 
 
@@ -112,11 +119,7 @@ def test_skipping_equals_the_masked_network_through_max_pooling():
                              width_multiplier=0.125)
   model = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp",
                                                                               reduction=4))
-  rng = np.random.default_rng(0)
-  for gate in model.gates.values():
-    w2 = gate.head.w2
-    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
-    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape) + 1, jnp.float32)
+  decide_per_image(model, 0, bias_shift=1.0)
   skip = inference.skipping_forward(model, buckets=3)
   for image in jax.random.normal(jax.random.key(0), (2, 32, 32, 3)):
     trace = model.run(image[None], 1.0, train=False)
@@ -137,14 +140,11 @@ def gated_resnet(closed=(), ungated=()):
   sanp = gates.gate_factory("sanp", reduction=4)
   model = models.build(RESNET, rngs=models.init_rngs(0),
                        gate=lambda name, *shape: None if name in ungated else sanp(name, *shape))
-  rng = np.random.default_rng(0)
-  for name, gate in model.gates.items():
-    w2 = gate.head.w2
-    w2.kernel.value = jnp.asarray(rng.standard_normal(w2.kernel.value.shape), jnp.float32)
-    w2.bias.value = jnp.asarray(rng.standard_normal(w2.bias.value.shape) + 0.5, jnp.float32)
-    if name in closed:
-      w2.kernel.value = jnp.zeros_like(w2.kernel.value)
-      w2.bias.value = jnp.full_like(w2.bias.value, -5.0)
+  decide_per_image(model, 0, bias_shift=0.5)
+  for name in closed:
+    w2 = model.gates[name].head.w2
+    w2.kernel.value = jnp.zeros_like(w2.kernel.value)
+    w2.bias.value = jnp.full_like(w2.bias.value, -5.0)
   return model
 
 
