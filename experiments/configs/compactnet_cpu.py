@@ -69,8 +69,10 @@ on 2,000 of the validation images), then ``RETRAIN_EPOCHS`` (10, the
 protocol's cap per stage) of retraining of the searched, uniform and
 original networks for retrain seeds 0 and 1 with the pretraining's SGD
 (cosine over the retraining; Table 4's RMSProp at 1e-4 recovered less:
-chosen on validation, see ``_base``), measured on both CPU platforms
-(Table 7's exchange).
+chosen on validation, see ``_base``; 1, 2 and 4 epochs, a later study,
+put the searched model further from the original and, but for one epoch
+at 1.5x, still under 3 points above the uniform one: RESULTS.md), measured on both
+CPU platforms (Table 7's exchange).
 ``:smoke`` is one quick search (T_final 1.8 on ``cpu-b64``, a small table,
 one process per measurement, 2-step fine-tunes) from a 1-epoch pretraining
 on 2,000 images, to check the pipeline in a few minutes. Needs CIFAR-10 files (DYNSCALE_DATA_DIR).
