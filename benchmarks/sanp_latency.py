@@ -44,7 +44,7 @@ from absl import app, flags
 from flax import nnx
 
 from dynscale import bound, host, timing
-from dynscale.nn import costs, models, sliced, spec
+from dynscale.nn import costs, layers, models, sliced
 from dynscale.sanp import budget, gates, inference
 
 MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3),
@@ -60,21 +60,17 @@ def open_fraction(model, keep: float) -> None:
 
 
 def bucketed_widths(model, keep: float, buckets: int) -> dict[str, int]:
-  """Each gated output's width as skipping computes it under :func:`open_fraction`:
-  its open count rounded up to a bucket size, by layer output (a block's
-  ``conv1`` is its ``mid`` output). Outputs that meet at a residual add keep
-  their full width: the add with the shortcut makes every channel active
-  again, and a narrower tied group would cut the shortcut too."""
-  tied = {m for group in spec.graph(model.arch).groups if len(group.members) > 1
-          for m in group.members}
+  """Each gated group's width as skipping computes it under :func:`open_fraction`:
+  its open count rounded up to a bucket size, by group name. Tied groups
+  (outputs that meet at a residual add) keep their full width: the add with
+  the shortcut makes every channel active again, and a narrower tied group
+  would cut the shortcut too."""
   widths = {}
-  for name, gate in model.gates.items():
-    member = name.removesuffix(".conv2").replace(".conv1", ".mid")
-    if member in tied:
-      continue
-    channels = gate.head.w2.bias.value.shape[0]
-    opened = gates.kept_channels(keep, channels)
-    widths[member] = min(k for k in inference.bucket_sizes(channels, buckets) if k >= opened)
+  for group in layers.gated_groups(model.arch).values():
+    if len(group.members) == 1:
+      opened = gates.kept_channels(keep, group.size)
+      widths[group.name] = min(k for k in inference.bucket_sizes(group.size, buckets)
+                               if k >= opened)
   return widths
 
 

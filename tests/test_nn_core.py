@@ -15,7 +15,7 @@ from flax import nnx
 
 from dynscale import metrics
 from dynscale.kernels import conv
-from dynscale.nn import costs, forward, models, sliced, spec
+from dynscale.nn import costs, forward, layers, models, sliced, spec
 
 FAST = {"xla_backend_optimization_level": 0}  # compile speed for tests only
 
@@ -303,6 +303,36 @@ def _gated_net():
           {"kind": "resblock", "features": 5, "stride": 2, "mid_features": 3},
           {"kind": "global_avgpool"},
           {"kind": "dense", "features": 3}]})
+
+
+def test_each_gate_multiplies_the_group_of_its_output_slot():
+  """By hand from the architecture: a conv gates its own output; a residual
+  block's conv1 its inner width and conv2 the group it shares with the
+  block's input across the add (or its own behind a projection); an
+  inverted residual's expand and depthwise gates the inner width, and
+  without expansion the depthwise gates the block's input. (Catches a gate
+  read as gating its input or a wrong slot, which would give SANP's
+  skipping benchmark and CompactNet's groups the wrong widths.)"""
+  arch = spec.validate_architecture({
+      "name": "gated-groups", "input_shape": [8, 8, 3], "num_classes": 3, "layers": [
+          {"kind": "conv", "features": 4},
+          {"kind": "resblock", "features": 4, "mid_features": 6},
+          {"kind": "resblock", "features": 5, "stride": 2},
+          {"kind": "invres", "features": 5, "expansion": 1},
+          {"kind": "invres", "features": 7, "expansion": 2},
+          {"kind": "global_avgpool"},
+          {"kind": "dense", "features": 3}]})
+  members = {name: group.members for name, group in layers.gated_groups(arch).items()}
+  assert members == {
+      "layers.0": ("layers.0", "layers.1"), "layers.1.conv1": ("layers.1.mid",),
+      "layers.1.conv2": ("layers.0", "layers.1"), "layers.2.conv1": ("layers.2.mid",),
+      "layers.2.conv2": ("layers.2", "layers.3"), "layers.3.depthwise": ("layers.2", "layers.3"),
+      "layers.3.project": ("layers.2", "layers.3"), "layers.4.expand": ("layers.4.mid",),
+      "layers.4.depthwise": ("layers.4.mid",), "layers.4.project": ("layers.4",)}
+  points = layers.gate_points(arch)
+  assert list(points) == list(members)
+  assert [(p.inputs, p.outputs) for p in points.values()] == [
+      (3, 4), (4, 6), (6, 4), (4, 5), (5, 5), (5, 5), (5, 5), (5, 10), (10, 10), (10, 7)]
 
 
 class _SignGate(nnx.Module):

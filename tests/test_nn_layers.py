@@ -102,6 +102,52 @@ def test_separable_block(dp, idp_depthwise):
                              atol=1e-4)
 
 
+def _bn(y, stats):
+  """Batch norm with running statistics, eps 1e-5."""
+  return ((y - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * stats["scale"]
+          + stats["bias"])
+
+
+@pytest.mark.parametrize("dp", [1.0, 0.5])
+@pytest.mark.parametrize("stride, features", [(2, 5), (1, 4)])
+def test_residual_block_is_he_et_als_basic_block(dp, stride, features):
+  """relu(BN2(conv2(relu(BN1(conv1_s(x))))) + shortcut(x)), the 1x1 projection
+  with BN when stride or width changes, else the identity; IDP's profile on
+  the inputs of both 3x3 convs (catches a wrong stride, activation, batch
+  norm or profile in the block's convolutions, which the masked, sliced and
+  skipping paths all read from one description)."""
+  arch = {"name": "one-block", "input_shape": [6, 6, 4], "num_classes": 2, "layers": [
+      {"kind": "resblock", "features": features, "stride": stride, "mid_features": 3,
+       "idp": True}, {"kind": "flatten"}, {"kind": "dense", "features": 2}]}
+  model = models.build(arch, rngs=models.init_rngs(0))
+  v = jax.tree.map(np.asarray, model.pure_variables())
+  block = v["layers"][0]
+  for name in [n for n in block if n.startswith(("bn", "shortcut_bn"))]:
+    c = block[name]["mean"].shape[0]
+    block[name] = {"mean": RNG.standard_normal(c), "var": RNG.uniform(0.5, 2.0, c),
+                   "scale": RNG.uniform(0.5, 1.5, c), "bias": RNG.standard_normal(c)}
+  assert ("shortcut" in block) == (stride != 1 or features != 4)
+  x = RNG.standard_normal((2, 6, 6, 4)).astype(np.float32)
+  k_in, k_mid = _kept(4, dp), _kept(3, dp)
+  g_in, g_mid = _linear(4), _linear(3)  # the network's default profile
+  f1, f2 = block["conv1"]["kernel"], block["conv2"]["kernel"]
+  h = sum(g_in[i] * _conv_same(x[..., i:i + 1], f1[:, :, i:i + 1, :k_mid], stride)
+          for i in range(k_in))
+  h = np.maximum(_bn(h, {k: a[:k_mid] for k, a in block["bn1"].items()}), 0)
+  y = _bn(sum(g_mid[j] * _conv_same(h[..., j:j + 1], f2[:, :, j:j + 1, :], 1)
+              for j in range(k_mid)), block["bn2"])
+  if "shortcut" in block:
+    shortcut = _bn(_conv_same(x[..., :k_in], block["shortcut"]["kernel"][:, :, :k_in], stride),
+                   block["shortcut_bn"])
+  else:
+    shortcut = x
+  expected = np.maximum(y + shortcut, 0)
+  out = sliced.features_sliced(arch, v, x, dp, upto=1)
+  if "shortcut" not in block:  # the tied group: the add keeps the input's k_in channels
+    expected = expected[..., :k_in]
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_dense_on_a_map_has_a_per_channel_profile():
   block = layers.IDPDense(2 * 2 * 4, 3, idp=True, map_shape=(2, 2, 4), rngs=_rngs())
   assert block.gamma[...].shape == (4,)

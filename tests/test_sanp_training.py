@@ -60,7 +60,7 @@ def test_a_tiny_run_reports_cost_and_gating_and_the_analyses(tmp_path):
     assert key in results, key
   assert 0 < results["flops_ratio"] <= 1 and 0 <= results["dead_layer_rate"] <= 1
   types = results["channel_types"]
-  widths = [c_out for _, c_out in layers.gate_points(results["model"]["architecture"]).values()]
+  widths = [p.outputs for p in layers.gate_points(results["model"]["architecture"]).values()]
   assert [sum(t.values()) for t in types.values()] == widths  # every channel typed once
   assert (tmp_path / "channel_types.png").exists()
   assert (tmp_path / "last_block_active_channels.png").exists()

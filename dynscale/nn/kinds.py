@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +267,15 @@ def _check_mid_features(where: str, layer: dict) -> None:
     raise ValueError(f"{where}.mid_features must be null or a positive int, got {mid!r}")
 
 
+class GatePoint(NamedTuple):
+  """A gateable convolution: the channels it reads and gates, and the slot
+  of the gated ones (its output's)."""
+
+  inputs: int
+  outputs: int
+  slot: str
+
+
 @dataclasses.dataclass
 class Activity:
   """What a cost function reads: activity of the input and of each gated output.
@@ -333,8 +342,8 @@ class Kind:
     """The slots whose channels an IDP profile weights (so IDP trims them)."""
     return ()
 
-  def gate_points(self, layer: dict, x: Feature) -> dict[str, tuple[int, int]]:
-    """``{point: (input channels, output channels)}`` of the gateable convolutions."""
+  def gate_points(self, layer: dict, x: Feature) -> dict[str, GatePoint]:
+    """The gateable convolutions by point, in the order apply runs them."""
     return {}
 
   def variables(self, layer: dict, x: Feature, out: Feature) -> dict[str, Any]:
@@ -369,7 +378,7 @@ class _GatedOutput(_OneOutput):
   """... whose output is a gate point of the hook."""
 
   def gate_points(self, layer, x):
-    return {"": (x.channels, layer["features"])}
+    return {"": GatePoint(x.channels, layer["features"], "out")}
 
 
 _CONV_FIELDS = dict(features=REQUIRED, kernel=3, stride=1, padding="SAME", idp=False, bn=True,
@@ -523,6 +532,52 @@ class SeparableConv(_GatedOutput):
     return entries, a_out
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockConvolution:
+  """One SAME-padded convolution inside a block, ``act(s * BN(sum_i gamma_i (f_i * x_i)))``.
+
+  ``name``: the entry of its kernel (and profile) in the block's variables,
+  and its gate point when ``gated``; ``norm``: the entry of its batch norm;
+  ``slots``: the slots of its input and output channels; ``idp``: a profile
+  on its input channels. A block's apply runs its convolutions through
+  :meth:`apply`; :meth:`as_layer` gives the same convolution as a ``conv``
+  layer, for executors that run a block one convolution at a time.
+  """
+
+  name: str
+  norm: str
+  kernel: int
+  stride: int
+  slots: tuple[str, str]
+  act: str | None
+  idp: bool
+  gated: bool
+
+  def variables(self, channels: Mapping[str, int]) -> dict[str, Any]:
+    """Its kernel (with the profile) and batch norm, ``channels`` by slot."""
+    c_in, c_out = (channels[slot] for slot in self.slots)
+    return {self.name: {"kernel": _kernel((self.kernel, self.kernel, c_in, c_out),
+                                          ((2, self.slots[0]), (3, self.slots[1]))),
+                        **_gamma(self.idp, c_in, self.slots[0])},
+            **_norm(True, self.norm, "", c_out, self.slots[1])}
+
+  def apply(self, v: Mapping, x: Array, ctx: Context) -> Array:
+    """It on ``x``, from the block's variables ``v``."""
+    w = v[self.name]["kernel"]
+    y = ctx.norm(v, self.norm, "", _conv(x, w, _coefficients(v[self.name], "gamma", w.shape[2]),
+                                         stride=self.stride), self.slots[1])
+    if self.gated:
+      y = ctx.gate(self.name, x, y, self.slots[1])
+    return activate(self.act, y)
+
+  def as_layer(self, features: int) -> dict:
+    """The ``conv`` layer dict (:class:`Conv`, ``features`` outputs) that computes
+    it from the variables ``{**v[name], "bn": v[norm]}``."""
+    return {"kind": "conv", "features": features, "kernel": self.kernel, "stride": self.stride,
+            "padding": "SAME", "idp": self.idp, "bn": True, "act": self.act, "binary": False,
+            "profile": None}
+
+
 class ResBlock(Kind):
   """ResNet basic block (He et al. 2016): ``act(BN(conv(act(BN(conv x)))) + shortcut(x))``.
 
@@ -558,39 +613,41 @@ class ResBlock(Kind):
     return ("in", "mid") if layer["idp"] else ()
 
   def gate_points(self, layer, x):
-    mid = self.mid_width(layer, x)
-    return {"conv1": (x.channels, mid), "conv2": (mid, layer["features"])}
+    channels = self._channels(layer, x)
+    return {conv.name: GatePoint(*(channels[slot] for slot in conv.slots), conv.slots[1])
+            for conv in self.convolutions(layer, x) if conv.gated}
+
+  def _channels(self, layer: dict, x: Feature) -> dict[str, int]:
+    return {"in": x.channels, "mid": self.mid_width(layer, x), "out": layer["features"]}
+
+  def convolutions(self, layer: dict, x: Feature) -> tuple[BlockConvolution, ...]:
+    """``conv1`` (with ``stride`` and the block's activation), ``conv2`` (no
+    activation: it comes after the add) and, unless the shortcut is the
+    identity, the 1x1 projection ``shortcut``; on input ``x``."""
+    s, profiled = layer["stride"], layer["idp"]
+    convs = (BlockConvolution("conv1", "bn1", 3, s, ("in", "mid"), layer["act"], profiled, True),
+             BlockConvolution("conv2", "bn2", 3, 1, ("mid", "out"), None, profiled, True))
+    if self.ties_output(layer, x):
+      return convs
+    return (*convs, BlockConvolution("shortcut", "shortcut_bn", 1, s, ("in", "out"), None,
+                                     False, False))
 
   def variables(self, layer, x, out):
-    c, m, mid = x.channels, layer["features"], self.mid_width(layer, x)
-    v = {"conv1": {"kernel": _kernel((3, 3, c, mid), ((2, "in"), (3, "mid"))),
-                   **_gamma(layer["idp"], c, "in")},
-         **_norm(True, "bn1", "", mid, "mid"),
-         "conv2": {"kernel": _kernel((3, 3, mid, m), ((2, "mid"), (3, "out"))),
-                   **_gamma(layer["idp"], mid, "mid")},
-         **_norm(True, "bn2", "", m, "out")}
-    if not self.ties_output(layer, x):
-      v["shortcut"] = {"kernel": _kernel((1, 1, c, m), ((2, "in"), (3, "out")))}
-      v.update(_norm(True, "shortcut_bn", "", m, "out"))
-    return v
+    channels = self._channels(layer, x)
+    return {name: var for conv in self.convolutions(layer, x)
+            for name, var in conv.variables(channels).items()}
 
   def with_widths(self, layer, widths, x):
     return {**layer, "features": widths["out"], "mid_features": widths["mid"],
             "shortcut": _pinned_shortcut(self, layer, x, "projection")}
 
   def apply(self, layer, v, x, ctx, inputs, out):
-    s, act = layer["stride"], layer["act"]
-    w1, w2 = v["conv1"]["kernel"], v["conv2"]["kernel"]
-    h = _conv(x, w1, _coefficients(v["conv1"], "gamma", w1.shape[2]), stride=s)
-    h = ctx.gate("conv1", x, ctx.norm(v, "bn1", "", h, "mid"), "mid")
-    h = ctx.keep(activate(act, h), "mid")
-    y = _conv(h, w2, _coefficients(v["conv2"], "gamma", w2.shape[2]))
-    y = ctx.gate("conv2", h, ctx.norm(v, "bn2", "", y, "out"), "out")
-    if "shortcut" in v:
-      w = v["shortcut"]["kernel"]
-      x = ctx.norm(v, "shortcut_bn", "", _conv(x, w, jnp.ones((w.shape[2],)), stride=s),
-                   "out")
-    return ctx.keep(activate(act, y + x), "out")
+    first, second, *shortcut = self.convolutions(layer, inputs)
+    h = ctx.keep(first.apply(v, x, ctx), "mid")
+    y = second.apply(v, h, ctx)
+    if shortcut:
+      x = shortcut[0].apply(v, x, ctx)
+    return ctx.keep(activate(layer["act"], y + x), "out")
 
   def costs(self, layer, x, out, a):
     h, w = out.height, out.width
@@ -658,9 +715,10 @@ class InvertedResidual(Kind):
     return ("in", "mid") if self._expands(layer) else ("in",)
 
   def gate_points(self, layer, x):
-    mid = self.mid_width(layer, x) or x.channels
-    points = {"expand": (x.channels, mid)} if self._expands(layer) else {}
-    return {**points, "depthwise": (mid, mid), "project": (mid, layer["features"])}
+    mid, slot = self.mid_width(layer, x) or x.channels, self._mid_slot(layer)
+    points = {"expand": GatePoint(x.channels, mid, slot)} if self._expands(layer) else {}
+    return {**points, "depthwise": GatePoint(mid, mid, slot),
+            "project": GatePoint(mid, layer["features"], "out")}
 
   def variables(self, layer, x, out):
     c, m, slot = x.channels, layer["features"], self._mid_slot(layer)

@@ -42,7 +42,7 @@ from flax import nnx
 
 from dynscale import idp as kernels
 from dynscale.nn import forward, sliced, spec
-from dynscale.nn.kinds import KINDS, Context, Feature, Var, gate_name
+from dynscale.nn.kinds import KINDS, Context, Feature, GatePoint, Var, gate_name
 
 Array = jax.Array
 ProfileSpec = str | list[float]
@@ -191,23 +191,35 @@ class Stateless(nnx.Module):
   """A parameter-free layer of an architecture (maxpool, global_avgpool, flatten)."""
 
 
-def gate_points(arch: dict) -> dict[str, tuple[int, int]]:
-  """``{gate name: (input channels, output channels)}`` of every gateable
+def _gate_points(arch: dict):
+  """``(gate name, GatePoint, the group it gates)`` of every gateable
   convolution of ``arch``, in network order."""
-  points = {}
-  for node in spec.graph(arch).nodes:
+  graph = spec.graph(arch)
+  for node in graph.nodes:
     layer = arch["layers"][node.index]
-    for point, channels in KINDS[layer["kind"]].gate_points(layer, node.inputs).items():
-      points[gate_name(f"layers.{node.index}", point)] = channels
-  return points
+    for point, gated in KINDS[layer["kind"]].gate_points(layer, node.inputs).items():
+      yield gate_name(f"layers.{node.index}", point), gated, graph.groups[node.slots[gated.slot]]
+
+
+def gate_points(arch: dict) -> dict[str, GatePoint]:
+  """Every gateable convolution of ``arch`` by gate name, in network order."""
+  return {name: gated for name, gated, _ in _gate_points(arch)}
+
+
+def gated_groups(arch: dict) -> dict[str, spec.Group]:
+  """The channel group (:func:`dynscale.nn.spec.graph`) each gate point of
+  ``arch`` multiplies, by gate name: a residual block's ``conv1`` gates its
+  ``mid`` group, a ``conv2`` before the add a group it may share with the
+  block's input (tied)."""
+  return {name: group for name, _, group in _gate_points(arch)}
 
 
 def _gate_modules(arch: dict, gate: GateFactory | None, rngs: nnx.Rngs) -> nnx.Dict:
   """The gate hook's modules by gate name (module docstring)."""
   modules = {}
   if gate is not None:
-    for name, (c_in, c_out) in gate_points(arch).items():
-      module = gate(name, c_in, c_out, rngs)
+    for name, gated in gate_points(arch).items():
+      module = gate(name, gated.inputs, gated.outputs, rngs)
       if module is not None:
         modules[name] = module
   return nnx.Dict(modules)

@@ -39,9 +39,9 @@ def _solve(ratio: Callable[[float], float], budget: float, steps: int = 40) -> f
 def fixed_k_flops_ratio(arch: dict, keep: float) -> float:
   """FLOPs of ``arch`` with every gated layer keeping ``keep`` of its channels,
   as a fraction of the full network's."""
-  activity = {name: jnp.asarray(jnp.arange(c_out) < gates.kept_channels(keep, c_out),
+  activity = {name: jnp.asarray(jnp.arange(p.outputs) < gates.kept_channels(keep, p.outputs),
                                 jnp.float32)[None]
-              for name, (_, c_out) in layers.gate_points(arch).items()}
+              for name, p in layers.gate_points(arch).items()}
   return float(costs.sample_flops(arch, 1.0, activity)[0]) / costs.flops(arch)
 
 
@@ -68,7 +68,7 @@ def spm_flops(arch: dict, reduction: int) -> int:
   """Multiply-adds of SPM gates (Eq. 6's two layers) on every gate point of ``arch``,
   per image: the gates' own cost, listed apart from the network's."""
   total = 0
-  for c_in, c_out in layers.gate_points(arch).values():
-    hidden = max(1, c_out // reduction)
-    total += c_in * hidden + hidden * c_out
+  for point in layers.gate_points(arch).values():
+    hidden = max(1, point.outputs // reduction)
+    total += point.inputs * hidden + hidden * point.outputs
   return total

@@ -33,7 +33,7 @@ ones packed into one buffer), so a call flattens no Flax objects and hands
 the runtime a handful of arrays instead of a hundred. Convolution chains
 (``m_cifarnet``, ``vgg16``, ``vgg19``) and ResNets of basic blocks
 (``resnet18``): a block runs as the convolutions its apply is made of
-(:func:`_block_convolutions`), ``conv1`` from the block's input in channel
+(:meth:`dynscale.nn.kinds.ResBlock.convolutions`), ``conv1`` from the block's input in channel
 order, ``conv2`` from ``conv1``'s open channels. ``conv2`` computes every
 output channel, in channel order, where the shortcut meets it at the add (the
 gate zeroes the closed ones): computing only its open outputs and gathering
@@ -145,30 +145,19 @@ class _Convolution:
   path: str
 
 
-def _block_convolutions(node: spec.Node, layer: dict, v: Mapping
-                        ) -> tuple[_Convolution, _Convolution, _Convolution | None]:
-  """A ResNet basic block (:class:`dynscale.nn.kinds.ResBlock`) as the ``conv``
-  layers its apply runs: ``conv1`` (with ``stride``, batch norm, the block's
-  activation), ``conv2`` (batch norm, no activation: it comes after the add)
-  and the 1x1 projection shortcut (``None`` for the identity)."""
-  path = f"layers.{node.index}"
-  conv = {"kind": "conv", "kernel": 3, "padding": "SAME", "idp": layer["idp"], "bn": True,
-          "binary": False, "profile": None}
-  mid = Feature(node.outputs.height, node.outputs.width,
-                KINDS["resblock"].mid_width(layer, node.inputs), False)
-  first = _Convolution({**conv, "features": mid.channels, "stride": layer["stride"],
-                        "act": layer["act"]}, {**v["conv1"], "bn": v["bn1"]},
-                       node.inputs, mid, gate_name(path, "conv1"))
-  second = _Convolution({**conv, "features": layer["features"], "stride": 1, "act": None},
-                        {**v["conv2"], "bn": v["bn2"]}, mid, node.outputs,
-                        gate_name(path, "conv2"))
-  if "shortcut" not in v:
-    return first, second, None
-  shortcut = _Convolution({**conv, "kernel": 1, "idp": False, "features": layer["features"],
-                           "stride": layer["stride"], "act": None},
-                          {**v["shortcut"], "bn": v["shortcut_bn"]}, node.inputs,
-                          node.outputs, f"{path}.shortcut")
-  return first, second, shortcut
+def _block_convolutions(node: spec.Node, layer: dict, v: Mapping) -> tuple[_Convolution, ...]:
+  """A block's convolutions (:meth:`dynscale.nn.kinds.ResBlock.convolutions`)
+  as ``conv`` layers, in the order its apply runs them, each with its
+  variables and its input and output shapes by slot."""
+  kind, path = KINDS[layer["kind"]], f"layers.{node.index}"
+  mid = Feature(node.outputs.height, node.outputs.width, kind.mid_width(layer, node.inputs), False)
+  shapes = {"in": node.inputs, "mid": mid, "out": node.outputs}
+  return tuple(
+      _Convolution(conv.as_layer(shapes[conv.slots[1]].channels),
+                   {**v[conv.name], "bn": v[conv.norm]}, shapes[conv.slots[0]],
+                   shapes[conv.slots[1]],
+                   gate_name(path, conv.name) if conv.gated else f"{path}.{conv.name}")
+      for conv in kind.convolutions(layer, node.inputs))
 
 
 def _natural(y: jax.Array, placed) -> jax.Array:
@@ -265,10 +254,10 @@ def _skipping(model: nnx.Module, buckets: int) -> tuple[Callable, tuple]:
     """A basic block on ``x`` in channel order; its output in channel order
     (the residual add mixes the two branches' channels): ``conv2`` computes
     every output from its open inputs (module docstring)."""
-    first, second, shortcut = _block_convolutions(node, layer, v)
+    first, second, *shortcut = _block_convolutions(node, layer, v)
     h, placed, count = convolution(first, x, None, None, gates, reads_image)
     y, placed, _ = convolution(second, h, placed, count, gates, False, every_output=True)
-    shortcut = x if shortcut is None else apply(shortcut, x)
+    shortcut = apply(shortcut[0], x) if shortcut else x
     return activate(layer["act"], _natural(y, placed) + shortcut)
 
   def forward(bound_values, image):

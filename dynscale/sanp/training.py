@@ -120,7 +120,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   binarization(config)  # raises naming the binarization field
   if config.model.init_from:
     return  # the exported backbone's widths are checked when it is loaded
-  narrowest = min(c_out for _, c_out in layers.gate_points(architecture(config)).values())
+  narrowest = min(p.outputs for p in layers.gate_points(architecture(config)).values())
   if s.reduction > narrowest:
     raise ValueError(f"sanp.reduction must be in [1, {narrowest}] (the narrowest gated "
                      f"layer's channels), got {s.reduction}")
