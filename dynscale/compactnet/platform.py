@@ -31,7 +31,6 @@ import tempfile
 
 from dynscale import host
 
-BACKENDS = ("cpu", "gpu")
 DTYPES = ("float32", "bfloat16")
 _THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 _CPUS_VARIABLE = "DYNSCALE_CPUS"
