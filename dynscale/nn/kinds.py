@@ -539,9 +539,10 @@ class BlockConvolution:
   ``name``: the entry of its kernel (and profile) in the block's variables,
   and its gate point when ``gated``; ``norm``: the entry of its batch norm;
   ``slots``: the slots of its input and output channels; ``idp``: a profile
-  on its input channels. A block's apply runs its convolutions through
-  :meth:`apply`; :meth:`as_layer` gives the same convolution as a ``conv``
-  layer, for executors that run a block one convolution at a time.
+  on its input channels. A block's variables, apply and costs are those of
+  its convolutions (:meth:`variables`, :meth:`apply`, :meth:`costs`);
+  :meth:`as_layer` gives the same convolution as a ``conv`` layer, for
+  executors that run a block one convolution at a time.
   """
 
   name: str
@@ -569,6 +570,14 @@ class BlockConvolution:
     if self.gated:
       y = ctx.gate(self.name, x, y, self.slots[1])
     return activate(self.act, y)
+
+  def costs(self, out: Feature, a_in, a_out) -> list:
+    """Its multiply-adds and parameters, and its batch norm's, on the output map
+    ``out`` from the activity of its input and output channels (SANP §4.1.1)."""
+    c_in, c_out, taps = count(a_in), count(a_out), self.kernel * self.kernel
+    return [_cost(self.name, "conv",
+                  metrics.sanp_flops(out.height, out.width, c_in, c_out, taps, False),
+                  taps * c_in * c_out), *_bn_cost(True, self.norm, a_out)]
 
   def as_layer(self, features: int) -> dict:
     """The ``conv`` layer dict (:class:`Conv`, ``features`` outputs) that computes
@@ -650,21 +659,19 @@ class ResBlock(Kind):
     return ctx.keep(activate(layer["act"], y + x), "out")
 
   def costs(self, layer, x, out, a):
-    h, w = out.height, out.width
-    a_mid, a_res = a.gated("conv1", "mid"), a.gated("conv2", "out")
-    c_in, c_mid, c_res = count(a.inp), count(a_mid), count(a_res)
-    entries = [_cost("conv1", "conv", metrics.sanp_flops(h, w, c_in, c_mid, 9, False),
-                     9 * c_in * c_mid), *_bn_cost(True, "bn1", a_mid),
-               _cost("conv2", "conv", metrics.sanp_flops(h, w, c_mid, c_res, 9, False),
-                     9 * c_mid * c_res), *_bn_cost(True, "bn2", a_res)]
-    if self.ties_output(layer, x):
-      a_short = a.inp
-    else:
-      a_short = a.width("out")
-      c_short = count(a_short)
-      entries += [_cost("shortcut", "conv", metrics.sanp_flops(h, w, c_in, c_short, 1, False),
-                        c_in * c_short), *_bn_cost(True, "shortcut_bn", a_short)]
-    return entries, union(a_res, a_short) * a.width("out")
+    """Each convolution from the activity of the slot it reads; the block's
+    output is active where either side of the add is: ``conv2``'s output and
+    the projection's (the input itself for the identity)."""
+    entries, read, added = [], {"in": a.inp}, [a.inp] if self.ties_output(layer, x) else []
+    for conv in self.convolutions(layer, x):
+      slot_in, slot_out = conv.slots
+      a_out = a.gated(conv.name, slot_out) if conv.gated else a.width(slot_out)
+      entries += conv.costs(out, read[slot_in], a_out)
+      if slot_out == "out":
+        added.append(a_out)
+      else:
+        read[slot_out] = a_out
+    return entries, union(*added) * a.width("out")
 
 
 class InvertedResidual(Kind):
