@@ -622,12 +622,20 @@ class ResBlock(Kind):
     return ("in", "mid") if layer["idp"] else ()
 
   def gate_points(self, layer, x):
-    channels = self._channels(layer, x)
+    channels = self.slot_channels(layer, x)
     return {conv.name: GatePoint(*(channels[slot] for slot in conv.slots), conv.slots[1])
             for conv in self.convolutions(layer, x) if conv.gated}
 
-  def _channels(self, layer: dict, x: Feature) -> dict[str, int]:
-    return {"in": x.channels, "mid": self.mid_width(layer, x), "out": layer["features"]}
+  def slot_maps(self, layer: dict, x: Feature) -> dict[str, Feature]:
+    """The map each slot holds on input ``x``: ``"in"`` the input, ``"mid"``
+    ``conv1``'s output and ``"out"`` the block's, both at the strided size."""
+    out = _strided_map("resblock", layer, x)
+    return {"in": x, "mid": dataclasses.replace(out, channels=self.mid_width(layer, x)),
+            "out": out}
+
+  def slot_channels(self, layer: dict, x: Feature) -> dict[str, int]:
+    """The channel count of each slot (:meth:`slot_maps`)."""
+    return {slot: f.channels for slot, f in self.slot_maps(layer, x).items()}
 
   def convolutions(self, layer: dict, x: Feature) -> tuple[BlockConvolution, ...]:
     """``conv1`` (with ``stride`` and the block's activation), ``conv2`` (no
@@ -642,7 +650,7 @@ class ResBlock(Kind):
                                      False, False))
 
   def variables(self, layer, x, out):
-    channels = self._channels(layer, x)
+    channels = self.slot_channels(layer, x)
     return {name: var for conv in self.convolutions(layer, x)
             for name, var in conv.variables(channels).items()}
 

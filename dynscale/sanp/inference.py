@@ -150,8 +150,7 @@ def _block_convolutions(node: spec.Node, layer: dict, v: Mapping) -> tuple[_Conv
   as ``conv`` layers, in the order its apply runs them, each with its
   variables and its input and output shapes by slot."""
   kind, path = KINDS[layer["kind"]], f"layers.{node.index}"
-  mid = Feature(node.outputs.height, node.outputs.width, kind.mid_width(layer, node.inputs), False)
-  shapes = {"in": node.inputs, "mid": mid, "out": node.outputs}
+  shapes = kind.slot_maps(layer, node.inputs)
   return tuple(
       _Convolution(conv.as_layer(shapes[conv.slots[1]].channels),
                    {**v[conv.name], "bn": v[conv.norm]}, shapes[conv.slots[0]],
