@@ -597,6 +597,31 @@ def test_the_search_meets_every_budget_and_keeps_the_best_candidate(tmp_path):
       result.history["iterations"][0]["chosen"]]["group"] == trimming.trimmable_groups(arch)[2].name
 
 
+def test_a_group_is_trimmed_to_the_largest_multiple_of_round_to_that_meets_the_budget():
+  """``trim_group`` tries the multiples of ``round_to`` below a group's width,
+  from the largest down, and stops at the first the table says meets the
+  budget; a full width that is not one (6 with round_to 4) steps to the
+  multiple below it (4), never off the grid (2). Checked against every
+  admissible width tried by hand."""
+  table = latency.build(_mobilenet(), platform.get("cpu-b64"), _flops_timer, grid_points=3,
+                        min_fraction=0.25, round_to=4)
+  full = list(table.full_widths)
+
+  def trimmed(k, width):
+    return full[:k] + [width] + full[k + 1:]
+
+  k = table.group_names.index("layers.2")
+  assert full[k] == 6 and table.grids[k][0] == 4
+  assert search.trim_group(table, full, k, table.predict(trimmed(k, 4)), 4) == 4
+  assert search.trim_group(table, full, k, 0.999 * table.predict(trimmed(k, 4)), 4) is None
+  k = table.group_names.index("layers.11")
+  admissible = [w for w in range(full[k] - 1, table.grids[k][0] - 1, -1) if w % 4 == 0]
+  for goal in admissible:
+    budget = table.predict(trimmed(k, goal))
+    largest = next(w for w in admissible if table.predict(trimmed(k, w)) <= budget)
+    assert search.trim_group(table, full, k, budget, table.grids[k][0]) == largest == goal
+
+
 def test_an_unreachable_target_stops_with_the_best_reachable_speedup(tmp_path):
   arch = _toy()
   table = _toy_table(arch)

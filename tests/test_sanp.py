@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dynscale.nn import costs, models, spec
-from dynscale.sanp import gates, objective
+from dynscale.sanp import budget, gates, objective
 
 
 def paper_s1(s, xi=0.0, a=1.2, b=0.1):
@@ -316,6 +316,23 @@ def test_sanp_backbones_have_the_published_sizes():
   assert costs.params(arch("vgg19")) / 1e6 == pytest.approx(20.04, abs=0.01)
   convs = [layer for layer in arch("vgg19")["layers"] if layer["kind"] == "conv"]
   assert [c["features"] for c in convs] == [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8
+
+
+def test_the_spm_overhead_counts_both_of_eq_6s_products_on_every_gated_layer():
+  """``spm_flops`` against the gates the model really builds: ``W1`` (C_in x
+  C_out / r) and ``W2`` (C_out / r x C_out) of every SPM, one multiply-add per
+  weight per image; and by hand for two convolutions, 2 -> 4 and 4 -> 5
+  channels at r = 2 (hidden 2 each): 2*2 + 2*4 and 4*2 + 2*5 (the classifier
+  has no gate)."""
+  model = gated("sanp")
+  weights = sum(spm.head.w1.kernel.value.size + spm.head.w2.kernel.value.size
+                for spm in model.gates.values())
+  assert budget.spm_flops(ARCH, 4) == weights
+  two_convs = spec.validate_architecture({
+      "name": "two_convs", "input_shape": [6, 6, 2], "num_classes": 3, "layers": [
+          {"kind": "conv", "features": 4}, {"kind": "conv", "features": 5},
+          {"kind": "global_avgpool"}, {"kind": "flatten"}, {"kind": "dense", "features": 3}]})
+  assert budget.spm_flops(two_convs, 2) == (2 * 2 + 2 * 4) + (4 * 2 + 2 * 5)
 
 
 def test_a_calibrated_decision_point_opens_the_asked_fraction_and_reads_s_minus_tau_over_rho():

@@ -262,6 +262,35 @@ def test_an_extra_metric_needs_one_value_per_example():
 
 
 # --------------------------------------------------------------------------
+# Augmentation: the standard CIFAR crop and flip, written out in NumPy.
+# --------------------------------------------------------------------------
+
+
+def test_crop_and_flip_take_the_window_at_each_offset_of_the_zero_padded_image():
+  """Each image zero-padded by 4, the 8x8 window at its offset (both extreme
+  corners included), mirrored left to right where flipped."""
+  import jax.numpy as jnp
+  from dynscale.data import pipeline
+  x = np.random.default_rng(0).integers(1, 256, (4, 8, 8, 3)).astype(np.float32)
+  offsets = np.array([[0, 0], [8, 8], [3, 5], [8, 0]], np.int32)
+  flips = np.array([False, True, True, False])
+  got = pipeline.crop_flip(jnp.asarray(x), jnp.asarray(offsets), jnp.asarray(flips), pad=4)
+  padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  for i, ((row, col), flip) in enumerate(zip(offsets, flips)):
+    window = padded[i, row:row + 8, col:col + 8]
+    np.testing.assert_array_equal(got[i], window[:, ::-1] if flip else window)
+
+
+def test_crop_offsets_cover_zero_to_twice_the_padding_and_half_the_images_flip():
+  import jax
+  from dynscale.data import pipeline
+  offsets, flips = pipeline.crop_flip_params(jax.random.key(0), 4000, pad=4)
+  offsets = np.asarray(offsets)
+  assert set(np.unique(offsets[:, 0])) == set(range(9)) == set(np.unique(offsets[:, 1]))
+  assert np.mean(np.asarray(flips)) == pytest.approx(0.5, abs=0.03)
+
+
+# --------------------------------------------------------------------------
 # Early stopping
 # --------------------------------------------------------------------------
 
