@@ -207,15 +207,16 @@ def test_eight_device_data_parallel_matches_one_device():
 # --------------------------------------------------------------------------
 
 
-def pixel_mean_trainer(extra):
-  """A Trainer over 300 validation digits, evaluated in batches of 128 (84 padded)."""
+def pixel_mean_trainer(extra, dataset=None):
+  """A Trainer over 300 validation digits (or ``dataset``), evaluated in
+  batches of 128 (84 padded), its forward adding the metric ``extra(images)``."""
   import optax
   from dynscale import data
   from dynscale.nn import models
   from dynscale.train import loop, steps
   from dynscale.train.state import create_train_state
 
-  dataset = data.load("mnist_sample", val_size=300)
+  dataset = dataset or data.load("mnist_sample", val_size=300)
   arch = models.architecture("mlp", num_classes=10, input_shape=(28, 28, 1),
                              width_multiplier=0.1)
   tx = optax.sgd(0.1)
@@ -228,6 +229,32 @@ def pixel_mean_trainer(extra):
                          forward=forward, dataset=dataset, batch_size=50,
                          eval_batch_size=128, augment=False, seed=0)
   return trainer, trainer.place(state), dataset
+
+
+def test_a_fits_early_stopping_and_best_state_never_read_the_test_split():
+  """The default validation of ``Trainer.fit`` (IDP, SANP and CompactNet stages
+  use it): a test split of noise with wrong labels leaves the early-stopping
+  record and the kept state unchanged, while it changes the test metric."""
+  import dataclasses
+  import jax.numpy as jnp
+  from dynscale import data
+  base = data.load("mnist_sample", val_size=300)
+  rng = np.random.default_rng(0)
+  poisoned = dataclasses.replace(
+      base, test_x=rng.integers(0, 256, base.test_x.shape, dtype=np.uint8),
+      test_y=((base.test_y + 1) % 10).astype(base.test_y.dtype))
+  runs = []
+  for dataset in (base, poisoned):
+    trainer, state, _ = pixel_mean_trainer(lambda images: jnp.mean(images, axis=(1, 2, 3)),
+                                           dataset)
+    fit = trainer.fit(state, task=jnp.float32(1.0), num_epochs=3, stage="only",
+                      early_stopping=EarlyStopping(1))
+    runs.append((fit.early_stopping, jax.tree.map(np.asarray, fit.best_state.params),
+                 trainer.evaluate(fit.best_state, "test", jnp.float32(1.0))["accuracy"]))
+  (stopping_a, params_a, test_a), (stopping_b, params_b, test_b) = runs
+  assert stopping_a == stopping_b
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert test_a != test_b, "the poisoned test split must change the test metric itself"
 
 
 def test_evaluate_reports_the_mean_of_an_extra_per_example_metric():
