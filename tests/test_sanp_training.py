@@ -93,6 +93,12 @@ def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
   assert float(loss) == pytest.approx(float(metrics["cross_entropy"])
                                       + float(metrics["lambda"]) * float(metrics["cost"]),
                                       rel=1e-6)
+  # p_t is the mean over the last N = 3 batches: the oldest leaves, this one enters.
+  model.flops_window.value = jnp.asarray([0.2, 0.5, 0.8], jnp.float32)
+  _, metrics = training.sanp_loss(arch, config, penalised=True)(model, images, labels, None)
+  np.testing.assert_allclose(model.flops_window.value, [0.5, 0.8, 1.0], rtol=1e-6)
+  assert float(metrics["lambda"]) == pytest.approx(2.0 * ((0.5 + 0.8 + 1.0) / 3 - 0.4),
+                                                   rel=1e-5)
 
 
 @pytest.mark.slow  # three launcher runs of three stages each

@@ -323,10 +323,14 @@ def test_crop_offsets_cover_zero_to_twice_the_padding_and_half_the_images_flip()
 
 
 def test_early_stopping_counts_patience_and_keeps_the_best():
-  es = EarlyStopping(patience=2)
+  """Patience counts the evaluations since the last improvement: the one at
+  epoch 3 is forgiven by epoch 4's improvement, so the stop comes at 6, not 5."""
+  es, stops = EarlyStopping(patience=2), []
   for epoch, value in enumerate([0.5, 0.6, 0.59, 0.61, 0.60, 0.60], start=1):
     es = es.update(value, epoch)
-  assert es.best == 0.61 and es.best_epoch == 4 and es.should_stop
+    stops.append(es.should_stop)
+  assert stops == [False] * 5 + [True]
+  assert es.best == 0.61 and es.best_epoch == 4
   assert EarlyStopping.from_json(es.to_json()) == es
 
 
