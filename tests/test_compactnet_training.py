@@ -159,6 +159,75 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
   assert (len(requests) > 1) == (searched_error != 0)
 
 
+def test_a_uniform_model_is_each_group_at_the_multiplier_to_the_nearest_width_on_the_grid(
+    finished):
+  """Groups of 4, 8 and 12 channels (the table's grids start at 1, 2 and 3):
+  x0.7 gives 2.8, 5.6, 8.4 -> 3, 6, 8; x0.62 gives 2.48, 4.96, 7.44 -> 2, 5, 7;
+  x0.2 gives 0.8, 1.6, 2.4 -> 1, 2 and the 12-channel groups' grid minimum 3."""
+  table = latency.load(finished[2]["table"])
+  assert table.group_sizes == (4, 4, 8, 8, 8, 12, 12, 12) and table.round_to == 1
+  assert training.uniform_widths(table, 0.7) == [3, 3, 6, 6, 6, 8, 8, 8]
+  assert training.uniform_widths(table, 0.62) == [2, 2, 5, 5, 5, 7, 7, 7]
+  assert training.uniform_widths(table, 0.2) == [1, 1, 2, 2, 2, 3, 3, 3]
+  assert training.uniform_widths(table, 1.0) == list(table.group_sizes)
+
+
+def _choose_on(finished, uniform_s, searched_s):
+  """:func:`training.choose_uniform` on a platform measuring the uniform model of
+  widths ``w`` at ``uniform_s(w, window)`` and the searched one at ``searched_s``,
+  ``window`` counting the windows measured so far (0 first)."""
+  config, _, results, _ = finished
+  table, arch = latency.load(results["table"]), training.architecture(config)
+  windows = []
+
+  def remote(target, request):
+    windows.append(request["networks"])
+    return {"latencies": {
+        name: {"latency_s": searched_s if "export_dir" in item
+               else uniform_s(tuple(item["widths"]), len(windows) - 1), "spread": 0.0}
+        for name, item in request["networks"].items()}}
+  chosen, _, _ = training.choose_uniform(
+      table, arch, config.compactnet.uniform_multipliers, list(results["widths"].values()),
+      results["export_dir"], platform.get(config.compactnet.platform),
+      training.table_settings(config), remote)
+  return chosen, windows
+
+
+def test_the_uniform_model_is_the_widest_measured_at_most_as_slow_as_the_searched_one(finished):
+  """Latencies unrelated to the table's (1 ms per distinct uniform model from the
+  narrowest up): a uniform model that measures exactly the searched model's
+  latency counts as fast enough, one a hair slower does not, wherever the
+  table guessed the boundary."""
+  config, _, results, _ = finished
+  table = latency.load(results["table"])
+  options = training.distinct_uniform(table, config.compactnet.uniform_multipliers)
+  ms = list(options)  # widest first
+  rank = {tuple(w): len(ms) - i for i, w in enumerate(options.values())}
+
+  def uniform_s(widths, _):
+    return rank[widths] * 1e-3
+  for k in (1, len(ms) // 2, len(ms) - 2):
+    chosen, _ = _choose_on(finished, uniform_s, rank[tuple(options[ms[k]])] * 1e-3)
+    assert chosen == ms[k]
+    chosen, _ = _choose_on(finished, uniform_s, rank[tuple(options[ms[k]])] * 1e-3 * 0.999)
+    assert chosen == ms[k + 1]
+
+
+def test_a_boundary_lost_to_noise_in_a_wider_window_keeps_the_widest_fast_model_seen(finished):
+  """Every uniform model of the first window measures fast, so the search
+  looks wider; when that window then measures every one slow (noise between
+  windows), the choice is the widest model the first window found fast."""
+  def uniform_s(widths, window):
+    return 0.5 if window == 0 else 2.0
+  chosen, windows = _choose_on(finished, uniform_s, 1.0)
+  config, _, results, _ = finished
+  options = training.distinct_uniform(latency.load(results["table"]),
+                                      config.compactnet.uniform_multipliers)
+  first = [name for name in windows[0] if name != "searched"]
+  assert len(windows) == 2 and first[0] != f"uniform-{list(options)[0]:g}"
+  assert f"uniform-{chosen:g}" == first[0]
+
+
 def test_a_rerun_reads_the_uniform_choice_back_instead_of_measuring_again(finished, tmp_path):
   config, workdir, results, _ = finished
   kept = json.loads((workdir / training.UNIFORM_CHOICE).read_text())
