@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dynscale.nn import costs, models, spec
-from dynscale.sanp import budget, gates, objective
+from dynscale.sanp import analysis, budget, gates, objective
 
 
 def paper_s1(s, xi=0.0, a=1.2, b=0.1):
@@ -237,6 +237,25 @@ def test_a_reduction_outside_one_to_the_layer_width_is_refused():
   with pytest.raises(ValueError, match=r"sanp.reduction must be in \[1, 8\] \(the layer's "
                                        r"output channels\), got 16"):
     models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp", reduction=16))
+
+
+def test_channel_types_and_the_last_blocks_open_channels_by_hand():
+  """Fig. 3's types from four images' open counts (4: never pruned, 0: always,
+  else sometimes), the fraction of all gated channels sometimes pruned, and
+  Fig. 4's open channels per image summed over the last block's two gates."""
+  usage = analysis.ChannelUsage(
+      open_counts={"layers.0": np.array([4, 0, 2, 4]), "layers.3.conv1": np.array([1, 4, 0]),
+                   "layers.3.conv2": np.array([4, 3])},
+      active={"layers.0": np.array([2, 2, 3, 3]), "layers.3.conv1": np.array([1, 1, 2, 1]),
+              "layers.3.conv2": np.array([2, 3, 1, 2])},
+      images=4)
+  assert analysis.channel_types(usage) == {
+      "layers.0": {"never": 2, "sometimes": 1, "always": 1},
+      "layers.3.conv1": {"never": 1, "sometimes": 1, "always": 1},
+      "layers.3.conv2": {"never": 1, "sometimes": 1, "always": 0}}
+  summary = analysis.summary(usage)
+  assert summary["sometimes_pruned_fraction"] == pytest.approx(3 / 9)
+  assert summary["last_block_active_channels"] == {"mean": 3.25, "min": 3, "max": 4}
 
 
 # --------------------------------------------------------------------------
