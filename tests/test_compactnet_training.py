@@ -552,6 +552,10 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
     (dict(measure_on=("npu",)), r"compactnet.measure_on must be one of"),
     (dict(finetune_steps=0), r"compactnet.finetune_steps must be a positive integer"),
     (dict(score_examples=-1), r"compactnet.score_examples must be an integer >= 0"),
+    (dict(recalibration_batches=0),
+     r"compactnet.recalibration_batches must be a positive integer, got 0"),
+    (dict(retrain_epochs=-1), r"compactnet.retrain_epochs must be an integer >= 0, got -1"),
+    (dict(corrections=-1), r"compactnet.corrections must be an integer >= 0, got -1"),
     (dict(min_width=0.0), r"compactnet.min_width\['layers.0'\] must be a fraction"),
     (dict(retrain_seeds=()), r"compactnet.retrain_seeds must be a non-empty list"),
     (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),
@@ -563,6 +567,15 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
 def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
   with pytest.raises(ValueError, match=message):
     training.check_config(_tiny(fake_cifar, **change))
+
+
+def test_the_shared_blocks_are_checked_too(fake_cifar):
+  """The blocks every method shares (seed, data, model, optimizer, train) are
+  checked with CompactNet's own."""
+  config = _tiny(fake_cifar)
+  config.seed = -1
+  with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+    training.check_config(config)
 
 
 def test_a_table_built_by_the_benchmark_serves_the_launcher(fake_cifar, tmp_path):

@@ -186,6 +186,20 @@ def test_a_figure_with_an_mp_idp_network_sharing_nothing_fails_before_training(t
   assert not (tmp_path / "fig").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"model.mp_profiles": ()}, r"model.mp_profiles must list the DP ranges of MP-IDP"),
+    ({"model.mp_profiles": ((0.0, 0.5), (0.4, 1.0))}, r"model.mp_profiles on model.name="),
+    ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
+    ({"data.batch_size": 0}, r"data.batch_size must be a positive integer, got 0"),
+])
+def test_bad_mp_idp_settings_name_the_field(override, message):
+  config = idp_fig9.get_config("mlp")
+  config.method, config.model.mp_profiles = "mpidp", config.variants["mp-idp"].model.mp_profiles
+  config.update_from_flattened_dict(override)
+  with pytest.raises(ValueError, match=message):
+    mpidp.check_config(config)
+
+
 def test_unknown_variant_field_is_refused_before_training(tmp_path):
   config = tiny_figure(idp_fig7.get_config("sample"))
   config.variants["linear"]["model"]["profil"] = "linear"

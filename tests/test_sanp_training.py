@@ -178,6 +178,16 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
                                         r"'channel'\), got 'sample'"),
     ({"sanp.flops_statistics": "ema"}, r"sanp.flops_statistics must be one of \('batch', "
                                        r"'running'\), got 'ema'"),
+    ({"model.name": "resnet50"}, r"model.name must be one of .*'m_cifarnet'.*, got 'resnet50'"),
+    ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
+    ({"sanp.reduction": 0}, r"sanp.reduction must be a positive integer, got 0"),
+    ({"sanp.code": "hard"}, r"sanp.code must be one of \('relaxed', 'saliency'\), got 'hard'"),
+    ({"sanp.flops_window": 0}, r"sanp.flops_window must be a positive integer, got 0"),
+    ({"sanp.integral_rate": -0.5}, r"sanp.integral_rate must be a number >= 0, got -0.5"),
+    ({"sanp.floor": -1}, r"sanp.floor must be an integer >= 0, got -1"),
+    ({"sanp.pretrain_epochs": -1}, r"sanp.pretrain_epochs must be an integer >= 0, got -1"),
+    ({"sanp.warmup_epochs": -1}, r"sanp.warmup_epochs must be an integer >= 0, got -1"),
+    ({"sanp.budget_ramp_epochs": -2}, r"sanp.budget_ramp_epochs must be an integer >= 0"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):

@@ -298,12 +298,26 @@ def test_rtesla_stages_end_at_their_epoch_cap_and_follow_the_sampled_plan(
     ({"atp.enabled": True}, r"model.profile \(ATP starts at one\) must be one of"),
     ({"train.patience": 0}, r"train.patience must be >= 1"),
     ({"schedule.stage_epochs": -1}, r"schedule.stage_epochs must be an integer >= 0, got -1"),
+    ({"data.batch_size": 0}, r"data.batch_size must be a positive integer, got 0"),
+    ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
+    ({"schedule.name": "rtesla", "schedule.epoch_budget": 0},
+     r"schedule.epoch_budget must be a positive integer, got 0"),
+    ({"atp.enabled": True, "model.profile": "all-one", "atp.projection": "sort"},
+     r"atp.projection must be one of \('clip', 'isotonic'\), got 'sort'"),
+    ({"atp.enabled": True, "model.profile": "all-one", "atp.period_steps": 0},
+     r"atp.period_steps must be a positive integer, got 0"),
+    ({"atp.enabled": True, "model.profile": "all-one", "atp.learning_rate": 0.0},
+     r"atp.learning_rate must be a positive number, got 0.0"),
+    ({"cam.enabled": True}, r"model.name \(CAM needs a GAP head\) must be one of "
+                            r"\('vgg16_gap', 'mobilenet'\), got 'tesla_mlp'"),
+    ({"cam.enabled": True, "model.name": "mobilenet", "cam.num_images": 0},
+     r"cam.num_images must be a positive integer, got 0"),
 ])
 def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   config = tesla_main.get_config()
-  (path, value), = override.items()
-  block, field = path.split(".")
-  config[block][field] = value
+  for path, value in override.items():
+    block, field = path.split(".")
+    config[block][field] = value
   with pytest.raises(ValueError, match=message):
     tesla_training.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

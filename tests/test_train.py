@@ -359,6 +359,9 @@ def test_early_stopping_rejects_bad_settings():
     ({"model.profile": "cubic"}, r"model.profile must be one of \("),
     ({"eval.bn_mode": "frozen"}, r"eval.bn_mode must be one of \('shared', 'recalibrated'\)"),
     ({"data.augment": "False"}, r"data.augment must be one of \('auto', 'on', 'off'\), got 'False'"),
+    ({"train.num_epochs": 0}, r"train.num_epochs must be a positive integer, got 0"),
+    ({"train.steps_per_chunk": 0}, r"train.steps_per_chunk must be a positive integer, got 0"),
+    ({"train.patience": -1}, r"train.patience must be an integer >= 0, got -1"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
   workdir = tmp_path / "run"
