@@ -312,6 +312,8 @@ def test_rtesla_stages_end_at_their_epoch_cap_and_follow_the_sampled_plan(
                             r"\('vgg16_gap', 'mobilenet'\), got 'tesla_mlp'"),
     ({"cam.enabled": True, "model.name": "mobilenet", "cam.num_images": 0},
      r"cam.num_images must be a positive integer, got 0"),
+    ({"cam.enabled": True, "model.name": "mobilenet", "cam.dps": (0.5, 1.5)},
+     r"cam.dps\[1\] must be in \(0, 1\]"),
 ])
 def test_bad_tesla_config_raises_before_compute(tmp_path, override, message):
   config = tesla_main.get_config()
