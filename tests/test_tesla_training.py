@@ -23,6 +23,7 @@ from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import main as launcher
 from experiments.configs import common, tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
+from blind_selection import assert_fit_never_reads_the_test_split
 
 TASKS = (1.0, 0.5, 0.2)
 SHARED = common.evaluation(bn_mode="shared")
@@ -153,25 +154,15 @@ def test_changing_stage_does_not_recompile():
 
 @pytest.mark.parametrize("monitor", tesla_training.MONITORS)
 def test_early_stopping_and_model_selection_never_read_the_test_split(monitor):
-  base = small_dataset()
-  rng = np.random.default_rng(0)
-  poisoned = dataclasses.replace(
-      base, test_x=rng.integers(0, 256, base.test_x.shape, dtype=np.uint8),
-      test_y=((base.test_y + 1) % 10).astype(np.int32))
   stage = tesla.tesla_stages(TASKS, 0.5)[1]
-  runs = []
-  for dataset in (base, poisoned):
+
+  def fit(dataset):
     trainer, state = small_trainer(dataset, multitask.sliced_loss(TASKS))
-    fit = trainer.fit(state, task=jnp.asarray(stage.coefficients, jnp.float32),
-                      validate=tesla_training.stage_validation(trainer, stage, TASKS, monitor,
-                                                               SHARED),
-                      num_epochs=4, stage="stage1", early_stopping=EarlyStopping(1))
-    runs.append((fit.early_stopping, jax.tree.map(np.asarray, fit.best_state.params),
-                 trainer.evaluate(fit.best_state, "test", jnp.float32(1.0))["accuracy"]))
-  (es_a, params_a, test_a), (es_b, params_b, test_b) = runs
-  assert es_a == es_b
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  assert test_a != test_b, "the poisoned test split must change the test metric itself"
+    return trainer, trainer.fit(
+        state, task=jnp.asarray(stage.coefficients, jnp.float32),
+        validate=tesla_training.stage_validation(trainer, stage, TASKS, monitor, SHARED),
+        num_epochs=4, stage="stage1", early_stopping=EarlyStopping(1))
+  assert_fit_never_reads_the_test_split(small_dataset(), fit)
 
 
 def test_objective_monitor_is_the_coefficient_weighted_validation_score():
