@@ -217,7 +217,8 @@ def pixel_mean_trainer(extra, dataset=None):
   from dynscale.train import loop, steps
   from dynscale.train.state import create_train_state
 
-  dataset = dataset or data.load("mnist_sample", val_size=300)
+  if dataset is None:
+    dataset = data.load("mnist_sample", val_size=300)
   arch = models.architecture("mlp", num_classes=10, input_shape=(28, 28, 1),
                              width_multiplier=0.1)
   tx = optax.sgd(0.1)
