@@ -228,12 +228,18 @@ def _same(size: int, stride: int) -> int:
   return -(-size // stride)
 
 
-def _strided_map(where: str, layer: dict, x: Feature) -> Feature:
-  """The output map of a SAME-padded block with ``stride`` and ``features`` outputs."""
-  if x.flat:
-    raise ValueError(f"{where} needs an H x W x C input, got a flat one")
+def _strided_map(layer: dict, x: Feature) -> Feature:
+  """The output map of a SAME-padded block with ``stride`` and ``features`` outputs
+  on the H x W x C input ``x`` (:func:`_checked_strided_map` checks it is one)."""
   s = layer["stride"]
   return Feature(_same(x.height, s), _same(x.width, s), layer["features"], False)
+
+
+def _checked_strided_map(where: str, layer: dict, x: Feature) -> Feature:
+  """:func:`_strided_map`, or a ValueError naming ``where`` if ``x`` is flat."""
+  if x.flat:
+    raise ValueError(f"{where} needs an H x W x C input, got a flat one")
+  return _strided_map(layer, x)
 
 
 def _identity_shortcut(layer: dict, x: Feature) -> bool:
@@ -496,7 +502,7 @@ class SeparableConv(_GatedOutput):
                        "the same channels as the pointwise part)")
 
   def output(self, where, layer, x):
-    return _strided_map(where, layer, x)
+    return _checked_strided_map(where, layer, x)
 
   def variables(self, layer, x, out):
     k, c, m = layer["kernel"], x.channels, layer["features"]
@@ -610,7 +616,7 @@ class ResBlock(Kind):
 
   def output(self, where, layer, x):
     _check_shortcut(where, layer, x, ("auto", "identity", "projection"))
-    return _strided_map(where, layer, x)
+    return _checked_strided_map(where, layer, x)
 
   def mid_width(self, layer, x):
     return layer["mid_features"] or layer["features"]
@@ -629,7 +635,7 @@ class ResBlock(Kind):
   def slot_maps(self, layer: dict, x: Feature) -> dict[str, Feature]:
     """The map each slot holds on input ``x``: ``"in"`` the input, ``"mid"``
     ``conv1``'s output and ``"out"`` the block's, both at the strided size."""
-    out = _strided_map("resblock", layer, x)
+    out = _strided_map(layer, x)
     return {"in": x, "mid": dataclasses.replace(out, channels=self.mid_width(layer, x)),
             "out": out}
 
@@ -708,7 +714,7 @@ class InvertedResidual(Kind):
 
   def output(self, where, layer, x):
     _check_shortcut(where, layer, x, ("auto", "identity", "none"))
-    return _strided_map(where, layer, x)
+    return _checked_strided_map(where, layer, x)
 
   def _expands(self, layer) -> bool:
     return layer["expansion"] != 1
