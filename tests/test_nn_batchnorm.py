@@ -158,3 +158,28 @@ def test_masked_recalibration_is_precise_batch_norm_with_one_compile():
   moments, _ = batchnorm._masked_moments(model.arch_json, "float32")
   # the widths are traced: one executable per batch shape, whatever the widths
   assert moments._cache_size() == len({len(x) for x in batches})
+
+
+def test_a_numpy_float_dp_is_a_dp():
+  """A DP given as a NumPy float (what a config or a sweep over ``np.linspace``
+  gives) picks the per-DP statistics and the MP-IDP profile as a Python float
+  does. Catches a DP test of ``isinstance(widths, float)`` (``np.float32`` is
+  none), which ran the shared statistics, or raised on an MP-IDP network."""
+  model = _model()
+  stats = {0.5: batchnorm.recalibrate(model, 0.5, _batches())}
+  runner = sliced.SlicedModel.from_model(model, stats)
+  x = _batches((3,))[0]
+  assert not np.allclose(runner(x, 0.5), model(x, 0.5, train=False), atol=1e-3)
+  for dp in (np.float32(0.5), np.float64(0.5)):
+    np.testing.assert_allclose(runner(x, dp), runner(x, 0.5), rtol=1e-6)
+  arch = {**ARCH, "profiles": [[0, 0.5], [0.5, 1]]}
+  mp = models.build(arch, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  variables = mp.pure_variables()
+  for dp in (0.25, 0.75):
+    expected = sliced.apply_sliced(arch, variables, x, dp)
+    np.testing.assert_allclose(sliced.apply_sliced(arch, variables, x, np.float32(dp)),
+                               expected, rtol=1e-6)
+    np.testing.assert_allclose(mp(x, dp, train=False), expected, rtol=1e-5, atol=1e-6)
+    by_float = batchnorm.recalibrate(mp, dp, _batches())
+    by_numpy = batchnorm.recalibrate(mp, np.float32(dp), _batches())
+    jax.tree.map(np.testing.assert_array_equal, by_numpy, by_float)

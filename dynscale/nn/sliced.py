@@ -252,13 +252,6 @@ def running_stats(moments: Mapping, stats: Mapping, momentum: float,
 # --------------------------------------------------------------------------
 
 
-def _dp_of(widths: Any) -> float | None:
-  """The DP when ``widths`` is one (chooses the MP-IDP profile), else None."""
-  if isinstance(widths, (int, float)) and not isinstance(widths, bool):
-    return float(widths)
-  return None
-
-
 def _sliced_input(arch: dict, x: Array, widths: tuple[int, ...]) -> Array:
   """``x``, cut to the kept input channels when an IDP first layer trims them."""
   if not spec.graph(arch).groups[0].prunable:
@@ -270,7 +263,7 @@ def _run_sliced(arch: dict, variables: Mapping, x: Array, widths: Any, *, train:
                 profile_index: int | None, dtype, upto: int | None = None
                 ) -> tuple[forward.Trace, dict, tuple[int, ...]]:
   spec.check_input(arch, x)
-  s = spec.select_profile(arch, _dp_of(widths), profile_index)
+  s = spec.select_profile(arch, spec.dp_of(widths), profile_index)
   kept = spec.resolve_widths(arch, widths)
   compact = slice_variables(arch, variables, kept)
   trace = forward.run(arch, compact, _sliced_input(arch, x, kept), widths=None, train=train,
@@ -408,7 +401,7 @@ class SlicedModel:
     return tuple(sorted(key[0] for key in self._executables))
 
   def _key(self, widths: Any, profile_index: int | None) -> tuple:
-    dp = _dp_of(widths)
+    dp = spec.dp_of(widths)
     s = spec.select_profile(self.arch, dp, profile_index)
     stats = dp is not None and idp.check_dp(dp) in self.bn_stats_by_dp
     return spec.resolve_widths(self.arch, widths), s, idp.check_dp(dp) if stats else None

@@ -366,6 +366,15 @@ def _member_widths(groups: Sequence[Group], widths: Mapping) -> list[int]:
   return out
 
 
+def dp_of(widths: Any) -> float | None:
+  """The DP when ``widths`` (any form :func:`resolve_widths` takes) is one, else
+  None: a real number that is not an integer, NumPy's floats included (a
+  width vector is a sequence, an int never a DP)."""
+  if isinstance(widths, numbers.Real) and not isinstance(widths, (bool, numbers.Integral)):
+    return float(widths)
+  return None
+
+
 def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
   """A checked width vector (one int per prunable group) from any accepted form.
 
@@ -375,8 +384,9 @@ def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
   Each width must lie in [1, group size]. Errors name the group.
   """
   groups = prunable_groups(arch)
-  if isinstance(widths, numbers.Real) and not isinstance(widths, (bool, numbers.Integral)):
-    return widths_at_dp(arch, idp.check_dp(widths))
+  dp = dp_of(widths)
+  if dp is not None:
+    return widths_at_dp(arch, idp.check_dp(dp))
   if isinstance(widths, Mapping):
     values = _member_widths(groups, widths)
   elif isinstance(widths, (Sequence, np.ndarray)) and not isinstance(widths, str):
