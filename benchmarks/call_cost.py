@@ -11,7 +11,7 @@ and the same forward from :func:`dynscale.bound.bind` (``bound``: the
 small arrays packed into one buffer). Prints one JSON line: both
 latencies, their ratio, the number of arrays and the cost per array
 handed over. Run it under the platform's threads (e.g.
-``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0``)
+``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" taskset -c 0``)
 to read it as CompactNet's ``cpu-b1`` does.
 """
 

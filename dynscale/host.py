@@ -110,6 +110,12 @@ def ynnpack_convolutions(xla_flags: str | None = None) -> bool:
   return "individual_convolution" in entries
 
 
+def xla_flags_read(xla_flags: str) -> list[str]:
+  """The entries of ``xla_flags`` that XLA reads: those starting with ``--``
+  (XLA stops on an unknown one; it ignores a token without the dashes)."""
+  return [token for token in xla_flags.split() if token.startswith("--")]
+
+
 def tune() -> dict:
   """:func:`tune_allocator` and :func:`tune_xla_cpu`, before the first JAX
   computation; returns ``{"allocator": ..., "xla_cpu": ...}`` ("tuned" or

@@ -495,9 +495,19 @@ def test_a_platforms_process_runs_the_tuned_xla_cpu_whoever_starts_it():
       target, base={"XLA_FLAGS": " ".join(host.XLA_CPU_FLAGS)})["XLA_FLAGS"].split()
   assert sorted(untuned_parent) == sorted(tuned_parent)
   assert set(host.XLA_CPU_FLAGS) <= set(tuned_parent) and len(set(tuned_parent)) == len(tuned_parent)
-  assert "intra_op_parallelism_threads=1" in tuned_parent
+  assert "--xla_cpu_multi_thread_eigen=false" in tuned_parent
   system = platform.environment(target, base={host.XLA_CPU_ENV: "system"})["XLA_FLAGS"].split()
-  assert not set(host.XLA_CPU_FLAGS) & set(system) and "intra_op_parallelism_threads=1" in system
+  assert not set(host.XLA_CPU_FLAGS) & set(system) and "--xla_cpu_multi_thread_eigen=false" in system
+
+
+def test_every_entry_of_a_platforms_xla_flags_is_one_xla_reads():
+  """XLA stops on an unknown ``--`` flag but ignores a token without the dashes:
+  ``intra_op_parallelism_threads=1`` (a TensorFlow setting) sat in the platforms'
+  flags, doing nothing, until 2026-12-07. The CPU set fixes the threads."""
+  for name, target in platform.PLATFORMS.items():
+    flags = platform.environment(target, base={}).get("XLA_FLAGS", "")
+    assert host.xla_flags_read(flags) == flags.split(), name
+  assert host.xla_flags_read("--a=1 b=2  --c") == ["--a=1", "--c"]
 
 
 def test_a_table_measured_under_other_xla_flags_is_refused(table):
@@ -511,6 +521,10 @@ def test_a_table_measured_under_other_xla_flags_is_refused(table):
                                                  "xla_flags": " ".join(untuned)})
   with pytest.raises(ValueError, match="measured under XLA_FLAGS"):
     latency.check_matches(other, _mobilenet(), target, "tied")
+  # a table measured with the stray token (XLA ignored it) ran under the same XLA:CPU
+  stray = dataclasses.replace(table, provenance={
+      **table.provenance, "xla_flags": " ".join([*ours, "intra_op_parallelism_threads=1"])})
+  latency.check_matches(stray, _mobilenet(), target, "tied")
 
 
 def test_a_process_not_set_up_for_the_platform_refuses_to_measure():
@@ -532,7 +546,7 @@ def test_a_real_table_in_its_own_process_predicts_whole_networks(tmp_path):
       "grid_points": 3, "min_fraction": 0.5, "round_to": 2, "warmup": 1, "rounds": 3, "burst": 2,
       "estimator": "min", "out": out})
   table = latency.load(out)
-  assert table.provenance["xla_flags"].endswith("intra_op_parallelism_threads=1")
+  assert table.provenance["xla_flags"].endswith("--xla_cpu_multi_thread_eigen=false")
   assert len(table.provenance["cpus"]) == 1
   result = platform.run_isolated(target, "dynscale.compactnet.measure", {
       "kind": "networks", "platform": target.name, "warmup": 1, "rounds": 3, "burst": 2,

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import interpolate
 
-from dynscale import bound, timing
+from dynscale import bound, host, timing
 from dynscale.compactnet import platform as platforms
 from dynscale.compactnet import trimming
 from dynscale.compactnet.platform import Platform
@@ -486,7 +486,9 @@ def load(path: str) -> Table:
 
 def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                   where: str = "latency table") -> None:
-  """Raises unless ``table`` was measured for this model, platform and grouping."""
+  """Raises unless ``table`` was measured for this model, platform and grouping,
+  under the XLA flags a process for ``platform`` runs with (those XLA reads:
+  :func:`dynscale.host.xla_flags_read`, in any order)."""
   ours = fingerprint(arch)
   if table.model_fingerprint not in (ours, _whole_fingerprint(arch)):
     raise ValueError(f"{where} is for model {table.model!r} (fingerprint "
@@ -501,7 +503,8 @@ def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                      f"{expansion!r}")
   measured_under = table.provenance.get("xla_flags")
   runs_under = platforms.environment(platform).get("XLA_FLAGS", "")
-  if measured_under is not None and sorted(measured_under.split()) != sorted(runs_under.split()):
+  if measured_under is not None and (sorted(host.xla_flags_read(measured_under))
+                                     != sorted(host.xla_flags_read(runs_under))):
     raise ValueError(f"{where} was measured under XLA_FLAGS {measured_under!r}; a "
                      f"{platform.name} process here runs under {runs_under!r}: build the "
                      "table again (it holds the latencies of the XLA:CPU it ran on)")

@@ -32,7 +32,7 @@ import tempfile
 from dynscale import host
 
 DTYPES = ("float32", "bfloat16")
-_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 _CPUS_VARIABLE = "DYNSCALE_CPUS"
 
 
@@ -71,9 +71,13 @@ def environment(platform: Platform, base: dict | None = None) -> dict:
   """The environment variables of a process for ``platform``.
 
   On a CPU with ``threads`` set: XLA:CPU tuned (:func:`dynscale.host.xla_cpu_flags`
-  of ``base``) with single-threaded Eigen and one intra-op thread, on the
-  first ``threads`` CPUs this process may use (applied by :func:`pin` in the
-  new process).
+  of ``base``) with single-threaded Eigen, on the first ``threads`` CPUs this
+  process may use (applied by :func:`pin` in the new process). XLA:CPU sizes
+  its intra-op thread pool by the CPUs its process may use, so the CPU set
+  is what fixes the thread count; no flag does. (Until 2026-12-07 the flags
+  also held ``intra_op_parallelism_threads=1``, a TensorFlow setting without
+  ``--`` that XLA took for a stray argument and ignored:
+  :func:`dynscale.host.xla_flags_read`.)
   """
   env = dict(os.environ if base is None else base)
   if platform.backend != "cpu" or platform.threads is None:
