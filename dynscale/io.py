@@ -12,12 +12,25 @@ from typing import Any
 import numpy as np
 
 
+def _umask() -> int:
+  """The process's file-creation mask (read by setting it, then put back)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file and ``os.replace``."""
+  """Writes ``data`` to ``path`` via a temporary file and ``os.replace``.
+
+  The file gets the permissions a plain ``open`` would give it (``0o666``
+  less the umask; ``mkstemp`` makes it readable by its owner alone), and
+  the directory is synced after the rename, so the new name survives a crash.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -27,6 +40,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  directory_fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(directory_fd)
+  finally:
+    os.close(directory_fd)
 
 
 def write_npz_atomic(path: str, arrays: Mapping[str, Any]) -> None:

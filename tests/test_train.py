@@ -4,6 +4,7 @@ parallel, early stopping, config validation, atomic results."""
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -596,6 +597,21 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
     io.write_json_atomic(str(path), {"a": object()})
   assert json.loads(path.read_text()) == {"a": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_an_atomic_write_gets_the_permissions_a_plain_write_would(tmp_path, mask):
+  """``mkstemp`` makes its file readable by its owner alone: a result file moved
+  into place as it is could not be read by anyone else (a shared workdir)."""
+  previous = os.umask(mask)
+  try:
+    io.write_json_atomic(str(tmp_path / "results.json"), {"a": 1})
+    with open(tmp_path / "plain.json", "w") as f:
+      f.write("{}")
+  finally:
+    os.umask(previous)
+  assert stat.S_IMODE(os.stat(tmp_path / "results.json").st_mode) == 0o666 & ~mask
+  assert stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode) == 0o666 & ~mask
 
 
 # --------------------------------------------------------------------------
