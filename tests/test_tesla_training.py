@@ -84,6 +84,22 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
                stats_s, stats_m)
 
 
+def test_each_task_reports_its_own_metrics_under_its_own_name():
+  """Tasks 12.5% and 13% round to the same whole percent: named by it, one
+  task's loss and accuracy overwrote the other's."""
+  _, model = tiny("tiny_cnn", None, None)
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = jnp.arange(8) % 10
+  tasks = (1.0, 0.13, 0.125)
+  for loss_fn in (multitask.sliced_loss(tasks), multitask.masked_loss(tasks)):
+    _, metrics = loss_fn(model, images, labels, jnp.ones((3,), jnp.float32))
+    assert sorted(k for k in metrics if k.startswith("loss_dp")) == [
+        "loss_dp100", "loss_dp12.5", "loss_dp13"]
+    for dp, name in zip(tasks, ("100", "13", "12.5")):
+      logits = model(images, dp, train=True)  # batch statistics, as the loss computes
+      assert float(metrics[f"accuracy_dp{name}"]) == float(steps.accuracy(logits, labels))
+
+
 @pytest.mark.parametrize("skip_inactive, active", [(True, None), (False, None),
                                                     (False, (0,))])
 def test_inactive_tasks_contribute_nothing(skip_inactive, active):

@@ -37,9 +37,11 @@ from dynscale.train import steps
 
 
 def _task_metrics(tasks: Sequence[float], losses, accuracies) -> dict:
+  """``loss_dp<percent>`` and ``accuracy_dp<percent>`` of each task, the percent
+  to six significant digits (``dp50``, ``dp12.5``): distinct tasks, distinct names."""
   metrics = {}
   for dp, loss, acc in zip(tasks, losses, accuracies):
-    pct = int(round(100 * dp))
+    pct = f"{100 * dp:g}"
     metrics[f"loss_dp{pct}"] = loss
     metrics[f"accuracy_dp{pct}"] = acc
   return metrics
