@@ -106,7 +106,8 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
 def by_variant(config: ml_collections.ConfigDict, summaries: Mapping[str, Mapping],
                variants: Sequence[str] = ()) -> dict:
   """Over the seeds of each variant (of ``variants``, default all): the mean and
-  standard deviation of every numeric result, and each seed's summary (``by_seed``)."""
+  the population standard deviation (``ddof=0``) of every numeric result, and
+  each seed's summary (``by_seed``)."""
   grouped = {}
   for name in variants or config.variants:
     runs = {seed: summaries[run_name(name, seed)] for seed in config.seeds}
