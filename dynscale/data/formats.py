@@ -392,7 +392,10 @@ def read_cifar_npz_xz(path: str | Path, variant: CifarVariant) -> Splits:
     missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
     if missing:
       raise ValueError(f"{path}: missing arrays {sorted(missing)}; has {sorted(arrays.files)}")
-    splits = Splits(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    try:
+      splits = Splits(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    except ValueError as e:  # an object array: numpy refuses to unpickle it
+      raise ValueError(f"{path}: {e}") from e
   return validated_splits(splits,
                           image_shape=(32, 32, 3),
                           num_classes=variant.num_classes,

@@ -53,8 +53,9 @@ def test_read_idx_big_endian_int32(tmp_path):
         (struct.pack(">i", 0x01000803) + b"\0" * 16, "magic"),
         (struct.pack(">i", 0x0801) + struct.pack(">i", 10) + b"\0" * 9, "data bytes"),
         (struct.pack(">i", 0x0A01) + struct.pack(">i", 1) + b"\0", "type code"),
+        (struct.pack(">i", 0x0801) + struct.pack(">i", 2) + b"\0" * 3, "data bytes"),
     ],
-    ids=["bad-magic", "truncated", "bad-type"],
+    ids=["bad-magic", "truncated", "bad-type", "trailing-bytes"],
 )
 def test_read_idx_rejects_malformed(tmp_path, data, message):
   path = tmp_path / "bad.gz"
@@ -302,6 +303,10 @@ def test_restricted_unpickle_garbage():
             b"labels": [10]
         }, r"labels must be in \[0, 10\)"),
         ({
+            b"data": np.zeros((1, 3072), np.uint8),
+            b"labels": [-1]
+        }, r"labels must be in \[0, 10\)"),
+        ({
             b"data": np.zeros((1, 3071), np.uint8),
             b"labels": [1]
         }, "3072"),
@@ -317,7 +322,7 @@ def test_restricted_unpickle_garbage():
             b"data": np.zeros((1, 3072), np.uint8)
         }, "b'labels'"),
     ],
-    ids=["label-range", "row-length", "dtype", "label-count", "missing-key"],
+    ids=["label-range", "negative-label", "row-length", "dtype", "label-count", "missing-key"],
 )
 def test_cifar_batch_validation(tmp_path, batch, message):
   batches = cifar_batches(CIFAR10, per_file=1)
@@ -401,6 +406,22 @@ def test_cifar_npz_xz_missing_array(tmp_path):
   path.write_bytes(lzma.compress(buffer.getvalue()))
   with pytest.raises(ValueError, match="missing arrays"):
     formats.read_cifar_npz_xz(path, CIFAR10)
+
+
+def test_cifar_npz_xz_never_unpickles(tmp_path):
+  """An ``.npz`` member stored as a pickled object array is refused unread: with
+  ``allow_pickle`` its payload would run while the array loads."""
+  marker = tmp_path / "side_effect"
+  payload = np.empty((1,), object)
+  payload[0] = RunsEval(f"open({str(marker)!r}, 'w').write('pwned')")
+  buffer = io.BytesIO()
+  np.savez(buffer, x_train=np.zeros((1, 32, 32, 3), np.uint8), y_train=payload,
+           x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros((1,), np.uint8))
+  path = tmp_path / "c.npz.xz"
+  path.write_bytes(lzma.compress(buffer.getvalue()))
+  with pytest.raises(ValueError, match="c.npz.xz: Object arrays cannot be loaded"):
+    formats.read_cifar_npz_xz(path, CIFAR10)
+  assert not marker.exists()
 
 
 def test_cifar_npz_xz_not_xz(tmp_path):
