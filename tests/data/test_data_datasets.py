@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dynscale.data import DATA_DIR_ENV, DATASETS, load, split_indices
-from dynscale.data.datasets import dataset_spec
+from dynscale.data.datasets import balanced_subset, dataset_spec
 
 MNIST_NAMES = (
     "train-images-idx3-ubyte.gz",
@@ -170,6 +170,34 @@ def test_cifar10_python_tarball_md5_noted(tmp_path, no_env):
   ds = load("cifar10", data_dir=tmp_path, val_size=1)
   assert (len(ds.train_x), len(ds.val_x), len(ds.test_x)) == (4, 1, 1)
   assert "md5 differs from the official release" in ds.source
+
+
+def test_the_datasets_own_subdir_is_searched_before_any_form_in_the_flat_dir(tmp_path, no_env):
+  """Directories first, forms within each: a python tarball in the flat
+  directory (the first form) does not win over the npz.xz in ``cifar10/``."""
+  with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+      data = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [9]})
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  write_cifar10_npz_xz(tmp_path / "cifar10" / "cifar10_uint8.npz.xz", 6, 3)
+  ds = load("cifar10", data_dir=tmp_path, val_size=0, tfds_data_dir=no_env)
+  assert len(ds.train_x) == 6 and str(tmp_path / "cifar10") in ds.source
+
+
+def test_a_balanced_subset_is_drawn_across_each_class():
+  """Uniform within each class, not its first examples: over 10 classes of
+  200 examples, 20 drawn from each, the mean rank of the drawn ones within
+  their class is near the middle (99.5; its spread over a uniform draw of
+  200 is about 4), and the draw is the same on every call."""
+  labels = np.random.default_rng(3).permutation(np.repeat(np.arange(10), 200))
+  chosen = balanced_subset(labels, 200, 10)
+  np.testing.assert_array_equal(chosen, balanced_subset(labels, 200, 10))
+  assert np.all(np.diff(chosen) > 0)
+  assert np.bincount(labels[chosen], minlength=10).tolist() == [20] * 10
+  ranks = [np.searchsorted(np.flatnonzero(labels == labels[i]), i) for i in chosen]
+  assert 80 < np.mean(ranks) < 120 and max(ranks) > 150
 
 
 def test_bad_labels_rejected(tmp_path, no_env):
