@@ -500,6 +500,19 @@ def test_a_platforms_process_runs_the_tuned_xla_cpu_whoever_starts_it():
   assert not set(host.XLA_CPU_FLAGS) & set(system) and "--xla_cpu_multi_thread_eigen=false" in system
 
 
+def test_a_cpu_platforms_process_gets_its_threads_cpus_and_a_gpu_one_is_left_alone():
+  """A CPU platform's process runs on its ``threads`` CPUs (the CPU set is
+  what fixes XLA:CPU's thread count); a GPU platform's keeps its environment."""
+  base = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "OTHER": "1"}
+  cpus = sorted(os.sched_getaffinity(0))
+  for name in ("cpu-b64", "cpu-b1", "cpu-b64-bf16"):
+    env = platform.environment(platform.get(name), base=base)
+    assert env["DYNSCALE_CPUS"] == str(cpus[0]) and env["JAX_PLATFORMS"] == "cpu", name
+    assert env["OTHER"] == "1" and "--xla_dump_to=/tmp/x" in env["XLA_FLAGS"].split(), name
+  for name in ("gpu-b64", "gpu-b1", "gpu-b64-bf16"):
+    assert platform.environment(platform.get(name), base=base) == base, name
+
+
 def test_every_entry_of_a_platforms_xla_flags_is_one_xla_reads():
   """XLA stops on an unknown ``--`` flag but ignores a token without the dashes:
   ``intra_op_parallelism_threads=1`` (a TensorFlow setting) sat in the platforms'
