@@ -549,6 +549,20 @@ def test_a_process_not_set_up_for_the_platform_refuses_to_measure():
   assert done.returncode != 0 and "needs 1 thread(s)" in done.stderr
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process on 2+ CPUs")
+def test_a_process_with_the_flags_but_every_cpu_refuses_to_measure():
+  """The flags alone do not make a one-thread process: XLA:CPU's pool follows
+  the CPU set, so a process not pinned to its platform's CPUs is refused."""
+  env = {k: v for k, v in os.environ.items() if k != "DYNSCALE_CPUS"}
+  flags = platform.environment(platform.get("cpu-b64"), base={})["XLA_FLAGS"]
+  code = ("from dynscale.compactnet import platform; "
+          "platform.check_process(platform.get('cpu-b64'))")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env={**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags})
+  assert done.returncode != 0 and "needs 1 thread(s)" in done.stderr
+  assert f"this one has {len(os.sched_getaffinity(0))}" in done.stderr
+
+
 @pytest.mark.slow
 def test_a_real_table_in_its_own_process_predicts_whole_networks(tmp_path):
   arch = _mobilenet()
