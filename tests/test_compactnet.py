@@ -563,6 +563,27 @@ def test_a_process_with_the_flags_but_every_cpu_refuses_to_measure():
   assert f"this one has {len(os.sched_getaffinity(0))}" in done.stderr
 
 
+def test_a_measurement_runs_in_a_process_pinned_to_its_platform(tmp_path):
+  """``run_isolated`` starts ``measure`` with the platform's environment, which
+  pins itself to the platform's CPUs and records where it ran; started
+  without that environment, ``measure`` refuses to time anything."""
+  target = platform.get("cpu-b1")
+  request = {"kind": "networks", "platform": target.name, "warmup": 1, "rounds": 1, "burst": 1,
+             "estimator": "min", "networks": {"stem": {"arch": _small(), "prefix": 1}}}
+  result = platform.run_isolated(target, "dynscale.compactnet.measure", request, timeout=300)
+  assert result["latencies"]["stem"]["latency_s"] > 0
+  assert result["provenance"]["cpus"] == sorted(os.sched_getaffinity(0))[:1]
+  assert result["provenance"]["xla_flags"] == platform.environment(target)["XLA_FLAGS"]
+  (tmp_path / "request.json").write_text(json.dumps(request))
+  env = {k: v for k, v in os.environ.items() if k not in ("DYNSCALE_CPUS", "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-m", "dynscale.compactnet.measure",
+                         str(tmp_path / "request.json"), str(tmp_path / "result.json")],
+                        cwd=ROOT, capture_output=True, text=True,
+                        env={**env, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode != 0 and "needs 1 thread(s)" in done.stderr
+  assert not (tmp_path / "result.json").exists()
+
+
 @pytest.mark.slow
 def test_a_real_table_in_its_own_process_predicts_whole_networks(tmp_path):
   arch = _mobilenet()
