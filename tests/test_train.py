@@ -11,6 +11,7 @@ import textwrap
 
 import jax
 import numpy as np
+import optax
 import pytest
 from absl import flags
 from flax import nnx
@@ -21,6 +22,7 @@ from dynscale.idp import training as idp_training
 from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
+from dynscale.train.state import create_train_state
 from experiments.configs import baseline
 from blind_selection import assert_fit_never_reads_the_test_split
 
@@ -116,6 +118,25 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
   assert step == 1 and meta == {"epoch": 1}
   np.testing.assert_array_equal(restored["w"], state1["w"])
   assert "unreadable" in caplog.text
+
+
+def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp_path):
+  """``seed`` is the run's one source of randomness: two seeds hold out
+  different validation images, start from different weights and draw
+  different batches and augmentation keys; the same seed, the same of each."""
+  def started(seed, name):
+    config = tiny_config(seed=seed, **{"data.augment": "on"})
+    run = runs.start(config, str(tmp_path / name))
+    graphdef, state = create_train_state(run.model, optax.sgd(0.1))
+    trainer = runs.make_trainer(run, graphdef, optax.sgd(0.1), steps.classification_loss)
+    (order, key), = [next(trainer.epoch_chunks(0))]
+    weights = max(jax.tree.leaves(state.params), key=lambda a: a.size)  # a kernel
+    return (run.dataset.val_x, weights, np.asarray(order),
+            np.asarray(jax.random.key_data(key)))
+  first, again, other = started(0, "a"), started(0, "b"), started(1, "c")
+  for a, b, c in zip(first, again, other):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 def test_no_checkpoint_restores_none(tmp_path):
