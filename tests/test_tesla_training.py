@@ -84,6 +84,56 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
                stats_s, stats_m)
 
 
+def test_in_place_distillation_matches_each_task_to_the_full_network_by_hand():
+  """``distill_weight`` w: each lower task adds ``w T^2 KL(p_100 || p_k)`` (the
+  softened predictions of the first, 100% task as the target, no gradient into
+  it) to its cross-entropy; written out here with NumPy for the value and with
+  a stop-gradient on the masked network for the gradients."""
+  _, model = tiny("tiny_cnn", None, None)
+  graphdef, state = create_train_state(model, optax.sgd(0.1))
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = jnp.arange(8) % 10
+  c, w, t = jnp.asarray([0.5, 0.3, 0.2]), 0.7, 2.0
+
+  def by_hand(m):
+    logits = [m(images, dp, train=True) for dp in TASKS]
+    target = jax.nn.softmax(jax.lax.stop_gradient(logits[0]) / t)
+    total = 0.0
+    for k, l in enumerate(logits):
+      loss = jnp.mean(steps.cross_entropy(l, labels))
+      if k > 0:
+        kl = jnp.sum(target * (jnp.log(target) - jax.nn.log_softmax(l / t)), axis=-1)
+        loss = loss + w * t**2 * jnp.mean(kl)
+      total = total + c[k] * loss
+    return total
+
+  def gradient(loss_of_model):
+    return jax.jit(jax.value_and_grad(lambda p: loss_of_model(
+        merge_model(graphdef, p, state.model_state))))(state.params)
+
+  value, grads = gradient(
+      lambda m: multitask.sliced_loss(TASKS, distill_weight=w, temperature=t)(
+          m, images, labels, c)[0])
+  expected, expected_grads = gradient(by_hand)
+
+  def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  logits = [np.asarray(model(images, dp, train=True), np.float64) for dp in TASKS]
+  target, numpy_total = softmax(logits[0] / t), 0.0
+  for k, l in enumerate(logits):
+    loss = -np.mean(np.log(softmax(l)[np.arange(8), labels]))
+    if k:
+      loss += w * t**2 * np.mean(np.sum(target * np.log(target / softmax(l / t)), -1))
+    numpy_total += float(c[k]) * loss
+  np.testing.assert_allclose(value, numpy_total, rtol=1e-5)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                       atol=1e-5 * np.abs(b).max()),
+               grads, expected_grads)
+
+
 def test_each_task_reports_its_own_metrics_under_its_own_name():
   """Tasks 12.5% and 13% round to the same whole percent: named by it, one
   task's loss and accuracy overwrote the other's."""
