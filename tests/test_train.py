@@ -620,6 +620,26 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+def test_an_atomic_write_that_fails_at_the_rename_leaves_no_temporary_file(tmp_path):
+  (tmp_path / "results.json").mkdir()  # a directory in the way: os.replace fails
+  (tmp_path / "results.json" / "keep").write_text("x")
+  with pytest.raises(OSError):
+    io.write_json_atomic(str(tmp_path / "results.json"), {"a": 1})
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_an_atomic_write_renames_within_the_destinations_directory(tmp_path, monkeypatch):
+  """The temporary file sits beside its destination: a rename across file
+  systems (from the system's temporary directory) is a copy, not atomic."""
+  renames = []
+  real_replace = os.replace
+  monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((src, dst)),
+                                                       real_replace(src, dst)))
+  io.write_json_atomic(str(tmp_path / "sub" / "results.json"), {"a": 1})
+  (source, destination), = renames
+  assert os.path.dirname(source) == os.path.dirname(destination) == str(tmp_path / "sub")
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_an_atomic_write_gets_the_permissions_a_plain_write_would(tmp_path, mask):
   """``mkstemp`` makes its file readable by its owner alone: a result file moved
