@@ -375,6 +375,21 @@ def test_early_stopping_rejects_bad_settings():
     ({"train.num_epochs": 0}, r"train.num_epochs must be a positive integer, got 0"),
     ({"train.steps_per_chunk": 0}, r"train.steps_per_chunk must be a positive integer, got 0"),
     ({"train.patience": -1}, r"train.patience must be an integer >= 0, got -1"),
+    ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
+    ({"data.eval_batch_size": 0}, r"data.eval_batch_size must be a positive integer"),
+    ({"data.val_size": -1}, r"data.val_size must be an integer >= 0, got -1"),
+    ({"data.train_examples": -10}, r"data.train_examples must be an integer >= 0, got -10"),
+    ({"model.width_multiplier": 0.0}, r"model.width_multiplier must be a positive number"),
+    ({"model.dtype": "float16"}, r"model.dtype must be one of \('float32', 'bfloat16'\)"),
+    ({"model.init_from": "/nonexistent"}, r"model.init_from must name an exported network"),
+    ({"optimizer.name": "lamb"}, r"optimizer.name must be one of \("),
+    ({"optimizer.schedule": "cyclic"}, r"optimizer.schedule must be one of \("),
+    ({"optimizer.momentum": -0.1}, r"optimizer.momentum must be >= 0, got -0.1"),
+    ({"optimizer.weight_decay": -1e-4}, r"optimizer.weight_decay must be >= 0"),
+    ({"optimizer.schedule": "step", "optimizer.step_every": 0},
+     r"optimizer.step_every must be a positive integer, got 0"),
+    ({"optimizer.schedule": "step", "optimizer.step_factor": 1.5},
+     r"optimizer.step_factor must be in \(0, 1\], got 1.5"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
   workdir = tmp_path / "run"
