@@ -703,7 +703,8 @@ def test_scanned_and_looped_chunks_take_the_same_steps():
   rng = np.random.default_rng(0)
   data = (jnp.asarray(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)),
           jnp.asarray(rng.integers(0, 10, 64), jnp.int32))
-  batch_fn = lambda d, idx, key: pipeline.make_batch(d[0], d[1], idx, augment=False,
+  # augmented: each step's crop and flip come from its own key, which both must draw alike
+  batch_fn = lambda d, idx, key: pipeline.make_batch(d[0], d[1], idx, augment=True, key=key,
                                                     mean=(0.5,), std=(0.5,))
   idx = jnp.arange(64).reshape(4, 16)
   results = []
