@@ -797,6 +797,13 @@ def test_a_variant_can_start_from_another_variants_export(tmp_path):
   config.variants["a-search"].model.init_from = "variant:nowhere"
   with pytest.raises(ValueError, match="names variant 'nowhere-seed0'; it must be one of"):
     sweep.check_variants(config, {"starts": StartsFromMethod})
+  # a chain (a -> b -> z): b's own start is a reference, so a is refused before anything runs
+  config.variants["a-search"].model.init_from = "variant:b-middle"
+  config.variants["b-middle"] = {"model": {"init_from": "variant:z-pretrain"}}
+  with pytest.raises(ValueError, match=r"names variant 'b-middle-seed0'; it must be one of the "
+                                       r"variants that start from scratch \['z-pretrain-seed0', "
+                                       r"'z-pretrain-seed1'\]"):
+    sweep.check_variants(config, {"starts": StartsFromMethod})
 
 
 def test_only_some_variants_run_with_those_they_start_from_and_no_figure_is_written(tmp_path):
