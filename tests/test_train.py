@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -137,6 +138,35 @@ def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp
   for a, b, c in zip(first, again, other):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_a_stage_hands_on_its_best_or_its_final_state_and_schedules_its_own_epochs(tmp_path):
+  """After a trained first stage, a second one climbs the loss (validation
+  accuracy falls epoch by epoch): kept 'best', the model leaves it as its
+  first epoch left it, the most accurate; kept 'final', as its last. Its
+  optimizer's schedule spans its own epochs, not ``train.num_epochs``."""
+  def ascent(model, images, labels, dp):
+    loss, metrics = steps.classification_loss(model, images, labels, dp)
+    return -loss, metrics
+
+  def accuracy_after(keep):
+    config = tiny_config(**{"train.patience": 5, "optimizer.learning_rate": 3e-3})
+    gentle = config.optimizer.copy_and_resolve_references()
+    gentle.learning_rate = 1e-4
+    run = runs.start(config, str(tmp_path / keep))
+    assert runs.total_steps(run, 3) == len(run.dataset.train_y) // 64 * 3
+    assert runs.total_steps(run) == len(run.dataset.train_y) // 64 * 4
+    runs.fit_stage(run, run.model, runs.Stage("learn", 2, nnx.Param,
+                                              steps.classification_loss, steps.eval_forward))
+    fitted = runs.fit_stage(run, run.model, runs.Stage("unlearn", 3, nnx.Param, ascent,
+                                                       steps.eval_forward, keep=keep,
+                                                       optimizer=gentle))
+    graphdef, state = create_train_state(run.model, optax.sgd(0.0))
+    assert jax.tree.all(jax.tree.map(np.array_equal, state.params, fitted.state.params))
+    return fitted.trainer.evaluate(state, "val", jnp.float32(1.0))["accuracy"]
+
+  best, final = accuracy_after("best"), accuracy_after("final")
+  assert best > final + 0.1, (best, final)
 
 
 def test_no_checkpoint_restores_none(tmp_path):
