@@ -218,9 +218,10 @@ class Trainer:
     ``early_stopping``, the state is checkpointed under
     ``<checkpoint_dir>/<stage>``, and the best-validation state is kept under
     ``<checkpoint_dir>/<stage>-best`` (without ``early_stopping`` every epoch
-    counts as an improvement: the best state is the last). An existing checkpoint of this stage is
-    resumed. ``on_epoch_end(epoch, state)`` runs before the epoch's checkpoint,
-    so what it saves is never behind the epoch a resumed run starts from.
+    counts as an improvement: the best state is the last). An existing
+    checkpoint of this stage is resumed. ``on_epoch_end(epoch, state)`` runs
+    before the epoch's checkpoint, so what it saves is never behind the epoch
+    a resumed run starts from.
     ``origin`` (JSON values) says how the stage's starting state was made; it
     is saved with every checkpoint, and one saved with another origin is
     refused (:func:`check_origin`).
