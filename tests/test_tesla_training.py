@@ -581,6 +581,38 @@ def test_titles_and_summary_name_the_dataset_model_and_method_that_ran(tmp_path)
     assert f"method={method}, model=tesla_mlp, dataset=mnist_sample," in line, line
 
 
+def test_best_mean_selection_reports_the_kept_states_test_curve_beside_the_final_ones(
+    tmp_path):
+  """``selected``: the kept state (here a trained one) is what the results'
+  test curve and mean validation accuracy describe; the final state (here
+  untrained) is reported apart. Catches the two states' reports swapped."""
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.schedule.tasks = TASKS
+  config.schedule.selection = "best_mean"
+  config.eval.dps = (0.2, 0.5, 1.0)
+  config.tensorboard = False
+  run = runs.start(config, str(tmp_path))
+  graphdef, untrained = create_train_state(run.model, optax.sgd(0.1))
+  trainer = runs.make_trainer(run, graphdef, optax.sgd(0.1), multitask.sliced_loss(TASKS))
+  untrained = trainer.place(untrained)
+  trained = trainer.train_steps(jax.tree.map(jnp.copy, untrained),
+                                jnp.ones((3,), jnp.float32), 30, epoch=0)
+  score = tesla_training.mean_validation_accuracy(trainer, TASKS, config.eval)
+  kept = tesla_training.RunBest(score, None, untrained)
+  kept.observe(stage=1, run_epoch=4, state=trained)
+  state, report = tesla_training.selected(trainer, config, untrained, kept, score)
+  curve = lambda s: evaluation.test_report(config.eval, trainer, s)["curves"][evaluation.CURVE]
+  assert curve(trained) != curve(untrained)
+  assert report["curves"][evaluation.CURVE] == curve(trained)
+  assert report["curves"][tesla_training.FINAL_STATE_CURVE] == curve(untrained)
+  assert (report["selected_stage"], report["selected_epoch"]) == (1, 4)
+  assert report["mean_val_accuracy"] == score(trained) > score(untrained)
+  assert report["final_state_mean_val_accuracy"] == score(untrained)
+  jax.tree.map(np.testing.assert_array_equal, state.params, trained.params)
+
+
 def test_best_mean_selection_keeps_the_run_state_with_the_best_mean_validation_accuracy(
     tmp_path):
   config = tesla_main.get_config()
