@@ -160,13 +160,18 @@ def test_cifar10_from_npz_xz_in_subdir(tmp_path, no_env):
   assert "cifar10_uint8.npz.xz" in ds.source
 
 
-def test_cifar10_python_tarball_md5_noted(tmp_path, no_env):
-  with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+def write_cifar10_python_tarball(path):
+  """The python release's layout, one image of class 9 per batch."""
+  with tarfile.open(path, "w:gz") as tar:
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
       data = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [9]})
       info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
+
+
+def test_cifar10_python_tarball_md5_noted(tmp_path, no_env):
+  write_cifar10_python_tarball(tmp_path / "cifar-10-python.tar.gz")
   ds = load("cifar10", data_dir=tmp_path, val_size=1)
   assert (len(ds.train_x), len(ds.val_x), len(ds.test_x)) == (4, 1, 1)
   assert "md5 differs from the official release" in ds.source
@@ -175,12 +180,7 @@ def test_cifar10_python_tarball_md5_noted(tmp_path, no_env):
 def test_the_datasets_own_subdir_is_searched_before_any_form_in_the_flat_dir(tmp_path, no_env):
   """Directories first, forms within each: a python tarball in the flat
   directory (the first form) does not win over the npz.xz in ``cifar10/``."""
-  with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-      data = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [9]})
-      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
+  write_cifar10_python_tarball(tmp_path / "cifar-10-python.tar.gz")
   write_cifar10_npz_xz(tmp_path / "cifar10" / "cifar10_uint8.npz.xz", 6, 3)
   ds = load("cifar10", data_dir=tmp_path, val_size=0, tfds_data_dir=no_env)
   assert len(ds.train_x) == 6 and str(tmp_path / "cifar10") in ds.source
