@@ -36,10 +36,19 @@ SCONV_NET = {
         {"kind": "dense", "features": 5, "idp": True},
     ]}
 
+# An IDP first layer: at DP d it reads the first ceil(d C) of the image's C channels.
+RGB_FIRST_IDP = {
+    "name": "rgb_first_idp", "input_shape": [6, 6, 5], "num_classes": 4, "profile": "linear",
+    "layers": [
+        {"kind": "conv", "features": 6, "idp": True},
+        {"kind": "global_avgpool"},
+        {"kind": "dense", "features": 4, "idp": True},
+    ]}
+
 
 def _arch(name):
-  if name == "sconv_net":
-    return SCONV_NET
+  if name in ("sconv_net", "rgb_first_idp"):
+    return {"sconv_net": SCONV_NET, "rgb_first_idp": RGB_FIRST_IDP}[name]
   shape = [28, 28, 1] if name in ("mlp", "tesla_mlp", "binary_net") else [32, 32, 3]
   wm = {"mlp": 0.2, "tesla_mlp": 0.2, "binary_net": 0.5}.get(name, 1 / 16)
   return models.architecture(name, num_classes=10, input_shape=shape, width_multiplier=wm)
@@ -146,7 +155,7 @@ def _check_zero_outside_slice(arch, grads, dp):
 # Eval mode of the conv blocks at depth: test_nn_models (VGG-16), test_nn_layers (MobileNet).
 CASES = [("mlp", False, DPS), ("mlp", True, DPS), ("tesla_mlp", False, DPS),
          ("tesla_mlp", True, DPS), ("sconv_net", False, ()), ("sconv_net", True, (0.25,)),
-         ("binary_net", True, (0.5,))]
+         ("binary_net", True, (0.5,)), ("rgb_first_idp", True, (0.25, 0.5))]
 
 
 @pytest.mark.parametrize("name,train,grad_dps", CASES)
