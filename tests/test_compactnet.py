@@ -815,6 +815,40 @@ def test_a_search_killed_mid_way_resumes_to_the_same_history(tmp_path):
   assert json.loads(history.read_text()) == json.loads((straight / search.HISTORY_FILE).read_text())
 
 
+class _Killed(BaseException):
+  """A kill at a chosen point of the search (not an Exception: nothing catches it)."""
+
+
+def test_a_search_killed_between_its_last_two_writes_of_an_iteration_resumes_the_same(
+    tmp_path, monkeypatch):
+  """The one point the kill above cannot aim at: after an iteration's chosen
+  model is saved and before its history says so. Rerun, the search must
+  still record the candidate it chose (the catch-up of the retraining
+  counts the choices)."""
+  arch = _toy()
+  table = _toy_table(arch)
+  score, fine_tune = _oracle(arch, table)
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+
+  def run(workdir):
+    return search.search(arch, _variables(arch), table, plan, fine_tune=fine_tune,
+                         score=score, workdir=str(workdir)).history
+
+  straight = run(tmp_path / "straight")
+  assert straight["iterations"][0]["chosen"] is not None
+  real_write = search.write_json_atomic
+
+  def killed_when_done(path, obj):
+    if obj["iterations"] and obj["iterations"][0]["done"]:
+      raise _Killed
+    real_write(path, obj)
+  monkeypatch.setattr(search, "write_json_atomic", killed_when_done)
+  with pytest.raises(_Killed):
+    run(tmp_path / "killed")
+  monkeypatch.setattr(search, "write_json_atomic", real_write)
+  assert run(tmp_path / "killed") == straight
+
+
 def test_interleaved_rounds_time_bursts_and_name_their_estimator():
   calls = []
 

@@ -315,6 +315,9 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
       if not record["candidates"]:
         raise UnreachableTarget(_unreachable(table, widths, minimum, budget, i, schedule))
       record["chosen"] = int(np.argmax([c["val_accuracy"] for c in record["candidates"]]))
+      # the choice is on disk before the chosen model: a run killed between the two
+      # saves resumes with a model that meets the budget and keeps the choice it made
+      write_json_atomic(history_path, history)
       variables, arrays = _load_variables(best_path)
       widths, origin = tuple(int(w) for w in arrays["widths"]), _origin_of(arrays)
     else:
