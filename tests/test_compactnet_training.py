@@ -159,6 +159,22 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
   assert (len(requests) > 1) == (searched_error != 0)
 
 
+@pytest.mark.parametrize("window", [1, 0, True])
+def test_a_uniform_window_that_could_not_move_is_refused_before_measuring(finished, window):
+  """Windows move by ``window - 1`` (they share a multiplier): one of 1 never
+  moved, and the search for the uniform model never ended."""
+  config, _, results, _ = finished
+  table, arch = latency.load(results["table"]), training.architecture(config)
+
+  def remote(target, request):
+    raise AssertionError("measured before the window was checked")
+  with pytest.raises(ValueError, match=rf"window must be an integer >= 2 .*got {window!r}"):
+    training.choose_uniform(table, arch, config.compactnet.uniform_multipliers,
+                            list(results["widths"].values()), results["export_dir"],
+                            platform.get(config.compactnet.platform),
+                            training.table_settings(config), remote, window=window)
+
+
 def test_a_uniform_model_is_each_group_at_the_multiplier_to_the_nearest_width_on_the_grid(
     finished):
   """Groups of 4, 8 and 12 channels (the table's grids start at 1, 2 and 3):

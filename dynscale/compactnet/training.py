@@ -253,8 +253,12 @@ def choose_uniform(table: latency.Table, arch: dict, multipliers, searched_width
   The table predicts where the boundary lies (the first multiplier predicted
   at most the searched model's latency); ``window`` multipliers around it
   are measured, interleaved with the searched model, and the window moves
-  on until it holds the boundary.
+  on until it holds the boundary (consecutive windows share one multiplier,
+  so ``window`` is at least 2).
   """
+  if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+    raise ValueError(f"window must be an integer >= 2 (consecutive windows share a "
+                     f"multiplier), got {window!r}")
   options = distinct_uniform(table, multipliers)
   ms = list(options)
   budget = table.predict(list(searched_widths))
