@@ -207,6 +207,17 @@ def test_a_layers_floor_is_a_fraction_of_its_fixed_k_k_rounded_up(channels, floo
   assert gates.layer_floor(channels, floor=floor, floor_fraction=fraction, keep=keep) == expected
 
 
+@pytest.mark.parametrize("floor", [65, -1, 2.0])
+def test_a_floor_the_layer_cannot_hold_is_refused_where_the_gate_is_built(floor):
+  """The config checker compares ``sanp.floor`` with the narrowest gated layer;
+  a gate built from the library directly gets the same error, not one from
+  inside ``lax.top_k`` at the first forward."""
+  with pytest.raises(ValueError, match=rf"sanp.floor must be an integer in \[0, 64\] \(the "
+                                       rf"layer's channels\), got {floor!r}"):
+    gates.layer_floor(64, floor=floor)
+  assert gates.layer_floor(64, floor=64) == 64
+
+
 def test_a_floor_fraction_keeps_that_many_most_salient_channels_open_per_sample():
   model = gated("sanp", keep=0.5, floor_fraction=0.5)
   for name, gate in model.gates.items():  # layers of 8, 16 and 24 channels

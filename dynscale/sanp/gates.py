@@ -127,6 +127,9 @@ def layer_floor(channels: int, *, floor: int = 0, floor_fraction: float = 0.0,
   (not in 002: a per-sample gate may otherwise starve a layer the budget gives
   ``k`` channels on average)."""
   check_floor_fraction(floor_fraction)
+  if isinstance(floor, bool) or not isinstance(floor, int) or not 0 <= floor <= channels:
+    raise ValueError(f"sanp.floor must be an integer in [0, {channels}] (the layer's "
+                     f"channels), got {floor!r}")
   if not floor_fraction:
     return floor
   if keep is None:
