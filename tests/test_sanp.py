@@ -284,6 +284,37 @@ def test_lambda_follows_eq_10_by_hand_and_passes_no_gradient():
   assert float(jax.grad(lambda p: objective.cost_weight(p, budget, lambda0))(0.7)) == 0.0
 
 
+def test_per_sample_flops_through_an_inverted_residual_by_hand():
+  """Gates on a stem and on an inverted residual's three convolutions (4x4
+  maps, 16 positions). A depthwise channel costs its 9 taps only where its
+  input is on, and is an input of the projection wherever its own gate is
+  open (batch norm's offset makes it nonzero); the identity add takes the
+  union of the projection's channels and the block's input."""
+  arch = spec.validate_architecture({
+      "name": "stem_invres", "input_shape": [4, 4, 3], "num_classes": 3, "layers": [
+          {"kind": "conv", "features": 4, "act": "relu6"},
+          {"kind": "invres", "features": 4, "expansion": 2},
+          {"kind": "global_avgpool"}, {"kind": "flatten"}, {"kind": "dense", "features": 3}]})
+  stem = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.float32)
+  expand = np.array([[1, 1, 1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 0]], np.float32)
+  depthwise = np.array([[1, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], np.float32)
+  project = np.array([[0, 0, 1, 1], [0, 1, 0, 0]], np.float32)
+  activity = {"layers.0": stem, "layers.1.expand": expand, "layers.1.depthwise": depthwise,
+              "layers.1.project": project}
+  expected = []
+  for b in range(2):
+    n_stem, n_expand, n_dw, n_out = (a[b].sum() for a in (stem, expand, depthwise, project))
+    n_taps = (depthwise[b] * expand[b]).sum()
+    n_after_add = np.maximum(project[b], stem[b]).sum()
+    expected.append(16 * 27 * n_stem + 16 * n_stem * n_expand + 16 * 9 * n_taps
+                    + 16 * n_dw * n_out + (n_after_add + 1) * 3)
+  np.testing.assert_allclose(costs.sample_flops(arch, 1.0, {k: jnp.asarray(v) for k, v in
+                                                            activity.items()}), expected)
+  every_gate_open = {k: jnp.ones_like(jnp.asarray(v)) for k, v in activity.items()}
+  np.testing.assert_allclose(costs.sample_flops(arch, 1.0, every_gate_open),
+                             [costs.flops(arch)] * 2)
+
+
 def test_the_cost_loss_normalisations_by_hand():
   codes = {"layers.0": jnp.asarray([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]),
            "layers.1": jnp.asarray([[1.0, 1.0], [1.0, 0.0]])}
