@@ -142,6 +142,16 @@ def test_an_experiment_can_fix_its_own_sizes_within_the_cpu_protocol():
     protocols.apply(sanp, "paper", {"data": {"val_size": 10}})
 
 
+def test_applying_a_protocol_leaves_the_callers_config_as_it_was():
+  """``apply`` returns a copy: the config it was given (a variant another
+  protocol also reads, for instance) keeps its own settings."""
+  config = idp_fig8.get_config("vgg16")
+  before = config.to_dict()
+  cpu = protocols.apply(config, "cpu", {"data": {"train_examples": 1000}})
+  assert cpu.protocol == "cpu" and cpu.data.train_examples == 1000
+  assert cpu.to_dict() != before and config.to_dict() == before
+
+
 def test_split_arg_defaults_to_the_paper_protocol():
   assert common.split_arg("vgg16", "panel", ("vgg16",)) == ("vgg16", "paper")
   assert common.split_arg("vgg16,cpu", "panel", ("vgg16",)) == ("vgg16", "cpu")
