@@ -815,6 +815,24 @@ def test_a_search_killed_mid_way_resumes_to_the_same_history(tmp_path):
   assert json.loads(history.read_text()) == json.loads((straight / search.HISTORY_FILE).read_text())
 
 
+def test_a_search_with_other_settings_is_refused_not_resumed(tmp_path):
+  """A workdir holds one search: rerun with another schedule, table or
+  minimum width, the search stops, naming the history, instead of resuming
+  the other one's iterations."""
+  arch = _toy()
+  table = _toy_table(arch)
+  score, fine_tune = _oracle(arch, table)
+
+  def run(plan, **options):
+    return search.search(arch, _variables(arch), table, plan, fine_tune=fine_tune,
+                         score=score, workdir=str(tmp_path), **options)
+  run(schedule.Schedule.for_final(1.4, 3, 0.9))
+  for plan, options in ((schedule.Schedule.for_final(1.4, 4, 0.9), {}),
+                        (schedule.Schedule.for_final(1.4, 3, 0.9), {"min_width": 0.5})):
+    with pytest.raises(ValueError, match=r"history.json is a search with other settings"):
+      run(plan, **options)
+
+
 class _Killed(BaseException):
   """A kill at a chosen point of the search (not an Exception: nothing catches it)."""
 

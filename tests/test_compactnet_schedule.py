@@ -50,6 +50,13 @@ def test_targets_decrease_and_end_at_one_over_t_final(row, _):
   np.testing.assert_allclose(s.budgets(10.0), np.asarray(s.targets) * 10.0)
 
 
+@pytest.mark.parametrize("latency", [0.0, -1e-3, "1", True])
+def test_budgets_need_a_positive_original_latency(latency):
+  with pytest.raises(ValueError, match=rf"original_latency must be a positive number, "
+                                       rf"got {latency!r}"):
+    Schedule(2.0, 24, 0.96).budgets(latency)
+
+
 def test_schedule_is_frozen():
   s = Schedule(2.0, 24, 0.96)
   with pytest.raises(dataclasses.FrozenInstanceError):
