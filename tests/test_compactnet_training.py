@@ -93,6 +93,14 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
     assert whole_network_latency(spec.trimmed_architecture(arch, list(widths))) > searched
   for key in ("test_accuracy", "original_test_accuracy", "uniform_test_accuracy"):
     assert 0 <= results[key] <= 1
+  # each reported accuracy is the mean over retraining seeds of its own model and split
+  by_seed = results["accuracy_by_seed"]
+  for key, name, split in (("test_accuracy", "searched", "test"),
+                           ("val_accuracy", "searched", "val"),
+                           ("original_test_accuracy", "original", "test"),
+                           ("uniform_test_accuracy", "uniform", "test")):
+    assert results[key] == pytest.approx(np.mean(by_seed[name][split])), key
+  assert by_seed["searched"]["test"] != by_seed["searched"]["val"]
   assert (workdir / "widths_per_layer.png").stat().st_size > 0
 
 
