@@ -107,6 +107,30 @@ def gated(variant, **kwargs):
                       gate=gates.gate_factory(variant, reduction=4, **kwargs))
 
 
+def test_the_cost_loss_reads_the_relaxed_code_s1_whatever_the_forward_used():
+  """Eq. 9 penalises ``s1 = clip(a sigmoid(z) - b, 0, 1)``: with every forward
+  on the hard code (mix 1, no noise) the gates still sow ``s1``, by hand from
+  the saliencies they sow and their decision points, not the 0/1 ``s2``."""
+  model = gated("sanp", binarization=gates.Binarization(sigma=0.0, mix=1.0))
+  for gate in model.gates.values():  # decision points off (0, 1), so z is not s
+    gate.threshold.value = jnp.asarray(0.9, jnp.float32)
+    gate.temperature.value = jnp.asarray(0.5, jnp.float32)
+  model.run(IMAGES, 1.0, train=True)
+  sown = nnx.pop(model, nnx.Intermediate).to_pure_dict()["gates"]
+  for name, values in sown.items():
+    s = np.asarray(values["saliency_out"][-1], np.float64)
+    s1 = np.clip(1.2 / (1 + np.exp(-(s - 0.9) / 0.5)) - 0.1, 0, 1)
+    np.testing.assert_allclose(values["relaxed_out"][-1], s1, rtol=1e-5, atol=1e-6)
+    assert np.any((s1 > 0.01) & (s1 < 0.99)), name  # soft somewhere: s2 would differ
+
+
+@pytest.mark.parametrize("keep, channels, k", [
+    (0.01, 8, 1), (0.04, 10, 1),  # 0.08 and 0.4 round to none: one is kept
+    (0.3, 10, 3), (0.35, 10, 4), (1.0, 7, 7)])
+def test_fixed_k_keeps_keep_of_the_channels_rounded_and_never_none(keep, channels, k):
+  assert gates.kept_channels(keep, channels) == k
+
+
 @pytest.mark.parametrize("variant", ["sanp", "static"])
 def test_inserted_gates_keep_the_backbones_evaluation_logits(variant):
   backbone = models.build(ARCH, rngs=models.init_rngs(0))
