@@ -253,6 +253,11 @@ def test_a_floor_fraction_keeps_that_many_most_salient_channels_open_per_sample(
       decision = np.asarray(gate.decide(s, train).decision)
       for row, saliency in zip(decision, np.asarray(s)):
         assert set(np.flatnonzero(row)) == set(np.argsort(-saliency)[:least]), (name, train)
+    # per-channel decision points that reverse the order of s - tau: still the most salient
+    gate.threshold.value = -2.0 * jnp.arange(channels, dtype=jnp.float32) + 60.0
+    s = -50.0 - 0.5 * jnp.arange(channels, dtype=jnp.float32)[None]  # falls with the channel
+    decision = np.asarray(gate.decide(s, False).decision)[0]
+    assert set(np.flatnonzero(decision)) == set(range(least)), name
 
 
 @pytest.mark.parametrize("kwargs, message", [
