@@ -253,11 +253,23 @@ def test_a_floor_fraction_keeps_that_many_most_salient_channels_open_per_sample(
       decision = np.asarray(gate.decide(s, train).decision)
       for row, saliency in zip(decision, np.asarray(s)):
         assert set(np.flatnonzero(row)) == set(np.argsort(-saliency)[:least]), (name, train)
+    assert gated("static", keep=0.5, floor_fraction=0.5).gates[name].floor == least, name
     # per-channel decision points that reverse the order of s - tau: still the most salient
     gate.threshold.value = -2.0 * jnp.arange(channels, dtype=jnp.float32) + 60.0
     s = -50.0 - 0.5 * jnp.arange(channels, dtype=jnp.float32)[None]  # falls with the channel
     decision = np.asarray(gate.decide(s, False).decision)[0]
     assert set(np.flatnonzero(decision)) == set(range(least)), name
+
+
+def test_an_spm_may_reduce_its_layer_to_one_hidden_unit_and_no_further():
+  """r in [1, C]: r = C (the narrowest layer here has 8 channels) is one hidden
+  unit; r = C + 1 none."""
+  model = models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp",
+                                                                              reduction=8))
+  narrowest = min(g.head.w2.bias.value.shape[0] for g in model.gates.values())
+  assert narrowest == 8
+  with pytest.raises(ValueError, match=r"sanp.reduction must be in \[1, 8\]"):
+    models.build(ARCH, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp", reduction=9))
 
 
 @pytest.mark.parametrize("kwargs, message", [

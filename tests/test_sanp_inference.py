@@ -96,7 +96,14 @@ def test_skipping_refuses_what_it_cannot_run():
                                   width_multiplier=1 / 8)
   with pytest.raises(ValueError, match=r"layers\[1\] is a 'invres'"):
     inference.check_architecture(mobilenet)
-  skip = inference.skipping_forward(gated_model())
+  mp_idp = models.architecture("tesla_mlp", num_classes=10, input_shape=(28, 28, 1),
+                                mp_profiles=[[0, 0.5], [0.5, 1]])
+  with pytest.raises(ValueError, match="single-profile networks, not MP-IDP"):
+    inference.check_architecture(mp_idp)
+  model = gated_model()
+  with pytest.raises(ValueError, match="buckets must be >= 1, got 0"):
+    inference.skipping_forward(model, buckets=0)
+  skip = inference.skipping_forward(model)
   with pytest.raises(ValueError, match=r"takes one image \(1, H, W, C\), got \(2, 32, 32, 3\)"):
     skip(jnp.zeros((2, 32, 32, 3)))
 
