@@ -256,6 +256,25 @@ def test_the_integral_term_accumulates_the_budget_error_step_by_step():
   assert float(model.cost_integral.value) == pytest.approx(3 * 0.5 * error, rel=1e-5)
 
 
+def test_the_ramped_budget_drives_lambda_and_advances_on_penalised_steps_only():
+  """Over a 10-step ramp from 1.0 to 40%: Eq. 10 reads the ramped budget, and
+  only the fine-tune's (penalised) steps move it; the warm-up's leave it."""
+  config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3})
+  arch = training.architecture(config)
+  model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
+  images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
+  labels = jnp.arange(8) % 10
+  fine_tune = training.sanp_loss(arch, config, penalised=True, ramp_steps=10)
+  warm_up = training.sanp_loss(arch, config, penalised=False, ramp_steps=10)
+  seen = []
+  for loss_fn in (warm_up, fine_tune, warm_up, warm_up, fine_tune):
+    _, metrics = loss_fn(model, images, labels, None)  # every gate open: p_t = 1
+    seen.append((float(metrics["budget"]), float(metrics["lambda"])))
+  ramped = 1.0 - 0.6 / 10  # after one penalised step
+  np.testing.assert_allclose(seen, [(1.0, 0.0), (1.0, 0.0), (ramped, 0.0), (ramped, 0.0),
+                                   (ramped, 2.0 * (1.0 - ramped))], atol=1e-6)
+
+
 def test_the_budget_ramps_down_from_the_full_network():
   assert float(training.ramped_budget(0.3, 0, 10)) == pytest.approx(1.0)
   assert float(training.ramped_budget(0.3, 5, 10)) == pytest.approx(0.65)
