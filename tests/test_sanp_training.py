@@ -294,6 +294,25 @@ def _handed_off_run(tmp_path, **overrides):
   return run, ranked, model, fitted
 
 
+def test_the_hand_off_gives_the_gated_network_the_warm_ups_running_statistics(tmp_path):
+  """The running statistics were estimated under FIXED-K's gates: the handed-off
+  network takes them, and the calibration forwards (train mode) leave them
+  as the warm-up left them, in both networks."""
+  config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4,
+                   "sanp.calibration_batches": 2})
+  run = runs.start(config, str(tmp_path), check=training.check_config)
+  ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
+  fitted = training.warm_up(run, ranked)
+  warmed = nnx.state(ranked.layers, nnx.BatchStat).to_pure_dict()
+  model = training.gated_model(config, run.arch, run.model)
+  assert not all(jax.tree.leaves(jax.tree.map(
+      np.array_equal, nnx.state(model.layers, nnx.BatchStat).to_pure_dict(), warmed)))
+  training.hand_off(run, ranked, model, fitted.trainer)
+  for network in (ranked, model):
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.state(network.layers, nnx.BatchStat).to_pure_dict(), warmed)
+
+
 def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_window_there(
     tmp_path):
   run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3})
