@@ -258,8 +258,11 @@ def test_the_integral_term_accumulates_the_budget_error_step_by_step():
 
 def test_the_ramped_budget_drives_lambda_and_advances_on_penalised_steps_only():
   """Over a 10-step ramp from 1.0 to 40%: Eq. 10 reads the ramped budget, and
-  only the fine-tune's (penalised) steps move it; the warm-up's leave it."""
-  config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3})
+  only the fine-tune's (penalised) steps move it or the integral term (rate
+  0.5, summing 0.5 (p_t - budget) per penalised step); the warm-up's leave
+  both."""
+  config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3,
+                   "sanp.integral_rate": 0.5})
   arch = training.architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
@@ -272,7 +275,7 @@ def test_the_ramped_budget_drives_lambda_and_advances_on_penalised_steps_only():
     seen.append((float(metrics["budget"]), float(metrics["lambda"])))
   ramped = 1.0 - 0.6 / 10  # after one penalised step
   np.testing.assert_allclose(seen, [(1.0, 0.0), (1.0, 0.0), (ramped, 0.0), (ramped, 0.0),
-                                   (ramped, 2.0 * (1.0 - ramped))], atol=1e-6)
+                                   (ramped, 2.5 * (1.0 - ramped))], atol=1e-6)
 
 
 def test_the_budget_ramps_down_from_the_full_network():
