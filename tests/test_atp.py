@@ -167,6 +167,34 @@ def test_projection_rejects_bad_arguments():
     atp.clip_nonincreasing(jnp.ones(()))
   with pytest.raises(ValueError, match="names"):
     atp.name_mask()
+  with pytest.raises(ValueError, match="min_value"):
+    atp.projection("clip", min_value=float("inf"))
+  with pytest.raises(ValueError, match="1-D"):
+    atp.isotonic_nonincreasing(jnp.ones((0,)))
+  for period in (0, -1):
+    with pytest.raises(ValueError, match=f"period must be >= 1 and phase 0 or 1, got {period}"):
+      atp.alternating(optax.sgd(0.1), optax.sgd(0.1), period=period, is_profile={"g": True})
+
+
+def test_alternating_floors_the_profile_at_min_value():
+  """ATP's profiles stay at or above ``min_value`` through the alternation: a
+  profile step that would push them below lands on the floor."""
+  params = {"w": jnp.asarray([0.5]), "g": jnp.asarray([1.0, 0.5, 0.2])}
+  tx = atp.alternating(optax.sgd(1.0), optax.sgd(1.0), period=1, min_value=0.1,
+                       is_profile={"w": False, "g": True})
+  state = tx.init(params)
+  grads = {"w": jnp.asarray([0.0]), "g": jnp.asarray([0.0, 0.0, 1.0])}
+  for _ in range(2):  # a weights step, then a profile step
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params["g"], [1.0, 0.5, 0.1], rtol=1e-6)
+
+
+def test_name_mask_selects_a_named_leaf_at_any_depth():
+  params = {"block": {"inner": {"gamma": jnp.ones(3), "kernel": jnp.ones(2)}},
+            "gamma": jnp.ones(2)}
+  assert atp.name_mask("gamma")(params) == {
+      "block": {"inner": {"gamma": True, "kernel": False}}, "gamma": True}
 
 
 # --------------------------------------------------------------------------
