@@ -124,6 +124,17 @@ def test_the_cost_loss_reads_the_relaxed_code_s1_whatever_the_forward_used():
     assert np.any((s1 > 0.01) & (s1 < 0.99)), name  # soft somewhere: s2 would differ
 
 
+@pytest.mark.parametrize("target", [0.2, 0.48])  # the step below the budget is the closer
+def test_fixed_k_keep_is_the_closest_to_the_budget_of_every_keep(target):
+  """FLOPs are a step function of ``keep`` (channels are whole): the keep chosen
+  costs the closest to the budget of any keep, by brute force over a grid
+  finer than every layer's steps (widths 8 to 24 here)."""
+  chosen = budget.fixed_k_flops_ratio(ARCH, budget.fixed_k_keep(ARCH, target))
+  reachable = [budget.fixed_k_flops_ratio(ARCH, keep) for keep in np.linspace(0.01, 1, 200)]
+  assert abs(chosen - target) == pytest.approx(min(abs(r - target) for r in reachable),
+                                               abs=1e-9)
+
+
 @pytest.mark.parametrize("keep, channels, k", [
     (0.01, 8, 1), (0.04, 10, 1),  # 0.08 and 0.4 round to none: one is kept
     (0.3, 10, 3), (0.35, 10, 4), (1.0, 7, 7)])

@@ -195,6 +195,14 @@ def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, m
   assert not (tmp_path / "run").exists()
 
 
+def test_the_reduction_and_floor_may_reach_the_narrowest_gated_layer_and_no_further():
+  narrowest = min(p.outputs for p in layers.gate_points(training.architecture(tiny())).values())
+  for field in ("sanp.reduction", "sanp.floor"):
+    training.check_config(tiny(**{field: narrowest}))
+    with pytest.raises(ValueError, match=rf"{field} must be .*{narrowest}.*got {narrowest + 1}"):
+      training.check_config(tiny(**{field: narrowest + 1}))
+
+
 def test_the_launcher_runs_sanp():
   assert launcher.METHODS["sanp"] is training
 
