@@ -110,6 +110,7 @@ def test_rejects_bad_alpha(alpha):
 
 @pytest.mark.parametrize("num_tasks, stage, match", [
     (0, 0, "num_tasks"), (3, 3, "stage"), (3, -1, "stage"), (3, 1.0, "stage"),
+    (3.0, 1, "num_tasks"),
 ])
 def test_stage_coefficients_rejects_bad_indices(num_tasks, stage, match):
   with pytest.raises(ValueError, match=match):
@@ -180,6 +181,8 @@ def test_task_probabilities():
     ([0.5, 0.5], "one entry per task"),
     ([0.5, 0.7, -0.2], ">= 0"),
     ([0.5, 0.2, 0.2], "sum to 1"),
+    ([0.5, 0.2, 0.295], "sum to 1"),  # 0.995: off by more than rounding
+    ([0.5, 0.3, 0.2, 0.0], "one entry per task"),
     ([0.5, float("nan"), 0.5], "finite"),
     ([[0.5, 0.5, 0.0]], "1-D"),
 ])
@@ -213,7 +216,12 @@ def test_sample_task_rejects_bad_probs():
 
 
 def test_aggregate_rejects_bad_task():
-  with pytest.raises(ValueError, match=r"task must be an int in \[0, 2\]"):
-    tesla.aggregate([1.0, 0.0, 0.0], 3, 0.5)
+  for task in (3, -1):  # -1 would wrap to the last task
+    with pytest.raises(ValueError, match=r"task must be an int in \[0, 2\]"):
+      tesla.aggregate([1.0, 0.0, 0.0], task, 0.5)
+  with pytest.raises(ValueError, match="coefficients must be finite"):
+    tesla.aggregate([1.0, float("inf"), 0.0], 1, 0.5)
   with pytest.raises(ValueError, match="tasks has 3"):
     tesla.rtesla_next_stage(tesla.rtesla_first_stage((1.0, 0.5)), 1, (1.0, 0.5, 0.2), 0.5)
+  with pytest.raises(ValueError, match="tasks has 2"):
+    tesla.rtesla_next_stage(tesla.rtesla_first_stage((1.0, 0.5, 0.2)), 1, (1.0, 0.5), 0.5)
