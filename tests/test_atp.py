@@ -1,5 +1,6 @@
 """Tests for dynscale.tesla.atp: ATP profile projections (TESLA paper 000, §3.4)."""
 
+import collections
 import itertools
 
 import jax
@@ -190,11 +191,15 @@ def test_alternating_floors_the_profile_at_min_value():
   np.testing.assert_allclose(params["g"], [1.0, 0.5, 0.1], rtol=1e-6)
 
 
-def test_name_mask_selects_a_named_leaf_at_any_depth():
+Layer = collections.namedtuple("Layer", ["gamma", "kernel"])  # fields: attribute path keys
+
+
+def test_name_mask_selects_a_named_leaf_at_any_depth_by_key_or_attribute():
   params = {"block": {"inner": {"gamma": jnp.ones(3), "kernel": jnp.ones(2)}},
-            "gamma": jnp.ones(2)}
+            "gamma": jnp.ones(2), "layer": Layer(jnp.ones(2), jnp.ones(3))}
   assert atp.name_mask("gamma")(params) == {
-      "block": {"inner": {"gamma": True, "kernel": False}}, "gamma": True}
+      "block": {"inner": {"gamma": True, "kernel": False}}, "gamma": True,
+      "layer": Layer(True, False)}
 
 
 # --------------------------------------------------------------------------

@@ -734,6 +734,12 @@ def test_num_kept_bad_n_raises():
     idp.num_kept(0, 0.5)
 
 
+def test_a_profile_may_fall_to_zero_after_a_positive_first_coefficient():
+  """001's linear profile ``1 - i / N`` ends at 0: only gamma_1 must be positive."""
+  np.testing.assert_array_equal(idp.check_profile([1.0, 0.5, 0.0]), [1.0, 0.5, 0.0])
+  np.testing.assert_allclose(idp.resolve_profile([1.0, 0.0, 0.0], 3), [1.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize("values", [[1.0, 0.5, 0.7], [1.0, 1.0, 1.0001], [0.5, 0.2, 0.2, 0.3]])
 def test_non_monotone_profile_raises(values):
   with pytest.raises(ValueError, match="non-increasing"):
