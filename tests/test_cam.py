@@ -127,9 +127,19 @@ def test_cam_identity_and_eq1_vgg(vgg, dp):
   np.testing.assert_allclose(bias, np.asarray(head["bias"]), atol=0)
 
 
+# A binarized classifier (CAM reads sign(W)), and an MP-IDP network (each profile
+# its own classifier: DP 0.34 reads profile 0's, 1.0 profile 1's).
+BINARY_HEAD_CAM = {**SCONV_CAM, "name": "binary_head_cam", "layers": [
+    *SCONV_CAM["layers"][:-1], {"kind": "dense", "features": 5, "binary": True}]}
+MP_IDP_CAM = {**SCONV_CAM, "name": "mp_idp_cam", "profiles": [[0, 0.5], [0.5, 1]], "layers": [
+    *SCONV_CAM["layers"][:-1], {"kind": "dense", "features": 5, "idp": True}]}
+
+
+@pytest.mark.parametrize("network", [SCONV_CAM, BINARY_HEAD_CAM, MP_IDP_CAM],
+                         ids=lambda a: a["name"])
 @pytest.mark.parametrize("dp", [0.34, 1.0])
-def test_cam_identity_sconv_complete_classifier(dp):
-  arch = spec.validate_architecture(SCONV_CAM)
+def test_cam_identity_complete_binary_and_mp_idp_classifiers(dp, network):
+  arch = spec.validate_architecture(network)
   variables = _random_variables(arch, 3)
   x = jax.random.normal(jax.random.key(2), (3, 8, 8, 3))
 
@@ -138,7 +148,7 @@ def test_cam_identity_sconv_complete_classifier(dp):
             sliced.apply_sliced(arch, v, x, dp))
 
   cams, logits, maps, bias, reference = map(np.asarray, _jit(run, variables, x))
-  # The non-IDP classifier reads all 6 channels; the sconv computes all of them.
+  # Maps at the sconv's resolution; their means plus the bias are the logits.
   assert maps.shape == (3, 8, 8, 5) and cams.shape == (3, 8, 8)
   np.testing.assert_allclose(maps.mean(axis=(1, 2)) + bias, reference, atol=1e-5, rtol=0)
   np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=0)
@@ -262,12 +272,18 @@ def test_bad_inputs_raise(vgg, tmp_path):
     cam.class_activation_maps(arch, variables, x, 0.5, classes=[0, NUM_CLASSES])
   with pytest.raises(ValueError, match="classes"):
     cam.class_activation_maps(arch, variables, x, 0.5, classes=[1])
+  with pytest.raises(ValueError, match="classes"):
+    cam.class_activation_maps(arch, variables, x, 0.5, classes=[-1, 0])
   with pytest.raises(ValueError, match="x must have shape"):
     cam.class_activation_maps(arch, variables, x[:, :16], 0.5)
   plain = spec.validate_architecture({**arch, "layers": arch["layers"][:-2] + [
       {"kind": "flatten"}, {"kind": "dense", "features": NUM_CLASSES, "idp": True}]})
   with pytest.raises(ValueError, match="CAM head"):
     cam.class_maps(plain, variables, x, 0.5)
+  normalised = spec.validate_architecture({**arch, "layers": arch["layers"][:-1] + [
+      {**arch["layers"][-1], "bn": True}]})  # the maps would no longer sum to the logits
+  with pytest.raises(ValueError, match="CAM head"):
+    cam.class_maps(normalised, variables, x, 0.5)
   images, cams = _grid_inputs(2, (0.5,))
   with pytest.raises(ValueError, match="path must end in .png"):
     cam.save_cam_grid(images, cams, str(tmp_path / "grid.jpg"))
