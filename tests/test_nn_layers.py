@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from dynscale.nn import layers, models, sliced
+from dynscale.nn.kinds import activate
 
 RNG = np.random.default_rng(0)
 
@@ -260,3 +261,10 @@ def test_mobilenet_masked_equals_sliced():
       flat_m = sliced.flatten_tree(stats_m)
       for key, value in sliced.flatten_tree(out[1]).items():
         np.testing.assert_allclose(flat_m[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_block_activations_by_hand():
+  y = jnp.asarray([-2.0, 0.5, 3.0, 7.5])
+  np.testing.assert_array_equal(activate("relu", y), [0.0, 0.5, 3.0, 7.5])
+  np.testing.assert_array_equal(activate("relu6", y), [0.0, 0.5, 3.0, 6.0])  # MobileNetV2's
+  np.testing.assert_array_equal(activate(None, y), y)

@@ -142,6 +142,9 @@ def _tiny(**layer):
     ({"name": "t", "input_shape": [2, 2, 1], "num_classes": 3,
       "layers": [{"kind": "maxpool", "window": 3}, {"kind": "flatten"},
                  {"kind": "dense", "features": 3}]}, "larger than"),
+    ({"name": "t", "input_shape": [4, 4, 1], "num_classes": 3,
+      "layers": [{"kind": "maxpool", "window": 2, "stride": 0}, {"kind": "flatten"},
+                 {"kind": "dense", "features": 3}]}, "stride must be a positive int or null, got 0"),
 ])
 def test_validation_errors(arch, match):
   with pytest.raises(ValueError, match=match):

@@ -107,6 +107,21 @@ def gated(variant, **kwargs):
                       gate=gates.gate_factory(variant, reduction=4, **kwargs))
 
 
+def test_an_open_channel_with_a_negative_multiplier_is_active():
+  """A gate opens where ``z = (s - tau) / rho > 0``: with a decision point below
+  zero a channel can open with ``s < 0``. It computes (its output is ``s``
+  times the layer's), so the activity and the FLOPs count it. (An SPM's head
+  gives ``z``; ``s = tau + rho z``.)"""
+  model = gated("sanp")
+  for gate in model.gates.values():
+    gate.head.w2.bias.value = jnp.full_like(gate.head.w2.bias.value, 0.5)  # z ~ 0.5: open
+    gate.threshold.value = jnp.asarray(-10.0, jnp.float32)  # s ~ -9.5
+  trace = model.run(IMAGES, 1.0, train=False)
+  assert all(np.all(np.asarray(a) == 1) for a in trace.activity.values())
+  np.testing.assert_allclose(costs.sample_flops(ARCH, 1.0, trace.activity),
+                             [costs.flops(ARCH)] * len(IMAGES), rtol=1e-6)
+
+
 def test_the_cost_loss_reads_the_relaxed_code_s1_whatever_the_forward_used():
   """Eq. 9 penalises ``s1 = clip(a sigmoid(z) - b, 0, 1)``: with every forward
   on the hard code (mix 1, no noise) the gates still sow ``s1``, by hand from
