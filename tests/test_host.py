@@ -94,6 +94,21 @@ def test_xla_flags_that_set_ynn_fusions_are_left_alone():
   assert not probe["conv_in_ynn"] and not host.ynnpack_convolutions(own)
 
 
+def test_a_ynn_fusion_flag_anywhere_in_xla_flags_is_left_alone():
+  """Without starting XLA: the flags of a process whose ``XLA_FLAGS`` set the
+  fusion types after other flags are those flags, untouched."""
+  own = "--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=individual_dot"
+  flags, record = host.xla_cpu_flags({"XLA_FLAGS": own})
+  assert flags == own and record["xla_cpu"] == "system"
+  flags, record = host.xla_cpu_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"})
+  assert flags.split() == ["--xla_dump_to=/tmp/x", *host.XLA_CPU_FLAGS]
+  assert record["xla_cpu"] == "tuned"
+
+
+def test_only_double_dash_entries_are_flags_xla_reads():
+  assert host.xla_flags_read("--a=1 -b=2 c=3 --d") == ["--a=1", "--d"]
+
+
 def test_unknown_xla_cpu_choice_is_refused(monkeypatch):
   monkeypatch.setenv(host.XLA_CPU_ENV, "fast")
   with pytest.raises(ValueError, match="DYNSCALE_XLA_CPU must be one of"):
