@@ -309,6 +309,11 @@ def test_calibration_recovers_an_affine_relation(table):
   assert calibrated.predict(variants[0]) == pytest.approx(0.8 * raw[0] - 2e-4)
   few = table.with_calibration(raw[:3], [0.8 * r for r in raw[:3]])  # a scale alone
   assert (few.calibration["scale"], few.calibration["offset"]) == (pytest.approx(0.8), 0.0)
+  # the speed-ups the search reads are the calibrated ones (an offset changes them)
+  full = table.raw(table.full_widths)
+  assert calibrated.speedup(variants[0]) == pytest.approx(
+      (0.8 * full - 2e-4) / (0.8 * raw[0] - 2e-4))
+  assert calibrated.speedup(variants[0]) != pytest.approx(full / raw[0])
 
 
 def test_calibration_separates_weight_traffic_from_the_units(table):
