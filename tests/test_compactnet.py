@@ -772,6 +772,19 @@ def test_random_paths_meet_what_the_search_meets_and_stop_where_it_stops(tmp_pat
     assert 1 <= sum(w < f for w, f in zip(widths, table.full_widths)) <= 3
 
 
+def test_a_target_is_reachable_up_to_every_group_at_its_minimum():
+  """The check reads the schedule's final speed-up, which lies below T_init
+  (Table 3's 2.0 / 24 / 0.96 gives 1.48x): a target between the two is met."""
+  table = _toy_table(_toy())
+  minimum = search.minimum_widths(table, 0.25)
+  best = search.best_reachable_speedup(table, minimum)
+  below = schedule.Schedule.for_final(best * 0.99, 3, 0.9)
+  assert below.final_speedup < best < below.t_init
+  search.check_reachable(table, minimum, below)
+  with pytest.raises(ValueError, match=rf"min_width: .* predicts {best:.3f}x, below the target"):
+    search.check_reachable(table, minimum, schedule.Schedule.for_final(best * 1.01, 3, 0.9))
+
+
 def test_minimum_widths_must_be_fractions():
   table = _toy_table(_toy())
   with pytest.raises(ValueError, match=r"min_width\['layers.0'\] must be a fraction"):
