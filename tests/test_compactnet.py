@@ -772,6 +772,35 @@ def test_random_paths_meet_what_the_search_meets_and_stop_where_it_stops(tmp_pat
     assert 1 <= sum(w < f for w, f in zip(widths, table.full_widths)) <= 3
 
 
+def test_origins_compose_over_reorders_and_trimmed_channels_stay_trimmed():
+  """Two reorders in a row (the first at half widths, which sorts only the
+  first half, the second at full widths, which moves the rest): each
+  position's origin is the index its channel had in the first variables (its
+  importance follows it there, and those variables reordered by the origins
+  are the result); and a reorder at widths keeps exactly the channels within
+  them in front, however important a channel beyond them is."""
+  arch = _toy()
+  variables = _variables(arch, seed=3)
+  groups = spec.prunable_groups(arch)
+  scores = trimming.importance(arch, variables)
+  full = [g.size for g in groups]
+  widths = [max(1, size // 2) for size in full]
+  first = trimming.order_by_importance(arch, variables, widths)
+  second = trimming.order_by_importance(arch, first.variables, full, first.origin)
+  after = trimming.importance(arch, second.variables)
+  for g in groups:
+    np.testing.assert_allclose(after[g.id], scores[g.id][second.origin[g.id]], rtol=1e-5)
+    assert sorted(second.origin[g.id]) == list(range(g.size))  # a permutation of the first
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               trimming.reorder(arch, variables, second.origin), second.variables)
+  # at widths below a group's size, only the channels within them are ranked
+  tail = {g.id: scores[g.id][w:].max() > scores[g.id][:w].min() for g, w in zip(groups, widths)}
+  assert any(tail.values()), "the check needs an important channel beyond the widths"
+  kept = trimming.order_by_importance(arch, variables, widths)
+  for g, w in zip(groups, widths):
+    assert sorted(kept.origin[g.id][:w]) == list(range(w)), g.name
+
+
 def test_a_target_is_reachable_up_to_every_group_at_its_minimum():
   """The check reads the schedule's final speed-up, which lies below T_init
   (Table 3's 2.0 / 24 / 0.96 gives 1.48x): a target between the two is met."""
