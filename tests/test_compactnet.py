@@ -87,6 +87,13 @@ def test_mobilenet_v2_groups_are_the_stem_the_stages_and_the_head():
   assert len(trimming.trimmable_groups(arch, "independent")) == 9 + 16
   with pytest.raises(ValueError, match="expansion must be one of"):
     trimming.trimmable_groups(arch, "shared")
+  # an expansion whose width was set by hand (not t x its input) is a group of its own
+  first = expanding[0]
+  hand_set = spec.validate_architecture({**arch, "layers": [
+      {**layer, "mid_features": 40} if i == first else layer for i, layer in enumerate(layers)]})
+  own = [g for g in trimming.trimmable_groups(hand_set) if g.name == f"layers.{first}.mid"]
+  assert len(own) == 1 and own[0].size == 40 and not own[0].followers
+  assert len(trimming.trimmable_groups(hand_set)) == 9 + 1
 
 
 def test_a_permutation_of_a_tied_group_keeps_every_residual_add_aligned():
