@@ -64,6 +64,17 @@ def test_settings_name_the_bad_field(change, message, tmp_path):
   assert requests == []
 
 
+def test_no_calibration_variants_build_the_raw_table(tmp_path):
+  """``calibration_variants=0``: the units' sum as measured, no network timed."""
+  requests = []
+  table = simulator.build_table(_mobilenet(), platform.get("cpu-b64"),
+                                dataclasses.replace(SETTINGS, calibration_variants=0),
+                                str(tmp_path / "t.json"), fake_remote(requests))
+  assert requests == ["table"] and table.calibration is None
+  widths = latency.random_widths(table, 1, seed=0)[0]
+  assert table.predict(widths) == table.raw(widths)
+
+
 def test_the_built_table_is_calibrated_and_saved(built):
   table, out, requests = built
   # the calibration networks in one request per calibration process
