@@ -342,6 +342,8 @@ def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp
     assert check["next_budgets_s"][-1] == pytest.approx(
         table.predict(table.full_widths) / (goal * table.speedup(widths)
                                             / check["measured_speedup"]))
+  # rerun, the finished search (its last check says so) is read back, not measured again
+  assert search_on_platform(run).history == history
   config.compactnet.speedup_margin = 0.0
   with pytest.raises(ValueError, match="compactnet.speedup_margin.*another workdir"):
     search_on_platform(runs.start(config, str(tmp_path)))
