@@ -295,38 +295,26 @@ def test_the_budget_ramps_down_from_the_full_network():
 
 def _handed_off_run(tmp_path, **overrides):
   """A tiny run at a 40% budget warmed up as FIXED-K (``ranked``) and handed off to
-  ``model``; also the warm-up's outcome."""
+  ``model``; also the warm-up's outcome and the running statistics it left."""
   config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4, **overrides})
-  run = runs.start(config, str(tmp_path), check=training.check_config)
-  ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
-  fitted = training.warm_up(run, ranked)
-  model = training.gated_model(config, run.arch, run.model)
-  training.hand_off(run, ranked, model, fitted.trainer)
-  return run, ranked, model, fitted
-
-
-def test_the_hand_off_gives_the_gated_network_the_warm_ups_running_statistics(tmp_path):
-  """The running statistics were estimated under FIXED-K's gates: the handed-off
-  network takes them, and the calibration forwards (train mode) leave them
-  as the warm-up left them, in both networks."""
-  config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4,
-                   "sanp.calibration_batches": 2})
   run = runs.start(config, str(tmp_path), check=training.check_config)
   ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
   fitted = training.warm_up(run, ranked)
   warmed = nnx.state(ranked.layers, nnx.BatchStat).to_pure_dict()
   model = training.gated_model(config, run.arch, run.model)
-  assert not all(jax.tree.leaves(jax.tree.map(
-      np.array_equal, nnx.state(model.layers, nnx.BatchStat).to_pure_dict(), warmed)))
   training.hand_off(run, ranked, model, fitted.trainer)
-  for network in (ranked, model):
-    jax.tree.map(np.testing.assert_array_equal,
-                 nnx.state(network.layers, nnx.BatchStat).to_pure_dict(), warmed)
+  return run, ranked, model, fitted, warmed
 
 
 def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_window_there(
     tmp_path):
-  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3})
+  run, ranked, model, fitted, warmed = _handed_off_run(tmp_path,
+                                                       **{"sanp.calibration_batches": 3})
+  # the running statistics were estimated under FIXED-K's gates: the handed-off network
+  # takes them, and the calibration forwards (train mode) leave them, in both networks
+  for network in (ranked, model):
+    jax.tree.map(np.testing.assert_array_equal,
+                 nnx.state(network.layers, nnx.BatchStat).to_pure_dict(), warmed)
   keep = budget.fixed_k_keep(run.arch, 0.4)
   batches = fitted.trainer.training_batches(3)
   first = next(iter(model.gates))   # its input is the image: no upstream gate moves it
@@ -361,7 +349,7 @@ def test_the_hand_off_opens_fixed_ks_fraction_at_the_first_gate_and_starts_the_w
 
 
 def test_per_channel_decision_points_open_each_channel_as_often_as_fixed_k_did(tmp_path):
-  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3,
+  run, ranked, model, fitted, _ = _handed_off_run(tmp_path, **{"sanp.calibration_batches": 3,
                                                            "sanp.decision_point": "channel"})
   batches = fitted.trainer.training_batches(3)
   first = next(iter(model.gates))   # its input is the image: no upstream gate moves it
@@ -386,7 +374,7 @@ def test_per_channel_decision_points_open_each_channel_as_often_as_fixed_k_did(t
 
 
 def test_a_handed_off_static_gate_opens_the_k_channels_of_highest_mean_saliency(tmp_path):
-  run, ranked, model, fitted = _handed_off_run(tmp_path, **{"sanp.variant": "static",
+  run, ranked, model, fitted, _ = _handed_off_run(tmp_path, **{"sanp.variant": "static",
                                                            "sanp.calibration_batches": 2})
   images = fitted.trainer.training_batches(2)
   first = next(iter(model.gates))
