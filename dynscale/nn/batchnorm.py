@@ -91,8 +91,9 @@ def recalibrate(model: Any, widths: Any, batches: Iterable[Any], *,
     model is not modified.
   """
   arch, variables = _arch_and_variables(model)
-  if profile_index is None and spec.dp_of(widths) is not None:
-    profile_index = spec.select_profile(arch, spec.dp_of(widths), None)
+  dp = spec.dp_of(widths)
+  if profile_index is None and dp is not None:
+    profile_index = spec.select_profile(arch, dp, None)
   widths = spec.resolve_widths(arch, widths)
   compact = sliced.slice_variables(arch, variables, widths)
   moments = _sliced_moments(json.dumps(arch, sort_keys=True), widths, profile_index,
