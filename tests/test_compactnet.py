@@ -644,6 +644,15 @@ def _oracle(arch, table):
   return score, fine_tune
 
 
+def _toy_search(workdir, plan: schedule.Schedule, **options) -> search.Result:
+  """The search on the toy network's table, scored and fine-tuned by its oracle."""
+  arch = _toy()
+  table = _toy_table(arch)
+  score, fine_tune = _oracle(arch, table)
+  return search.search(arch, _variables(arch), table, plan, fine_tune=fine_tune, score=score,
+                       workdir=str(workdir), **options)
+
+
 def test_the_search_meets_every_budget_and_keeps_the_best_candidate(tmp_path):
   arch = _toy()
   table = _toy_table(arch)
@@ -872,18 +881,11 @@ def test_a_search_with_other_settings_is_refused_not_resumed(tmp_path):
   """A workdir holds one search: rerun with another schedule, table or
   minimum width, the search stops, naming the history, instead of resuming
   the other one's iterations."""
-  arch = _toy()
-  table = _toy_table(arch)
-  score, fine_tune = _oracle(arch, table)
-
-  def run(plan, **options):
-    return search.search(arch, _variables(arch), table, plan, fine_tune=fine_tune,
-                         score=score, workdir=str(tmp_path), **options)
-  run(schedule.Schedule.for_final(1.4, 3, 0.9))
+  _toy_search(tmp_path, schedule.Schedule.for_final(1.4, 3, 0.9))
   for plan, options in ((schedule.Schedule.for_final(1.4, 4, 0.9), {}),
                         (schedule.Schedule.for_final(1.4, 3, 0.9), {"min_width": 0.5})):
     with pytest.raises(ValueError, match=r"history.json is a search with other settings"):
-      run(plan, **options)
+      _toy_search(tmp_path, plan, **options)
 
 
 class _Killed(BaseException):
@@ -896,14 +898,10 @@ def test_a_search_killed_between_its_last_two_writes_of_an_iteration_resumes_the
   model is saved and before its history says so. Rerun, the search must
   still record the candidate it chose (the catch-up of the retraining
   counts the choices)."""
-  arch = _toy()
-  table = _toy_table(arch)
-  score, fine_tune = _oracle(arch, table)
   plan = schedule.Schedule.for_final(1.4, 3, 0.9)
 
   def run(workdir):
-    return search.search(arch, _variables(arch), table, plan, fine_tune=fine_tune,
-                         score=score, workdir=str(workdir)).history
+    return _toy_search(workdir, plan).history
 
   straight = run(tmp_path / "straight")
   assert straight["iterations"][0]["chosen"] is not None
