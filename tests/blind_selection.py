@@ -1,10 +1,14 @@
-"""Model selection that must not see the test split: a check shared by the trainers' tests."""
+"""Model selection in the trainers' tests: it must not see the test split, and the
+state it kept is checked on the validation split by hand."""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dynscale import data
+from dynscale.nn import sliced
 
 
 def poisoned_test_split(dataset):
@@ -28,3 +32,13 @@ def assert_fit_never_reads_the_test_split(base, fit):
   assert stopping_a == stopping_b
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   assert test_a != test_b, "the poisoned test split must change the test metric itself"
+
+
+def val_accuracy_by_hand(export_dir, dps, val_size):
+  """Validation accuracy of an exported ``mnist_sample`` network at each DP, in NumPy
+  (the run's validation split: ``val_size`` images drawn with seed 0)."""
+  network = sliced.load(export_dir)
+  dataset = data.load("mnist_sample", val_size=val_size, seed=0)
+  images = data.normalize(dataset.val_x, *data.normalization_stats(dataset.name))
+  return {dp: float(np.mean(np.argmax(network(images, dp), -1) == dataset.val_y))
+          for dp in dps}

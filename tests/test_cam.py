@@ -236,6 +236,33 @@ def test_save_cam_grid_png(tmp_path, batch, dps, channels):
   assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary left
 
 
+def test_overlay_is_min_max_scaled_per_map(tmp_path):
+  """Catches scaling by the span without subtracting the minimum (Zhou et al. scale min-max).
+
+  A map and the same map shifted and stretched (``10 + 3 * cam``) must draw the
+  same overlay; one pixel-identical PNG for both.
+  """
+  images, cams = _grid_inputs(2, (0.5, 1.0))
+  moved = {dp: 10.0 + 3.0 * maps for dp, maps in cams.items()}
+  for name, maps in (("plain.png", cams), ("moved.png", moved)):
+    cam.save_cam_grid(images, maps, str(tmp_path / name))
+  np.testing.assert_array_equal(matplotlib.image.imread(tmp_path / "plain.png"),
+                                matplotlib.image.imread(tmp_path / "moved.png"))
+
+
+@pytest.mark.parametrize("guess,title_color", [(3, "green"), (4, "red")])
+def test_prediction_titles_green_when_right_red_when_wrong(tmp_path, guess, title_color):
+  """Catches Fig. 5's colouring inverted; the titles sit in the top margin, above the maps."""
+  images, cams = _grid_inputs(1, (1.0,))
+  path = tmp_path / "grid.png"
+  cam.save_cam_grid(images, cams, str(path), predictions_by_dp={1.0: [guess]}, labels=[3])
+  margin = matplotlib.image.imread(path)[:int(0.45 * cam.DPI), :, :3]  # _TOP_INCHES
+  red, green, blue = margin[..., 0], margin[..., 1], margin[..., 2]
+  greenish = int(((green - np.maximum(red, blue)) > 0.2).sum())
+  reddish = int(((red - np.maximum(green, blue)) > 0.2).sum())
+  assert (greenish > 10, reddish > 10) == (title_color == "green", title_color == "red")
+
+
 def test_cam_figure_end_to_end(tmp_path):
   arch = spec.validate_architecture(SCONV_CAM)
   variables = _random_variables(arch, 4)

@@ -18,6 +18,7 @@ from dynscale.train import loop, runs, steps
 from dynscale.train.state import create_train_state
 from experiments import main as launcher
 from experiments.configs import idp_fig7, idp_fig9
+from blind_selection import val_accuracy_by_hand
 
 
 def small_cnn(profiles=None):
@@ -164,11 +165,24 @@ def test_figure_7_launcher_writes_one_curve_per_profile(tmp_path):
 
 
 def test_figure_9_mp_idp_runs_each_profile(tmp_path):
-  config = tiny_figure(idp_fig9.get_config("mlp"))
+  """Each profile hands on its best epoch, and later profiles leave it as it was
+  (its entries frozen): the exported network scores every profile's best
+  validation accuracy at its DP, by hand, where the last profile ended on an
+  epoch that scored less. Catches a profile handing on its last epoch."""
+  config = tiny_figure(idp_fig9.get_config("mlp"), epochs=3)
+  config.train.patience = 2
+  config.optimizer.learning_rate = 3e-2  # noisy enough that an epoch loses accuracy
   figure = launcher.train_and_evaluate(config, str(tmp_path))
   mp = json.loads((tmp_path / "mp-idp" / "results.json").read_text())
   assert mp["profiles"] == [[0.0, 0.2], [0.2, 0.4], [0.4, 1.0]]
   assert len(mp["epochs_run"]) == 3
+  logged = [json.loads(line) for line in (tmp_path / "mp-idp" / "metrics.jsonl").open()]
+  scores = [[m[f"profile{s}/val_accuracy"] for m in logged if f"profile{s}/val_accuracy" in m]
+            for s in range(3)]
+  assert scores[-1][-1] < max(scores[-1]), scores
+  accuracy = val_accuracy_by_hand(tmp_path / "mp-idp" / "export", (0.2, 0.4, 1.0),
+                                  config.data.val_size)
+  assert list(accuracy.values()) == [pytest.approx(max(s), abs=1e-6) for s in scores]
   assert set(figure["variants"]) == {"linear", "mp-idp"}
   # The profiles share an IDP layer (001 Fig. 9): one that is not a per-profile copy.
   arch = mp["model"]["architecture"]

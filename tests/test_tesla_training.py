@@ -23,7 +23,7 @@ from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import main as launcher
 from experiments.configs import common, tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
-from blind_selection import assert_fit_never_reads_the_test_split
+from blind_selection import assert_fit_never_reads_the_test_split, val_accuracy_by_hand
 
 TASKS = (1.0, 0.5, 0.2)
 SHARED = common.evaluation(bn_mode="shared")
@@ -274,6 +274,20 @@ def test_validation_reads_the_statistics_the_report_reads():
   assert score == pytest.approx(np.mean([by_hand[dp]["accuracy"] for dp in TASKS]), rel=1e-6)
 
 
+def assert_the_export_is_the_last_stages_best_state(workdir, config, results, logged):
+  """Catches a stage handing on its last epoch's state instead of its best: the
+  last stage ended on an epoch that scored below its best, and the exported
+  network scores that best (its Eq. 3 objective on validation, by hand)."""
+  last = results["stages"][-1]
+  key = f"stage{last['stage']}/val_accuracy"
+  scores = [line[key] for line in logged if key in line]
+  assert scores[-1] < max(scores) == last["best_val_accuracy"], scores
+  tasks = config.schedule.tasks
+  accuracy = val_accuracy_by_hand(workdir / "export", tasks, config.data.val_size)
+  objective = sum(c * accuracy[dp] for dp, c in zip(tasks, last["coefficients"]) if c > 0)
+  assert objective == pytest.approx(last["best_val_accuracy"], abs=1e-6)
+
+
 @pytest.mark.parametrize("schedule, atp_enabled", [("tesla", False), ("rtesla", True)])
 def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_enabled):
   config = tesla_main.get_config()
@@ -311,6 +325,8 @@ def test_schedule_runs_end_to_end_and_writes_results(tmp_path, schedule, atp_ena
                                                     stage["coefficients"]) if c > 0}
     assert computed == (active if jax.default_backend() == "cpu"
                         else {f"{round(100 * dp)}" for dp in config.schedule.tasks})
+  if schedule == "tesla":
+    assert_the_export_is_the_last_stages_best_state(tmp_path, config, results, logged)
   if atp_enabled:
     (gamma,) = results["learned_profiles"].values()  # the one IDP layer of tesla_mlp
     assert np.all(np.diff(gamma) <= 0), "ATP profiles must stay non-increasing"
@@ -634,9 +650,5 @@ def test_best_mean_selection_keeps_the_run_state_with_the_best_mean_validation_a
   assert (results["selected_epoch"], results["mean_val_accuracy"]) == best
   assert results["final_state_mean_val_accuracy"] <= best[1]
   # The exported network is the selected state: its mean validation accuracy by hand.
-  network = sliced.load(tmp_path / "export")
-  dataset = data.load("mnist_sample", val_size=200, seed=0)
-  images = data.normalize(dataset.val_x, *data.normalization_stats(dataset.name))
-  by_hand = np.mean([np.mean(np.argmax(network(images, dp), -1) == dataset.val_y)
-                     for dp in (1.0, 0.5, 0.2)])
+  by_hand = np.mean(list(val_accuracy_by_hand(tmp_path / "export", (1.0, 0.5, 0.2), 200).values()))
   assert by_hand == pytest.approx(best[1], abs=2e-3)

@@ -677,6 +677,19 @@ def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path)
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+def test_a_run_that_fails_writing_its_results_keeps_the_previous_results(tmp_path):
+  """Catches ``results.json`` written in place by ``runs.finish``: a value that
+  cannot be serialised, found after part of the file was written, would leave
+  it truncated; the previous run's file must survive whole."""
+  run = runs.start(tiny_config(), str(tmp_path))
+  graphdef, state = create_train_state(run.model, optax.sgd(0.1))
+  first = runs.finish(run, graphdef, state, {"test_accuracy": 0.5}, exported="kept")
+  with pytest.raises(TypeError):
+    runs.finish(run, graphdef, state, {"test_accuracy": 0.5, "unserialisable": object()},
+                exported="kept")
+  assert read_results(str(tmp_path)) == json.loads(json.dumps(first))
+
+
 def test_an_atomic_write_that_fails_at_the_rename_leaves_no_temporary_file(tmp_path):
   (tmp_path / "results.json").mkdir()  # a directory in the way: os.replace fails
   (tmp_path / "results.json" / "keep").write_text("x")
