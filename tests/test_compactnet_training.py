@@ -47,7 +47,8 @@ def _fake_latency(export_dir, config):
 @pytest.fixture(scope="module")
 def finished(fake_cifar, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("compactnet")
-  config = _tiny(fake_cifar, measure_on=("cpu-b1",), corrections=4, distill=dict(weight=0.5))
+  config = _tiny(fake_cifar, measure_on=("cpu-b1",), corrections=4, distill=dict(weight=0.5),
+                 decay=0.9)  # iterations of different depths (Eq. 1)
   requests = []
   results = training.train_and_evaluate(
       config, str(workdir), remote=fake_remote(requests, network_overhead_s=_overhead(config)))
@@ -312,10 +313,27 @@ def test_a_model_measured_short_of_the_target_is_searched_further(finished):
   assert results["measured_speedup"] == pytest.approx(checks[-1]["measured_speedup"])
 
 
+@pytest.mark.parametrize("iterations, decay", [(3, 0.5), (4, 0.9)])
+def test_a_correction_steps_at_most_what_the_schedules_last_iteration_removes(
+    finished, iterations, decay):
+  """Eq. 1-2 read as reductions: T_sub,i = r/N d^i sum to 1 - 1/T_final, so the
+  last (smallest) is (1 - 1/T_final) d^(N-1) / sum_i d^i of the original latency.
+  Catches the corrections stepping as deep as the first (largest) iteration."""
+  config, _, results, _ = finished
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.compactnet.iterations, config.compactnet.decay = iterations, decay
+  table = latency.load(results["table"])
+  powers = decay ** np.arange(iterations)
+  last = (1 - 1 / config.compactnet.t_final) * powers[-1] / powers.sum()
+  assert training.last_step_s(config, table) == pytest.approx(
+      last * table.predict(table.full_widths), rel=1e-9)
+
+
 def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp_path):
   """With compactnet.speedup_margin m the checks hold the model to T (1 + m):
   a search whose model measured T without it trims further, each corrected
-  budget aimed at T (1 + m); a history checked against another goal is refused."""
+  budget aimed at T (1 + m); a history checked against another goal is refused;
+  allowed one correction fewer than that took, it stops short of the goal."""
   config, _, results, _ = finished
   t = config.compactnet.t_final
   margin = 1.02 * results["measured_speedup"] / t - 1  # the run without it ends below
@@ -347,13 +365,22 @@ def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp
   config.compactnet.speedup_margin = 0.0
   with pytest.raises(ValueError, match="compactnet.speedup_margin.*another workdir"):
     search_on_platform(runs.start(config, str(tmp_path)))
+  # with one correction fewer than it took, the search stops short of the goal
+  assert len(checks) >= 2
+  config.compactnet.speedup_margin = margin
+  config.compactnet.corrections = len(checks) - 2
+  stopped = search_on_platform(runs.start(config, str(tmp_path / "fewer"))).history["checks"]
+  assert len(stopped) == len(checks) - 1
+  assert stopped[-1]["next_budgets_s"] == [] and stopped[-1]["measured_speedup"] < goal
 
 
 def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished, tmp_path):
-  """The original's retraining first trains as many steps as the search's chosen
-  fine-tunes; its checkpoint in a workdir whose search chose another number (a
-  copy from another run) is refused, as is a trimmed network's that distilled
-  from such an original; the run's own checkpoints resume."""
+  """The original's and the uniform model's retrainings first train as many
+  steps as the search's chosen fine-tunes (so all three models see as many
+  images); the original's checkpoint in a workdir whose search chose another
+  number (a copy from another run) is refused, as is a trimmed network's that
+  distilled from such an original, and the uniform model's checkpoint records
+  its catch-up; the run's own checkpoints resume."""
   config, workdir, results, _ = finished
   shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
   run = runs.start(config, str(tmp_path))
@@ -373,6 +400,12 @@ def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished
     training.retrain(run, "searched", searched.arch, searched.variables, seed, 0,
                      teacher(catch_up + 1))
   training.retrain(run, "searched", searched.arch, searched.variables, seed, 0,
+                   teacher(catch_up))
+  uniform = sliced.load(results["uniform_export_dir"])
+  with pytest.raises(ValueError, match=f"retrain-uniform-seed{seed}.*delete"):
+    training.retrain(run, "uniform", uniform.arch, uniform.variables, seed, 0,
+                     teacher(catch_up))
+  training.retrain(run, "uniform", uniform.arch, uniform.variables, seed, catch_up,
                    teacher(catch_up))
 
 
