@@ -1,6 +1,7 @@
 """Training infrastructure: resume after a kill, checkpoint fallback, data
 parallel, early stopping, config validation, atomic results."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,9 +19,10 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dynscale import io
+from dynscale import data, io
 from dynscale.idp import training as idp_training
-from dynscale.train import runs, steps, validation
+from dynscale.nn import models
+from dynscale.train import loop, runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state
@@ -254,6 +256,39 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     print(json.dumps({"max_diff": max_diff, "moved": moved, "val": [val_one, val_eight]}))
 """)
 
+
+
+def test_an_evaluation_of_part_of_a_split_reads_a_random_subset_not_its_first_examples():
+  """Catches ``evaluate(limit=k)`` reading a split's first k examples: a split keeps
+  its file's order, the CIFAR files are ordered by class, and CompactNet scores
+  its candidates on such a subset. Here the validation images are sorted by
+  class and each is a flat shade of its label: the subset's mean shade must be
+  near the split's (the first examples' is far from it), and every call, of a
+  trainer with the same seed, reads the same subset."""
+  full = data.load("mnist_sample", val_size=300, seed=0)
+  order = np.argsort(full.val_y, kind="stable")
+  labels = full.val_y[order]
+  shades = np.broadcast_to((25 * labels).astype(np.uint8)[:, None, None, None],
+                           full.val_x.shape).copy()
+  arch = models.architecture("tesla_mlp", num_classes=10, input_shape=(28, 28, 1),
+                             width_multiplier=0.1)
+  graphdef, state = create_train_state(models.build(arch, rngs=models.init_rngs(0)),
+                                       optax.sgd(0.1))
+
+  def shade(val_x, val_y, limit, seed=0):
+    def forward(model, images, dp):
+      return steps.eval_forward(model, images, dp), {"shade": images.mean(axis=(1, 2, 3))}
+    trainer = loop.Trainer(graphdef=graphdef, tx=optax.sgd(0.1),
+                           loss_fn=steps.classification_loss, forward=forward,
+                           dataset=dataclasses.replace(full, val_x=val_x, val_y=val_y),
+                           batch_size=50, eval_batch_size=64, augment=False, seed=seed)
+    return trainer.evaluate(trainer.place(state), "val", 1.0, limit=limit)["shade"]
+
+  whole, subset = shade(shades, labels, 0), shade(shades, labels, 100)
+  first = shade(shades[:100], labels[:100], 0)
+  assert abs(subset - whole) < abs(first - whole) / 4, (whole, subset, first)
+  assert shade(shades, labels, 100) == subset != shade(shades, labels, 100, seed=1)
+  assert shade(shades, labels, 300) == whole  # the whole split when the limit covers it
 
 
 def test_eight_device_data_parallel_matches_one_device():

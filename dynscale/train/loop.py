@@ -105,6 +105,7 @@ class Trainer:
     self._data_key = jax.random.fold_in(jax.random.key(seed), 0)
     self._augment_key = jax.random.fold_in(jax.random.key(seed), 1)
     self._recalibration_key = jax.random.fold_in(jax.random.key(seed), 2)
+    self._subset_key = jax.random.fold_in(jax.random.key(seed), 3)
     sharding = steps.replicated(self.mesh)
     self.splits = {
         name: DeviceSplit(_to_mesh(x, sharding), _to_mesh(y.astype(np.int32), sharding))
@@ -150,9 +151,11 @@ class Trainer:
 
   def evaluate(self, state: TrainState, split: str, task, *, limit: int = 0
                ) -> dict[str, float]:
-    """Means over every example of ``split`` at ``task`` (over its first ``limit``
-    when ``limit`` > 0: the validation split is drawn at random, so they are a
-    random subset of it).
+    """Means over every example of ``split`` at ``task``, or over ``limit`` of
+    them when 0 < ``limit`` < its size: a subset drawn at random with the
+    trainer's seed, the same at every call (a split keeps its file's order,
+    and the CIFAR files are ordered by class, so its first examples are not a
+    sample of it).
 
     ``accuracy``, ``loss``, and each extra per-example metric the forward
     returns (:func:`dynscale.train.steps.forward_outputs`), e.g. FLOPs per image.
@@ -164,6 +167,8 @@ class Trainer:
       return {"accuracy": float("nan"), "loss": float("nan")}
     size = min(limit, data.size) if limit > 0 else data.size
     idx, mask = pipeline.eval_batches(size, self.eval_batch_size)
+    if size < data.size:
+      idx = jax.random.permutation(self._subset_key, data.size)[:size][idx]
     totals = {name: float(total) for name, total in self.eval_totals(
         state.params, state.model_state, data, jnp.asarray(idx),
         jnp.asarray(mask, jnp.float32), task).items()}
