@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynscale import data
 from dynscale.nn import costs, models, spec
 from dynscale.sanp import analysis, budget, gates, objective
 
@@ -334,6 +335,28 @@ def test_channel_types_and_the_last_blocks_open_channels_by_hand():
   summary = analysis.summary(usage)
   assert summary["sometimes_pruned_fraction"] == pytest.approx(3 / 9)
   assert summary["last_block_active_channels"] == {"mean": 3.25, "min": 3, "max": 4}
+
+
+def test_channel_usage_lists_the_gates_in_network_order_past_ten_layers():
+  """Catches the gates in the order of their names' text (``layers.11`` before
+  ``layers.3``, as a jitted function returns a dict): with 12 gated layers the
+  last block would be ``layers.9``, and Fig. 3's bars out of order."""
+  arch = spec.validate_architecture({
+      "name": "twelve", "input_shape": [4, 4, 1], "num_classes": 10, "profile": "all-one",
+      "layers": [{"kind": "conv", "features": 2} for _ in range(12)]
+      + [{"kind": "global_avgpool"}, {"kind": "dense", "features": 10}]})
+  model = models.build(arch, rngs=models.init_rngs(0),
+                       gate=gates.gate_factory("sanp", reduction=1))
+  images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+  labels = np.zeros(3, np.int32)
+  dataset = data.Dataset(name="mnist_sample", train_x=images, train_y=labels, val_x=images,
+                         val_y=labels, test_x=images, test_y=labels, num_classes=10,
+                         source="random images")
+  usage = analysis.channel_usage(model, dataset, "test", batch_size=2)
+  in_order = [f"layers.{i}" for i in range(12)]
+  assert list(usage.open_counts) == list(usage.active) == in_order
+  assert analysis.last_block(usage) == ["layers.11"]
+  assert list(analysis.channel_types(usage)) == in_order
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from flax import nnx
 from dynscale import plots
 from dynscale.data import pipeline
 from dynscale.data.datasets import Dataset
+from dynscale.nn import layers
 
 TYPES = ("never", "sometimes", "always")  # pruned
 
@@ -36,7 +37,9 @@ class ChannelUsage:
 
 def channel_usage(model: nnx.Module, dataset: Dataset, split: str,
                   batch_size: int) -> ChannelUsage:
-  """The evaluation-mode gate activity of ``model`` over every image of ``split``."""
+  """The evaluation-mode gate activity of ``model`` over every image of ``split``,
+  gates in network order (a jitted function hands its dicts back sorted by key,
+  ``layers.10`` before ``layers.2``)."""
   images = {"train": dataset.train_x, "val": dataset.val_x, "test": dataset.test_x}[split]
   mean, std = pipeline.normalization_stats(dataset.name)
   graphdef, state = nnx.split(model)
@@ -52,7 +55,9 @@ def channel_usage(model: nnx.Module, dataset: Dataset, split: str,
       a = np.asarray(a)
       counts[name] = counts.get(name, 0) + a.sum(axis=0)
       active.setdefault(name, []).append(a.sum(axis=1))
-  return ChannelUsage(counts, {k: np.concatenate(v) for k, v in active.items()}, len(images))
+  order = [name for name in layers.gate_points(model.arch) if name in counts]
+  return ChannelUsage({name: counts[name] for name in order},
+                      {name: np.concatenate(active[name]) for name in order}, len(images))
 
 
 def channel_types(usage: ChannelUsage) -> dict[str, dict[str, int]]:
