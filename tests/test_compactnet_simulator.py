@@ -52,6 +52,13 @@ def report(built):
     (dict(calibration_form="cubic"),
      r"table.calibration_form must be one of \['auto', 'raw', 'scale', 'affine', "
      r"'affine\+weights'\]"),
+    # a form the settings cannot fit: refused before the unit table is measured
+    (dict(calibration_form="scale", calibration_variants=0),
+     r"table.calibration_variants must be >= 1 for calibration_form 'scale'"),
+    (dict(calibration_form="affine", calibration_variants=6),
+     r"table.calibration_variants must be >= 7 for calibration_form 'affine'"),
+    (dict(calibration_form="affine+weights", calibration_variants=3),
+     r"table.calibration_variants must be >= 7 for calibration_form 'affine\+weights'"),
 ])
 def test_settings_name_the_bad_field(change, message, tmp_path):
   settings = simulator.TableSettings(**change)

@@ -128,6 +128,15 @@ class TableSettings:
     if self.calibration_form not in CALIBRATION_CHOICES:
       raise ValueError(f"{field}.calibration_form must be one of {list(CALIBRATION_CHOICES)}, "
                        f"got {self.calibration_form!r}")
+    fitted_on = self.calibration_variants + 1  # the original network too
+    if self.calibration_form not in ("auto", "raw") and self.calibration_variants == 0:
+      raise ValueError(f"{field}.calibration_variants must be >= 1 for calibration_form "
+                       f"{self.calibration_form!r} (the networks it is fitted on), got 0")
+    if self.calibration_form.startswith("affine") and fitted_on < latency.AFFINE_MIN_NETWORKS:
+      raise ValueError(f"{field}.calibration_variants must be >= "
+                       f"{latency.AFFINE_MIN_NETWORKS - 1} for calibration_form "
+                       f"{self.calibration_form!r} (an offset fitted on fewer networks "
+                       f"extrapolates badly), got {self.calibration_variants}")
     return self
 
   def calibration_forms(self) -> tuple[str, ...]:
