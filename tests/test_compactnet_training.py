@@ -615,12 +615,22 @@ def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
 
 
 def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
+  """A rerun reads its own table back, and refuses it when the config now asks
+  for another grid (the search would trim in the old steps)."""
   config, workdir, results, requests = finished
   assert requests.count("table") == 1
   reused = []
   path, _ = training.load_or_build_table(config, training.architecture(config), str(workdir),
                                          fake_remote(reused))
   assert path == results["table"] and reused == []
+  # a rerun asking for another grid refuses the table it built, naming the setting
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.compactnet.table_settings.round_to = 2
+  with pytest.raises(ValueError, match=r"compactnet.table_settings.round_to: the table in "
+                                       r".* was built with 1, this config asks for 2; delete"):
+    training.load_or_build_table(config, training.architecture(config), str(workdir),
+                                 fake_remote(reused))
+  assert reused == []
 
 
 @pytest.mark.parametrize("change, message", [

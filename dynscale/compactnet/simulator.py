@@ -61,6 +61,11 @@ def isolated(target: Platform, request: dict) -> dict:
 
 
 CALIBRATION_CHOICES = ("auto", *latency.CALIBRATION_FORMS)
+# The settings a table's entries and calibration depend on (``processes`` only
+# serves later measurements of whole networks).
+TABLE_SHAPING = ("expansion", "grid_points", "min_fraction", "round_to", "warmup", "rounds",
+                 "burst", "estimator", "calibration_processes", "calibration_variants",
+                 "calibration_seed", "calibration_form")
 
 
 def _check_int(field: str, value, minimum: int) -> None:
@@ -138,6 +143,17 @@ class TableSettings:
                        f"{self.calibration_form!r} (an offset fitted on fewer networks "
                        f"extrapolates badly), got {self.calibration_variants}")
     return self
+
+  def check_built_with(self, table: latency.Table, path: str, field: str = "table") -> None:
+    """Raises a ValueError naming the first setting that shapes a table
+    (:data:`TABLE_SHAPING`) which ``table`` (at ``path``) was built with
+    otherwise; one its provenance does not record is taken as agreeing."""
+    built = table.provenance.get("settings", {})
+    for name in TABLE_SHAPING:
+      if name in built and built[name] != getattr(self, name):
+        raise ValueError(f"{field}.{name}: the table in {path} was built with {built[name]!r}, "
+                         f"this config asks for {getattr(self, name)!r}; delete {path} to "
+                         "measure it again, or ask for what it was built with")
 
   def calibration_forms(self) -> tuple[str, ...]:
     """The forms :meth:`latency.Table.with_calibration` chooses among."""

@@ -400,14 +400,20 @@ def plot_widths(names, by_model: dict[str, list[int]], path: str, title: str) ->
 def load_or_build_table(config, arch: dict, workdir: str,
                         remote: simulator.Remote = simulator.isolated) -> tuple[str,
                                                                                       latency.Table]:
+  """The run's latency table: ``compactnet.table`` as given, else the workdir's
+  own, measured on the first call; a rerun refuses its own table when the
+  config now asks for other table settings."""
   c = config.compactnet
   target = platform.get(c.platform, "compactnet.platform")
+  settings = table_settings(config)
   path = c.table or os.path.join(workdir, TABLE_FILE)
   if not os.path.exists(path):
     logging.info("Measuring the latency table of %s on %s", arch["name"], target.name)
-    simulator.build_table(arch, target, table_settings(config), path, remote=remote)
+    simulator.build_table(arch, target, settings, path, remote=remote)
   table = latency.load(path)
-  latency.check_matches(table, arch, target, table_settings(config).expansion, path)
+  latency.check_matches(table, arch, target, settings.expansion, path)
+  if not c.table:
+    settings.check_built_with(table, path, "compactnet.table_settings")
   return path, table
 
 
