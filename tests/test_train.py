@@ -19,10 +19,9 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from dynscale import data, io
+from dynscale import io
 from dynscale.idp import training as idp_training
-from dynscale.nn import models
-from dynscale.train import loop, runs, steps, validation
+from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state
@@ -77,6 +76,35 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, straight_and_res
   assert a["curves"] == b["curves"]
   assert a["val_accuracy"] == b["val_accuracy"]
   assert a["steps"] == b["steps"]
+
+
+class Killed(BaseException):
+  """A kill, injected where a SIGKILL is hard to time."""
+
+
+def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
+    tmp_path, monkeypatch):
+  """An epoch's best state is saved before the epoch's own checkpoint: a run
+  killed between the two resumes before that epoch and saves its best state
+  again. Catches every rerun failing (orbax refuses a step that is already
+  there), and ``epochs_run`` counting only the rerun's epochs."""
+  config = tiny_config(**{"train.num_epochs": 2})
+  straight = idp_training.train_and_evaluate(config, str(tmp_path / "straight"))
+  save = Checkpoints.save
+
+  def killed_before_the_epochs_own_save(self, step, state, metadata):
+    if step == 2 and not self.directory.endswith("-best"):
+      raise Killed
+    save(self, step, state, metadata)
+  with monkeypatch.context() as patch:
+    patch.setattr(Checkpoints, "save", killed_before_the_epochs_own_save)
+    with pytest.raises(Killed):
+      idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
+  assert os.listdir(tmp_path / "killed" / "checkpoints" / "train-best") == ["2"]
+  resumed = idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
+  for key in ("curves", "val_accuracy", "steps", "epochs_run"):
+    assert resumed[key] == straight[key], key
+  assert straight["epochs_run"] == 2
 
 
 def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path,
@@ -258,39 +286,6 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
 
 
-def test_an_evaluation_of_part_of_a_split_reads_a_random_subset_not_its_first_examples():
-  """Catches ``evaluate(limit=k)`` reading a split's first k examples: a split keeps
-  its file's order, the CIFAR files are ordered by class, and CompactNet scores
-  its candidates on such a subset. Here the validation images are sorted by
-  class and each is a flat shade of its label: the subset's mean shade must be
-  near the split's (the first examples' is far from it), and every call, of a
-  trainer with the same seed, reads the same subset."""
-  full = data.load("mnist_sample", val_size=300, seed=0)
-  order = np.argsort(full.val_y, kind="stable")
-  labels = full.val_y[order]
-  shades = np.broadcast_to((25 * labels).astype(np.uint8)[:, None, None, None],
-                           full.val_x.shape).copy()
-  arch = models.architecture("tesla_mlp", num_classes=10, input_shape=(28, 28, 1),
-                             width_multiplier=0.1)
-  graphdef, state = create_train_state(models.build(arch, rngs=models.init_rngs(0)),
-                                       optax.sgd(0.1))
-
-  def shade(val_x, val_y, limit, seed=0):
-    def forward(model, images, dp):
-      return steps.eval_forward(model, images, dp), {"shade": images.mean(axis=(1, 2, 3))}
-    trainer = loop.Trainer(graphdef=graphdef, tx=optax.sgd(0.1),
-                           loss_fn=steps.classification_loss, forward=forward,
-                           dataset=dataclasses.replace(full, val_x=val_x, val_y=val_y),
-                           batch_size=50, eval_batch_size=64, augment=False, seed=seed)
-    return trainer.evaluate(trainer.place(state), "val", 1.0, limit=limit)["shade"]
-
-  whole, subset = shade(shades, labels, 0), shade(shades, labels, 100)
-  first = shade(shades[:100], labels[:100], 0)
-  assert abs(subset - whole) < abs(first - whole) / 4, (whole, subset, first)
-  assert shade(shades, labels, 100) == subset != shade(shades, labels, 100, seed=1)
-  assert shade(shades, labels, 300) == whole  # the whole split when the limit covers it
-
-
 def test_eight_device_data_parallel_matches_one_device():
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -307,7 +302,7 @@ def test_eight_device_data_parallel_matches_one_device():
 # --------------------------------------------------------------------------
 
 
-def pixel_mean_trainer(extra, dataset=None):
+def pixel_mean_trainer(extra, dataset=None, seed=0):
   """A Trainer over 300 validation digits (or ``dataset``), evaluated in
   batches of 128 (84 padded), its forward adding the metric ``extra(images)``."""
   import optax
@@ -328,7 +323,7 @@ def pixel_mean_trainer(extra, dataset=None):
 
   trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=steps.classification_loss,
                          forward=forward, dataset=dataset, batch_size=50,
-                         eval_batch_size=128, augment=False, seed=0)
+                         eval_batch_size=128, augment=False, seed=seed)
   return trainer, trainer.place(state), dataset
 
 
@@ -361,14 +356,32 @@ def test_evaluate_reports_the_mean_of_an_extra_per_example_metric():
   assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
 
 
-def test_evaluate_can_read_only_the_first_examples_of_a_split():
+def test_an_evaluation_of_part_of_a_split_reads_a_random_subset_not_its_first_examples():
+  """Catches ``evaluate(limit=k)`` reading a split's first k examples: a split keeps
+  its file's order, the CIFAR files are ordered by class, and CompactNet scores
+  its candidates on such a subset. Here the validation images are sorted by
+  class and each is a flat shade of its label: the subset's mean shade must be
+  near the split's (the first examples' is far from it), and every call, of a
+  trainer with the same seed, reads the same subset."""
   import jax.numpy as jnp
-  from dynscale.data import pipeline
-  trainer, state, dataset = pixel_mean_trainer(lambda images: jnp.mean(images, axis=(1, 2, 3)))
-  metrics = trainer.evaluate(state, "val", jnp.float32(0.5), limit=100)
-  mean, std = pipeline.normalization_stats(dataset.name)
-  first = (dataset.val_x[:100].astype(np.float64) / 255 - np.asarray(mean)) / np.asarray(std)
-  assert metrics["pixel_mean"] == pytest.approx(first.mean(), rel=1e-5)
+  from dynscale import data
+  full = data.load("mnist_sample", val_size=300, seed=0)
+  order = np.argsort(full.val_y, kind="stable")
+  labels = full.val_y[order]
+  shades = np.broadcast_to((25 * labels).astype(np.uint8)[:, None, None, None],
+                           full.val_x.shape).copy()
+
+  def shade(val_x, val_y, limit, seed=0):
+    trainer, state, _ = pixel_mean_trainer(
+        lambda images: jnp.mean(images, axis=(1, 2, 3)),
+        dataclasses.replace(full, val_x=val_x, val_y=val_y), seed)
+    return trainer.evaluate(state, "val", 1.0, limit=limit)["pixel_mean"]
+
+  whole, subset = shade(shades, labels, 0), shade(shades, labels, 100)
+  first = shade(shades[:100], labels[:100], 0)
+  assert abs(subset - whole) < abs(first - whole) / 4, (whole, subset, first)
+  assert shade(shades, labels, 100) == subset != shade(shades, labels, 100, seed=1)
+  assert shade(shades, labels, 300) == whole  # the whole split when the limit covers it
 
 
 def test_an_extra_metric_needs_one_value_per_example():
@@ -467,6 +480,14 @@ def test_early_stopping_rejects_bad_settings():
      r"optimizer.step_every must be a positive integer, got 0"),
     ({"optimizer.schedule": "step", "optimizer.step_factor": 1.5},
      r"optimizer.step_factor must be in \(0, 1\], got 1.5"),
+    ({"optimizer.learning_rate": float("nan")},
+     r"optimizer.learning_rate must be a positive number, got nan"),
+    ({"model.width_multiplier": float("inf")},
+     r"model.width_multiplier must be a positive number, got inf"),
+    ({"optimizer.warmup_steps": -50}, r"optimizer.warmup_steps must be an integer >= 0, got -50"),
+    # early stopping with nothing to read: every epoch a NaN, the run stopped after `patience`
+    ({"data.val_size": 0, "train.patience": 2},
+     r"data.val_size must be >= 1 with it \(or train.patience 0\), got data.val_size 0"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
   workdir = tmp_path / "run"

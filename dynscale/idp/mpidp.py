@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       early_stopping=EarlyStopping(patience) if patience else None,
                       validate=evaluation.validation_at(config.eval, trainer, hi))
     state = fit.best_state
-    epochs_run.append(fit.epochs_run)
+    epochs_run.append(fit.epochs)  # the profile's, resumed epochs included
   report = evaluation.test_report(config.eval, trainer, state)
   return runs.finish(run, graphdef, state, {
       **report,

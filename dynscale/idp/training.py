@@ -44,6 +44,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       **report,
       "test_accuracy": trainer.evaluate(at_dp, "test", jnp.float32(dp))["accuracy"],
       "val_accuracy": trainer.evaluate(at_dp, "val", jnp.float32(dp))["accuracy"],
-      "epochs_run": fit.epochs_run,
+      "epochs_run": fit.epochs,  # the stage's, resumed epochs included
       "steps": int(fit.state.step),
   })

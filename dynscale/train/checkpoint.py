@@ -29,7 +29,12 @@ class Checkpoints:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
 
   def save(self, step: int, state: Any, metadata: dict) -> None:
-    """Saves ``state`` (arrays) and ``metadata`` (JSON) as checkpoint ``step``."""
+    """Saves ``state`` (arrays) and ``metadata`` (JSON) as checkpoint ``step``,
+    replacing one already there: a run killed between an epoch's best-state
+    save and its own resumes before that epoch, trains it again (the same
+    steps, the same result) and saves its best state again."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
     self._manager.save(
         step,
         args=ocp.args.Composite(

@@ -79,8 +79,7 @@ class FitResult:
   state: TrainState
   best_state: TrainState
   early_stopping: EarlyStopping | None
-  epochs_run: int  # by this call
-  epochs: int      # by this stage in all, resumed epochs included
+  epochs: int  # by this stage in all, resumed epochs included
 
 
 class Trainer:
@@ -278,6 +277,6 @@ class Trainer:
     for manager in (store, best_store):
       if manager is not None:
         manager.close()
-    return FitResult(state=state, best_state=state if best_state is None else best_state, early_stopping=early_stopping,
-                     epochs_run=epoch - start_epoch, epochs=epoch)
+    return FitResult(state=state, best_state=state if best_state is None else best_state,
+                     early_stopping=early_stopping, epochs=epoch)
 

@@ -9,6 +9,7 @@ field and the values it may take.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -38,7 +39,8 @@ def one_of(value, allowed: Iterable, field: str) -> None:
 def positive(value, field: str, *, integer: bool = False) -> None:
   """Raises unless ``value`` is a number (an int if ``integer``) above zero."""
   kind = int if integer else (int, float)
-  if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+  if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+      or value <= 0):
     allowed = "a positive integer" if integer else "a positive number"
     raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
@@ -101,6 +103,7 @@ def check_optimizer(config) -> None:
   one_of(config.name, OPTIMIZERS, "optimizer.name")
   one_of(config.schedule, SCHEDULES, "optimizer.schedule")
   positive(config.learning_rate, "optimizer.learning_rate")
+  non_negative_int(config.get("warmup_steps", 0), "optimizer.warmup_steps")
   if config.get("momentum", 0.0) < 0:
     raise ValueError(f"optimizer.momentum must be >= 0, got {config.momentum}")
   if config.get("weight_decay", 0.0) < 0:
@@ -127,3 +130,6 @@ def check_core(config) -> None:
   check_model(config.model)
   check_optimizer(config.optimizer)
   check_train(config.train)
+  if config.train.patience and config.data.val_size == 0:
+    raise ValueError("train.patience > 0 stops early on validation accuracy: data.val_size "
+                     "must be >= 1 with it (or train.patience 0), got data.val_size 0")
