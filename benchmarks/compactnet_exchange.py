@@ -91,6 +91,7 @@ def run(*, results_paths: list[str],
         remote: simulator.Remote = simulator.isolated) -> dict:
   """Measures and reports (module docstring); prints and returns the record."""
   runs = check(results_paths, settings)
+  platform_timing.check_out(out)
   original = next(iter(runs.values()))["original_export_dir"]
   specs = {"original": {"export_dir": original},
            **{name: {"export_dir": r["export_dir"]} for name, r in runs.items()}}

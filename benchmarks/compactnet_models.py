@@ -127,6 +127,7 @@ def run(*, results_path: str, platforms: list[str], multipliers: list[float] = D
         remote: simulator.Remote = simulator.isolated) -> dict:
   """Measures and reports (module docstring); prints and returns the record."""
   results, targets = check(results_path, platforms, list(multipliers), settings)
+  platform_timing.check_out(out)
   specs = networks(results, list(multipliers))
   built = {name: measure.network(item) for name, item in specs.items()}
   sized = {name: sizes(*built[name]) for name in specs}

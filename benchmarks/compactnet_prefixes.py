@@ -93,6 +93,7 @@ def run(*, results_path: str, widths: list[list[int]] = (),
         remote: simulator.Remote = simulator.isolated) -> dict:
   """Measures and reports (module docstring); prints and returns the record."""
   results, table, target = check(results_path, list(widths), settings)
+  platform_timing.check_out(out)
   arch = sliced.load(results["original_export_dir"]).arch
   traced_widths = network_widths(results, table, list(widths))
   networks, units = {}, {}

@@ -10,7 +10,7 @@ import jax
 from absl import flags
 
 from dynscale.compactnet import simulator
-from dynscale.io import write_json_atomic
+from dynscale.io import check_writable_dir, write_json_atomic
 
 
 def define_flags() -> None:
@@ -53,13 +53,22 @@ def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
   return {p: {n: lat["original"] / lat[n] for n in lat} for p, lat in latency_s.items()}
 
 
+def check_out(out: str) -> None:
+  """Raises a ValueError naming ``out`` unless a record can be written there
+  (called before anything is measured); "" writes none."""
+  if out and os.path.isdir(out):
+    raise ValueError(f"out {out!r} is a directory; it must name the JSON file to write")
+  if out:
+    check_writable_dir(os.path.dirname(os.path.abspath(out)), "out's directory")
+
+
 def emit(record: dict, settings: simulator.TableSettings, out: str = "") -> dict:
-  """``record`` with the timing, date, load and JAX version; written
-  atomically to ``out`` when given, printed as one JSON line, returned."""
+  """``record`` with the timing, date, load and JAX version; printed as one
+  JSON line, then written atomically to ``out`` when given; returned."""
   record = {**record, "timing": settings.timing_record(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "load": [round(x, 2) for x in os.getloadavg()], "jax": jax.__version__}
+  print(json.dumps(record), flush=True)
   if out:
     write_json_atomic(out, record)
-  print(json.dumps(record), flush=True)
   return record

@@ -478,6 +478,8 @@ def test_the_models_benchmark_reports_the_fakes_cost_model(finished, capsys):
     (dict(platforms=[]), "platforms must name at least one"),
     (dict(multipliers=[1.5]), r"multipliers must lie in \(0, 1\)"),
     (dict(results_path="/nonexistent/results.json"), "results must be a CompactNet run"),
+    # the record would be lost after every measurement
+    (dict(out="/dev/null/record.json"), "out's directory '/dev/null' cannot be written"),
 ])
 def test_the_models_benchmark_refuses_bad_input_before_measuring(finished, change, message):
   _, workdir, _, _ = finished
@@ -534,6 +536,7 @@ def test_the_prefixes_benchmark_charges_each_unit_what_it_adds_to_its_prefix(fin
 @pytest.mark.parametrize("change, message", [
     (dict(widths=[[10 ** 6] * 9]), "widths"),
     (dict(results_path="/nonexistent/results.json"), "results must be a CompactNet run"),
+    (dict(out="/dev/null/record.json"), "out's directory '/dev/null' cannot be written"),
 ])
 def test_the_prefixes_benchmark_refuses_bad_input_before_measuring(finished, change, message):
   _, workdir, _, _ = finished
@@ -611,6 +614,12 @@ def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
     requests = []
     with pytest.raises(ValueError, match=message):
       compactnet_exchange.run(results_paths=paths_, remote=fake_remote(requests))
+    assert requests == []
+  for out, message in (("/dev/null/exchange.json", "out's directory '/dev/null' cannot be"),
+                       (str(tmp_path), "out .* is a directory")):
+    requests = []
+    with pytest.raises(ValueError, match=message):  # the record would be lost
+      compactnet_exchange.run(results_paths=paths, out=out, remote=fake_remote(requests))
     assert requests == []
 
 
