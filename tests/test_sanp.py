@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from dynscale import data
-from dynscale.nn import costs, models, spec
+from dynscale.nn import costs, layers, models, spec
 from dynscale.sanp import analysis, budget, gates, objective
 
 
@@ -149,6 +149,33 @@ def test_fixed_k_keep_is_the_closest_to_the_budget_of_every_keep(target):
   reachable = [budget.fixed_k_flops_ratio(ARCH, keep) for keep in np.linspace(0.01, 1, 200)]
   assert abs(chosen - target) == pytest.approx(min(abs(r - target) for r in reachable),
                                                abs=1e-9)
+
+
+def test_fixed_k_cost_is_exact_on_a_chain_and_a_lower_bound_across_a_residual_add():
+  """FIXED-K keeps k channels per gate, whichever its saliencies pick: on a
+  chain of convolutions any pick costs what ``fixed_k_flops_ratio`` counts;
+  across a residual add the same pick on both sides costs that, different
+  picks more (the add's active channels are the union of both sides')."""
+  keep = 0.5
+  residual = spec.validate_architecture({
+      "name": "tiny-res", "input_shape": [6, 6, 2], "num_classes": 3, "layers": [
+          {"kind": "conv", "features": 4}, {"kind": "resblock", "features": 4},
+          {"kind": "resblock", "features": 4},
+          {"kind": "global_avgpool"}, {"kind": "dense", "features": 3}]})
+
+  def cost(arch, offset):
+    """Every gate keeps k channels starting at ``offset`` times its index (cyclic)."""
+    activity = {}
+    for i, (name, point) in enumerate(layers.gate_points(arch).items()):
+      kept = (np.arange(gates.kept_channels(keep, point.outputs)) + offset * i) % point.outputs
+      activity[name] = jnp.zeros((1, point.outputs)).at[0, kept].set(1.0)
+    return float(costs.sample_flops(arch, 1.0, activity)[0]) / costs.flops(arch)
+
+  for arch in (ARCH, residual):
+    assert cost(arch, 0) == pytest.approx(budget.fixed_k_flops_ratio(arch, keep), rel=1e-6)
+  assert cost(ARCH, 1) == pytest.approx(budget.fixed_k_flops_ratio(ARCH, keep), rel=1e-6)
+  # the second block's convolutions read the first add's union: 4 channels, not 2
+  assert cost(residual, 1) > budget.fixed_k_flops_ratio(residual, keep) + 0.05
 
 
 @pytest.mark.parametrize("keep, channels, k", [

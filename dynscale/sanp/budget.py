@@ -44,8 +44,7 @@ def fixed_k_flops_ratio(arch: dict, keep: float) -> float:
   of convolutions, whichever channels each image keeps; at a residual add,
   whose active channels are the union of the two sides' (§4.1.1 counted per
   sample), images that keep different channels on the two sides cost more:
-  on residual networks this is a lower bound (ResNet-18 x0.125 on 16x16 at
-  keep 0.46, 0.30 here: 0.56-0.58 per image with random saliencies).
+  on residual networks this is a lower bound.
   """
   activity = {name: jnp.asarray(jnp.arange(p.outputs) < gates.kept_channels(keep, p.outputs),
                                 jnp.float32)[None]
