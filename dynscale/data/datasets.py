@@ -385,8 +385,12 @@ def load(
   entry = dataset_spec(name)
   if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or val_size < 0:
     raise ValueError(f"val_size must be a non-negative int, got {val_size!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"seed must be an int, got {seed!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+  if (isinstance(train_examples, bool) or not isinstance(train_examples, (int, np.integer))
+      or train_examples < 0):
+    raise ValueError(f"train_examples must be a non-negative int (0: all), got "
+                     f"{train_examples!r}")
   splits, source = _read_named(name, None if data_dir is None else str(data_dir), tfds_data_dir,
                                download)
   splits = formats.validated_splits(splits,

@@ -229,6 +229,15 @@ def test_load_rejects_bad_val_size_before_reading(val_size):
     load("mnist", data_dir="/nonexistent", val_size=val_size)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("seed", -1), ("seed", 1.5), ("train_examples", -10), ("train_examples", 100.9),
+    ("train_examples", "100"), ("train_examples", True)])
+def test_load_rejects_a_bad_seed_or_train_examples_before_reading(field, value):
+  """The data directory does not exist: the error must come before any read."""
+  with pytest.raises(ValueError, match=rf"{field} must be a non-negative int"):
+    load("mnist", data_dir="/nonexistent", val_size=10, **{field: value})
+
+
 def test_val_size_too_large_names_range():
   with pytest.raises(ValueError, match=r"val_size must be in \[0, 3999\].*got 4000"):
     load("mnist_sample", val_size=4000)
@@ -307,7 +316,7 @@ def test_a_balanced_training_subset_is_the_same_for_every_seed_and_holds_validat
   np.testing.assert_array_equal(a.test_x, full.test_x)  # the full test split
 
 
-@pytest.mark.parametrize("size", [999, -10])
+@pytest.mark.parametrize("size", [999, 5])
 def test_a_subset_that_is_not_a_positive_multiple_of_the_classes_is_refused(size):
   with pytest.raises(ValueError, match=r"train_examples must be a positive multiple of the "
                                        r"10 classes"):
