@@ -87,7 +87,8 @@ def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
   """An epoch's best state is saved before the epoch's own checkpoint: a run
   killed between the two resumes before that epoch and saves its best state
   again. Catches every rerun failing (orbax refuses a step that is already
-  there), and ``epochs_run`` counting only the rerun's epochs."""
+  there), ``epochs_run`` counting only the rerun's epochs, and the epoch's
+  metrics logged twice."""
   config = tiny_config(**{"train.num_epochs": 2})
   straight = idp_training.train_and_evaluate(config, str(tmp_path / "straight"))
   save = Checkpoints.save
@@ -105,6 +106,29 @@ def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
   for key in ("curves", "val_accuracy", "steps", "epochs_run"):
     assert resumed[key] == straight[key], key
   assert straight["epochs_run"] == 2
+
+  def logged(workdir):  # each line once, its measured throughput aside
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("images_per_s")}
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert logged(tmp_path / "killed") == logged(tmp_path / "straight")
+
+
+def test_a_resumed_stage_forgets_only_its_own_lines_logged_after_its_checkpoint(tmp_path):
+  """What the stage logged past its checkpoint's step goes, and a line a kill
+  cut short; an earlier stage's lines, at any step (a stage may count steps
+  from zero again), and the stage's own up to the step stay."""
+  from dynscale.train.writers import MetricWriter
+  writer = MetricWriter(str(tmp_path), tensorboard=False)
+  lines = [{"step": 10, "warmup/train_loss": 1.0}, {"step": 30, "warmup/train_loss": 0.9},
+           {"step": 10, "finetune/train_loss": 0.8},
+           {"step": 20, "finetune/val_accuracy": 0.5, "epoch": 1.0},
+           {"step": 30, "finetune/train_loss": 0.7}]
+  for line in lines:
+    writer.write(line["step"], {k: v for k, v in line.items() if k != "step"})
+  with open(writer.path, "a") as f:
+    f.write('{"finetune/train_loss": 0.6, "st')
+  writer.forget_after(20, "finetune")
+  assert [json.loads(line) for line in open(writer.path)] == lines[:4]
 
 
 def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path,

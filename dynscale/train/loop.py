@@ -249,6 +249,8 @@ class Trainer:
         best_state = self.place(best[1]) if best is not None else None
         logging.info("Resumed stage %r at epoch %d (step %d).", stage, start_epoch,
                      int(state.step))
+        if writer is not None:
+          writer.forget_after(int(state.step), stage)
       state = self.place(state)
     total_steps = int(state.step) + (num_epochs - start_epoch) * self.steps_per_epoch
     progress = Progress(total_steps, self.batch_size, start_step=int(state.step))

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 from absl import logging
 
+from dynscale.io import write_bytes_atomic
+
 
 def _scalars(metrics: Mapping) -> dict[str, float]:
   return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or hasattr(v, "item")}
@@ -37,9 +39,32 @@ class MetricWriter:
         self._tb.add_scalar(name, value, int(step))
       self._tb.flush()
 
+  def forget_after(self, step: int, stage: str) -> None:
+    """Drops from ``metrics.jsonl`` the lines after ``step`` that hold a metric
+    of ``stage`` (``<stage>/...``), and a line cut short: what a stage logged
+    after its last checkpoint before a kill, which its rerun logs again.
+    TensorBoard's events are left as they are."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = [line for line in lines if not _logged_after(line, step, f"{stage}/")]
+    if len(kept) != len(lines):
+      write_bytes_atomic(self.path, "".join(kept).encode())
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _logged_after(line: str, step: int, prefix: str) -> bool:
+  """Whether a ``metrics.jsonl`` line is cut short, or past ``step`` with a
+  metric named ``prefix...``."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return True
+  return record["step"] > step and any(name.startswith(prefix) for name in record)
 
 
 class Progress:
