@@ -175,6 +175,20 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
   assert "unreadable" in caplog.text
 
 
+def test_a_workdir_rerun_with_another_network_is_refused_and_its_checkpoints_kept(tmp_path):
+  """The same workdir with a wider network: its checkpoints hold other shapes.
+  Catches them taken for damaged files: the run would start from scratch and
+  save over the first run's checkpoints."""
+  workdir = str(tmp_path / "run")
+  idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), workdir)
+  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "train")))
+  with pytest.raises(ValueError, match=r"checkpoint 1 in .*checkpoints/train holds another "
+                                       r"network than this run's .*; delete"):
+    idp_training.train_and_evaluate(
+        tiny_config(**{"train.num_epochs": 2, "model.width_multiplier": 0.2}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "train"))) == saved
+
+
 def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp_path):
   """``seed`` is the run's one source of randomness: two seeds hold out
   different validation images, start from different weights and draw

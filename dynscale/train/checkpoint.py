@@ -3,7 +3,8 @@
 Saves are atomic (orbax writes to a temporary directory and renames it). If
 the newest checkpoint cannot be read, restore warns and falls back to the
 one before it, so a run killed while writing, or a disk that corrupted the
-last save, still resumes.
+last save, still resumes; one of another network (a workdir reused with
+another config) is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+# What orbax says when a checkpoint holds other arrays than the state restoring
+# it (another network: other shapes or leaves), not a damaged file.
+_OTHER_NETWORK = ("is not compatible with the stored shape", "tree structures do not match",
+                  "Structure mismatch")
 
 
 class Checkpoints:
@@ -49,7 +56,9 @@ class Checkpoints:
     """Restores the newest readable checkpoint (or ``step``), shaped like ``template``.
 
     Returns ``(step, state, metadata)``, or None when there is no checkpoint.
-    A checkpoint that fails to load is skipped with a warning.
+    A checkpoint that fails to load is skipped with a warning; one that holds
+    another network (other shapes or leaves: the workdir of another config)
+    raises a ValueError naming the directory, so that nothing is trained over it.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     candidates = [step] if step is not None else list(reversed(self.steps()))
@@ -60,6 +69,11 @@ class Checkpoints:
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+        if isinstance(e, ValueError) and any(m in str(e) for m in _OTHER_NETWORK):
+          raise ValueError(
+              f"checkpoint {candidate} in {self.directory} holds another network than this "
+              f"run's ({str(e).splitlines()[0]}); delete {self.directory} to train this "
+              "stage from scratch, or use another workdir") from e
         logging.warning("Checkpoint %d in %s is unreadable (%s: %s); trying an older one.",
                         candidate, self.directory, type(e).__name__, e)
         continue
@@ -70,3 +84,9 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

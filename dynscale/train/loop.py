@@ -12,6 +12,7 @@ same numbers as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -232,53 +233,51 @@ class Trainer:
     """
     if validate is None:
       validate = functools.partial(self.evaluate, split="val", task=task)
-    store = best_store = None
-    start_epoch, best_state = 0, None
-    if checkpoint_dir is not None:
-      store = Checkpoints(os.path.join(checkpoint_dir, stage))
-      best_store = Checkpoints(os.path.join(checkpoint_dir, f"{stage}-best"),
-                               max_to_keep=1)
-      restored = store.restore(state)
-      if restored is not None:
-        _, state, meta = restored
-        check_origin(stage, store.directory, meta.get("origin"), origin)
-        start_epoch = meta["epoch"]
-        if meta.get("early_stopping") is not None:
-          early_stopping = EarlyStopping.from_json(meta["early_stopping"])
-        best = best_store.restore(state)
-        best_state = self.place(best[1]) if best is not None else None
-        logging.info("Resumed stage %r at epoch %d (step %d).", stage, start_epoch,
-                     int(state.step))
+    with contextlib.ExitStack() as stack:  # the checkpoint managers closed on any exit
+      store = best_store = None
+      start_epoch, best_state = 0, None
+      if checkpoint_dir is not None:
+        store = stack.enter_context(Checkpoints(os.path.join(checkpoint_dir, stage)))
+        best_store = stack.enter_context(
+            Checkpoints(os.path.join(checkpoint_dir, f"{stage}-best"), max_to_keep=1))
+        restored = store.restore(state)
+        if restored is not None:
+          _, state, meta = restored
+          check_origin(stage, store.directory, meta.get("origin"), origin)
+          start_epoch = meta["epoch"]
+          if meta.get("early_stopping") is not None:
+            early_stopping = EarlyStopping.from_json(meta["early_stopping"])
+          best = best_store.restore(state)
+          best_state = self.place(best[1]) if best is not None else None
+          logging.info("Resumed stage %r at epoch %d (step %d).", stage, start_epoch,
+                       int(state.step))
+          if writer is not None:
+            writer.forget_after(int(state.step), stage)
+        state = self.place(state)
+      total_steps = int(state.step) + (num_epochs - start_epoch) * self.steps_per_epoch
+      progress = Progress(total_steps, self.batch_size, start_step=int(state.step))
+      epoch = start_epoch
+      while epoch < num_epochs and not (early_stopping and early_stopping.should_stop):
+        state = self.train_epoch(state, epoch, task, progress=progress, writer=writer, tag=stage)
+        val = validate(state)
+        epoch += 1
+        improved = early_stopping is None or early_stopping.improved(val["accuracy"])
+        if early_stopping is not None:
+          early_stopping = early_stopping.update(val["accuracy"], epoch)
+        if improved:
+          best_state = jax.tree.map(jnp.copy, state)
+          if best_store is not None:
+            best_store.save(epoch, best_state, {"epoch": epoch})
         if writer is not None:
-          writer.forget_after(int(state.step), stage)
-      state = self.place(state)
-    total_steps = int(state.step) + (num_epochs - start_epoch) * self.steps_per_epoch
-    progress = Progress(total_steps, self.batch_size, start_step=int(state.step))
-    epoch = start_epoch
-    while epoch < num_epochs and not (early_stopping and early_stopping.should_stop):
-      state = self.train_epoch(state, epoch, task, progress=progress, writer=writer, tag=stage)
-      val = validate(state)
-      epoch += 1
-      improved = early_stopping is None or early_stopping.improved(val["accuracy"])
-      if early_stopping is not None:
-        early_stopping = early_stopping.update(val["accuracy"], epoch)
-      if improved:
-        best_state = jax.tree.map(jnp.copy, state)
-        if best_store is not None:
-          best_store.save(epoch, best_state, {"epoch": epoch})
-      if writer is not None:
-        writer.write(int(state.step), {f"{stage}/val_accuracy": val["accuracy"],
-                                       f"{stage}/val_loss": val["loss"], "epoch": epoch})
-      logging.info("stage %s epoch %d: val accuracy %.4f", stage, epoch, val["accuracy"])
-      if on_epoch_end is not None:
-        on_epoch_end(epoch, state)
-      if store is not None:
-        store.save(epoch, state, {
-            "epoch": epoch, "stage": stage, "origin": origin,
-            "early_stopping": early_stopping.to_json() if early_stopping else None})
-    for manager in (store, best_store):
-      if manager is not None:
-        manager.close()
+          writer.write(int(state.step), {f"{stage}/val_accuracy": val["accuracy"],
+                                         f"{stage}/val_loss": val["loss"], "epoch": epoch})
+        logging.info("stage %s epoch %d: val accuracy %.4f", stage, epoch, val["accuracy"])
+        if on_epoch_end is not None:
+          on_epoch_end(epoch, state)
+        if store is not None:
+          store.save(epoch, state, {
+              "epoch": epoch, "stage": stage, "origin": origin,
+              "early_stopping": early_stopping.to_json() if early_stopping else None})
     return FitResult(state=state, best_state=state if best_state is None else best_state,
                      early_stopping=early_stopping, epochs=epoch)
 
