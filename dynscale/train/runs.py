@@ -87,20 +87,26 @@ def load_exported(directory: str, config, dataset: data.Dataset
 
 def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core
           ) -> Run:
-  """Validates ``config`` (via ``check``) and ``workdir``, loads data, builds the model.
+  """Validates ``config`` (via ``check``), loads data, builds the model, then
+  checks ``workdir`` (creating it): a config refused leaves nothing behind.
 
   With ``model.init_from`` the model is the exported network it names
   (:func:`load_exported`), and the other model fields are not used.
   """
   check(config)
-  workdir = io.check_writable_dir(workdir)
   init_from = (validation.exported_network(config.model.init_from)
                if config.model.init_from else None)
-  dataset = data.load(config.data.dataset, data_dir=config.data.data_dir or None,
-                      val_size=config.data.val_size, seed=config.seed,
-                      train_examples=config.data.train_examples)
+  try:
+    dataset = data.load(config.data.dataset, data_dir=config.data.data_dir or None,
+                        val_size=config.data.val_size, seed=config.seed,
+                        train_examples=config.data.train_examples)
+  except ValueError as error:  # the checks that need the data: name the config field
+    if str(error).startswith(("val_size ", "train_examples ")):
+      raise ValueError(f"data.{error}") from error
+    raise
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
+  workdir = io.check_writable_dir(workdir)  # created once the config is known good
   main = jax.process_index() == 0
   if main:
     io.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
