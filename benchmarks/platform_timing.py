@@ -56,10 +56,11 @@ def speedups(latency_s: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 def check_out(out: str) -> None:
   """Raises a ValueError naming ``out`` unless a record can be written there
   (called before anything is measured); "" writes none."""
-  if out and os.path.isdir(out):
+  if not out:
+    return
+  if os.path.isdir(out):
     raise ValueError(f"out {out!r} is a directory; it must name the JSON file to write")
-  if out:
-    check_writable_dir(os.path.dirname(os.path.abspath(out)), "out's directory")
+  check_writable_dir(os.path.dirname(os.path.abspath(out)), "out's directory")
 
 
 def emit(record: dict, settings: simulator.TableSettings, out: str = "") -> dict:
