@@ -68,7 +68,6 @@ from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state
-from dynscale.train.writers import MetricWriter
 
 SCHEDULES = ("tesla", "rtesla")
 MONITORS = ("objective", "newest_task")
@@ -199,18 +198,18 @@ class RunBest:
   """The state with the best :func:`mean_validation_accuracy` seen in a whole run.
 
   :meth:`observe` is called at every epoch end of every stage; a strictly
-  better score replaces the kept state. Every score is logged to ``writer``
-  as ``run/mean_val_accuracy`` with the ``run_epoch`` (epochs counted over
-  the whole run). With a ``checkpoint_dir`` the kept state and its ``meta``
-  (``stage``, ``epoch``, ``mean_val_accuracy``) are saved under
+  better score replaces the kept state. It returns the score as
+  ``run/mean_val_accuracy`` with the ``run_epoch`` (epochs counted over the
+  whole run), which the stage logs with its epoch's line
+  (:meth:`dynscale.train.loop.Trainer.fit`). With a ``checkpoint_dir`` the
+  kept state and its ``meta`` (``stage``, ``epoch``, ``mean_val_accuracy``) are saved under
   ``<checkpoint_dir>/best-mean`` and restored on construction, so a resumed
   run keeps what it had found.
   """
 
   def __init__(self, score: Callable[[TrainState], float], checkpoint_dir: str | None,
-               template: TrainState, writer: MetricWriter | None = None):
+               template: TrainState):
     self.score = score
-    self.writer = writer
     self.state, self.meta = None, None
     self.store = (None if checkpoint_dir is None else
                   Checkpoints(os.path.join(checkpoint_dir, "best-mean"), max_to_keep=1))
@@ -218,21 +217,21 @@ class RunBest:
     if restored is not None:
       _, self.state, self.meta = restored
 
-  def callback(self, stage: int, epochs_before: int) -> Callable[[int, TrainState], None]:
+  def callback(self, stage: int, epochs_before: int) -> Callable[[int, TrainState], dict]:
     """``on_epoch_end`` for stage ``stage``, which starts after ``epochs_before`` epochs."""
     return lambda epoch, state: self.observe(stage, epochs_before + epoch, state)
 
-  def observe(self, stage: int, run_epoch: int, state: TrainState) -> None:
+  def observe(self, stage: int, run_epoch: int, state: TrainState) -> dict:
+    """Scores ``state``, keeps it if it is the best so far; returns the metrics to log."""
     value = self.score(state)
-    if self.writer is not None:
-      self.writer.write(int(state.step), {"run/mean_val_accuracy": value,
-                                          "run_epoch": run_epoch})
+    logged = {"run/mean_val_accuracy": value, "run_epoch": run_epoch}
     if self.meta is not None and value <= self.meta["mean_val_accuracy"]:
-      return
+      return logged
     self.state = jax.tree.map(jnp.copy, state)
     self.meta = {"stage": stage, "epoch": run_epoch, "mean_val_accuracy": value}
     if self.store is not None:
       self.store.save(run_epoch, self.state, self.meta)
+    return logged
 
   def close(self) -> None:
     if self.store is not None:
@@ -304,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage_trainers = {}
   state = trainer.place(state)
   score = mean_validation_accuracy(trainer, tasks, config.eval)
-  run_best = (RunBest(score, run.checkpoint_dir, state, run.writer)
+  run_best = (RunBest(score, run.checkpoint_dir, state)
               if config.schedule.selection == "best_mean" else None)
   spent, history = 0, []
   for stage in stage_plan(config):

@@ -214,7 +214,7 @@ class Trainer:
           checkpoint_dir: str | None = None, writer: MetricWriter | None = None,
           early_stopping: EarlyStopping | None = None,
           validate: Callable[[TrainState], dict[str, float]] | None = None,
-          on_epoch_end: Callable[[int, TrainState], None] | None = None,
+          on_epoch_end: Callable[[int, TrainState], dict | None] | None = None,
           origin: dict | None = None) -> FitResult:
     """Trains at ``task`` for up to ``num_epochs`` epochs, resuming if possible.
 
@@ -224,9 +224,13 @@ class Trainer:
     ``<checkpoint_dir>/<stage>``, and the best-validation state is kept under
     ``<checkpoint_dir>/<stage>-best`` (without ``early_stopping`` every epoch
     counts as an improvement: the best state is the last). An existing
-    checkpoint of this stage is resumed. ``on_epoch_end(epoch, state)`` runs
+    checkpoint of this stage is resumed, and what an earlier run of the stage
+    logged past the state it starts from (a killed run's epochs, which this
+    one logs again) is dropped from ``writer``'s file
+    (:meth:`MetricWriter.forget_after`). ``on_epoch_end(epoch, state)`` runs
     before the epoch's checkpoint, so what it saves is never behind the epoch
-    a resumed run starts from.
+    a resumed run starts from; the metrics it returns (or ``None``) are logged
+    in the epoch's line, so that they are dropped with it.
     ``origin`` (JSON values) says how the stage's starting state was made; it
     is saved with every checkpoint, and one saved with another origin is
     refused (:func:`check_origin`).
@@ -251,9 +255,9 @@ class Trainer:
           best_state = self.place(best[1]) if best is not None else None
           logging.info("Resumed stage %r at epoch %d (step %d).", stage, start_epoch,
                        int(state.step))
-          if writer is not None:
-            writer.forget_after(int(state.step), stage)
         state = self.place(state)
+      if writer is not None:  # what an earlier, killed run of the stage logged past its start
+        writer.forget_after(int(state.step), stage)
       total_steps = int(state.step) + (num_epochs - start_epoch) * self.steps_per_epoch
       progress = Progress(total_steps, self.batch_size, start_step=int(state.step))
       epoch = start_epoch
@@ -268,12 +272,12 @@ class Trainer:
           best_state = jax.tree.map(jnp.copy, state)
           if best_store is not None:
             best_store.save(epoch, best_state, {"epoch": epoch})
+        logged = {} if on_epoch_end is None else on_epoch_end(epoch, state) or {}
         if writer is not None:
           writer.write(int(state.step), {f"{stage}/val_accuracy": val["accuracy"],
-                                         f"{stage}/val_loss": val["loss"], "epoch": epoch})
+                                         f"{stage}/val_loss": val["loss"], "epoch": epoch,
+                                         **logged})
         logging.info("stage %s epoch %d: val accuracy %.4f", stage, epoch, val["accuracy"])
-        if on_epoch_end is not None:
-          on_epoch_end(epoch, state)
         if store is not None:
           store.save(epoch, state, {
               "epoch": epoch, "stage": stage, "origin": origin,
