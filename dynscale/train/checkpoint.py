@@ -17,10 +17,24 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-# What orbax says when a checkpoint holds other arrays than the state restoring
-# it (another network: other shapes or leaves), not a damaged file.
-_OTHER_NETWORK = ("is not compatible with the stored shape", "tree structures do not match",
-                  "Structure mismatch")
+
+def _flat(tree) -> dict[str, tuple[int, ...]]:
+  """Leaf path -> shape of a pytree of arrays or of orbax's array metadata."""
+  return {".".join(map(str, path)): tuple(leaf.shape)
+          for path, leaf in ocp.tree.to_flat_dict(tree).items()}
+
+
+def _difference(stored: dict, wanted: dict) -> str | None:
+  """How a checkpoint's leaves and shapes (``stored``) differ from the state
+  restoring it (``wanted``), in a few words; None if they match."""
+  missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+  if missing or extra:
+    return (f"leaves only in this run's state: {missing[:3]}, only in the checkpoint: "
+            f"{extra[:3]}")
+  for name in sorted(wanted):
+    if stored[name] != wanted[name]:
+      return f"{name} has shape {stored[name]} there, {wanted[name]} here"
+  return None
 
 
 class Checkpoints:
@@ -33,7 +47,9 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "metadata": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, metadata: dict) -> None:
     """Saves ``state`` (arrays) and ``metadata`` (JSON) as checkpoint ``step``,
@@ -64,19 +80,22 @@ class Checkpoints:
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for candidate in candidates:
       try:
-        restored = self._manager.restore(
-            candidate,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
+        difference = _difference(_flat(self._manager.item_metadata(candidate)["state"]),
+                                 _flat(abstract))
+        if difference is None:
+          restored = self._manager.restore(
+              candidate,
+              args=ocp.args.Composite(
+                  state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-        if isinstance(e, ValueError) and any(m in str(e) for m in _OTHER_NETWORK):
-          raise ValueError(
-              f"checkpoint {candidate} in {self.directory} holds another network than this "
-              f"run's ({str(e).splitlines()[0]}); delete {self.directory} to train this "
-              "stage from scratch, or use another workdir") from e
         logging.warning("Checkpoint %d in %s is unreadable (%s: %s); trying an older one.",
                         candidate, self.directory, type(e).__name__, e)
         continue
+      if difference is not None:  # checked before reading: orbax would fail part-way
+        raise ValueError(
+            f"checkpoint {candidate} in {self.directory} holds another network than this "
+            f"run's ({difference}); delete {self.directory} to train this stage from "
+            "scratch, or use another workdir")
       return candidate, restored["state"], dict(restored["metadata"])
     if candidates:
       logging.warning("No readable checkpoint in %s; starting from scratch.", self.directory)
