@@ -346,3 +346,43 @@ def test_alternating_updates_weights_and_profiles_only_in_their_periods():
     np.testing.assert_allclose(params["w"], w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(params["g"], g, rtol=1e-5, atol=1e-6)
   assert clipped >= 2, "the gradients must make the projection act"
+
+
+@pytest.mark.parametrize("total, period", [(10, 2), (11, 2), (12, 3), (7, 1), (1, 4)])
+def test_steps_in_phase_counts_each_sides_steps(total, period):
+  by_hand = collections.Counter((t // period) % 2 for t in range(total))
+  assert atp.steps_in_phase(total, period, 0) == by_hand[0]
+  assert atp.steps_in_phase(total, period, 1) == by_hand[1]
+
+
+def test_under_atp_the_weights_cosine_schedule_ends_with_the_run():
+  """TESLA's optimizer with ATP, plain SGD under a cosine schedule, unit
+  gradients: each weight update is minus the learning rate at that weight
+  step, which falls as a cosine over the run's weight steps (every other
+  period) and reaches zero at the last. Catches a schedule sized for every
+  step of the run, which the alternation leaves half-way (lr/2 at the end)."""
+  from dynscale.nn import models
+  from dynscale.tesla import training
+  from experiments.configs import tesla_main
+  config = tesla_main.get_config()
+  config.atp.enabled, config.atp.period_steps = True, 3
+  config.optimizer.update(name="sgd", schedule="cosine", learning_rate=0.1, momentum=0.0,
+                          weight_decay=0.0)
+  arch = models.architecture("tesla_mlp", num_classes=10, input_shape=(4, 4, 1),
+                             profile="all-one", width_multiplier=0.1)
+  model = models.build(arch, rngs=models.init_rngs(0))
+  params = nnx.state(model, training.ATP_TRAINABLE).to_pure_dict()
+  total = 20
+  tx = training.optimizer(config, total, model)
+  state = tx.init(params)
+  weight_lrs = []
+  for t in range(total):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    kernel = -float(np.asarray(updates["layers"][1]["kernel"]).flat[0])
+    if (t // 3) % 2 == 0:
+      weight_lrs.append(kernel)
+    else:
+      assert kernel == 0.0
+  n = len(weight_lrs)
+  by_hand = [0.05 * (1 + np.cos(np.pi * j / n)) for j in range(n)]
+  np.testing.assert_allclose(weight_lrs, by_hand, rtol=1e-5, atol=1e-7)

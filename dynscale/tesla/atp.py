@@ -223,6 +223,14 @@ def only_every_other_period(inner: optax.GradientTransformation, period: int,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def steps_in_phase(total_steps: int, period: int, phase: int) -> int:
+  """How many of steps ``0 .. total_steps - 1`` fall in periods ``phase, phase
+  + 2, ...`` of ``period`` steps: the updates :func:`only_every_other_period`
+  hands to its inner optimizer, so the steps its learning-rate schedule counts."""
+  cycles, rest = divmod(total_steps, 2 * period)
+  return cycles * period + min(max(rest - phase * period, 0), period)
+
+
 def alternating(weights: optax.GradientTransformation, profile: optax.GradientTransformation,
                 *, period: int, is_profile: Mask, method: str = "clip",
                 min_value: Optional[float] = None) -> optax.GradientTransformation:

@@ -124,12 +124,15 @@ def profile_mask(model: nnx.Module) -> dict:
 
 
 def optimizer(config, total_steps: int, model: nnx.Module) -> optax.GradientTransformation:
-  """The weights' optimizer, or ATP's alternation of weights and ``model``'s profiles."""
-  weights = make_optimizer(config.optimizer, total_steps)
+  """The weights' optimizer, or ATP's alternation of weights and ``model``'s
+  profiles, the weights' learning-rate schedule then counting the run's weight
+  steps (every other period), so that it ends with the run."""
   if not config.atp.enabled:
-    return weights
+    return make_optimizer(config.optimizer, total_steps)
+  period = config.atp.period_steps
+  weights = make_optimizer(config.optimizer, atp.steps_in_phase(total_steps, period, 0))
   return atp.alternating(weights, optax.adam(config.atp.learning_rate),
-                         period=config.atp.period_steps, is_profile=profile_mask(model),
+                         period=period, is_profile=profile_mask(model),
                          method=config.atp.projection)
 
 
