@@ -156,7 +156,7 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
     ({"sanp.budget": 0.0}, r"sanp.budget must be a fraction of the full network's FLOPs in "
                            r"\(0, 1\), got 0.0"),
     ({"sanp.budget": 1.0}, r"sanp.budget must be a fraction"),
-    ({"sanp.lambda0": -0.1}, r"sanp.lambda0 must be a number >= 0, got -0.1"),
+    ({"sanp.lambda0": -0.1}, r"sanp.lambda0 must be a finite number >= 0, got -0.1"),
     ({"sanp.variant": "dynamic"}, r"sanp.variant must be one of \('sanp', 'static', "
                                   r"'fixed_k'\), got 'dynamic'"),
     ({"sanp.binarization.a": 0.0}, r"binarization.a must be > 0"),
@@ -183,7 +183,7 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
     ({"sanp.reduction": 0}, r"sanp.reduction must be a positive integer, got 0"),
     ({"sanp.code": "hard"}, r"sanp.code must be one of \('relaxed', 'saliency'\), got 'hard'"),
     ({"sanp.flops_window": 0}, r"sanp.flops_window must be a positive integer, got 0"),
-    ({"sanp.integral_rate": -0.5}, r"sanp.integral_rate must be a number >= 0, got -0.5"),
+    ({"sanp.integral_rate": -0.5}, r"sanp.integral_rate must be a finite number >= 0, got -0.5"),
     ({"sanp.floor": -1}, r"sanp.floor must be an integer >= 0, got -1"),
     ({"sanp.pretrain_epochs": -1}, r"sanp.pretrain_epochs must be an integer >= 0, got -1"),
     ({"sanp.warmup_epochs": -1}, r"sanp.warmup_epochs must be an integer >= 0, got -1"),

@@ -93,6 +93,8 @@ def test_active_tasks_accepts_jax_arrays():
     ((1.0, 0.0), r"tasks\[1\] must be in \(0, 1\]"),
     ((1.0, -0.1), r"tasks\[1\]"),
     ((1.0, float("nan")), r"tasks\[1\]"),
+    ((1.0, "0.5"), r"tasks\[1\] must be a number in \(0, 1\], got '0.5'"),
+    ((1.0, True), r"tasks\[1\] must be a number in \(0, 1\], got True"),
     ((), "at least one"),
 ])
 def test_tesla_stages_rejects_bad_tasks(tasks, match):
@@ -100,7 +102,7 @@ def test_tesla_stages_rejects_bad_tasks(tasks, match):
     tesla.tesla_stages(tasks, 0.5)
 
 
-@pytest.mark.parametrize("alpha", [0.0, -0.5, 1.5, float("nan")])
+@pytest.mark.parametrize("alpha", [0.0, -0.5, 1.5, float("nan"), True, "0.5"])
 def test_rejects_bad_alpha(alpha):
   with pytest.raises(ValueError, match="alpha"):
     tesla.stage_coefficients(3, 1, alpha)
@@ -178,11 +180,11 @@ def test_task_probabilities():
 
 @pytest.mark.parametrize("distribution, match", [
     ("zipf", r"one of \('uniform',\)"),
-    ([0.5, 0.5], "one entry per task"),
+    ([0.5, 0.5], "one probability per task"),
     ([0.5, 0.7, -0.2], ">= 0"),
     ([0.5, 0.2, 0.2], "sum to 1"),
     ([0.5, 0.2, 0.295], "sum to 1"),  # 0.995: off by more than rounding
-    ([0.5, 0.3, 0.2, 0.0], "one entry per task"),
+    ([0.5, 0.3, 0.2, 0.0], "one probability per task"),
     ([0.5, float("nan"), 0.5], "finite"),
     ([[0.5, 0.5, 0.0]], "1-D"),
 ])

@@ -2,6 +2,7 @@
 between stages, early stopping blind to the test split, a full schedule."""
 
 import dataclasses
+import itertools
 import json
 
 import jax
@@ -361,11 +362,43 @@ def test_rtesla_stages_end_at_their_epoch_cap_and_follow_the_sampled_plan(
     coefficients = 0.5 * np.eye(len(TASKS))[task] + 0.5 * coefficients
 
 
+def test_rtesla_draws_its_tasks_from_explicit_probabilities_set_by_a_variant():
+  """``schedule.distribution`` takes explicit probabilities, also as a sweep
+  variant's override (the field is typed to take a name or a tuple); the plan
+  draws each next task from them with the run's seed, by hand. Catches the
+  field refusing a tuple and the plan drawing uniformly."""
+  config = tesla_main.get_config()
+  config.schedule.name = "rtesla"
+  probabilities = (0.05, 0.05, 0.1, 0.8)
+  config = sweep.with_overrides(config, {"schedule": {"distribution": probabilities}},
+                                "variants.skewed")
+  tesla_training.check_config(config)
+  rng = np.random.default_rng(config.seed)
+  plan = tesla_training.stage_plan(config)
+  next(plan)  # the first task
+  for stage in itertools.islice(plan, 30):
+    assert stage.task == rng.choice(len(probabilities), p=probabilities)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"schedule.name": "random"}, r"schedule.name must be one of \('tesla', 'rtesla'\)"),
-    ({"schedule.tasks": (0.4, 1.0)}, r"tasks"),
-    ({"schedule.tasks": (1.0, 0.0)}, r"\(0, 1\]"),
-    ({"schedule.alpha": 0.0}, r"alpha"),
+    ({"schedule.tasks": (0.4, 1.0)}, r"schedule.tasks must be in decreasing DP order"),
+    ({"schedule.tasks": (1.0, 0.0)}, r"schedule.tasks\[1\] must be in \(0, 1\], got 0.0"),
+    ({"schedule.tasks": (1.0, "0.5")},
+     r"schedule.tasks\[1\] must be a number in \(0, 1\], got '0.5'"),
+    ({"schedule.tasks": (1.0, True)}, r"schedule.tasks\[1\] must be a number in \(0, 1\], got True"),
+    ({"schedule.tasks": (1.0, 1.0)}, r"schedule.tasks must be distinct DP levels"),
+    ({"schedule.alpha": 0.0}, r"schedule.alpha must be a number in \(0, 1\], got 0.0"),
+    ({"schedule.name": "rtesla", "schedule.distribution": "zipf"},
+     r"schedule.distribution must be one of \('uniform',\) or explicit probabilities"),
+    ({"schedule.name": "rtesla", "schedule.distribution": (0.5, 0.5)},
+     r"schedule.distribution must have one probability per task \(4\), got 2"),
+    ({"schedule.name": "rtesla", "schedule.distribution": (0.5, 0.5, 0.5, -0.5)},
+     r"schedule.distribution must be finite and >= 0"),
+    ({"distill.weight": float("nan")}, r"distill.weight must be a finite number >= 0, got nan"),
+    ({"distill.weight": -0.5}, r"distill.weight must be a finite number >= 0, got -0.5"),
+    ({"distill.temperature": float("inf")},
+     r"distill.temperature must be a positive number, got inf"),
     ({"schedule.monitor": "test"},
      r"schedule.monitor must be one of \('objective', 'newest_task'\)"),
     ({"schedule.selection": "best_test"},

@@ -82,34 +82,43 @@ class Stage:
 # --------------------------------------------------------------------------
 
 
-def check_tasks(tasks: Sequence[float], decreasing: bool = True) -> tuple[float, ...]:
-  """Validates a task set (DP levels) and returns it as a tuple of floats.
+def _is_number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
-  Every task must be in (0, 1] and the tasks distinct. TESLA (Algorithm 1)
-  takes "a task set in decreasing order"; R-TESLA takes "a task set in any
-  order" (``decreasing=False``).
+
+def check_tasks(tasks: Sequence[float], decreasing: bool = True,
+                name: str = "tasks") -> tuple[float, ...]:
+  """Validates a task set (DP levels) and returns it as a tuple of floats;
+  errors call it ``name``.
+
+  Every task must be a number in (0, 1] and the tasks distinct. TESLA
+  (Algorithm 1) takes "a task set in decreasing order"; R-TESLA takes "a
+  task set in any order" (``decreasing=False``).
   """
-  values = tuple(idp.check_dp(t, name=f"tasks[{i}]") for i, t in enumerate(tasks))
+  for i, t in enumerate(tasks):
+    if not _is_number(t):
+      raise ValueError(f"{name}[{i}] must be a number in (0, 1], got {t!r}")
+  values = tuple(idp.check_dp(t, name=f"{name}[{i}]") for i, t in enumerate(tasks))
   if not values:
-    raise ValueError("tasks must contain at least one DP level in (0, 1], got ()")
+    raise ValueError(f"{name} must contain at least one DP level in (0, 1], got ()")
   if len(set(values)) != len(values):
-    raise ValueError(f"tasks must be distinct DP levels, got {values}")
+    raise ValueError(f"{name} must be distinct DP levels, got {values}")
   if decreasing and any(a <= b for a, b in zip(values, values[1:])):
     raise ValueError(
-        f"tasks must be in decreasing DP order for TESLA (Algorithm 1), got {values}")
+        f"{name} must be in decreasing DP order for TESLA (Algorithm 1), got {values}")
   return values
 
 
-def check_alpha(alpha: float) -> float:
-  """Validates the aggregation coefficient alpha of Eq. 3, in (0, 1].
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+  """Validates the aggregation coefficient alpha of Eq. 3, a number in (0,
+  1]; errors call it ``name``.
 
   ``alpha = 0`` would give the new task no weight at all, so it is refused;
   ``alpha = 1`` drops all earlier tasks (plain sequential training).
   """
-  value = float(alpha)
-  if not 0.0 < value <= 1.0:
-    raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-  return value
+  if not _is_number(alpha) or not 0.0 < float(alpha) <= 1.0:
+    raise ValueError(f"{name} must be a number in (0, 1], got {alpha!r}")
+  return float(alpha)
 
 
 def _check_num_tasks(num_tasks: int) -> int:
@@ -214,8 +223,9 @@ def aggregate(coefficients, task: int, alpha: float) -> np.ndarray:
 
 
 def task_probabilities(distribution: Union[str, Sequence[float]],
-                       num_tasks: int) -> np.ndarray:
-  """The R-TESLA task distribution as probabilities of shape ``(num_tasks,)``.
+                       num_tasks: int, name: str = "task distribution") -> np.ndarray:
+  """The R-TESLA task distribution as probabilities of shape ``(num_tasks,)``;
+  errors call it ``name``.
 
   ``distribution`` is a name in ``DISTRIBUTIONS`` (``'uniform'``) or explicit
   probabilities, one per task: finite, non-negative and summing to 1 (within
@@ -225,29 +235,28 @@ def task_probabilities(distribution: Union[str, Sequence[float]],
   if isinstance(distribution, str):
     if distribution not in DISTRIBUTIONS:
       raise ValueError(
-          f"task distribution must be one of {DISTRIBUTIONS} or explicit "
+          f"{name} must be one of {DISTRIBUTIONS} or explicit "
           f"probabilities, got {distribution!r}")
     return np.full(n, 1.0 / n)
-  probs = _check_probabilities(distribution)
+  probs = _check_probabilities(distribution, name)
   if probs.size != n:
     raise ValueError(
-        f"task probabilities must have one entry per task ({n}), got {probs.size}")
+        f"{name} must have one probability per task ({n}), got {probs.size}")
   return probs
 
 
-def _check_probabilities(probs) -> np.ndarray:
+def _check_probabilities(probs, name: str = "task probabilities") -> np.ndarray:
   """Explicit probabilities: 1-D, finite, >= 0, sum 1; returned renormalised."""
   if isinstance(probs, str):
-    raise ValueError(f"task probabilities must be a vector of numbers, got {probs!r}")
+    raise ValueError(f"{name} must be a vector of numbers, got {probs!r}")
   values = np.asarray(probs, dtype=np.float64)
   if values.ndim != 1 or values.size == 0:
-    raise ValueError(
-        f"task probabilities must be a non-empty 1-D vector, got shape {values.shape}")
+    raise ValueError(f"{name} must be a non-empty 1-D vector, got shape {values.shape}")
   if not np.all(np.isfinite(values)) or np.any(values < 0):
-    raise ValueError(f"task probabilities must be finite and >= 0, got {values.tolist()}")
+    raise ValueError(f"{name} must be finite and >= 0, got {values.tolist()}")
   total = values.sum()
   if abs(total - 1.0) > _PROB_SUM_TOLERANCE:
-    raise ValueError(f"task probabilities must sum to 1, got sum {total}")
+    raise ValueError(f"{name} must sum to 1, got sum {total}")
   return values / total
 
 

@@ -84,12 +84,12 @@ def check_config(config) -> None:
   validation.one_of(s.name, SCHEDULES, "schedule.name")
   validation.one_of(s.monitor, MONITORS, "schedule.monitor")
   validation.one_of(s.selection, SELECTIONS, "schedule.selection")
-  schedules.check_tasks(s.tasks, decreasing=s.name == "tesla")
-  schedules.check_alpha(s.alpha)
+  schedules.check_tasks(s.tasks, decreasing=s.name == "tesla", name="schedule.tasks")
+  schedules.check_alpha(s.alpha, name="schedule.alpha")
   validation.non_negative_int(s.stage_epochs, "schedule.stage_epochs")
   if s.name == "rtesla":
     validation.positive(s.epoch_budget, "schedule.epoch_budget", integer=True)
-    schedules.task_probabilities(s.distribution, len(s.tasks))
+    schedules.task_probabilities(s.distribution, len(s.tasks), name="schedule.distribution")
   if config.train.patience < 1:
     raise ValueError(f"train.patience must be >= 1 for TESLA's task-wise early stopping, "
                      f"got {config.train.patience}")
@@ -102,9 +102,8 @@ def check_config(config) -> None:
     validation.one_of(config.model.name, CAM_MODELS, "model.name (CAM needs a GAP head)")
     checks.dp_list(config.cam.dps, "cam.dps")
     validation.positive(config.cam.num_images, "cam.num_images", integer=True)
-  if config.distill.weight < 0 or config.distill.temperature <= 0:
-    raise ValueError("distill.weight must be >= 0 and distill.temperature > 0, got "
-                     f"{config.distill.weight}, {config.distill.temperature}")
+  validation.non_negative(config.distill.weight, "distill.weight")
+  validation.positive(config.distill.temperature, "distill.temperature")
 
 
 # What ATP trains: the weights and every profile.

@@ -26,6 +26,7 @@ that a shortened smoke run never passes for the protocol itself.
 
 from __future__ import annotations
 
+import copy
 import ml_collections
 
 NAMES = ("paper", "cpu")
@@ -88,7 +89,7 @@ def apply(config: ml_collections.ConfigDict, name: str,
   its protocol, nested as ``{"data": {"train_examples": 10000}}`` (e.g. SANP's
   10,000-image training set); kept in ``config.protocol_sizes`` and recorded.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)  # keeps each field's type
   if sizes:
     if name != "cpu":
       raise ValueError(f"protocol sizes apply to the cpu protocol only, got {name!r}")

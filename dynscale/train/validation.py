@@ -46,9 +46,10 @@ def positive(value, field: str, *, integer: bool = False) -> None:
 
 
 def non_negative(value, field: str) -> None:
-  """Raises unless ``value`` is a number (not a bool) >= 0."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-    raise ValueError(f"{field} must be a number >= 0, got {value!r}")
+  """Raises unless ``value`` is a finite number (not a bool) >= 0."""
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or value < 0):
+    raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
 
 
 def fraction(value, field: str, *, of: str = "") -> None:
@@ -104,10 +105,8 @@ def check_optimizer(config) -> None:
   one_of(config.schedule, SCHEDULES, "optimizer.schedule")
   positive(config.learning_rate, "optimizer.learning_rate")
   non_negative_int(config.get("warmup_steps", 0), "optimizer.warmup_steps")
-  if config.get("momentum", 0.0) < 0:
-    raise ValueError(f"optimizer.momentum must be >= 0, got {config.momentum}")
-  if config.get("weight_decay", 0.0) < 0:
-    raise ValueError(f"optimizer.weight_decay must be >= 0, got {config.weight_decay}")
+  non_negative(config.get("momentum", 0.0), "optimizer.momentum")
+  non_negative(config.get("weight_decay", 0.0), "optimizer.weight_decay")
   if not 0 < config.get("decay", 0.9) < 1:  # RMSProp's rho
     raise ValueError(f"optimizer.decay must be in (0, 1), got {config.decay}")
   if config.schedule == "step":

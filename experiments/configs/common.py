@@ -157,7 +157,9 @@ def schedule(name: str = "tesla", *, tasks=(1.0, 0.7, 0.4, 0.1), alpha: float = 
       epoch_budget=epoch_budget,  # R-TESLA: total epochs over all stages
       stage_epochs=0,             # R-TESLA: the most epochs of one stage (0: until its
                                   # early stopping or the budget, as Algorithm 2)
-      distribution="uniform",     # R-TESLA task distribution, or explicit probabilities
+      # R-TESLA task distribution: 'uniform' or explicit probabilities (a tuple),
+      # so the field takes either type
+      distribution=ml_collections.FieldReference("uniform", field_type=object),
   ))
 
 
