@@ -86,6 +86,25 @@ def test_sliced_multitask_loss_and_gradients_equal_masked(name, shape, width):
                stats_s, stats_m)
 
 
+def test_a_stage_without_the_teacher_task_distills_nothing_on_every_path():
+  """With ``c_0 = 0`` (Eq. 3 with alpha 1 after stage 0) the 100% task, the
+  teacher, is not trained: the loss is the plain weighted cross-entropy
+  whether inactive tasks are skipped (``lax.cond``, zero logits), computed
+  and weighted by zero, or not computed (a CPU stage's active tasks). Catches
+  the skip path distilling towards the zero logits of the skipped teacher,
+  and the computed path distilling from a teacher it does not train."""
+  _, model = tiny("tiny_cnn", None, None)
+  images = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+  labels = jnp.arange(8) % 10
+  c = jnp.asarray([0.0, 0.6, 0.4])
+  options = dict(distill_weight=0.7, temperature=2.0)
+  plain = multitask.sliced_loss(TASKS)(model, images, labels, c)[0]
+  for loss in (multitask.sliced_loss(TASKS, skip_inactive=True, **options),
+               multitask.sliced_loss(TASKS, skip_inactive=False, **options),
+               multitask.sliced_loss(TASKS, active=(1, 2), **options)):
+    np.testing.assert_allclose(loss(model, images, labels, c)[0], plain, rtol=1e-6)
+
+
 def test_in_place_distillation_matches_each_task_to_the_full_network_by_hand():
   """``distill_weight`` w: each lower task adds ``w T^2 KL(p_100 || p_k)`` (the
   softened predictions of the first, 100% task as the target, no gradient into
@@ -397,6 +416,8 @@ def test_rtesla_draws_its_tasks_from_explicit_probabilities_set_by_a_variant():
      r"schedule.distribution must be finite and >= 0"),
     ({"distill.weight": float("nan")}, r"distill.weight must be a finite number >= 0, got nan"),
     ({"distill.weight": -0.5}, r"distill.weight must be a finite number >= 0, got -0.5"),
+    ({"distill.weight": 0.5, "schedule.alpha": 1.0},
+     r"distill.weight > 0 needs schedule.alpha < 1"),
     ({"distill.temperature": float("inf")},
      r"distill.temperature must be a positive number, got inf"),
     ({"schedule.monitor": "test"},

@@ -54,7 +54,9 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
 
   ``tasks`` are static DPs; the task argument of the returned loss is the
   coefficient vector ``c`` of shape ``(len(tasks),)``. Distillation takes
-  ``tasks[0]`` (the full network, when it is 1.0) as the teacher.
+  ``tasks[0]`` (the full network, when it is 1.0) as the teacher, while it
+  is trained (``c_0 > 0``): a stage without it distills nothing, whether
+  its tasks are skipped, computed and weighted by zero, or not computed.
   ``skip_inactive`` defaults to True except on CPU (module docstring).
   ``active``: the indices of the tasks to compute (a stage's
   :attr:`dynscale.tesla.schedules.Stage.active`); any other task is not
@@ -94,7 +96,8 @@ def sliced_loss(tasks: Sequence[float], *, distill_weight: float = 0.0,
                              new_stats, stats)
       loss = jnp.mean(steps.cross_entropy(logits, labels))
       if teacher is not None and distill_weight > 0:
-        loss = loss + distill_weight * steps.distillation(logits, teacher, temperature)
+        taught = (coefficients[0] != 0).astype(jnp.float32)  # a skipped teacher's logits are zeros
+        loss = loss + taught * distill_weight * steps.distillation(logits, teacher, temperature)
       teacher = logits if k == 0 else teacher
       total = total + coefficients[k] * loss
       losses.append(loss)

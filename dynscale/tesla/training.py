@@ -104,6 +104,10 @@ def check_config(config) -> None:
     validation.positive(config.cam.num_images, "cam.num_images", integer=True)
   validation.non_negative(config.distill.weight, "distill.weight")
   validation.positive(config.distill.temperature, "distill.temperature")
+  if config.distill.weight > 0 and s.alpha == 1:
+    raise ValueError("distill.weight > 0 needs schedule.alpha < 1: with alpha 1 each stage "
+                     "trains its newest task alone, so the teacher (the first task) never "
+                     "trains beside another, got schedule.alpha 1")
 
 
 # What ATP trains: the weights and every profile.
