@@ -381,6 +381,34 @@ def test_rtesla_stages_end_at_their_epoch_cap_and_follow_the_sampled_plan(
     coefficients = 0.5 * np.eye(len(TASKS))[task] + 0.5 * coefficients
 
 
+def test_every_epoch_of_a_run_of_one_epoch_stages_reads_its_own_batches(tmp_path, monkeypatch):
+  """R-TESLA with one epoch a stage: each stage is a new ``fit``, yet the
+  run's epochs must each draw their own order of the training images.
+  Catches every stage replaying its first epoch's batches (a stage counting
+  data epochs from zero), which made the whole run one epoch's order."""
+  config = tesla_main.get_config()
+  config.data.val_size = 200
+  config.model.width_multiplier = 0.1
+  config.train.steps_per_chunk = 1000  # one chunk an epoch: its indices are the epoch's order
+  config.schedule.name = "rtesla"
+  config.schedule.tasks = TASKS
+  config.schedule.epoch_budget = 3
+  config.schedule.stage_epochs = 1
+  config.eval.dps = TASKS
+  config.tensorboard = False
+  orders = []
+  chunks = loop.Trainer.epoch_chunks
+
+  def recorded(self, epoch):
+    for idx, key in chunks(self, epoch):
+      orders.append(np.asarray(idx))
+      yield idx, key
+  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  results = tesla_training.train_and_evaluate(config, str(tmp_path))
+  assert [s["epochs"] for s in results["stages"]] == [1, 1, 1]
+  assert len(orders) == 3 and len({o.tobytes() for o in orders}) == 3
+
+
 def test_rtesla_draws_its_tasks_from_explicit_probabilities_set_by_a_variant():
   """``schedule.distribution`` takes explicit probabilities, also as a sweep
   variant's override (the field is typed to take a name or a tuple); the plan

@@ -161,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       num_epochs=config.train.num_epochs, stage=f"profile{s}",
                       checkpoint_dir=run.checkpoint_dir, writer=run.writer,
                       early_stopping=EarlyStopping(patience) if patience else None,
-                      validate=evaluation.validation_at(config.eval, trainer, hi))
+                      validate=evaluation.validation_at(config.eval, trainer, hi),
+                      epochs_before=sum(epochs_run))
     state = fit.best_state
     epochs_run.append(fit.epochs)  # the profile's, resumed epochs included
   report = evaluation.test_report(config.eval, trainer, state)

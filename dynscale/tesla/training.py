@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         num_epochs=limit,
         stage=f"stage{stage.index}", checkpoint_dir=run.checkpoint_dir,
         writer=run.writer, early_stopping=EarlyStopping(config.train.patience),
-        on_epoch_end=run_best and run_best.callback(stage.index, spent))
+        on_epoch_end=run_best and run_best.callback(stage.index, spent), epochs_before=spent)
     spent += fit.epochs
     history.append({"stage": stage.index, "task_dp": stage.dp,
                     "coefficients": list(stage.coefficients), "epochs": fit.epochs,

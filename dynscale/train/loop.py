@@ -215,7 +215,7 @@ class Trainer:
           early_stopping: EarlyStopping | None = None,
           validate: Callable[[TrainState], dict[str, float]] | None = None,
           on_epoch_end: Callable[[int, TrainState], dict | None] | None = None,
-          origin: dict | None = None) -> FitResult:
+          origin: dict | None = None, epochs_before: int = 0) -> FitResult:
     """Trains at ``task`` for up to ``num_epochs`` epochs, resuming if possible.
 
     After every epoch ``validate(state)`` (default: accuracy and loss on the
@@ -233,7 +233,10 @@ class Trainer:
     in the epoch's line, so that they are dropped with it.
     ``origin`` (JSON values) says how the stage's starting state was made; it
     is saved with every checkpoint, and one saved with another origin is
-    refused (:func:`check_origin`).
+    refused (:func:`check_origin`). ``epochs_before``: the epochs a run of
+    several stages trained before this one; the stage's epoch ``e`` reads
+    the data order and augmentation of the run's epoch ``epochs_before + e``,
+    so that no two epochs of the run replay the same batches.
     """
     if validate is None:
       validate = functools.partial(self.evaluate, split="val", task=task)
@@ -262,7 +265,8 @@ class Trainer:
       progress = Progress(total_steps, self.batch_size, start_step=int(state.step))
       epoch = start_epoch
       while epoch < num_epochs and not (early_stopping and early_stopping.should_stop):
-        state = self.train_epoch(state, epoch, task, progress=progress, writer=writer, tag=stage)
+        state = self.train_epoch(state, epochs_before + epoch, task, progress=progress,
+                                 writer=writer, tag=stage)
         val = validate(state)
         epoch += 1
         improved = early_stopping is None or early_stopping.improved(val["accuracy"])
