@@ -82,6 +82,9 @@ def test_half_of_the_forwards_use_the_hard_code(mix_per):
     ("a", {"a": 0.0}, r"binarization.a must be > 0, got 0.0"),
     ("b", {"b": 1.2}, r"binarization.b must be in \[0, a\) = \[0, 1.2\), got 1.2"),
     ("b", {"b": -0.1}, r"binarization.b must be in \[0, a\)"),
+    ("a, b", {"b": 0.5}, r"binarization.a and binarization.b must open a gate at s = 1 "
+                         r"\(a sigmoid\(1\) - b > 0.5\).*got a=1.2, b=0.5"),
+    ("a, b", {"a": 0.6, "b": 0.0}, r"must open a gate at s = 1.*got a=0.6, b=0.0"),
     ("sigma", {"sigma": -1.0}, r"binarization.sigma must be >= 0, got -1.0"),
     ("mix", {"mix": 1.5}, r"binarization.mix must be a number in \[0, 1\], got 1.5"),
     ("mix_per", {"mix_per": "batch"}, r"binarization.mix_per must be one of \('sample', "
@@ -528,6 +531,39 @@ def test_a_calibrated_decision_point_opens_the_asked_fraction_and_reads_s_minus_
   assert float(jnp.mean(uncalibrated.decision)) == 1.0   # s > 0 everywhere
   with pytest.raises(ValueError, match=r"open_fraction must be in \(0, 1\], got 0"):
     gates.decision_point(s, 0)
+
+
+@pytest.mark.parametrize("a, b", [(1.2, 0.1), (1.5, 0.1), (1.2, 0.2), (2.0, 0.0)])
+@pytest.mark.parametrize("variant", ["layer", "channel", "static"])
+def test_a_hand_off_opens_where_the_source_split_its_saliencies_for_any_a_and_b(a, b, variant):
+  """The evaluation code opens at ``a sigma(z) - b = 0.5``, ``z = logit((0.5 +
+  b) / a)``, which is 0 only when ``a = 1 + 2b``: a handed-off gate must open
+  exactly the saliencies above the split its calibration chose (FIXED-K's
+  fraction), whatever a and b. Catches a decision point placed at ``z = 0``
+  (it opened 0.46 of a layer asked for 0.3 at a = 1.5)."""
+  source = gates.FixedK(8, 40, reduction=4, keep=0.3, rngs=nnx.Rngs(0))
+  source.head.w2.kernel.value = jax.random.normal(jax.random.key(1),
+                                                  source.head.w2.kernel.value.shape)
+  x = jax.random.normal(jax.random.key(2), (64, 4, 4, 8))
+  saliencies = source.saliency(x)
+  binarization = gates.Binarization(a=a, b=b)
+  if variant == "static":
+    gate = gates.StaticSaliency(40, binarization=binarization, rngs=nnx.Rngs(0))
+    split, _ = gates.decision_point(jnp.mean(saliencies, 0)[None], 0.3)
+    expected = jnp.broadcast_to(jnp.mean(saliencies, 0) > split, saliencies.shape)
+  else:
+    gate = gates.SPM(8, 40, reduction=4, binarization=binarization, decision_point=variant,
+                     rngs=nnx.Rngs(0))
+    if variant == "layer":
+      split, _ = gates.decision_point(saliencies, 0.3)
+    else:
+      rates = jnp.mean(gates.top_k_mask(saliencies, source.k), axis=0)
+      split, _ = gates.channel_decision_points(saliencies, rates)
+    expected = saliencies > split
+  gate.hand_off(source, saliencies, 0.3)
+  opened = gate.decide(gate.saliency(x), train=False).decision
+  np.testing.assert_array_equal(np.asarray(opened), np.asarray(expected, np.float32))
+  assert abs(float(jnp.mean(opened)) - 0.3) <= 0.02
 
 
 def test_per_channel_decision_points_open_each_channel_at_its_own_rate():

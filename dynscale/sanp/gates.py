@@ -61,11 +61,24 @@ class Binarization:
       raise ValueError(f"binarization.a must be > 0, got {self.a}")
     if not 0 <= self.b < self.a:
       raise ValueError(f"binarization.b must be in [0, a) = [0, {self.a}), got {self.b}")
+    if not self.a / (1 + math.exp(-1)) - self.b > 0.5:
+      raise ValueError(
+          "binarization.a and binarization.b must open a gate at s = 1 (a sigmoid(1) - b > "
+          "0.5), where every gate starts so that inserting it keeps the backbone's function; "
+          f"got a={self.a}, b={self.b}")
     if not self.sigma >= 0:
       raise ValueError(f"binarization.sigma must be >= 0, got {self.sigma}")
     validation.fraction(self.mix, "binarization.mix")
     if self.mix_per not in MIX_PER:
       raise ValueError(f"binarization.mix_per must be one of {MIX_PER}, got {self.mix_per!r}")
+
+  @property
+  def opens_at(self) -> float:
+    """The ``s`` above which the evaluation code opens: ``a sigma(s) - b = 0.5``,
+    ``logit((0.5 + b) / a)``; zero for the paper's ``a = 1.2, b = 0.1`` (any
+    ``a = 1 + 2b``)."""
+    p = (0.5 + self.b) / self.a
+    return math.log(p / (1 - p))
 
 
 def saturating_sigmoid(s: Array, a: float, b: float) -> Array:
@@ -246,6 +259,12 @@ class _BinarizedGate(_Gate):
     """``s = tau + rho z`` of the learned decision-unit output ``z``."""
     return self.threshold.value + self.temperature.value * z
 
+  def split_at(self, split: Array, rho: Array) -> tuple[Array, Array]:
+    """The decision point ``(tau, rho)`` that opens a saliency exactly where it
+    is above ``split``: the code opens at ``z = opens_at``
+    (:attr:`Binarization.opens_at`), so ``tau = split - rho opens_at``."""
+    return split - rho * self.binarization.opens_at, rho
+
   def hand_off(self, source: FixedK, saliencies: Array, open_fraction: float) -> None:
     """Takes over the warmed-up FIXED-K gate ``source``, whose saliencies over
     some batches are ``saliencies`` ``(N, C)``: the decision point opens
@@ -332,9 +351,9 @@ class SPM(_BinarizedGate):
     (FIXED-K's top ``k``) did, which over the layer is ``open_fraction``."""
     if self.threshold.value.ndim:
       rates = jnp.mean(top_k_mask(saliencies, source.k), axis=0)
-      tau, rho = channel_decision_points(saliencies, rates)
+      tau, rho = self.split_at(*channel_decision_points(saliencies, rates))
     else:
-      tau, rho = decision_point(saliencies, open_fraction)
+      tau, rho = self.split_at(*decision_point(saliencies, open_fraction))
     nnx.update(self.head, nnx.state(source.head, nnx.Param))
     self.head.w2.kernel.value = self.head.w2.kernel.value / rho
     self.head.w2.bias.value = (self.head.w2.bias.value - tau) / rho
@@ -357,7 +376,7 @@ class StaticSaliency(_BinarizedGate):
     """Each channel's mean saliency, the ``open_fraction`` highest open."""
     del source
     mean = jnp.mean(saliencies, axis=0)
-    tau, rho = decision_point(mean[None], open_fraction)
+    tau, rho = self.split_at(*decision_point(mean[None], open_fraction))
     self.vector.value = (mean - tau) / rho
     return tau, rho
 
