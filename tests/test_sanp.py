@@ -282,6 +282,8 @@ def test_a_gates_noise_stream_advances_and_resumes_from_its_saved_state():
     (64, 1, 1 / 3, 0.5, 11),    # ceil(32 / 3)
     (12, 1, 0.5, 0.3, 2),       # k = round(3.6) = 4
     (64, 3, 0.0, None, 3),      # no fraction: the floor alone, no keep needed
+    (25, 0, 0.28, 1.0, 7),      # 0.28 * 25 is 7.000000000000001 in floating point
+    (100, 0, 0.07, 1.0, 7),     # 0.07 * 100 likewise
 ])
 def test_a_layers_floor_is_a_fraction_of_its_fixed_k_k_rounded_up(channels, floor, fraction,
                                                                   keep, expected):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynscale.nn import costs, layers, models
+from dynscale.nn import costs, layers, models, sliced
 from dynscale.sanp import budget, gates, training
 from dynscale.train import runs, sweep
 from experiments import main as launcher
@@ -182,6 +182,12 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
     ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
     ({"sanp.reduction": 0}, r"sanp.reduction must be a positive integer, got 0"),
     ({"sanp.code": "hard"}, r"sanp.code must be one of \('relaxed', 'saliency'\), got 'hard'"),
+    ({"sanp.code": "saliency", "sanp.cost": "flops"},
+     r"sanp.code='saliency' .* needs sanp.cost 'filters' or 'layers'"),
+    ({"sanp.lambda0": float("inf")}, r"sanp.lambda0 must be a finite number >= 0, got inf"),
+    ({"sanp.integral_rate": float("nan")},
+     r"sanp.integral_rate must be a finite number >= 0, got nan"),
+    ({"sanp.binarization.b": 0.5}, r"binarization.a and binarization.b must open a gate"),
     ({"sanp.flops_window": 0}, r"sanp.flops_window must be a positive integer, got 0"),
     ({"sanp.integral_rate": -0.5}, r"sanp.integral_rate must be a finite number >= 0, got -0.5"),
     ({"sanp.floor": -1}, r"sanp.floor must be an integer >= 0, got -1"),
@@ -192,6 +198,27 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
     training.train_and_evaluate(tiny(**override), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sanp.reduction": 100}, r"sanp.reduction must be in \[1, 8\] \(the narrowest gated "
+                              r"layer's channels\), got 100"),
+    ({"sanp.floor": 9}, r"sanp.floor must be at most 8"),
+])
+def test_settings_beyond_an_exported_backbones_widths_fail_before_anything_is_written(
+    tmp_path, override, message):
+  """With ``model.init_from`` the gates sit on the exported backbone (here half
+  as wide as the config's), so its widths bound ``sanp.reduction`` and
+  ``sanp.floor``. Catches the check skipped for an exported backbone: the
+  workdir was written and the run failed building its gates."""
+  config = tiny()
+  config.model.width_multiplier /= 2
+  backbone = models.build(training.architecture(config), rngs=models.init_rngs(0))
+  sliced.export(backbone, tmp_path / "backbone")
+  with pytest.raises(ValueError, match=message):
+    training.train_and_evaluate(tiny(**{"model.init_from": str(tmp_path / "backbone"),
+                                        **override}), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 

@@ -493,6 +493,11 @@ def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = Non
   return directory
 
 
+def load_architecture(directory: str | os.PathLike) -> dict:
+  """The architecture dict of the network exported to ``directory`` (its weights unread)."""
+  return json.loads((Path(directory) / ARCHITECTURE_FILE).read_text())
+
+
 def load(directory: str | os.PathLike, *, dtype=jnp.float32) -> SlicedModel:
   """Rebuilds an exported network as a :class:`SlicedModel` (no Flax, no model classes)."""
   directory = Path(directory)
@@ -500,7 +505,7 @@ def load(directory: str | os.PathLike, *, dtype=jnp.float32) -> SlicedModel:
     if not (directory / name).is_file():
       raise FileNotFoundError(f"{directory / name} not found: an exported network needs "
                               f"{ARCHITECTURE_FILE} and {PARAMS_FILE}")
-  arch = json.loads((directory / ARCHITECTURE_FILE).read_text())
+  arch = load_architecture(directory)
   with np.load(directory / PARAMS_FILE) as data:
     arrays = {name: data[name] for name in data.files}
   variables = {k: v for k, v in arrays.items() if not k.startswith(_STATS_PREFIX)}

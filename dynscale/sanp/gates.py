@@ -147,7 +147,8 @@ def layer_floor(channels: int, *, floor: int = 0, floor_fraction: float = 0.0,
     return floor
   if keep is None:
     raise ValueError("sanp.floor_fraction needs FIXED-K's keep fraction at the budget")
-  return max(floor, math.ceil(floor_fraction * kept_channels(keep, channels)))
+  # the slack keeps a product such as 0.28 * 25 = 7.000000000000001 at 7
+  return max(floor, math.ceil(floor_fraction * kept_channels(keep, channels) - 1e-9))
 
 
 class NoiseKey(nnx.Variable):

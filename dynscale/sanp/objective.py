@@ -42,7 +42,9 @@ def cost_loss(arch: dict, codes: Mapping[str, jax.Array], cost: str) -> jax.Arra
   """Eq. 9's ``L_cost`` of the codes ``{gate name: (B, C)}`` of one batch, a scalar.
 
   ``cost``: one of :data:`COSTS` (module docstring). Codes are non-negative
-  (relaxed codes, or ``|s|`` for the literal L1 of the saliency).
+  (relaxed codes, or ``|s|`` for the literal L1 of the saliency, with
+  ``'filters'`` or ``'layers'`` only: ``'flops'`` reads codes as activities
+  in [0, 1]).
   """
   if cost not in COSTS:
     raise ValueError(f"sanp.cost must be one of {COSTS}, got {cost!r}")

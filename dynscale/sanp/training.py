@@ -50,7 +50,7 @@ from absl import logging
 from flax import nnx
 
 from dynscale.data.datasets import dataset_spec
-from dynscale.nn import costs, layers, models
+from dynscale.nn import costs, layers, models, sliced
 from dynscale.sanp import analysis, budget, gates, objective
 from dynscale.train import protocols, runs, steps, validation
 
@@ -101,6 +101,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validation.non_negative(s.lambda0, "sanp.lambda0")
   validation.one_of(s.cost, objective.COSTS, "sanp.cost")
   validation.one_of(s.code, objective.CODES, "sanp.code")
+  if s.code == "saliency" and s.cost == "flops":
+    raise ValueError("sanp.code='saliency' (Eq. 9's L1 of s, unbounded) needs sanp.cost "
+                     "'filters' or 'layers': the FLOPs formula reads each code as an activity "
+                     "in [0, 1] (a residual add takes a + b - ab), got sanp.cost='flops'")
   validation.positive(s.flops_window, "sanp.flops_window", integer=True)
   validation.non_negative(s.integral_rate, "sanp.integral_rate")
   validation.positive(s.reduction, "sanp.reduction", integer=True)
@@ -118,9 +122,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"the {s.variant!r} gates: it needs sanp.warmup_epochs > 0, got "
                      f"{s.warmup_epochs}")
   binarization(config)  # raises naming the binarization field
-  if config.model.init_from:
-    return  # the exported backbone's widths are checked when it is loaded
-  narrowest = min(p.outputs for p in layers.gate_points(architecture(config)).values())
+  backbone = (sliced.load_architecture(validation.exported_network(config.model.init_from))
+              if config.model.init_from else architecture(config))
+  narrowest = min(p.outputs for p in layers.gate_points(backbone).values())
   if s.reduction > narrowest:
     raise ValueError(f"sanp.reduction must be in [1, {narrowest}] (the narrowest gated "
                      f"layer's channels), got {s.reduction}")
