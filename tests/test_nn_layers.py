@@ -83,21 +83,24 @@ def test_conv_block_is_the_incomplete_sum_with_batch_norm(dp):
   np.testing.assert_allclose(block(x, dp, train=False), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dp", [0.34, 1.0])
+@pytest.mark.parametrize("dp", [0.34, 0.5, 1.0])
 @pytest.mark.parametrize("idp_depthwise", [False, True])
 def test_separable_block(dp, idp_depthwise):
-  block = layers.IDPSeparableConv(3, 5, 3, idp=True, idp_depthwise=idp_depthwise, bn=False,
+  """Six channels, linear profile: the channels past k have gamma > 0 and a
+  depthwise bias, so a dropped channel leaking into the pointwise sum (relu(b_i)
+  of a zeroed input) shows."""
+  block = layers.IDPSeparableConv(6, 5, 3, idp=True, idp_depthwise=idp_depthwise, bn=False,
                                   act="relu", rngs=_rngs())
-  block.depthwise_bias[...] = jnp.asarray(RNG.standard_normal(3), jnp.float32)
-  x = RNG.standard_normal((2, 4, 4, 3)).astype(np.float32)
+  block.depthwise_bias[...] = jnp.asarray(np.abs(RNG.standard_normal(6)) + 0.5, jnp.float32)
+  x = RNG.standard_normal((2, 4, 4, 6)).astype(np.float32)
   f = np.asarray(block.depthwise_kernel[...])
   g = np.asarray(block.kernel[...])[0, 0]
-  k, gamma = _kept(3, dp), _linear(3)
+  k, gamma = _kept(6, dp), _linear(6)
   # Depthwise: h_i = relu(gamma_i (f_i * x_i) + b_i) (gamma only if idp_depthwise); then
   # IDP on the pointwise sum over i <= k.
-  scale = gamma if idp_depthwise else np.ones(3)
+  scale = gamma if idp_depthwise else np.ones(6)
   h = [np.maximum(scale[i] * _conv_same(x[..., i:i + 1], f[..., i:i + 1])
-                  + block.depthwise_bias[i], 0) for i in range(3)]
+                  + block.depthwise_bias[i], 0) for i in range(6)]
   y = sum(gamma[i] * h[i] * g[i] for i in range(k))
   np.testing.assert_allclose(block(x, dp, train=False), np.maximum(y, 0), rtol=1e-4,
                              atol=1e-4)

@@ -114,8 +114,9 @@ class _Standalone(Block):
   def __call__(self, x: Array, dp, *, train: bool) -> Array:
     layer = json.loads(self.layer_json)
     kind = KINDS[layer["kind"]]
+    masks = {}
     if "in" in kind.idp_slots(layer):
-      mask = kernels.channel_mask(self.inputs.channels, dp)
+      masks["in"] = mask = kernels.channel_mask(self.inputs.channels, dp)
       x = (x.reshape(x.shape[0], -1, self.inputs.channels) * mask.astype(x.dtype)
            ).reshape(x.shape)
     variables = nnx.state(self).to_pure_dict()
@@ -125,7 +126,9 @@ class _Standalone(Block):
       if second is not None:
         moments[(name,)] = (slot, first, second)
 
-    ctx = Context(train=train, epsilon=self.bn_epsilon, masks={}, gates=None, path="layer",
+    # the slot's mask also keeps what a block computes on it (a separable block's
+    # depthwise output) at zero beyond the kept channels, as in a network
+    ctx = Context(train=train, epsilon=self.bn_epsilon, masks=masks, gates=None, path="layer",
                   record=record)
     y = kind.apply(layer, variables, jnp.asarray(x, self.dtype), ctx, self.inputs,
                    self.outputs)
