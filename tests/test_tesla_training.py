@@ -410,15 +410,18 @@ def test_every_epoch_of_a_run_of_one_epoch_stages_reads_its_own_batches(tmp_path
 
 
 def test_rtesla_draws_its_tasks_from_explicit_probabilities_set_by_a_variant():
-  """``schedule.distribution`` takes explicit probabilities, also as a sweep
-  variant's override (the field is typed to take a name or a tuple); the plan
-  draws each next task from them with the run's seed, by hand. Catches the
-  field refusing a tuple and the plan drawing uniformly."""
+  """``schedule.distribution`` takes explicit probabilities, also as a variant's
+  override of a locked config (the command line's; the field is typed to take
+  a name or a tuple); the plan draws each next task from them with the run's
+  seed, by hand. Catches the field refusing a tuple, a copy of the config
+  losing that type or its lock refusing the variant, and the plan drawing
+  uniformly."""
   config = tesla_main.get_config()
   config.schedule.name = "rtesla"
   probabilities = (0.05, 0.05, 0.1, 0.8)
-  config = sweep.with_overrides(config, {"schedule": {"distribution": probabilities}},
-                                "variants.skewed")
+  config.variants = {"skewed": common.overrides(**{"schedule.distribution": probabilities})}
+  config.lock()
+  config = sweep.variant_configs(config)["skewed"]
   tesla_training.check_config(config)
   rng = np.random.default_rng(config.seed)
   plan = tesla_training.stage_plan(config)

@@ -80,6 +80,15 @@ def _parent(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collection
   return config[block], leaf
 
 
+def editable_copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A deep copy of ``config`` that can be edited (unlocked: the command line's
+  configs are locked), each field keeping its type (a field typed to take a
+  name or a tuple, such as ``schedule.distribution``, still takes either)."""
+  config = copy.deepcopy(config)
+  config.unlock()
+  return config
+
+
 def apply(config: ml_collections.ConfigDict, name: str,
           sizes: dict[str, dict] | None = None) -> ml_collections.ConfigDict:
   """A copy of ``config`` under protocol ``name``: its settings applied and
@@ -89,7 +98,7 @@ def apply(config: ml_collections.ConfigDict, name: str,
   its protocol, nested as ``{"data": {"train_examples": 10000}}`` (e.g. SANP's
   10,000-image training set); kept in ``config.protocol_sizes`` and recorded.
   """
-  config = copy.deepcopy(config)  # keeps each field's type
+  config = editable_copy(config)
   if sizes:
     if name != "cpu":
       raise ValueError(f"protocol sizes apply to the cpu protocol only, got {name!r}")

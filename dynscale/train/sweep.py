@@ -7,7 +7,6 @@ variant, whatever the methods.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -44,7 +43,7 @@ def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict[str, object]
 def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
                    field: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` with nested ``overrides`` applied; unknown fields raise."""
-  config = copy.deepcopy(config)  # keeps each field's type
+  config = protocols.editable_copy(config)
   for path, value in flatten_overrides(overrides).items():
     *parents, leaf = path.split(".")
     node = config
@@ -82,7 +81,7 @@ def variant_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collectio
   the same seed's run)."""
   if not config.get("variants"):
     raise ValueError("variants must map at least one variant name to its overrides")
-  base = copy.deepcopy(config)  # keeps each field's type
+  base = protocols.editable_copy(config)
   del base["variants"]
   seeds = base.get("seeds")
   if seeds:
