@@ -227,6 +227,26 @@ def test_unknown_block_kind_and_bad_block_fields():
     spec.validate_architecture(conv)
 
 
+@pytest.mark.parametrize("block, widths", [
+    ({"kind": "resblock", "features": 6, "stride": 2}, "[4, 6]"),
+    ({"kind": "invres", "features": 4, "expansion": 2}, "[4, 8]"),
+])
+def test_a_profile_list_must_fit_every_profile_of_its_block(block, widths):
+  """A block's profiles run over its input and its inner channels: a list of
+  the input's length is refused when checked, naming both widths, not taken
+  until the build fails on the inner one; a list that fits them all builds."""
+  def network(profile, **fields):
+    return {"name": "r", "input_shape": [4, 4, 3], "num_classes": 2, "layers": [
+        {"kind": "conv", "features": 4}, {**block, **fields, "idp": True, "profile": profile},
+        {"kind": "global_avgpool"}, {"kind": "dense", "features": 2}]}
+  with pytest.raises(ValueError, match=rf"layers\[1\].profile has 4 coefficients, the layer's "
+                                       rf"profiles run over \{widths}\ channels"):
+    spec.validate_architecture(network([1.0, 0.8, 0.6, 0.4]))
+  fitting = network([1.0, 0.8, 0.6, 0.4], **{"mid_features": 4} if block["kind"] == "resblock"
+                    else {"expansion": 1})
+  models.build(spec.validate_architecture(fitting), rngs=models.init_rngs(0))
+
+
 # --------------------------------------------------------------------------
 # FLOPs and parameters
 # --------------------------------------------------------------------------

@@ -168,6 +168,19 @@ def _input_feature(shape: Any) -> Feature:
   return Feature(1, 1, dims[0], True) if len(dims) == 1 else Feature(*dims, False)
 
 
+def _profile_widths(layer: dict, inputs: Feature, outputs: Feature) -> set[int]:
+  """The channel counts the IDP profiles of ``layer`` run over (one per gamma)."""
+  def widths(specs: Mapping) -> set[int]:
+    found = set()
+    for var in specs.values():
+      if isinstance(var, Mapping):
+        found |= widths(var)
+      elif var.role == "gamma":
+        found.add(var.shape[0])
+    return found
+  return widths(KINDS[layer["kind"]].variables(layer, inputs, outputs))
+
+
 def validate_architecture(arch: Any) -> dict:
   """Checks an architecture dict and returns a normalised deep copy.
 
@@ -202,9 +215,12 @@ def validate_architecture(arch: Any) -> dict:
   features = _features(out)
   for i, layer in enumerate(out["layers"]):
     values = layer.get("profile")
-    if isinstance(values, list) and len(values) != features[i].channels:
-      raise ValueError(f"layers[{i}].profile has {len(values)} coefficients, the layer has "
-                       f"{features[i].channels} input channels")
+    if isinstance(values, list):
+      widths = _profile_widths(layer, features[i], features[i + 1])
+      if widths - {len(values)}:  # a layer without profiles ignores the list
+        raise ValueError(f"layers[{i}].profile has {len(values)} coefficients, the layer's "
+                         f"profiles run over {sorted(widths)} channels (a list serves layers "
+                         "whose profiles share one width; name a profile for the others)")
   last = features[-1]
   if not last.flat or last.size != out["num_classes"]:
     raise ValueError(f"the network must end in {out['num_classes']} logits (num_classes), "
