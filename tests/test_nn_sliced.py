@@ -338,6 +338,9 @@ def test_export_mp_idp_network(tmp_path):
   for dp in (0.2, 0.7):
     np.testing.assert_allclose(loaded(x, dp), model(x, dp, train=False), rtol=1e-5,
                                atol=1e-6)
+  # trimmed, it would be one profile's network, not the one its DP selects at load
+  with pytest.raises(ValueError, match="widths: a trimmed export takes a single-profile"):
+    sliced.export(model, tmp_path / "trimmed", widths=0.2)
 
 
 def test_load_missing_files(tmp_path):

@@ -470,8 +470,11 @@ def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = Non
     directory: created if missing.
     widths: optional width vector (or DP): export the network trimmed to it,
       a smaller standalone network (:func:`dynscale.nn.spec.
-      trimmed_architecture`) with the kept variables; per-DP statistics are
-      then left out.
+      trimmed_architecture`) with the kept variables and the batch-norm
+      statistics the network uses there (:meth:`SlicedModel.sliced_variables`:
+      a DP's own, if it has them), so that it gives the network's logits at
+      ``widths``. Single-profile networks only (an MP-IDP network's trimmed
+      form would be one profile's network).
 
   Returns:
     The directory as a Path.
@@ -480,8 +483,11 @@ def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = Non
             else SlicedModel.from_model(model_or_sliced))
   arch, variables, stats_by_dp = sliced.arch, sliced.variables, sliced.bn_stats_by_dp
   if widths is not None:
+    if arch["profiles"]:
+      raise ValueError("widths: a trimmed export takes a single-profile network; export this "
+                       "MP-IDP network whole (each DP then runs its own profile)")
+    variables, stats_by_dp = sliced.sliced_variables(widths), {}
     arch = spec.trimmed_architecture(arch, widths)
-    variables, stats_by_dp = slice_variables(sliced.arch, variables, widths), {}
   arrays = flatten_tree(variables)
   for dp, stats in stats_by_dp.items():
     arrays.update(flatten_tree(stats, f"{_STATS_PREFIX}{dp!r}/"))
