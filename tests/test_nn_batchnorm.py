@@ -178,14 +178,15 @@ def test_a_numpy_float_dp_is_a_dp():
   """A DP given as a NumPy float (what a config or a sweep over ``np.linspace``
   gives) picks the per-DP statistics and the MP-IDP profile as a Python float
   does. Catches a DP test of ``isinstance(widths, float)`` (``np.float32`` is
-  none), which ran the shared statistics, or raised on an MP-IDP network."""
+  none), which ran the shared statistics, or raised on an MP-IDP network, and
+  statistics looked up by exact value (``float(np.float32(0.3))`` is not 0.3)."""
   model = _model()
-  stats = {0.5: batchnorm.recalibrate(model, 0.5, _batches())}
+  stats = {0.3: batchnorm.recalibrate(model, 0.3, _batches())}
   runner = sliced.SlicedModel.from_model(model, stats)
   x = _batches((3,))[0]
-  assert not np.allclose(runner(x, 0.5), model(x, 0.5, train=False), atol=1e-3)
-  for dp in (np.float32(0.5), np.float64(0.5)):
-    np.testing.assert_allclose(runner(x, dp), runner(x, 0.5), rtol=1e-6)
+  assert not np.allclose(runner(x, 0.3), model(x, 0.3, train=False), atol=1e-3)
+  for dp in (np.float32(0.3), np.float64(0.3)):
+    np.testing.assert_allclose(runner(x, dp), runner(x, 0.3), rtol=1e-6)
   arch = {**ARCH, "profiles": [[0, 0.5], [0.5, 1]]}
   mp = models.build(arch, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   variables = mp.pure_variables()

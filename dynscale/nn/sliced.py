@@ -368,9 +368,9 @@ class SlicedModel:
   ``trace_count`` counts the traces, so callers can check that a width
   vector compiles once.
 
-  ``bn_stats_by_dp`` maps a DP (matched by float value after
-  :func:`dynscale.idp.check_dp`) to batch-norm statistics used when the
-  model is called at that DP instead of the shared ones, e.g. from
+  ``bn_stats_by_dp`` maps a DP to batch-norm statistics used when the model
+  is called at that DP (within float32 rounding: ``np.float32(0.3)`` is 0.3)
+  instead of the shared ones, e.g. from
   :func:`dynscale.nn.batchnorm.recalibrate`.
   """
 
@@ -403,8 +403,14 @@ class SlicedModel:
   def _key(self, widths: Any, profile_index: int | None) -> tuple:
     dp = spec.dp_of(widths)
     s = spec.select_profile(self.arch, dp, profile_index)
-    stats = dp is not None and idp.check_dp(dp) in self.bn_stats_by_dp
-    return spec.resolve_widths(self.arch, widths), s, idp.check_dp(dp) if stats else None
+    return spec.resolve_widths(self.arch, widths), s, self._stats_dp(dp)
+
+  def _stats_dp(self, dp: float | None) -> float | None:
+    """The key of ``bn_stats_by_dp`` that ``dp`` names, within float32 rounding, or None."""
+    if dp is None:
+      return None
+    dp = idp.check_dp(dp)
+    return next((key for key in self.bn_stats_by_dp if abs(key - dp) <= 1e-6), None)
 
   def sliced_variables(self, widths: Any, profile_index: int | None = None) -> dict:
     """The variables used at ``widths`` (per-DP statistics applied), cut to the kept widths."""
