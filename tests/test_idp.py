@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from dynscale import idp
+from dynscale.nn import spec
 
 DPS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, 0.2, ..., 1.0
 DPS_ARRAY = np.asarray(DPS, np.float32)
@@ -272,6 +273,27 @@ def test_channel_mask_traced_scalar_dp():
   mask_jit = jax.jit(lambda dp: idp.channel_mask(10, dp))
   for dp, k in [(0.05, 1), (0.25, 3), (0.3, 3), (0.31, 4), (1.0, 10)]:
     np.testing.assert_array_equal(mask_jit(jnp.float32(dp)), hand_mask(10, k))
+
+
+# dp * n within float32 rounding of an integer plus the slack: a product and a
+# subtraction fused into one rounding (XLA:CPU does) kept one channel more or less
+EDGE_CASES = ((3, 0.667), (73, 0.137), (33, 0.697), (853, 0.517), (1273, 0.337),
+              (143, 0.007))
+
+
+def test_a_traced_dp_keeps_what_a_concrete_one_keeps_at_the_slacks_edge():
+  """``num_kept`` (the sliced path, a static int) and the masked path's traced
+  ``channel_mask`` / ``widths_at_dp`` keep the same channels for DPs whose
+  ``dp * n`` sits at the slack's edge. Catches the traced count computed as
+  ``ceil(dp * n - slack)``, which XLA rounds once where NumPy rounds twice."""
+  for n, dp in EDGE_CASES:
+    traced = jax.jit(lambda d, n=n: jnp.sum(idp.channel_mask(n, d)))(dp)
+    assert int(traced) == idp.num_kept(n, dp), (n, dp)
+    arch = spec.validate_architecture({"name": "edge", "input_shape": [4], "num_classes": 2,
+                                       "layers": [{"kind": "dense", "features": n},
+                                                  {"kind": "dense", "features": 2, "idp": True}]})
+    traced_widths = jax.jit(lambda d, arch=arch: spec.widths_at_dp(arch, d))(dp)
+    assert tuple(np.asarray(traced_widths).tolist()) == spec.widths_at_dp(arch, dp), (n, dp)
 
 
 def test_num_kept_absorbs_float_error():

@@ -24,6 +24,7 @@ from dynscale.kernels.idp import (
     dense_sliced,
     depthwise_conv,
     depthwise_conv_sliced,
+    kept_width,
     masked_profile,
     num_kept,
     profile,
@@ -34,6 +35,7 @@ from dynscale.kernels.idp import (
 
 __all__ = [
     "PROFILES", "binarize", "channel_mask", "check_dp", "check_profile", "conv", "conv_sliced",
-    "dense", "dense_sliced", "depthwise_conv", "depthwise_conv_sliced", "masked_profile",
+    "dense", "dense_sliced", "depthwise_conv", "depthwise_conv_sliced", "kept_width",
+    "masked_profile",
     "num_kept", "profile", "resolve_profile", "separable_conv", "separable_conv_sliced",
 ]

@@ -27,8 +27,6 @@ Every kernel returns the dtype of its input ``x``.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,31 +122,49 @@ def check_dp(dp: float, name: str = "dp") -> float:
   return value
 
 
+def _kept_thresholds(n: int) -> np.ndarray:
+  """``j + slack`` in float32 for channels ``j < n``: channel ``j`` is kept where
+  ``dp * n`` (one float32 product) exceeds it, i.e. ``j < ceil(dp * n - slack)``."""
+  return (np.arange(n) + _KEEP_TOLERANCE).astype(np.float32)
+
+
 def num_kept(n: int, dp: float) -> int:
   """Number of the first channels of ``n`` kept at DP ``dp`` (a static int).
 
   ``k = max(1, ceil(dp * n))``: the first channels are accumulated until the
   target fraction is reached (001 §II-A), so 25% of 10 channels keeps 3. A
   slack of 1e-3 absorbs floating-point error in ``dp * n``. At least one
-  channel always survives.
+  channel always survives. The same float32 comparisons as
+  :func:`kept_width` for a traced ``dp``, so the sliced and masked paths keep
+  the same channels even where ``dp * n`` lies at the slack's edge.
   """
   dp = check_dp(dp)
   if n < 1:
     raise ValueError(f"n must be a positive number of channels, got {n}")
-  return max(1, math.ceil(dp * n - _KEEP_TOLERANCE))
+  product = np.float32(dp) * np.float32(n)
+  return max(1, int(np.count_nonzero(_kept_thresholds(n) < product)))
+
+
+def kept_width(n: int, dp) -> Array:
+  """:func:`num_kept` as an int32 scalar for a ``dp`` that may be traced.
+
+  The product ``dp * n`` is compared with constant thresholds rather than
+  shifted by the slack: XLA fuses a product and a subtraction into one
+  rounding, which moved the result by one channel from :func:`num_kept` for
+  some ``dp * n`` within float32 rounding of an integer plus the slack."""
+  product = jnp.asarray(dp, jnp.float32) * np.float32(n)
+  return jnp.maximum(1, jnp.sum(jnp.asarray(_kept_thresholds(n)) < product)).astype(jnp.int32)
 
 
 def channel_mask(n: int, dp) -> Array:
   """Float mask ``(n,)`` with ones on the first ``num_kept(n, dp)`` channels.
 
   ``dp`` may be traced (the masked path); a concrete ``dp`` is checked to lie
-  in (0, 1], and the mask then agrees with ``num_kept`` exactly.
+  in (0, 1]. Either way the mask agrees with ``num_kept`` (:func:`kept_width`).
   """
   if not isinstance(dp, jax.core.Tracer):
     check_dp(dp)
-  dp = jnp.asarray(dp, jnp.float32)
-  kept = jnp.maximum(1.0, jnp.ceil(dp * n - _KEEP_TOLERANCE))
-  return (jnp.arange(n) < kept).astype(jnp.float32)
+  return (jnp.arange(n) < kept_width(n, dp)).astype(jnp.float32)
 
 
 def masked_profile(gamma: Array, dp) -> Array:

@@ -64,8 +64,6 @@ _ARCH_DEFAULTS: dict[str, Any] = dict(
 
 # DP ranges of MP-IDP are compared with this slack (0.3 vs 0.30000000000000004).
 _RANGE_TOLERANCE = 1e-9
-# dp * n is compared to an integer with this slack (as idp.num_kept does).
-_KEEP_TOLERANCE = 1e-3
 
 # --------------------------------------------------------------------------
 # Validation
@@ -358,9 +356,8 @@ def widths_at_dp(arch: dict, dp) -> tuple[int, ...] | jax.Array:
   """
   groups = prunable_groups(arch)
   if isinstance(dp, jax.core.Tracer):
-    dp = jnp.asarray(dp, jnp.float32)
-    return jnp.stack([jnp.maximum(1, jnp.ceil(dp * g.size - _KEEP_TOLERANCE)).astype(jnp.int32)
-                      if g.idp else jnp.int32(g.size) for g in groups])
+    return jnp.stack([idp.kept_width(g.size, dp) if g.idp else jnp.int32(g.size)
+                      for g in groups])
   return tuple(idp.num_kept(g.size, dp) if g.idp else g.size for g in groups)
 
 
