@@ -113,6 +113,9 @@ def load(directory: str | os.PathLike) -> Callable[..., Any]:
                               f"{FUNCTION_FILE} and {ARRAYS_FILE}")
   exported = jax.export.deserialize(bytearray((directory / FUNCTION_FILE).read_bytes()))
   with np.load(directory / ARRAYS_FILE) as data:
-    arrays = [jnp.asarray(data[f"arr_{i}"]) for i in range(len(data.files))]
+    # NumPy stores bfloat16 as raw 2-byte records: each array is read as the
+    # dtype the saved function takes it in
+    arrays = [jnp.asarray(data[f"arr_{i}"].view(aval.dtype))
+              for i, aval in zip(range(len(data.files)), exported.in_avals)]
   call = jax.jit(exported.call)
   return lambda *args: call(arrays, *args)

@@ -1,6 +1,7 @@
 """bind and export: a function with its arrays bound, or saved with them and loaded,
 gives what the function gives them."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,6 +69,23 @@ def test_an_exported_function_runs_from_its_files_alone(tmp_path):
     for g, e in zip(got, expected):
       assert g.dtype == e.dtype and g.shape == e.shape
       np.testing.assert_array_equal(g, e)
+
+
+def test_an_exported_function_of_bfloat16_arrays_loads(tmp_path):
+  """NumPy's ``.npz`` keeps bfloat16 as raw 2-byte records: the loaded arrays
+  are read back as bfloat16, packed and alone. Catches them handed to the
+  function as the records (loading failed)."""
+  rng = np.random.default_rng(2)
+  t = {"w": jnp.asarray(rng.standard_normal((3, 40)), jnp.bfloat16),
+       "b": jnp.asarray(rng.standard_normal(40), jnp.bfloat16),
+       "scale": jnp.float32(0.5)}
+  def fn(t, x):
+    return (x @ t["w"] + t["b"]) * t["scale"]
+  x = jnp.asarray(rng.standard_normal((2, 3)), jnp.bfloat16)
+  bound.export(fn, t, [x], tmp_path, separate_from=50)   # w alone, b and scale packed
+  got, expected = bound.load(tmp_path)(x), jax.jit(fn)(t, x)   # compiled alike
+  assert got.dtype == expected.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
 
 
 def test_loading_a_directory_without_an_exported_function_names_the_missing_file(tmp_path):
