@@ -568,6 +568,25 @@ def test_a_hand_off_opens_where_the_source_split_its_saliencies_for_any_a_and_b(
   assert abs(float(jnp.mean(opened)) - 0.3) <= 0.02
 
 
+@pytest.mark.parametrize("asked, opened", [(0.6, 0.7), (0.4, 0.3)])
+def test_a_decision_point_on_tied_saliencies_opens_or_shuts_the_tie_nearer_the_fraction(
+    asked, opened):
+  """A FIXED-K warm-up leaves the channels it never kept at exactly s = 1. Here
+  40% of the saliencies tie at 1 around the split: the tie opens whole or shuts
+  whole, whichever opens nearer the asked fraction, layer-wide and per
+  channel. Catches the split landing on the tied value and shutting it always
+  (0.3 opened where 0.6 was asked)."""
+  s = jnp.concatenate([jnp.linspace(0.0, 0.9, 30), jnp.ones(40), jnp.linspace(1.1, 2.0, 30)])
+  tau, rho = gates.decision_point(s[:, None], asked)
+  assert float(jnp.mean(s > tau)) == pytest.approx(opened)
+  gate = gates.SPM(8, 1, reduction=1, binarization=gates.Binarization(), rngs=nnx.Rngs(0))
+  gate.threshold.value, gate.temperature.value = tau, rho
+  assert float(jnp.mean(gate.decide(s[:, None], train=False).decision)) == pytest.approx(opened)
+  constant = jnp.stack([jnp.linspace(0.0, 2.0, 10), jnp.ones(10)], axis=1)
+  tau, _ = gates.channel_decision_points(constant, jnp.asarray([0.5, asked]))
+  np.testing.assert_allclose(jnp.mean(constant > tau, axis=0), [0.5, round(asked)])
+
+
 def test_per_channel_decision_points_open_each_channel_at_its_own_rate():
   # channels with their own offsets (far apart) and small per-image movement: one
   # layer-wide point would leave each channel always open or always shut

@@ -200,22 +200,38 @@ class DecisionPoint(nnx.Variable):
 DECISION_POINTS = ("layer", "channel")
 
 
+def _opening_ties(s: Array, tau: Array, rho: Array, target: Array) -> Array:
+  """``tau``, or a point below the saliencies tied at it (halfway to the next
+  lower one, or ``rho`` below) where opening the tie brings the open fraction
+  along axis 0 closer to ``target`` than leaving it shut. A FIXED-K warm-up
+  leaves the channels it never kept at exactly ``s = 1``: a split on that
+  value shut all of them."""
+  shut = jnp.mean(s > tau, axis=0)
+  opened = jnp.mean(s >= tau, axis=0)
+  below = jnp.max(jnp.where(s < tau, s, -jnp.inf), axis=0)
+  lower = jnp.where(jnp.isfinite(below), (below + tau) / 2, tau - rho)
+  return jnp.where(jnp.abs(opened - target) < jnp.abs(shut - target), lower, tau)
+
+
 def decision_point(s: Array, open_fraction: float) -> tuple[Array, Array]:
   """The ``(tau, rho)`` under which ``(s - tau) / rho > 0`` for ``open_fraction``
-  of the entries of the saliencies ``s`` ``(N, C)``, with unit spread (``rho``
-  the standard deviation of ``s``), so the training noise ``sigma`` is measured
-  against how far apart the channels' saliencies are."""
+  of the entries of the saliencies ``s`` ``(N, C)`` (as near as ties allow),
+  with unit spread (``rho`` the standard deviation of ``s``), so the training
+  noise ``sigma`` is measured against how far apart the channels' saliencies
+  are."""
   if not 0 < open_fraction <= 1:
     raise ValueError(f"open_fraction must be in (0, 1], got {open_fraction}")
   s = jnp.asarray(s, jnp.float32)
-  return jnp.quantile(s, 1.0 - open_fraction), jnp.maximum(jnp.std(s), 1e-6)
+  rho = jnp.maximum(jnp.std(s), 1e-6)
+  return _opening_ties(s.ravel(), jnp.quantile(s, 1.0 - open_fraction), rho, open_fraction), rho
 
 
 def channel_decision_points(s: Array, open_rates: Array) -> tuple[Array, Array]:
   """Per channel ``c`` of the saliencies ``s`` ``(N, C)``: ``rho_c``, the spread of
   ``s[:, c]`` over the samples, and ``tau_c``, halfway between the sample values
   around which ``s[:, c] > tau_c`` holds for ``round(open_rates[c] N)`` samples
-  (half a spread beyond the extremes for a channel always or never open). So
+  (half a spread beyond the extremes for a channel always or never open; a
+  tie there opens or shuts whole, whichever is nearer the rate). So
   ``z = (s - tau) / rho`` measures each channel against how much its own
   saliency moves from image to image, not against how far apart the channels
   sit (:func:`decision_point`)."""
@@ -230,7 +246,7 @@ def channel_decision_points(s: Array, open_rates: Array) -> tuple[Array, Array]:
   below = samples - jnp.round(open_rates * samples).astype(jnp.int32)  # closed samples
   lower = jnp.take_along_axis(ordered, below[None], axis=0)[0]
   upper = jnp.take_along_axis(ordered, below[None] + 1, axis=0)[0]
-  return (lower + upper) / 2, rho
+  return _opening_ties(s, (lower + upper) / 2, rho, open_rates), rho
 
 
 class _BinarizedGate(_Gate):
