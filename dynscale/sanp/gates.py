@@ -74,9 +74,10 @@ class Binarization:
 
   @property
   def opens_at(self) -> float:
-    """The ``s`` above which the evaluation code opens: ``a sigma(s) - b = 0.5``,
-    ``logit((0.5 + b) / a)``; zero for the paper's ``a = 1.2, b = 0.1`` (any
-    ``a = 1 + 2b``)."""
+    """The value of the binarized input (``z = (s - tau) / rho``; ``s`` itself
+    before a calibration) above which the evaluation code opens: ``a sigma(z)
+    - b = 0.5`` at ``z = logit((0.5 + b) / a)``, zero for the paper's ``a =
+    1.2, b = 0.1`` (any ``a = 1 + 2b``)."""
     p = (0.5 + self.b) / self.a
     return math.log(p / (1 - p))
 
