@@ -199,11 +199,13 @@ def network_programs(arch: dict, batch: int, impl: str | None = None,
           jax.random.randint(jax.random.key(2), (batch,), 0, arch["num_classes"]))
   idx = jnp.arange(batch).reshape(1, batch)
   variables = model.pure_variables()
-  chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch,
-                                 steps.data_mesh())
+  mesh = steps.data_mesh()
+  chunk = steps.make_train_chunk(graphdef, tx, steps.classification_loss, _synthetic_batch, mesh)
   infer = jax.jit(lambda v, x: sliced.apply_sliced(arch, v, x, 1.0))
   grad = jax.jit(jax.grad(_sliced_loss(arch)))
-  holder = [jax.tree.map(jnp.copy, state)]  # the chunk donates it; variables share its buffers
+  # the chunk donates it (variables share its buffers); placed as the chunk hands it
+  # back, so that the chunk is traced once, under the block below
+  holder = [steps.replicate(jax.tree.map(jnp.copy, state), mesh)]
 
   def train():
     holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), jnp.float32(1.0))

@@ -49,7 +49,7 @@ def measure(model_name: str, batch: int, width_multiplier: float, repeats: int) 
 
   def candidate(loss_fn, task, scan):
     chunk = steps.make_train_chunk(graphdef, tx, loss_fn, _synthetic_batch, mesh, scan=scan)
-    holder = [jax.tree.map(jnp.copy, state)]
+    holder = [steps.replicate(jax.tree.map(jnp.copy, state), mesh)]  # compiles once
 
     def run():
       holder[0], metrics = chunk(holder[0], data, idx, jax.random.key(3), task)

@@ -112,7 +112,7 @@ def measure(model_name: str, batch: int, tasks: Sequence[float], *, repeats: int
 
   def candidate(loss_fn, task):
     chunk = steps.make_train_chunk(graphdef, tx, loss_fn, _synthetic_batch, mesh)
-    holder = [jax.tree.map(jnp.copy, state)]
+    holder = [steps.replicate(jax.tree.map(jnp.copy, state), mesh)]  # compiles once
     key = jax.random.key(2)
 
     def run():

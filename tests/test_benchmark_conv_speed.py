@@ -1,5 +1,7 @@
 """benchmarks.conv_speed: the shapes it times, its FLOP count, and its records."""
 
+import logging
+
 import jax
 import pytest
 
@@ -79,6 +81,20 @@ def test_network_programs_builds_only_the_programs_asked_for():
   programs = conv_speed.network_programs(arch, batch=2, names=("infer",))
   assert list(programs) == ["infer"]
   assert programs["infer"]().shape == (2, 10)
+
+
+def test_network_programs_run_as_traced_under_the_forced_implementation(caplog):
+  """Each program is traced once, inside ``conv.forced``: calling it again
+  compiles nothing. Catches the train step's state coming back placed on the
+  mesh and re-traced at the second call, outside the block, under the rule
+  (``train_speedup`` then timed the rule against itself)."""
+  arch = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=1 / 8)
+  programs = conv_speed.network_programs(arch, batch=2, impl="xla")
+  with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+    for _ in range(2):
+      jax.block_until_ready([run() for run in programs.values()])
+  assert "Compiling" not in caplog.text, caplog.text[:2000]
 
 
 def test_program_cost_reads_the_gradient_program_it_timed():

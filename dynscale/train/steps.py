@@ -45,6 +45,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+  """``tree``'s arrays placed on ``mesh``, replicated: where a train chunk
+  (:func:`make_train_chunk`) hands its state back, so that a state placed so
+  first compiles the chunk once, not again at its second call."""
+  return jax.device_put(tree, replicated(mesh))
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXIS))
 
