@@ -294,7 +294,8 @@ def cam_figure(arch: dict, variables: Mapping, images_uint8: np.ndarray, dps: Se
       ``images / 255``.
     labels, class_names: as in :func:`save_cam_grid` (green/red titles).
     bn_stats_by_dp: optional DP -> batch-norm statistics (``bn_stats_of``
-      layout, e.g. recalibrated) used at that DP instead of the shared ones.
+      layout, e.g. recalibrated) used at that DP instead of the shared ones
+      (keys matched within float32 rounding, :func:`dynscale.idp.matching_dp`).
 
   Returns:
     DP -> logits ``(B, num_classes)`` of the sliced network at that DP.
@@ -312,7 +313,8 @@ def cam_figure(arch: dict, variables: Mapping, images_uint8: np.ndarray, dps: Se
        else normalize(jnp.asarray(images), *normalization))
   cams, logits = {}, {}
   for dp in dps:
-    at_dp = sliced.merge_variables(variables, stats[dp]) if dp in stats else variables
+    key = idp.matching_dp(dp, stats)
+    at_dp = variables if key is None else sliced.merge_variables(variables, stats[key])
     cams[dp], logits[dp] = class_activation_maps(arch, at_dp, x, dp)
   save_cam_grid(images, cams, path, labels=labels, class_names=class_names,
                 predictions_by_dp={dp: np.asarray(jnp.argmax(l, -1)) for dp, l in logits.items()})

@@ -279,6 +279,22 @@ def test_cam_figure_end_to_end(tmp_path):
   assert abs(picture.shape[0] * 3 - picture.shape[1] * 2) <= 3
 
 
+def test_cam_figure_reads_a_dps_own_statistics_keyed_in_float32(tmp_path):
+  """Statistics given for a DP (here keyed by ``np.float32(0.3)``, as a sweep
+  over a float32 grid gives them) are the ones the CAMs and logits at 0.3 read.
+  Catches an exact float lookup, which fell back to the shared statistics."""
+  arch = spec.validate_architecture(SCONV_CAM)
+  variables = _random_variables(arch, 4)
+  stats = jax.tree.map(lambda a: a + 0.5, sliced.bn_stats_of(variables))
+  images = np.random.default_rng(5).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  logits = cam.cam_figure(arch, variables, images, [0.3], str(tmp_path / "cam.png"),
+                          bn_stats_by_dp={np.float32(0.3): stats})
+  x = images / 255.0
+  expected = sliced.apply_sliced(arch, sliced.merge_variables(variables, stats), x, 0.3)
+  assert not np.allclose(expected, sliced.apply_sliced(arch, variables, x, 0.3), atol=1e-3)
+  np.testing.assert_allclose(logits[0.3], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("dp", [0.0, 1.5, -0.1])
 def test_bad_dp_raises(vgg, dp):
   arch, variables, x = vgg

@@ -26,6 +26,7 @@ from dynscale.kernels.idp import (
     depthwise_conv_sliced,
     kept_width,
     masked_profile,
+    matching_dp,
     num_kept,
     profile,
     resolve_profile,
@@ -36,6 +37,6 @@ from dynscale.kernels.idp import (
 __all__ = [
     "PROFILES", "binarize", "channel_mask", "check_dp", "check_profile", "conv", "conv_sliced",
     "dense", "dense_sliced", "depthwise_conv", "depthwise_conv_sliced", "kept_width",
-    "masked_profile",
+    "masked_profile", "matching_dp",
     "num_kept", "profile", "resolve_profile", "separable_conv", "separable_conv_sliced",
 ]

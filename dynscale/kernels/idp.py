@@ -122,6 +122,13 @@ def check_dp(dp: float, name: str = "dp") -> float:
   return value
 
 
+def matching_dp(dp: float, dps) -> float | None:
+  """The DP of ``dps`` that ``dp`` names, within float32 rounding (``np.float32(0.3)``
+  names 0.3), or None: the lookup of statistics kept per DP."""
+  dp = check_dp(dp)
+  return next((key for key in dps if abs(key - dp) <= 1e-6), None)
+
+
 def _kept_thresholds(n: int) -> np.ndarray:
   """``j + slack`` in float32 for channels ``j < n``: channel ``j`` is kept where
   ``dp * n`` (one float32 product) exceeds it, i.e. ``j < ceil(dp * n - slack)``."""

@@ -406,11 +406,8 @@ class SlicedModel:
     return spec.resolve_widths(self.arch, widths), s, self._stats_dp(dp)
 
   def _stats_dp(self, dp: float | None) -> float | None:
-    """The key of ``bn_stats_by_dp`` that ``dp`` names, within float32 rounding, or None."""
-    if dp is None:
-      return None
-    dp = idp.check_dp(dp)
-    return next((key for key in self.bn_stats_by_dp if abs(key - dp) <= 1e-6), None)
+    """The key of ``bn_stats_by_dp`` that ``dp`` names (:func:`dynscale.idp.matching_dp`)."""
+    return None if dp is None else idp.matching_dp(dp, self.bn_stats_by_dp)
 
   def sliced_variables(self, widths: Any, profile_index: int | None = None) -> dict:
     """The variables used at ``widths`` (per-DP statistics applied), cut to the kept widths."""
