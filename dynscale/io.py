@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -22,15 +23,20 @@ def _umask() -> int:
 def write_bytes_atomic(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` via a temporary file and ``os.replace``.
 
-  The file gets the permissions a plain ``open`` would give it (``0o666``
-  less the umask; ``mkstemp`` makes it readable by its owner alone), and
-  the directory is synced after the rename, so the new name survives a crash.
+  As a plain ``open(path, "w")`` would: a new file gets ``0o666`` less the
+  umask (``mkstemp`` makes it readable by its owner alone), an existing one
+  keeps its permissions, a symbolic link stays one (its target is written),
+  and any name ``open`` takes works. The directory is synced after the
+  rename, so the new name survives a crash.
   """
-  directory = os.path.dirname(os.path.abspath(path))
+  path = os.path.realpath(path)
+  directory = os.path.dirname(path)
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+  mode = (stat.S_IMODE(os.stat(path).st_mode) if os.path.isfile(path)
+          else 0o666 & ~_umask())
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

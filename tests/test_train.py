@@ -775,6 +775,26 @@ def test_the_launcher_refuses_an_unknown_method(tmp_path):
 # --------------------------------------------------------------------------
 
 
+def test_an_atomic_write_over_a_file_does_what_a_plain_write_does(tmp_path):
+  """An existing file keeps its permissions, a symbolic link stays a link
+  (its target rewritten), and the longest name a plain ``open`` takes works.
+  Catches each replaced as a new file (0o600 became 0o644; the link became a
+  file beside an unchanged target) and a temporary name longer than allowed."""
+  private = tmp_path / "private.json"
+  private.write_text("{}")
+  private.chmod(0o600)
+  io.write_json_atomic(str(private), {"a": 1})
+  assert stat.S_IMODE(private.stat().st_mode) == 0o600
+  target, link = tmp_path / "target.json", tmp_path / "link.json"
+  target.write_text("{}")
+  link.symlink_to(target)
+  io.write_json_atomic(str(link), {"b": 2})
+  assert link.is_symlink() and json.loads(target.read_text()) == {"b": 2}
+  longest = tmp_path / ("r" * 250 + ".json")
+  io.write_json_atomic(str(longest), {"c": 3})
+  assert json.loads(longest.read_text()) == {"c": 3}
+
+
 def test_atomic_json_write_keeps_the_old_file_when_serialisation_fails(tmp_path):
   path = tmp_path / "results.json"
   io.write_json_atomic(str(path), {"a": 1})
