@@ -111,6 +111,32 @@ def test_a_permutation_of_a_tied_group_keeps_every_residual_add_aligned():
   assert not np.allclose(moved["layers"][0]["kernel"], v["layers"][0]["kernel"])
 
 
+def test_importance_after_a_trim_reads_only_the_trimmed_networks_filters():
+  """After a trim, a kept filter's rows that read trimmed channels are no part
+  of the network (they keep their old values). The next iteration ranks each
+  group's kept channels as the trimmed network itself (``trim``) ranks them
+  (its summed filter norms, checked by hand above). Catches the norms taken
+  over the full-size kernels, which keep a different channel here."""
+  arch = _small()
+  groups = trimming.trimmable_groups(arch)
+  prunable = spec.prunable_groups(arch)
+  ordered = trimming.order_by_importance(arch, _variables(arch), [g.size for g in prunable])
+  widths = [g.size for g in groups]
+  widths[1] = 2  # the first stage (layers.1), its followers' expansions with it
+  core = trimming.core_widths(arch, groups, widths)
+  again = trimming.order_by_importance(arch, ordered.variables, core, ordered.origin)
+  t_arch, t_vars = trimming.trim(arch, ordered.variables, core)
+  own = trimming.importance(t_arch, t_vars)
+  full_size = trimming.importance(arch, ordered.variables)
+  moved = 0
+  for g, t, w in zip(prunable, spec.prunable_groups(t_arch), core):
+    rank = np.argsort(-own[t.id], kind="stable")
+    np.testing.assert_array_equal(again.origin[g.id][:w], ordered.origin[g.id][:w][rank],
+                                  err_msg=g.name)
+    moved += not np.array_equal(rank, np.argsort(-full_size[g.id][:w], kind="stable"))
+  assert moved, "the check needs a group the dropped rows reorder"
+
+
 def test_kept_channels_are_the_largest_summed_filter_norms():
   arch = _mobilenet()
   v = _variables(arch)

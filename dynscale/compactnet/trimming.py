@@ -181,8 +181,12 @@ def order_by_importance(arch: dict, variables: Mapping, widths: Sequence[int],
   arch = spec.validate_architecture(arch)
   widths = spec.resolve_widths(arch, list(widths))
   prunable = spec.prunable_groups(arch)
-  scores = importance(arch, variables)
-  orders = {g.id: ranking(scores[g.id], w) for g, w in zip(prunable, widths)}
+  # scored on the network at ``widths``: a kept filter's rows that read trimmed
+  # channels are not part of it (they keep their old values, unused)
+  trimmed = spec.trimmed_architecture(arch, widths)
+  kept = importance(trimmed, sliced.slice_variables(arch, variables, widths))
+  orders = {g.id: ranking(np.pad(kept[t.id], (0, g.size - w)), w)
+            for g, t, w in zip(prunable, spec.prunable_groups(trimmed), widths)}
   origin = {g.id: np.arange(g.size) for g in prunable} if origin is None else origin
   return Ordered(reorder(arch, variables, orders),
                  {gid: np.asarray(origin[gid])[order] for gid, order in orders.items()})
