@@ -430,6 +430,29 @@ def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished
                    teacher(catch_up))
 
 
+def test_a_retraining_killed_before_its_first_checkpoint_catches_up_again(finished, tmp_path):
+  """A retraining killed during its first epoch leaves its stage directory
+  (opened for checkpoints) without a checkpoint: the rerun trains the
+  catch-up steps again, and ends as a retraining never killed. Catches the
+  directory taken for a started stage: the rerun skipped the catch-up (its
+  model saw fewer images than the searched one)."""
+  config, workdir, results, _ = finished
+  history = json.loads((workdir / "search-summary.json").read_text())
+  catch_up = (sum(i["chosen"] is not None for i in history["iterations"])
+              * config.compactnet.finetune_steps)
+  assert catch_up > 0
+  seed = config.compactnet.retrain_seeds[0]
+
+  def retrained(directory, killed):
+    run = runs.start(config, str(directory))
+    if killed:
+      (directory / "checkpoints" / f"retrain-original-seed{seed}").mkdir(parents=True)
+    fitted = training.retrain(run, "original", run.arch, run.model.pure_variables(), seed,
+                              catch_up)
+    return fitted.trainer.evaluate(fitted.state, "val", 1.0)
+  assert retrained(tmp_path / "killed", True) == retrained(tmp_path / "straight", False)
+
+
 def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):
   _, _, results, _ = finished
   exported = sliced.load(results["export_dir"])

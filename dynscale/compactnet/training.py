@@ -60,6 +60,7 @@ from dynscale.compactnet import latency, platform, schedule, search, simulator, 
 from dynscale.data.datasets import dataset_spec
 from dynscale.nn import batchnorm, models, sliced, spec
 from dynscale.train import runs, steps, validation
+from dynscale.train.checkpoint import has_checkpoint
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state, merge_model
 
@@ -353,7 +354,7 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
   seeded = dataclasses.replace(run, config=config, arch=arch)
   model = _network(seeded, arch, variables)
   stage = f"retrain-{name}-seed{seed}"
-  started = run.checkpoint_dir and os.path.isdir(os.path.join(run.checkpoint_dir, stage))
+  started = run.checkpoint_dir and has_checkpoint(os.path.join(run.checkpoint_dir, stage))
   if catch_up_steps and not started:
     tx = make_optimizer(c.finetune_optimizer, catch_up_steps)
     graphdef, state = create_train_state(model, tx)

@@ -37,6 +37,13 @@ def _difference(stored: dict, wanted: dict) -> str | None:
   return None
 
 
+def has_checkpoint(directory: str) -> bool:
+  """Whether ``directory`` holds a finished checkpoint: a stage killed before
+  its first save leaves the directory (created when its manager opens) empty,
+  or holding an unfinished temporary one."""
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 class Checkpoints:
   """Numbered checkpoints of ``(state pytree, metadata dict)`` in ``directory``."""
 
