@@ -944,6 +944,49 @@ def test_a_search_killed_between_its_last_two_writes_of_an_iteration_resumes_the
   assert run(tmp_path / "killed") == straight
 
 
+def test_a_rerun_whose_best_candidate_scores_less_continues_from_the_one_it_chose(
+    tmp_path, monkeypatch):
+  """Killed after the best candidate's variables are saved and before its
+  history entry, and rerun with a fine-tune that is not bit-reproducible (on a
+  GPU): that candidate now scores less and the history chooses another. The
+  run must continue from the candidate it chose, not from the file's (another
+  group trimmed). Catches the stale file taken as the chosen model."""
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  arch = _toy()
+  table = _toy_table(arch)
+  groups = trimming.trimmable_groups(arch)
+  score, fine_tune = _oracle(arch, table)
+  rerun = [False]
+
+  def tuned(variables, core, seed):   # records which candidate a model is
+    return {**fine_tune(variables, core, seed), "core": np.asarray(core, np.float32)}
+
+  def scored(variables, core):   # group 2's candidate scores less the second time
+    trimmed_2 = core[groups[2].index] != groups[2].size
+    return score(variables, core) - (0.02 if rerun[0] and trimmed_2 else 0.0)
+  variables = {**_variables(arch), "tag": np.asarray(0.0, np.float32),
+               "core": np.zeros(len(spec.prunable_groups(arch)), np.float32)}
+  real_write = search.write_json_atomic
+
+  def killed_at_group_2s_entry(path, obj):
+    if obj["iterations"] and len(obj["iterations"][0]["candidates"]) == 3:
+      raise _Killed
+    real_write(path, obj)
+  run = lambda: search.search(arch, variables, table, plan, fine_tune=tuned, score=scored,
+                              workdir=str(tmp_path))
+  monkeypatch.setattr(search, "write_json_atomic", killed_at_group_2s_entry)
+  with pytest.raises(_Killed):
+    run()
+  monkeypatch.setattr(search, "write_json_atomic", real_write)
+  rerun[0] = True
+  result = run()
+  first = result.history["iterations"][0]
+  chosen = first["candidates"][first["chosen"]]
+  assert chosen["group"] != groups[2].name   # the rerun chose another candidate
+  assert first["widths"] == chosen["widths"]
+  assert result.history["iterations"][1]["start_widths"] == chosen["widths"]
+
+
 def test_each_estimator_and_the_spread_by_hand(monkeypatch):
   """Ten runs of 1 to 10 ms (a clock that the runs themselves advance): median
   5.5 ms, minimum 1, 10% quantile 1.9 (between the first two, linearly),

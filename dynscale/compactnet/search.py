@@ -228,6 +228,11 @@ def extra_budgets(check: Mapping) -> list[float]:
   return [] if check["next_budget_s"] is None else [check["next_budget_s"]]
 
 
+def _candidate_seed(seed: int, iteration: int, group: int) -> int:
+  """The fine-tune seed of group ``group``'s candidate in ``iteration``."""
+  return seed * 1_000_003 + iteration * 1009 + group
+
+
 def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[int]) -> dict:
   return {"model": arch["name"], "table_sha": table.to_json()["sha256"],
           "schedule": dataclasses.asdict(schedule), "minimum_widths": list(minimum)}
@@ -299,7 +304,7 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
         continue
       trial = tuple(widths[:k]) + (width,) + tuple(widths[k + 1:])
       core = trimming.core_widths(arch, groups, trial)
-      tuned = fine_tune(ordered.variables, core, seed * 1_000_003 + i * 1009 + k)
+      tuned = fine_tune(ordered.variables, core, _candidate_seed(seed, i, k))
       accuracy = float(score(tuned, core))
       candidate = {"group": group.name, "widths": list(trial), "predicted_s": table.predict(trial),
                    "val_accuracy": accuracy,
@@ -318,7 +323,16 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
       # the choice is on disk before the chosen model: a run killed between the two
       # saves resumes with a model that meets the budget and keeps the choice it made
       write_json_atomic(history_path, history)
+      chosen = record["candidates"][record["chosen"]]
       variables, arrays = _load_variables(best_path)
+      if [int(w) for w in arrays["widths"]] != chosen["widths"]:
+        # the file holds a candidate saved before a kill whose rerun scored less
+        # (a fine-tune that is not bit-reproducible, e.g. on a GPU): the chosen
+        # one is fine-tuned again, with its own seed
+        k = [g.name for g in groups].index(chosen["group"])
+        core = trimming.core_widths(arch, groups, chosen["widths"])
+        variables = fine_tune(ordered.variables, core, _candidate_seed(seed, i, k))
+        arrays = {"widths": np.asarray(chosen["widths"]), **_origin_arrays(ordered.origin)}
       widths, origin = tuple(int(w) for w in arrays["widths"]), _origin_of(arrays)
     else:
       variables, origin = ordered.variables, ordered.origin
