@@ -681,6 +681,8 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
     (dict(min_width=0.0), r"compactnet.min_width\['layers.0'\] must be a fraction"),
     (dict(retrain_seeds=()), r"compactnet.retrain_seeds must be a non-empty list"),
     (dict(uniform_multipliers=(1.2,)), r"compactnet.uniform_multipliers must be fractions"),
+    (dict(uniform_multipliers=("a",)), r"compactnet.uniform_multipliers must be fractions"),
+    (dict(uniform_multipliers=(True,)), r"compactnet.uniform_multipliers must be fractions"),
     (dict(distill=dict(weight=1.5)), r"compactnet.distill.weight must be a number in \[0, 1\]"),
     (dict(distill=dict(temperature=0.0)), r"compactnet.distill.temperature must be"),
     (dict(speedup_margin=1.0), r"compactnet.speedup_margin must be a number in \[0, 1\)"),

@@ -132,7 +132,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"got {c.retrain_seeds!r}")
   for name in ("finetune_optimizer", "retrain_optimizer"):
     _prefixed(lambda name=name: validation.check_optimizer(c[name]), f"compactnet.{name}")
-  if not c.uniform_multipliers or any(not 0 < m <= 1 for m in c.uniform_multipliers):
+  if not c.uniform_multipliers or any(
+      isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1
+      for m in c.uniform_multipliers):
     raise ValueError(f"compactnet.uniform_multipliers must be fractions in (0, 1], "
                      f"got {c.uniform_multipliers!r}")
   arch = architecture(config)
