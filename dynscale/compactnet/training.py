@@ -212,8 +212,9 @@ class Candidates:
     return merge_model(self.trainer.graphdef, state.params, state.model_state).pure_variables()
 
   def score(self, variables: dict, widths) -> float:
-    """Validation accuracy at ``widths`` (batch norm as given), on the first
-    ``compactnet.score_examples`` validation images (0: all)."""
+    """Validation accuracy at ``widths`` (batch norm as given), on
+    ``compactnet.score_examples`` validation images drawn with the run's seed,
+    the same for every candidate (0: all; :meth:`dynscale.train.loop.Trainer.evaluate`)."""
     set_variables(self.model, variables)
     state = self.trainer.place(create_train_state(self.model, self.tx)[1])
     return self.trainer.evaluate(state, "val", jnp.asarray(widths, jnp.int32),
