@@ -20,12 +20,12 @@ from dynscale.data.pipeline import normalize
 from dynscale.nn import batchnorm, models, sliced
 from dynscale.tesla import multitask, training as tesla_training
 from dynscale.train import loop, runs, steps, sweep
-from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state, merge_model
 from experiments import main as launcher
 from experiments.configs import common, tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
 from blind_selection import assert_fit_never_reads_the_test_split, val_accuracy_by_hand
+from injected_kills import killed_at_checkpoint, logged_lines
 
 TASKS = (1.0, 0.5, 0.2)
 SHARED = common.evaluation(bn_mode="shared")
@@ -740,44 +740,25 @@ def test_best_mean_selection_keeps_the_run_state_with_the_best_mean_validation_a
   assert by_hand == pytest.approx(best[1], abs=2e-3)
 
 
-class Killed(BaseException):
-  """A kill, injected where a SIGKILL is hard to time."""
-
-
 def test_best_mean_selection_killed_before_an_epochs_checkpoint_logs_each_epoch_once(
     tmp_path, monkeypatch):
   """A stage's epoch is scored for best-mean selection before the stage's own
   checkpoint is saved: a run killed between the two retrains that epoch on the
-  rerun. Catches its ``run/mean_val_accuracy`` line (and so ``run_epoch``)
-  logged twice in ``metrics.jsonl``, and the rerun's selection differing from
-  a straight run's."""
+  rerun (here the second stage's first, before that stage has a checkpoint).
+  Catches its lines, ``run/mean_val_accuracy`` among them, logged twice in
+  ``metrics.jsonl``, and the rerun's selection differing from a straight run's."""
   config = tesla_main.get_config()
-  config.data.val_size = 200
-  config.model.width_multiplier = 0.1
-  config.train.num_epochs = 2
-  config.train.steps_per_chunk = 20
-  config.schedule.tasks = (1.0, 0.2)
-  config.schedule.selection = "best_mean"
-  config.eval.dps = (0.2, 1.0)
-  config.tensorboard = False
+  config.update_from_flattened_dict({
+      "data.val_size": 200, "model.width_multiplier": 0.1, "train.num_epochs": 2,
+      "train.steps_per_chunk": 20, "schedule.tasks": (1.0, 0.2),
+      "schedule.selection": "best_mean", "eval.dps": (0.2, 1.0), "tensorboard": False})
   straight = tesla_training.train_and_evaluate(config, str(tmp_path / "straight"))
-  save = Checkpoints.save
-
-  def killed_before_the_stages_own_save(self, step, state, metadata):
-    if self.directory.endswith("stage1") and step == 1:
-      raise Killed
-    save(self, step, state, metadata)
-  with monkeypatch.context() as patch:
-    patch.setattr(Checkpoints, "save", killed_before_the_stages_own_save)
-    with pytest.raises(Killed):
-      tesla_training.train_and_evaluate(config, str(tmp_path / "killed"))
+  with killed_at_checkpoint(monkeypatch, lambda directory, step: directory.endswith("stage1")
+                            and step == 1):
+    tesla_training.train_and_evaluate(config, str(tmp_path / "killed"))
   resumed = tesla_training.train_and_evaluate(config, str(tmp_path / "killed"))
   for key in ("selected_stage", "selected_epoch", "mean_val_accuracy", "curves", "epochs"):
     assert resumed[key] == straight[key], key
-
-  def logged(workdir):  # each line once, its measured throughput aside
-    return [{k: v for k, v in json.loads(line).items() if not k.endswith("images_per_s")}
-            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  run_epochs = [r["run_epoch"] for r in logged(tmp_path / "straight") if "run_epoch" in r]
+  run_epochs = [r["run_epoch"] for r in logged_lines(tmp_path / "straight") if "run_epoch" in r]
   assert run_epochs == list(range(1, straight["epochs"] + 1))
-  assert logged(tmp_path / "killed") == logged(tmp_path / "straight")
+  assert logged_lines(tmp_path / "killed") == logged_lines(tmp_path / "straight")

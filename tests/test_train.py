@@ -28,6 +28,7 @@ from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.state import create_train_state
 from experiments.configs import baseline
 from blind_selection import assert_fit_never_reads_the_test_split
+from injected_kills import killed_at_checkpoint, logged_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,10 +80,6 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, straight_and_res
   assert a["steps"] == b["steps"]
 
 
-class Killed(BaseException):
-  """A kill, injected where a SIGKILL is hard to time."""
-
-
 def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
     tmp_path, monkeypatch):
   """An epoch's best state is saved before the epoch's own checkpoint: a run
@@ -92,26 +89,15 @@ def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
   metrics logged twice."""
   config = tiny_config(**{"train.num_epochs": 2})
   straight = idp_training.train_and_evaluate(config, str(tmp_path / "straight"))
-  save = Checkpoints.save
-
-  def killed_before_the_epochs_own_save(self, step, state, metadata):
-    if step == 2 and not self.directory.endswith("-best"):
-      raise Killed
-    save(self, step, state, metadata)
-  with monkeypatch.context() as patch:
-    patch.setattr(Checkpoints, "save", killed_before_the_epochs_own_save)
-    with pytest.raises(Killed):
-      idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
+  with killed_at_checkpoint(monkeypatch, lambda directory, step: step == 2
+                            and not directory.endswith("-best")):
+    idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
   assert os.listdir(tmp_path / "killed" / "checkpoints" / "train-best") == ["2"]
   resumed = idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
   for key in ("curves", "val_accuracy", "steps", "epochs_run"):
     assert resumed[key] == straight[key], key
   assert straight["epochs_run"] == 2
-
-  def logged(workdir):  # each line once, its measured throughput aside
-    return [{k: v for k, v in json.loads(line).items() if not k.endswith("images_per_s")}
-            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert logged(tmp_path / "killed") == logged(tmp_path / "straight")
+  assert logged_lines(tmp_path / "killed") == logged_lines(tmp_path / "straight")
 
 
 def test_a_resumed_stage_forgets_only_its_own_lines_logged_after_its_checkpoint(tmp_path):
