@@ -944,6 +944,25 @@ def test_a_search_killed_between_its_last_two_writes_of_an_iteration_resumes_the
   assert run(tmp_path / "killed") == straight
 
 
+def test_a_search_resumed_with_other_candidate_settings_is_refused(tmp_path):
+  """The candidates' fine-tune and score settings are kept with the history: a
+  rerun with other ones (e.g. more fine-tune steps, which the retraining's
+  catch-up counts) is refused, the same ones resume, and a history written
+  before they were kept resumes. Catches them left out of the settings."""
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  first = _toy_search(tmp_path, plan, candidate_settings={"finetune_steps": 5})
+  with pytest.raises(ValueError, match=r"search with other settings .*'finetune_steps': 5"):
+    _toy_search(tmp_path, plan, candidate_settings={"finetune_steps": 6})
+  assert _toy_search(tmp_path, plan,
+                     candidate_settings={"finetune_steps": 5}).history == first.history
+  path = tmp_path / search.HISTORY_FILE
+  older = json.loads(path.read_text())
+  del older["settings"]["candidates"]
+  path.write_text(json.dumps(older))
+  assert _toy_search(tmp_path, plan,
+                     candidate_settings={"finetune_steps": 5}).history == first.history
+
+
 def test_a_rerun_whose_best_candidate_scores_less_continues_from_the_one_it_chose(
     tmp_path, monkeypatch):
   """Killed after the best candidate's variables are saved and before its

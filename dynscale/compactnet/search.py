@@ -240,7 +240,8 @@ def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[in
 
 def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
            fine_tune: FineTune, score: Score, workdir: str, min_width: float | Sequence[float]
-           = 0.25, seed: int = 0, log: Callable[[str], None] = lambda _: None) -> Result:
+           = 0.25, seed: int = 0, candidate_settings: Mapping | None = None,
+           log: Callable[[str], None] = lambda _: None) -> Result:
   """Runs (or resumes, from ``workdir``) the search (module docstring).
 
   Args:
@@ -254,6 +255,10 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
     score: validation accuracy of a candidate.
     workdir: where the history and variables are kept.
     min_width: the smallest fraction of each group the search may keep.
+    candidate_settings: what makes ``fine_tune`` and ``score`` what they are
+      (JSON values, e.g. the fine-tune's steps and optimizer), kept with the
+      history: a resumed search with other ones is refused, as with other
+      settings of its own (a history written before they were kept resumes).
 
   Raises:
     UnreachableTarget: an iteration where no group can meet the budget; the
@@ -264,10 +269,12 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
   minimum = minimum_widths(table, min_width)
   os.makedirs(workdir, exist_ok=True)
   history_path = os.path.join(workdir, HISTORY_FILE)
-  settings = _settings(arch, table, schedule, minimum)
+  settings = {**_settings(arch, table, schedule, minimum),
+              "candidates": json.loads(json.dumps(candidate_settings or {}))}
   if os.path.exists(history_path):
     with open(history_path) as f:
       history = json.load(f)
+    history["settings"].setdefault("candidates", settings["candidates"])
     if history["settings"] != settings:
       raise ValueError(f"{history_path} is a search with other settings "
                        f"({history['settings']}); use another workdir")

@@ -176,6 +176,14 @@ def set_variables(model: nnx.Module, variables: dict) -> None:
   nnx.update(model.layers, state)
 
 
+def candidate_settings(c: ml_collections.ConfigDict) -> dict:
+  """The ``compactnet`` settings a candidate's fine-tune and score depend on,
+  which a resumed search must share (the retraining's catch-up counts its
+  fine-tune steps)."""
+  return {"finetune_steps": c.finetune_steps, "finetune_optimizer": c.finetune_optimizer.to_dict(),
+          "recalibration_batches": c.recalibration_batches, "score_examples": c.score_examples}
+
+
 @dataclasses.dataclass
 class Candidates:
   """Fine-tunes and scores candidates on one masked network (one compile)."""
@@ -445,7 +453,7 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
     found = search.search(run.arch, original, table, plan(run.config),
                           fine_tune=candidates.fine_tune, score=candidates.score,
                           workdir=workdir, min_width=c.min_width, seed=run.config.seed,
-                          log=logging.info)
+                          candidate_settings=candidate_settings(c), log=logging.info)
     checks = found.history["checks"]
     checked = checks[-1].get("goal_speedup", c.t_final) if checks else goal
     if checked != goal:
