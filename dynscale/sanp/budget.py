@@ -73,7 +73,9 @@ def thin_width_multiplier(name: str, num_classes: int, input_shape, budget: floa
 
 def spm_flops(arch: dict, reduction: int) -> int:
   """Multiply-adds of SPM gates (Eq. 6's two layers) on every gate point of ``arch``,
-  per image: the gates' own cost, listed apart from the network's."""
+  per image: the gates' own cost, listed apart from the network's. Eq. 5's
+  pooling of each gate's input (``H W C_in`` additions, no multiplies) is not
+  counted, as §4.1.1 counts multiply-adds."""
   total = 0
   for point in layers.gate_points(arch).values():
     hidden = max(1, point.outputs // reduction)
