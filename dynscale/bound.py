@@ -116,6 +116,6 @@ def load(directory: str | os.PathLike) -> Callable[..., Any]:
     # NumPy stores bfloat16 as raw 2-byte records: each array is read as the
     # dtype the saved function takes it in
     arrays = [jnp.asarray(data[f"arr_{i}"].view(aval.dtype))
-              for i, aval in zip(range(len(data.files)), exported.in_avals)]
+              for i, aval in enumerate(exported.in_avals[:len(data.files)])]
   call = jax.jit(exported.call)
   return lambda *args: call(arrays, *args)

@@ -183,8 +183,8 @@ def order_by_importance(arch: dict, variables: Mapping, widths: Sequence[int],
   prunable = spec.prunable_groups(arch)
   # scored on the network at ``widths``: a kept filter's rows that read trimmed
   # channels are not part of it (they keep their old values, unused)
-  trimmed = spec.trimmed_architecture(arch, widths)
-  kept = importance(trimmed, sliced.slice_variables(arch, variables, widths))
+  trimmed, kept_variables = trim(arch, variables, widths)
+  kept = importance(trimmed, kept_variables)
   orders = {g.id: ranking(np.pad(kept[t.id], (0, g.size - w)), w)
             for g, t, w in zip(prunable, spec.prunable_groups(trimmed), widths)}
   origin = {g.id: np.arange(g.size) for g in prunable} if origin is None else origin

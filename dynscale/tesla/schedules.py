@@ -36,6 +36,7 @@ per stage, the R-TESLA epoch budget of Table 1) belong to the training loop.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Union
 
@@ -82,10 +83,6 @@ class Stage:
 # --------------------------------------------------------------------------
 
 
-def _is_number(value) -> bool:
-  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-
-
 def check_tasks(tasks: Sequence[float], decreasing: bool = True,
                 name: str = "tasks") -> tuple[float, ...]:
   """Validates a task set (DP levels) and returns it as a tuple of floats;
@@ -96,7 +93,7 @@ def check_tasks(tasks: Sequence[float], decreasing: bool = True,
   task set in any order" (``decreasing=False``).
   """
   for i, t in enumerate(tasks):
-    if not _is_number(t):
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
       raise ValueError(f"{name}[{i}] must be a number in (0, 1], got {t!r}")
   values = tuple(idp.check_dp(t, name=f"{name}[{i}]") for i, t in enumerate(tasks))
   if not values:
@@ -116,7 +113,7 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
   ``alpha = 0`` would give the new task no weight at all, so it is refused;
   ``alpha = 1`` drops all earlier tasks (plain sequential training).
   """
-  if not _is_number(alpha) or not 0.0 < float(alpha) <= 1.0:
+  if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
     raise ValueError(f"{name} must be a number in (0, 1], got {alpha!r}")
   return float(alpha)
 
