@@ -4,14 +4,16 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from benchmarks import compactnet_exchange, compactnet_models, compactnet_prefixes, compactnet_table
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
-from dynscale.train import runs, sweep
+from dynscale.train import loop, runs, steps, sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
@@ -350,6 +352,49 @@ def test_a_candidate_is_recalibrated_at_its_widths_before_its_fine_tune(finished
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *kept)
 
 
+def test_the_uniform_model_is_recalibrated_after_its_trim(finished, tmp_path):
+  """The uniform model's batch-norm statistics are measured again after its
+  trim: the statistics it was cut with do not matter, and its first layer's
+  are the moments of its kept filters' outputs over the batches, by hand.
+  Catches the trimmed network keeping the original's statistics; and the
+  uniform model's retraining records the recalibration in its origin (one
+  started without it is refused, not resumed)."""
+  config, workdir, results, _ = finished
+  run = runs.start(config, str(tmp_path))
+  given = run.model.pure_variables()
+  rng = np.random.default_rng(0)
+  scrambled = sliced.merge_variables(given, jax.tree.map(
+      lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), sliced.bn_stats_of(given)))
+  table = latency.load(results["table"])
+  groups = trimming.trimmable_groups(run.arch, table.expansion)
+  core = trimming.core_widths(run.arch, groups, list(results["uniform_widths"].values()))
+  batches = training.Candidates.create(run, given).trainer.training_batches(2)
+  trimmed = [training.trimmed_recalibrated(run.arch, v, core, batches, jnp.float32)[1]
+             for v in (given, scrambled)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               *map(sliced.bn_stats_of, trimmed))
+  first = run.arch["layers"][0]
+  assert first["kind"] == "conv" and first["bn"]
+  kernel = trimmed[0]["layers"][0]["kernel"]
+  outputs = jnp.concatenate([jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), first["padding"], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      for x in batches])
+  np.testing.assert_allclose(trimmed[0]["layers"][0]["bn"]["mean"],
+                             jnp.mean(outputs, axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(trimmed[0]["layers"][0]["bn"]["var"],
+                             jnp.var(outputs, axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+  seed = config.compactnet.retrain_seeds[0]
+  shutil.copytree(workdir / "checkpoints", tmp_path / "copy" / "checkpoints")
+  copy = runs.start(config, str(tmp_path / "copy"))
+  uniform = sliced.load(results["uniform_export_dir"])
+  catch_up = (sum(i["chosen"] is not None for i in
+                  json.loads((workdir / "search-summary.json").read_text())["iterations"])
+              * config.compactnet.finetune_steps)
+  teacher = training.Teacher(run.arch, given, training.retrain_origin(catch_up))
+  with pytest.raises(ValueError, match=f"retrain-uniform-seed{seed}.*delete"):
+    training.retrain(copy, "uniform", uniform.arch, uniform.variables, seed, catch_up, teacher)
+
+
 def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp_path):
   """With compactnet.speedup_margin m the checks hold the model to T (1 + m):
   a search whose model measured T without it trims further, each corrected
@@ -427,7 +472,7 @@ def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished
     training.retrain(run, "uniform", uniform.arch, uniform.variables, seed, 0,
                      teacher(catch_up))
   training.retrain(run, "uniform", uniform.arch, uniform.variables, seed, catch_up,
-                   teacher(catch_up))
+                   teacher(catch_up), config.compactnet.recalibration_batches)
 
 
 def test_a_retraining_killed_before_its_first_checkpoint_catches_up_again(finished, tmp_path):
@@ -451,6 +496,33 @@ def test_a_retraining_killed_before_its_first_checkpoint_catches_up_again(finish
                               catch_up)
     return fitted.trainer.evaluate(fitted.state, "val", 1.0)
   assert retrained(tmp_path / "killed", True) == retrained(tmp_path / "straight", False)
+
+
+def test_a_retraining_seeded_as_the_pretraining_reads_other_batches(finished, tmp_path,
+                                                                   monkeypatch):
+  """The retraining with the pretraining's seed reads the data order of the
+  epochs after the pretraining's, its catch-up steps first, then its own
+  epochs after those. Catches the catch-up or the retraining counting data
+  epochs from zero (they replayed the pretraining's batches), and the
+  retraining starting at the catch-up's epoch (it replayed the catch-up's)."""
+  config, _, _, _ = finished
+  assert config.seed in config.compactnet.retrain_seeds and not config.model.init_from
+  orders = []
+  chunks = loop.Trainer.epoch_chunks
+
+  def recorded(self, epoch):
+    for idx, key in chunks(self, epoch):
+      orders.append(np.asarray(idx).tobytes())
+      yield idx, key
+  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  run = runs.start(config, str(tmp_path))
+  runs.fit_stage(run, run.model, runs.Stage("pretrain", config.train.num_epochs, nnx.Param,
+                                            steps.classification_loss, steps.eval_forward))
+  pretraining = set(orders)
+  orders.clear()
+  training.retrain(run, "original", run.arch, run.model.pure_variables(), config.seed, 2)
+  catch_up, retraining = orders[0], orders[1:]
+  assert retraining and not pretraining & set(orders) and catch_up not in retraining
 
 
 def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):

@@ -146,6 +146,17 @@ def test_recalibrated_statistics_survive_export(tmp_path):
     np.testing.assert_allclose(loaded(x, dp), runner(x, dp), rtol=1e-6)
 
 
+def test_variables_held_as_numpy_arrays_recalibrate_as_the_model():
+  """An ``(arch, variables)`` pair whose variables are NumPy arrays (e.g. read
+  from an ``.npz``) recalibrates to the model's statistics. Catches the
+  statistics updated with JAX's ``.at`` on NumPy arrays (it raised)."""
+  model = _model()
+  held = (model.arch, jax.tree.map(np.asarray, model.pure_variables()))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               batchnorm.recalibrate(held, 0.5, _batches()),
+               batchnorm.recalibrate(model, 0.5, _batches()))
+
+
 def test_a_trimmed_export_at_a_dp_runs_with_that_dps_statistics(tmp_path):
   """``export(widths=dp)`` of a network with recalibrated statistics gives its
   logits at that DP, read with that DP's statistics. Catches the trimmed

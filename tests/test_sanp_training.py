@@ -10,7 +10,7 @@ from flax import nnx
 
 from dynscale.nn import costs, layers, models, sliced
 from dynscale.sanp import budget, gates, training
-from dynscale.train import runs, sweep
+from dynscale.train import loop, runs, sweep
 from experiments import main as launcher
 from experiments.configs import sanp_cpu
 
@@ -38,7 +38,7 @@ def test_the_warm_up_trains_only_the_gates(tmp_path):
   model = training.gated_model(config, run.arch, run.model)
   before = nnx.state(model.layers).to_pure_dict()
   gates_before = nnx.state(model.gates, nnx.Param).to_pure_dict()
-  training.warm_up(run, model)
+  training.warm_up(run, model, 0)
   after = nnx.state(model.layers).to_pure_dict()
   for index, layer in before.items():
     for name in ("kernel", "bias"):
@@ -320,13 +320,32 @@ def test_the_budget_ramps_down_from_the_full_network():
   assert training.ramped_budget(0.3, 5, 0) == 0.3
 
 
+def test_each_stage_reads_the_data_order_of_the_runs_later_epochs(tmp_path, monkeypatch):
+  """Pretraining, warm-up and fine-tune, one epoch each, are three ``fit``s of
+  one run: each must draw its own order of the training images. Catches a
+  stage counting data epochs from zero, which replayed the pretraining's
+  first epoch in the warm-up and the fine-tune."""
+  config = tiny(**{"train.steps_per_chunk": 1000})  # one chunk an epoch: the epoch's order
+  assert training.handed_off(config.sanp)
+  orders = []
+  chunks = loop.Trainer.epoch_chunks
+
+  def recorded(self, epoch):
+    for idx, key in chunks(self, epoch):
+      orders.append(np.asarray(idx).tobytes())
+      yield idx, key
+  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  training.run_stages(runs.start(config, str(tmp_path), check=training.check_config))
+  assert len(orders) == 3 and len(set(orders)) == 3
+
+
 def _handed_off_run(tmp_path, **overrides):
   """A tiny run at a 40% budget warmed up as FIXED-K (``ranked``) and handed off to
   ``model``; also the warm-up's outcome and the running statistics it left."""
   config = tiny(**{"sanp.gate_start": "fixed_k", "sanp.budget": 0.4, **overrides})
   run = runs.start(config, str(tmp_path), check=training.check_config)
   ranked = training.gated_model(config, run.arch, run.model, variant="fixed_k")
-  fitted = training.warm_up(run, ranked)
+  fitted = training.warm_up(run, ranked, 0)
   warmed = nnx.state(ranked.layers, nnx.BatchStat).to_pure_dict()
   model = training.gated_model(config, run.arch, run.model)
   training.hand_off(run, ranked, model, fitted.trainer)

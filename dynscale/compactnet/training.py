@@ -24,7 +24,8 @@
    ``compactnet.uniform_multipliers`` whose measured latency is at most the
    searched model's (the table guesses where; a few around the guess are
    measured, :func:`choose_uniform`), chosen once per run and kept in
-   ``<workdir>/uniform-choice.json`` (:func:`kept_uniform_choice`).
+   ``<workdir>/uniform-choice.json`` (:func:`kept_uniform_choice`); its
+   batch norm is recalibrated after the trim, as every candidate's is.
 5. Retraining, once per ``compactnet.retrain_seeds``: the original, the
    searched and the uniform network each train ``compactnet.retrain_epochs``
    epochs with ``compactnet.retrain_optimizer``; the uniform and original
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -345,20 +347,33 @@ class Teacher(NamedTuple):
   origin: dict
 
 
-def retrain_origin(catch_up_steps: int, teacher: Teacher | None = None) -> dict:
+def retrain_origin(catch_up_steps: int, teacher: Teacher | None = None,
+                   recalibration_batches: int = 0) -> dict:
   """How a retraining stage starts (its checkpoints' origin): the catch-up
-  steps it trained first and, when it distills, its teacher's origin."""
+  steps it trained first, when it distills its teacher's origin, and the
+  training batches its batch norm was recalibrated on after a trim (the key
+  only when it was, so that the untrimmed and searched models' origins are
+  those recorded before the uniform model was recalibrated)."""
+  recalibrated = {"recalibration_batches": recalibration_batches} if recalibration_batches else {}
   return {"catch_up_steps": catch_up_steps,
-          "teacher": None if teacher is None else teacher.origin}
+          "teacher": None if teacher is None else teacher.origin, **recalibrated}
 
 
 def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
-            catch_up_steps: int, teacher: Teacher | None = None) -> runs.Fitted:
+            catch_up_steps: int, teacher: Teacher | None = None,
+            recalibration_batches: int = 0) -> runs.Fitted:
   """``name`` retrained with data order ``seed`` (first ``catch_up_steps`` steps
   with the fine-tune optimizer when it has no checkpoint yet), distilled from
-  ``teacher`` when given (``compactnet.distill``). A checkpoint of the stage
+  ``teacher`` when given (``compactnet.distill``); ``recalibration_batches``:
+  how ``variables`` had their batch norm recalibrated (:func:`retrain_origin`).
+  A checkpoint of the stage
   started otherwise (:func:`retrain_origin`; e.g. one copied from a run whose
-  search chose another number of candidates) is refused, not resumed."""
+  search chose another number of candidates) is refused, not resumed.
+
+  The catch-up and the retraining read the data order of the epochs after
+  the pretraining's ``train.num_epochs`` (the retraining after the
+  catch-up's), so that a retraining seeded as the pretraining was does not
+  replay its batches."""
   c = run.config.compactnet
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.seed = seed
@@ -366,12 +381,14 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
   model = _network(seeded, arch, variables)
   stage = f"retrain-{name}-seed{seed}"
   started = run.checkpoint_dir and has_checkpoint(os.path.join(run.checkpoint_dir, stage))
+  pretrained = run.config.train.num_epochs
   if catch_up_steps and not started:
     tx = make_optimizer(c.finetune_optimizer, catch_up_steps)
     graphdef, state = create_train_state(model, tx)
     trainer = runs.make_trainer(seeded, graphdef, tx, steps.classification_loss,
                                 steps.eval_forward)
-    state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps, 0)
+    state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps,
+                                pretrained)
     set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
   loss_fn, forward, task = steps.classification_loss, steps.eval_forward, None
   if teacher is not None:
@@ -379,7 +396,9 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
     forward, task = steps.full_width_forward, teacher.variables
   return runs.fit_stage(seeded, model, runs.Stage(
       stage, c.retrain_epochs, nnx.Param, loss_fn, forward, task=task,
-      optimizer=c.retrain_optimizer, origin=retrain_origin(catch_up_steps, teacher)))
+      optimizer=c.retrain_optimizer,
+      origin=retrain_origin(catch_up_steps, teacher, recalibration_batches),
+      epochs_before=pretrained + math.ceil(catch_up_steps / runs.total_steps(run, 1))))
 
 
 def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
@@ -433,6 +452,16 @@ def trimmed_searched(arch: dict, found: search.Result, expansion: str) -> tuple[
   """The searched model trimmed to its widths: architecture and variables."""
   groups = trimming.trimmable_groups(arch, expansion)
   return trimming.trim(arch, found.variables, trimming.core_widths(arch, groups, found.widths))
+
+
+def trimmed_recalibrated(arch: dict, variables: dict, widths, batches, dtype
+                         ) -> tuple[dict, dict]:
+  """:func:`dynscale.compactnet.trimming.trim` of the ordered ``variables`` to core
+  ``widths``, the batch-norm statistics then measured again over ``batches``
+  (a trimmed layer's inputs are not those its statistics were measured on)."""
+  trimmed_arch, trimmed = trimming.trim(arch, variables, widths)
+  stats = batchnorm.recalibrate((trimmed_arch, trimmed), 1.0, batches, dtype=dtype)
+  return trimmed_arch, sliced.merge_variables(trimmed, stats)
 
 
 def search_on_platform(run: runs.Run, original: dict, original_export: str,
@@ -503,8 +532,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule_ = plan(config)
   search.check_reachable(table, search.minimum_widths(table, c.min_width), schedule_,
                          "compactnet.min_width")
-  found = search_on_platform(run, original, original_export, table,
-                             Candidates.create(run, original), remote)
+  candidates = Candidates.create(run, original)
+  found = search_on_platform(run, original, original_export, table, candidates, remote)
   searched_arch, searched_vars = trimmed_searched(arch, found, table.expansion)
   groups = trimming.trimmable_groups(arch, table.expansion)
   chosen = sum(r["chosen"] is not None for r in found.history["iterations"])
@@ -515,16 +544,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                              target, settings, remote)
   ordered = trimming.order_by_importance(arch, original, [g.size for g in
                                                           spec.prunable_groups(arch)])
-  uniform_arch, uniform_vars = trimming.trim(arch, ordered.variables,
-                                             trimming.core_widths(arch, groups, uniform))
+  uniform_arch, uniform_vars = trimmed_recalibrated(
+      arch, ordered.variables, trimming.core_widths(arch, groups, uniform),
+      candidates.trainer.training_batches(c.recalibration_batches), runs.compute_dtype(config))
   accuracy: dict[str, dict[str, list[float]]] = {}
   final = {}
   for seed in c.retrain_seeds:
     teacher = None
-    for name, (a, v, extra) in {"original": (arch, original, catch_up),
-                                "searched": (searched_arch, searched_vars, 0),
-                                "uniform": (uniform_arch, uniform_vars, catch_up)}.items():
-      fitted = retrain(run, name, a, v, seed, extra, teacher)
+    for name, (a, v, extra, recalibrated) in {
+        "original": (arch, original, catch_up, 0),
+        "searched": (searched_arch, searched_vars, 0, 0),
+        "uniform": (uniform_arch, uniform_vars, catch_up, c.recalibration_batches)}.items():
+      fitted = retrain(run, name, a, v, seed, extra, teacher, recalibrated)
       if name == "original" and c.distill.weight > 0:
         teacher = Teacher(arch, merge_model(fitted.graphdef, fitted.state.params,
                                             fitted.state.model_state).pure_variables(),

@@ -67,8 +67,8 @@ def _finish(stats: Mapping, sums: Mapping, count: int) -> dict:
     if "mean_sq" in value:
       mean = value["mean"] / count
       var = jnp.maximum(0.0, value["mean_sq"] / count - mean * mean)
-      out[key] = {"mean": stats[key]["mean"].at[:mean.shape[0]].set(mean),
-                  "var": stats[key]["var"].at[:var.shape[0]].set(var)}
+      out[key] = {"mean": jnp.asarray(stats[key]["mean"]).at[:mean.shape[0]].set(mean),
+                  "var": jnp.asarray(stats[key]["var"]).at[:var.shape[0]].set(var)}
     else:
       out[key] = _finish(stats[key], value, count)
   return out

@@ -266,18 +266,20 @@ def gated_forward(arch: dict) -> steps.ForwardFn:
   return forward
 
 
-def pretrain(run: runs.Run) -> None:
+def pretrain(run: runs.Run) -> runs.Fitted:
   """Stage 1: the backbone ``run.model`` alone, plain cross-entropy."""
-  runs.fit_stage(run, run.model, runs.Stage("pretrain", run.config.sanp.pretrain_epochs, nnx.Param,
-                                  steps.classification_loss, steps.eval_forward))
+  return runs.fit_stage(run, run.model, runs.Stage(
+      "pretrain", run.config.sanp.pretrain_epochs, nnx.Param, steps.classification_loss,
+      steps.eval_forward))
 
 
-def warm_up(run: runs.Run, model: nnx.Module) -> runs.Fitted:
+def warm_up(run: runs.Run, model: nnx.Module, epochs_before: int) -> runs.Fitted:
   """Stage 2: the gates of ``model`` alone learn; convolutions and batch-norm
-  parameters stay as they are."""
+  parameters stay as they are. It starts after ``epochs_before`` epochs of the run."""
   return runs.fit_stage(run, model, runs.Stage(
       "warmup", run.config.sanp.warmup_epochs, nnx.All(nnx.Param, nnx.PathContains("gates")),
-      sanp_loss(run.arch, run.config, penalised=False), gated_forward(run.arch)))
+      sanp_loss(run.arch, run.config, penalised=False), gated_forward(run.arch),
+      epochs_before=epochs_before))
 
 
 def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> None:
@@ -321,29 +323,32 @@ def hand_off(run: runs.Run, ranked: nnx.Module, model: nnx.Module, trainer) -> N
                "on %d training batches", keep, float(ratio), len(batches))
 
 
-def fine_tune(run: runs.Run, model: nnx.Module) -> runs.Fitted:
+def fine_tune(run: runs.Run, model: nnx.Module, epochs_before: int) -> runs.Fitted:
   """Stage 3: everything learns under Eq. 9-10; hands on the final state (the best
-  validation accuracy is often an early epoch still over budget)."""
+  validation accuracy is often an early epoch still over budget). It starts
+  after ``epochs_before`` epochs of the run."""
   return runs.fit_stage(run, model, runs.Stage(
       "finetune", run.config.train.num_epochs, nnx.Param,
       sanp_loss(run.arch, run.config, penalised=run.config.sanp.variant != "fixed_k",
                 ramp_steps=run.config.sanp.budget_ramp_epochs * runs.total_steps(run, 1)),
-      gated_forward(run.arch), keep="final"))
+      gated_forward(run.arch), keep="final", epochs_before=epochs_before))
 
 
 def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
-  """The three stages (each resumed from its checkpoint); the gated model in its
-  final state, and the fine-tune's outcome."""
+  """The three stages (each resumed from its checkpoint; each reads the data
+  order of the run's epochs after the earlier stages'); the gated model in
+  its final state, and the fine-tune's outcome."""
   s = run.config.sanp
-  if not run.init_from and s.pretrain_epochs:
-    pretrain(run)
+  spent = pretrain(run).epochs if not run.init_from and s.pretrain_epochs else 0
   model = gated_model(run.config, run.arch, run.model)
   if handed_off(s):
     ranked = gated_model(run.config, run.arch, run.model, variant="fixed_k")
-    hand_off(run, ranked, model, warm_up(run, ranked).trainer)
+    warmed = warm_up(run, ranked, spent)
+    hand_off(run, ranked, model, warmed.trainer)
+    spent += warmed.epochs
   elif s.warmup_epochs:
-    warm_up(run, model)
-  return model, fine_tune(run, model)
+    spent += warm_up(run, model, spent).epochs
+  return model, fine_tune(run, model, spent)
 
 
 def _spread(metrics: dict) -> float:

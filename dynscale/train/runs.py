@@ -146,9 +146,11 @@ class Stage:
   """A training stage: its checkpoint name, epochs, what learns, its objective,
   its evaluation forward, which state it hands on (``'best'`` validation
   accuracy, or ``'final'``), the task it trains at, its optimizer block
-  (default ``config.optimizer``), and how its starting state was made
+  (default ``config.optimizer``), how its starting state was made
   (``origin``: a checkpoint with another one is not resumed,
-  :func:`dynscale.train.loop.check_origin`)."""
+  :func:`dynscale.train.loop.check_origin`), and the epochs the run trained
+  before it (``epochs_before``: the stage reads the data order of the run's
+  later epochs, :meth:`dynscale.train.loop.Trainer.fit`)."""
 
   name: str
   epochs: int
@@ -159,15 +161,18 @@ class Stage:
   task: Any = None  # None: the constant 1.0
   optimizer: ml_collections.ConfigDict | None = None
   origin: dict | None = None
+  epochs_before: int = 0
 
 
 @dataclasses.dataclass
 class Fitted:
-  """A stage's outcome: its trainer, the model's graph and the state handed on."""
+  """A stage's outcome: its trainer, the model's graph, the state handed on and
+  the epochs the stage trained (resumed ones included)."""
 
   trainer: loop.Trainer
   graphdef: nnx.GraphDef
   state: TrainState
+  epochs: int
 
 
 def fit_stage(run: Run, model: nnx.Module, stage: Stage) -> Fitted:
@@ -184,10 +189,10 @@ def fit_stage(run: Run, model: nnx.Module, stage: Stage) -> Fitted:
   fit = trainer.fit(trainer.place(state), task=task, num_epochs=stage.epochs,
                     stage=stage.name, checkpoint_dir=run.checkpoint_dir, writer=run.writer,
                     early_stopping=EarlyStopping(patience) if patience else None,
-                    origin=stage.origin)
+                    origin=stage.origin, epochs_before=stage.epochs_before)
   state = fit.best_state if stage.keep == "best" else fit.state
   nnx.update(model, nnx.state(merge_model(graphdef, state.params, state.model_state)))
-  return Fitted(trainer, graphdef, state)
+  return Fitted(trainer, graphdef, state, fit.epochs)
 
 
 def curve(x: str, y: str, points) -> dict:
