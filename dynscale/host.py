@@ -23,8 +23,9 @@ own (Eigen) convolution (136 against 269 GFLOP/s; RESULTS.md, issue 9).
 :func:`tune_xla_cpu` takes convolutions out of YNNPACK's fusions (its
 products and reductions stay) through ``XLA_FLAGS``, which XLA reads when
 JAX starts its CPU backend: call it before the first JAX computation.
-``DYNSCALE_XLA_CPU=system``, or ``XLA_FLAGS`` that already set YNNPACK's
-fusion types, leave XLA's defaults.
+``DYNSCALE_XLA_CPU=system`` leaves XLA's defaults, and ``XLA_FLAGS`` that
+already set YNNPACK's fusion types are left as they are (a process started
+with the tuned flags, a tuned parent's child, is recorded as tuned).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def xla_cpu_flags(env: Mapping[str, str]) -> tuple[str, dict]:
   current = env.get("XLA_FLAGS", "")
   if choice == "system":
     return current, {"xla_cpu": "system", "reason": f"{XLA_CPU_ENV}=system"}
+  if set(XLA_CPU_FLAGS) <= set(current.split()):  # tuned already (a tuned parent's child)
+    return current, {"xla_cpu": "tuned", "flags": " ".join(XLA_CPU_FLAGS)}
   if _YNN_FUSION_FLAG in current:
     return current, {"xla_cpu": "system", "reason": f"XLA_FLAGS sets {_YNN_FUSION_FLAG}"}
   return (" ".join([current, *XLA_CPU_FLAGS]).strip(),
@@ -96,18 +99,23 @@ def tune_xla_cpu() -> dict:
 
 def ynnpack_convolutions(xla_flags: str | None = None) -> bool:
   """Whether XLA:CPU hands convolutions to YNNPACK under ``xla_flags`` (default:
-  this process's ``XLA_FLAGS``): its default list does; the last
-  ``--xla_cpu_experimental_ynn_fusion_type`` given decides otherwise (a list of
-  names replaces the default, ``+name`` / ``-name`` entries edit it)."""
+  this process's ``XLA_FLAGS``): its default list does; each
+  ``--xla_cpu_experimental_ynn_fusion_type`` given, in order, changes the
+  list so far (a list of names replaces it, ``+name`` / ``-name`` entries
+  edit it)."""
   flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-  values = [token.split("=", 1)[1] for token in flags.split()
-            if token.startswith(f"{_YNN_FUSION_FLAG}=")]
-  if not values:
-    return True
-  entries = [entry for entry in values[-1].split(",") if entry]
-  if entries and all(entry[0] in "+-" for entry in entries):
-    return "-individual_convolution" not in entries
-  return "individual_convolution" in entries
+  convolutions = True
+  for token in flags.split():
+    if not token.startswith(f"{_YNN_FUSION_FLAG}="):
+      continue
+    entries = [entry for entry in token.split("=", 1)[1].split(",") if entry]
+    if entries and all(entry[0] in "+-" for entry in entries):
+      for entry in entries:
+        if entry[1:] == "individual_convolution":
+          convolutions = entry[0] == "+"
+    else:
+      convolutions = "individual_convolution" in entries
+  return convolutions
 
 
 def xla_flags_read(xla_flags: str) -> list[str]:

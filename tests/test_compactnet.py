@@ -577,6 +577,21 @@ def test_a_table_measured_under_other_xla_flags_is_refused(table):
   latency.check_matches(stray, _mobilenet(), target, "tied")
 
 
+def test_a_gpu_table_is_checked_on_the_flags_that_bear_on_the_gpu(table, monkeypatch):
+  """A GPU platform's process keeps its parent's ``XLA_FLAGS``, which hold XLA:CPU's
+  tuning in a launcher and not in the table benchmark: a GPU table built by
+  one is accepted by the other, and refused for another GPU flag. Catches the
+  XLA:CPU flags compared on a GPU (the benchmark's table was refused)."""
+  target = platform.get("gpu-b64")
+  gpu = dataclasses.replace(table, platform=dataclasses.asdict(target),
+                            provenance={**table.provenance, "xla_flags": ""})
+  monkeypatch.setenv("XLA_FLAGS", " ".join(host.XLA_CPU_FLAGS))
+  latency.check_matches(gpu, _mobilenet(), target, "tied")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  with pytest.raises(ValueError, match="measured under XLA_FLAGS ''"):
+    latency.check_matches(gpu, _mobilenet(), target, "tied")
+
+
 def test_a_process_not_set_up_for_the_platform_refuses_to_measure():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   code = ("from dynscale.compactnet import platform; "

@@ -12,7 +12,8 @@ from dynscale.compactnet import latency, platform, simulator
 from compactnet_fakes import WHOLE_SCALE, fake_remote
 from dynscale.nn import models
 
-SETTINGS = simulator.TableSettings(grid_points=3, warmup=0, rounds=1, calibration_variants=8)
+SETTINGS = simulator.TableSettings(grid_points=3, warmup=0, rounds=1, processes=2,
+                                   calibration_variants=8)
 
 
 def _mobilenet():
@@ -109,11 +110,19 @@ def test_calibration_removes_the_whole_network_discount(report):
     assert row["raw_predicted_s"] == pytest.approx(row["predicted_s"] / WHOLE_SCALE, rel=0.03)
 
 
-def test_validation_without_settings_times_as_the_table_was_timed(report):
-  # the fixture passes no settings: the table's own timing, not the defaults (25 rounds)
+def test_validation_without_settings_times_as_the_table_was_timed(built):
+  """The validation without settings measures as the table was built: its
+  timing and its number of processes, not the defaults (25 rounds, 3
+  processes). Catches the processes taken from the defaults (a table built
+  to measure in one process was validated in three)."""
+  table, _, _ = built
+  requests = []
+  report = simulator.validate_table(table, _mobilenet(), platform.get("cpu-b64"), 5, seed=0,
+                                    remote=fake_remote(requests))
   assert report["timing"] == {"warmup": SETTINGS.warmup, "rounds": SETTINGS.rounds,
                               "estimator": SETTINGS.estimator, "burst": SETTINGS.burst,
-                              "processes": simulator.TableSettings().processes}
+                              "processes": SETTINGS.processes}
+  assert requests == ["networks"] * SETTINGS.processes != ["networks"] * 3
 
 
 def test_fig7_has_one_increasing_row_per_unit(built, report):

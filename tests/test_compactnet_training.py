@@ -718,6 +718,37 @@ def test_the_exchange_refuses_runs_it_cannot_compare(finished, tmp_path):
     assert requests == []
 
 
+def test_a_finished_run_rerun_reports_its_measurements_without_measuring_again(finished,
+                                                                              tmp_path):
+  """Rerunning a finished run (as a figure does for its finished variants)
+  resumes every stage and reads the final latencies back; a platform's
+  reading is taken again only for other networks. Catches the rerun
+  measuring again and rewriting the results with another reading."""
+  config, workdir, results, _ = finished
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  requests = []
+  rerun = training.train_and_evaluate(config, str(copy), remote=fake_remote(requests))
+  assert requests == []  # the fake would now read other latencies: no overhead
+  assert rerun["latency_s"] == results["latency_s"]
+  assert rerun["measured_speedup"] == results["measured_speedup"]
+  target = platform.get(config.compactnet.platform)
+  settings = training.table_settings(config)
+  networks = {"original": results["original_export_dir"], "searched": results["export_dir"]}
+  first = training.kept_measurements(str(tmp_path), fake_remote(requests), target, networks,
+                                     settings)
+  assert training.kept_measurements(str(tmp_path), fake_remote(requests), target, networks,
+                                    settings) == first
+  assert requests == ["networks"] * settings.processes
+  original = sliced.load(results["original_export_dir"])
+  sliced.export(sliced.SlicedModel(original.arch, jax.tree.map(lambda a: 2 * a,
+                                                               original.variables)),
+                tmp_path / "other")  # the same shapes, other weights
+  training.kept_measurements(str(tmp_path), fake_remote(requests), target,
+                             {**networks, "original": str(tmp_path / "other")}, settings)
+  assert requests == ["networks"] * 2 * settings.processes
+
+
 def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
   """A rerun reads its own table back, and refuses it when the config now asks
   for another grid (the search would trim in the old steps)."""

@@ -94,6 +94,27 @@ def test_xla_flags_that_set_ynn_fusions_are_left_alone():
   assert not probe["conv_in_ynn"] and not host.ynnpack_convolutions(own)
 
 
+@pytest.mark.parametrize("edits", [("-individual_convolution", "+individual_dot"),
+                                   ("-individual_convolution", "individual_dot")])
+def test_the_reading_of_repeated_ynn_fusion_flags_agrees_with_xla(edits):
+  """Each repeated ``--xla_cpu_experimental_ynn_fusion_type`` edits the list left
+  by the ones before it: after ``-individual_convolution``, ``+individual_dot``
+  keeps convolutions out of YNNPACK. Catches the last flag read alone (it
+  said they were in)."""
+  flags = " ".join(f"--xla_cpu_experimental_ynn_fusion_type={edit}" for edit in edits)
+  probe = _xla_probe(XLA_FLAGS=flags)
+  assert host.ynnpack_convolutions(flags) == probe["conv_in_ynn"] is False
+
+
+def test_a_process_started_with_the_tuned_flags_records_them_as_tuned():
+  """A tuned parent's child inherits its ``XLA_FLAGS``: its record says tuned,
+  and the flags are not added twice. Catches it recorded as the system's."""
+  parent = _xla_probe()
+  child = _xla_probe(XLA_FLAGS=parent["flags"])
+  assert child["record"] == parent["record"] and child["record"]["xla_cpu"] == "tuned"
+  assert child["flags"] == parent["flags"] and not child["conv_in_ynn"]
+
+
 def test_a_ynn_fusion_flag_anywhere_in_xla_flags_is_left_alone():
   """Without starting XLA: the flags of a process whose ``XLA_FLAGS`` set the
   fusion types after other flags are those flags, untouched."""

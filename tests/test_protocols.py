@@ -7,7 +7,7 @@ import json
 import PIL.Image
 import pytest
 
-from dynscale.train import protocols, sweep
+from dynscale.train import protocols, sweep, validation
 from experiments import main as launcher
 from experiments.configs import common, idp_fig8, idp_fig9, tesla_vgg16_cifar
 
@@ -116,6 +116,25 @@ def test_an_unknown_protocol_set_on_the_command_line_fails_before_anything_is_wr
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("arg, label, built", [("vgg16,cpu", "paper", "cpu"),
+                                                ("vgg16", "cpu", "paper")])
+def test_a_protocol_set_on_the_command_line_is_refused_for_it_would_change_only_the_label(
+    arg, label, built, tmp_path):
+  """``--config.protocol`` changes the field after the config file applied its
+  protocol's settings: a run at one protocol's settings recorded as the
+  other's (no deviations) is refused before anything is written, naming the
+  way to choose the protocol."""
+  config = idp_fig8.get_config(arg)
+  config.protocol = label
+  with pytest.raises(ValueError, match=rf"protocol: this config was built under the "
+                                       rf"'{built}' protocol, not '{label}'; choose the "
+                                       r"protocol with the config argument"):
+    launcher.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  assert protocols.apply(idp_fig8.get_config("vgg16,cpu"), "paper").protocol == "paper"
+  validation.check_core(protocols.apply(idp_fig8.get_config("vgg16,cpu"), "paper"))
+
+
 def test_a_cpu_dp_curve_read_with_the_shared_statistics_is_recorded_as_a_deviation():
   config = tesla_vgg16_cifar.get_config("cifar10,cpu")
   assert protocols.record(config)["settings"]["eval.bn_mode"] == CPU_DP_CURVE_BN_MODE
@@ -193,6 +212,9 @@ def shrunk(config, data_dir):
 def test_a_tiny_run_of_every_cifar_config_under_the_cpu_protocol_records_it(
     module, arg, fake_cifar, tmp_path):
   config = shrunk(module.get_config(f"{arg},cpu"), fake_cifar)
+  longer = next(iter(config.variants))  # a run of the figure deviating on its own
+  assert "train" not in config.variants[longer]
+  config.variants[longer].train = {"num_epochs": 2}
   figure = launcher.train_and_evaluate(config, str(tmp_path))
   assert figure["title"].endswith(", cpu protocol")
   assert PIL.Image.open(tmp_path / "test_accuracy_by_dp.png").text["Title"] == figure["title"]
@@ -203,7 +225,10 @@ def test_a_tiny_run_of_every_cifar_config_under_the_cpu_protocol_records_it(
   assert "optimizer.learning_rate" not in recorded["deviations"]  # left as the protocol has it
   for name in config.variants:
     results = json.loads((tmp_path / name / "results.json").read_text())
-    assert results["protocol"] == recorded
+    own = results["protocol"]
+    assert (own["name"], own["settings"]) == (recorded["name"], recorded["settings"])
+    assert recorded["deviations_by_run"][name] == own["deviations"]
+    assert own["deviations"]["train.num_epochs"]["run"] == (2 if name == longer else 1)
     assert results["config"]["model"]["width_multiplier"] == 1 / 16
     assert len(results["curves"]["test_accuracy_by_dp"]["points"]) == 2
 

@@ -152,6 +152,25 @@ def test_the_thin_variant_costs_the_budget_and_trains_as_the_gated_ones():
   assert backbone.data.augment == variants["backbone-seed0"].data.augment == "auto"
 
 
+def test_the_plain_networks_follow_the_epochs_set_on_the_command_line():
+  """The figure's epochs changed on the command line (its config locked, as
+  the launcher's is) reach the plain networks: the backbones train the
+  pretraining's epochs, ``unpruned`` those plus the fine-tune's, ``thin``
+  the warm-up's plus the fine-tune's; a variant's own epochs set there move
+  that variant alone. Catches the variants' epochs fixed when the config
+  file was read (a shortened figure compared a 16-epoch ``unpruned`` with
+  gated networks trained 3)."""
+  config = sanp_cpu.get_config("all")
+  config.lock()
+  config.sanp.pretrain_epochs, config.sanp.warmup_epochs, config.train.num_epochs = 1, 2, 3
+  config.variants["thin-backbone"].train.num_epochs = 5
+  epochs = {name: c.train.num_epochs for name, c in sweep.variant_configs(config).items()
+            if name.endswith("-seed0")}
+  assert epochs == {"backbone-seed0": 1, "unpruned-seed0": 4, "thin-backbone-seed0": 5,
+                    "thin-seed0": 5, "sanp-seed0": 3, "static-seed0": 3, "fixed_k-seed0": 3,
+                    "sanp-paper-seed0": 3}
+
+
 @pytest.mark.parametrize("override, message", [
     ({"sanp.budget": 0.0}, r"sanp.budget must be a fraction of the full network's FLOPs in "
                            r"\(0, 1\), got 0.0"),

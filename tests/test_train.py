@@ -164,13 +164,14 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_workdir_rerun_with_another_network_is_refused_and_its_checkpoints_kept(tmp_path):
-  """The same workdir with a wider network: its checkpoints hold other shapes.
-  Catches them taken for damaged files: the run would start from scratch and
+  """The same workdir with a wider network, its ``config.json`` gone: its
+  checkpoints hold other shapes. Catches them taken for damaged files: the run would start from scratch and
   save over the first run's checkpoints. Refused before any array is read
   (orbax, failing part-way, left reads behind that warned at collection)."""
   workdir = str(tmp_path / "run")
   idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), workdir)
   saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "train")))
+  os.remove(os.path.join(workdir, "config.json"))  # checkpoints without their run's config
   with pytest.raises(ValueError, match=r"checkpoint 1 in .*checkpoints/train holds another "
                                        r"network than this run's \(\S+ has shape \([\d, ]+\) "
                                        r"there, \([\d, ]+\) here\); delete"):
@@ -178,6 +179,29 @@ def test_a_workdir_rerun_with_another_network_is_refused_and_its_checkpoints_kep
         tiny_config(**{"train.num_epochs": 2, "model.width_multiplier": 0.2}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "train"))) == saved
   gc.collect()  # anything orbax left unfinished reports now, within this test
+
+
+def test_a_started_run_resumes_only_with_its_own_config(tmp_path):
+  """A workdir holding a run is rerun with another learning rate: refused before
+  anything is trained or written, naming the field and both values (resumed,
+  it gave the old run's numbers under the new config). With only fields
+  that do not change training changed (evaluation, TensorBoard) it
+  resumes, as the same command does."""
+  workdir = str(tmp_path / "run")
+  first = idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), workdir)
+  kept = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  with pytest.raises(ValueError, match=r"holds a run of another config \(optimizer\."
+                                       r"learning_rate: 0\.001 there, 0\.5 now\); rerun it "
+                                       r"with its own config.*or use another workdir"):
+    idp_training.train_and_evaluate(
+        tiny_config(**{"train.num_epochs": 1, "optimizer.learning_rate": 0.5}), workdir)
+  assert {name: os.path.getmtime(os.path.join(workdir, name))
+          for name in os.listdir(workdir)} == kept
+  resumed = idp_training.train_and_evaluate(
+      tiny_config(**{"train.num_epochs": 1, "eval.dps": (1.0,), "data.eval_batch_size": 100,
+                     "tensorboard": True}), workdir)
+  assert resumed["steps"] == first["steps"]
+  assert resumed["test_accuracy"] == pytest.approx(first["test_accuracy"], abs=1e-6)
 
 
 def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp_path):
@@ -502,6 +526,8 @@ def test_early_stopping_rejects_bad_settings():
     ({"data.val_size": 10 ** 6}, r"data.val_size must be in \[0, \d+\] \(the training split "),
     ({"data.train_examples": 1005},
      r"data.train_examples must be a positive multiple of the 10 classes"),
+    ({"data.batch_size": 5000},
+     r"data.batch_size \(5000\) exceeds the \d+ training examples of mnist_sample"),
     ({"model.width_multiplier": 0.0}, r"model.width_multiplier must be a positive number"),
     ({"model.dtype": "float16"}, r"model.dtype must be one of \('float32', 'bfloat16'\)"),
     ({"model.init_from": "/nonexistent"}, r"model.init_from must name an exported network"),

@@ -484,11 +484,20 @@ def load(path: str) -> Table:
                     if all("weight_bytes" in u for u in data["units"]) else None))
 
 
+def _flags_bearing_on(platform: platforms.Platform, xla_flags: str) -> list[str]:
+  """The entries of ``xla_flags`` XLA reads (:func:`dynscale.host.xla_flags_read`)
+  that bear on ``platform``'s backend, sorted: on another backend than the
+  CPU, not XLA:CPU's (``--xla_cpu_*``), which a process tunes or not."""
+  read = host.xla_flags_read(xla_flags)
+  return sorted(read if platform.backend == "cpu"
+                else [flag for flag in read if not flag.startswith("--xla_cpu_")])
+
+
 def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                   where: str = "latency table") -> None:
   """Raises unless ``table`` was measured for this model, platform and grouping,
-  under the XLA flags a process for ``platform`` runs with (those XLA reads:
-  :func:`dynscale.host.xla_flags_read`, in any order)."""
+  under the XLA flags a process for ``platform`` runs with (those XLA reads
+  that bear on its backend, in any order: :func:`_flags_bearing_on`)."""
   ours = fingerprint(arch)
   if table.model_fingerprint not in (ours, _whole_fingerprint(arch)):
     raise ValueError(f"{where} is for model {table.model!r} (fingerprint "
@@ -503,8 +512,8 @@ def check_matches(table: Table, arch: dict, platform: Platform, expansion: str,
                      f"{expansion!r}")
   measured_under = table.provenance.get("xla_flags")
   runs_under = platforms.environment(platform).get("XLA_FLAGS", "")
-  if measured_under is not None and (sorted(host.xla_flags_read(measured_under))
-                                     != sorted(host.xla_flags_read(runs_under))):
+  if measured_under is not None and (_flags_bearing_on(platform, measured_under)
+                                     != _flags_bearing_on(platform, runs_under)):
     raise ValueError(f"{where} was measured under XLA_FLAGS {measured_under!r}; a "
                      f"{platform.name} process here runs under {runs_under!r}: build the "
                      "table again (it holds the latencies of the XLA:CPU it ran on)")

@@ -309,14 +309,14 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
   """Predicted against measured latency of ``variants`` random trims (seed
   ``seed``, never the calibration's) and of Fig. 7's prefixes.
 
-  One "networks" request times the original, the variants and the first
-  ``n`` units of the original for every ``n``, interleaved, with the timing
-  of ``settings`` (default: the table's own warm-up, rounds and
-  estimator). Returns :func:`latency.validation_report` (calibrated
+  A "networks" request in each of ``settings.processes`` processes times
+  the original, the variants and the first ``n`` units of the original for
+  every ``n``, interleaved, with the timing of ``settings`` (default: the
+  settings the table was built with, :func:`_table_timing`). Returns :func:`latency.validation_report` (calibrated
   prediction) with :func:`raw_errors`, ``fig7`` (:func:`fig7_rows`),
   ``overlap_with_calibration`` (variants whose widths the calibration was
   fitted on), ``repeat_error`` (the last prefix is the original network:
-  ``|its latency / the original's - 1|``, the noise of this one run) and the
+  ``|its latency / the original's - 1|``, the noise of this measurement) and the
   measurement's provenance.
   """
   settings = (settings or _table_timing(table)).check()
@@ -352,9 +352,12 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
 
 
 def _table_timing(table: latency.Table) -> TableSettings:
-  """Default settings with the timing the table was measured with."""
-  known = {k: table.provenance[k] for k in TableSettings().timing() if k in table.provenance}
-  return dataclasses.replace(TableSettings(), **known)
+  """The settings the table was built with (:func:`build_table` records them),
+  else the defaults with the timing its units were measured with."""
+  known = {field.name for field in dataclasses.fields(TableSettings)}
+  built = {k: v for k, v in table.provenance.get("settings", {}).items() if k in known}
+  timed = {k: table.provenance[k] for k in TableSettings().timing() if k in table.provenance}
+  return dataclasses.replace(TableSettings(), **(built or timed))
 
 
 def plot_validation(report: dict, path: str, title: str = "") -> None:

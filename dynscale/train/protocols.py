@@ -62,6 +62,19 @@ def check(name) -> None:
     raise ValueError(f"protocol must be one of {NAMES}, got {name!r}")
 
 
+def check_applied(config: ml_collections.ConfigDict) -> None:
+  """Raises unless ``config.protocol`` names a protocol and the one the config
+  was built under (:func:`apply`; only ``cpu`` sets ``protocol_sizes``): the
+  field changed on the command line would change the label, not the settings."""
+  name = name_of(config)
+  check(name)
+  if (name == "cpu") != ("protocol_sizes" in config):
+    raise ValueError(
+        f"protocol: this config was built under the {'paper' if name == 'cpu' else 'cpu'!r} "
+        f"protocol, not {name!r}; choose the protocol with the config argument "
+        "(--config=FILE:<choice>,<protocol>), not --config.protocol")
+
+
 def settings(name: str, config: ml_collections.ConfigDict) -> dict[str, object]:
   """The fields protocol ``name`` fixes in ``config``, as ``{dotted path: value}``
   (none for ``'paper'``: the config file's own values are the paper's), with
@@ -96,13 +109,16 @@ def apply(config: ml_collections.ConfigDict, name: str,
 
   ``sizes`` (``cpu`` only): settings an experiment fixes differently as part of
   its protocol, nested as ``{"data": {"train_examples": 10000}}`` (e.g. SANP's
-  10,000-image training set); kept in ``config.protocol_sizes`` and recorded.
+  10,000-image training set); kept in ``config.protocol_sizes`` (set, maybe
+  empty, under ``cpu`` only: :func:`check_applied`) and recorded.
   """
   config = editable_copy(config)
-  if sizes:
-    if name != "cpu":
-      raise ValueError(f"protocol sizes apply to the cpu protocol only, got {name!r}")
-    config.protocol_sizes = sizes
+  if sizes and name != "cpu":
+    raise ValueError(f"protocol sizes apply to the cpu protocol only, got {name!r}")
+  if name == "cpu":
+    config.protocol_sizes = sizes or {}
+  elif "protocol_sizes" in config:
+    del config["protocol_sizes"]
   for path, value in settings(name, config).items():
     node, leaf = _parent(config, path)
     node[leaf] = value

@@ -11,6 +11,7 @@ also logged as a table and plotted to ``<workdir>/<name>.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -22,7 +23,7 @@ from flax import nnx
 
 from dynscale import data, io, plots
 from dynscale.nn import models, sliced
-from dynscale.train import loop, protocols, steps, validation
+from dynscale.train import loop, protocols, steps, sweep, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state, merge_model
@@ -85,10 +86,50 @@ def load_exported(directory: str, config, dataset: data.Dataset
   return arch, model
 
 
+CONFIG_FILE = "config.json"
+NOT_TRAINING = ("data.data_dir", "data.eval_batch_size", "eval.", "tensorboard", "title")
+"""Config fields (or prefixes) that do not change what a run trains: a started
+run resumes with them changed (:func:`check_same_run`)."""
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises if ``workdir`` holds a started run (anything beside its
+  ``config.json``) whose config differs from ``config`` in a field that
+  changes training (any but :data:`NOT_TRAINING`): resuming it would give
+  the old run's numbers under the new config. Fields in one config only (a
+  field added to the code since) are not compared."""
+  saved_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(saved_path) or set(os.listdir(workdir)) <= {CONFIG_FILE}:
+    return
+  with open(saved_path) as f:
+    saved = sweep.flat_fields(json.load(f))
+  now = sweep.flat_fields(json.loads(json.dumps(config.to_dict())))
+  differ = sorted(key for key in saved.keys() & now.keys()
+                  if saved[key] != now[key] and not key.startswith(NOT_TRAINING))
+  if differ:
+    changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differ)
+    raise ValueError(f"workdir {workdir!r} holds a run of another config ({changes}); rerun "
+                     "it with its own config to resume it, or use another workdir")
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data.Dataset) -> None:
+  """Raises naming the ``data.`` field: a batch size that does not split over
+  the devices, or a training batch larger than the training split."""
+  devices = steps.data_mesh().devices.size
+  for field in ("batch_size", "eval_batch_size"):
+    if config.data[field] % devices:
+      raise ValueError(f"data.{field} ({config.data[field]}) must be a multiple of the number "
+                       f"of devices ({devices})")
+  if config.data.batch_size > len(dataset.train_y):
+    raise ValueError(f"data.batch_size ({config.data.batch_size}) exceeds the "
+                     f"{len(dataset.train_y)} training examples of {dataset.name}")
+
+
 def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core
           ) -> Run:
   """Validates ``config`` (via ``check``), loads data, builds the model, then
-  checks ``workdir`` (creating it): a config refused leaves nothing behind.
+  checks ``workdir`` (creating it; a started run there must be of the same
+  config, :func:`check_same_run`): a config refused leaves nothing behind.
 
   With ``model.init_from`` the model is the exported network it names
   (:func:`load_exported`), and the other model fields are not used.
@@ -104,12 +145,14 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
     if str(error).startswith(("val_size ", "train_examples ")):
       raise ValueError(f"data.{error}") from error
     raise
+  check_batch_sizes(config, dataset)
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
   workdir = io.check_writable_dir(workdir)  # created once the config is known good
+  check_same_run(config, workdir)
   main = jax.process_index() == 0
   if main:
-    io.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   writer = MetricWriter(workdir, tensorboard=config.tensorboard) if main else None
   checkpoint_dir = os.path.join(workdir, "checkpoints") if config.train.checkpoint else None
   return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir, init_from)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -29,12 +30,13 @@ class Method(Protocol):
     """Trains, evaluates, writes ``results.json`` under ``workdir``; returns the results."""
 
 
-def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict[str, object]:
-  """``{"model": {"profile": "linear"}} -> {"model.profile": "linear"}``."""
+def flat_fields(tree: Mapping, prefix: str = "") -> dict[str, object]:
+  """Nested config fields (or overrides) by dotted name:
+  ``{"model": {"profile": "linear"}} -> {"model.profile": "linear"}``."""
   flat = {}
-  for key, value in overrides.items():
+  for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(flatten_overrides(value, f"{prefix}{key}."))
+      flat.update(flat_fields(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -44,7 +46,7 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping,
                    field: str) -> ml_collections.ConfigDict:
   """A copy of ``config`` with nested ``overrides`` applied; unknown fields raise."""
   config = protocols.editable_copy(config)
-  for path, value in flatten_overrides(overrides).items():
+  for path, value in flat_fields(overrides).items():
     *parents, leaf = path.split(".")
     node = config
     for part in parents:
@@ -199,8 +201,9 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
   """Trains every variant with its ``method``, then writes the figure.
 
   Every variant's config is checked before the first one trains, so a bad
-  last variant fails before any compute. Writes ``results.json`` (the
-  title, :func:`figure_title` of ``config.title``, and each variant's
+  last variant fails before any compute. Writes (process 0) ``results.json``
+  (the title, :func:`figure_title` of ``config.title``, the protocol with
+  each run's deviations from it, and each variant's
   :func:`variant_summary`) and ``<curve name>.png`` for every curve name,
   one line per variant that has it.
 
@@ -229,11 +232,18 @@ def run_variants(config: ml_collections.ConfigDict, workdir: str,
     return partial
   summaries = {name: summaries[name] for name in configs}
   title = figure_title(config.get("title", ""), summaries, protocols.name_of(config))
+  main = jax.process_index() == 0
   for curve_name, curves in curves_by_name(summaries).items():
-    plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
+    if main:
+      plots.plot_curves(curves, os.path.join(workdir, f"{curve_name}.png"), title=title)
     logging.info("%s, %s:\n%s", title, curve_name, plots.format_curves_table(curves))
-  figure = {"title": title, "protocol": protocols.record(config), "variants": summaries}
+  deviating = {name: protocols.deviations(c) for name, c in configs.items()}
+  figure = {"title": title,
+            "protocol": {**protocols.record(config),
+                         "deviations_by_run": {name: d for name, d in deviating.items() if d}},
+            "variants": summaries}
   if config.get("seeds"):
     figure["by_variant"] = by_variant(config, summaries)
-  io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
+  if main:
+    io.write_json_atomic(os.path.join(workdir, "results.json"), figure)
   return figure

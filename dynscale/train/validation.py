@@ -123,7 +123,7 @@ def check_train(config) -> None:
 
 def check_core(config) -> None:
   """Checks the blocks every method shares: protocol, seed, data, model, optimizer, train."""
-  protocols.check(protocols.name_of(config))
+  protocols.check_applied(config)
   non_negative_int(config.seed, "seed")
   check_data(config.data)
   check_model(config.model)

@@ -129,7 +129,7 @@ def base(method: str, **blocks) -> ml_collections.ConfigDict:
   block at its default unless given."""
   config = ml_collections.ConfigDict()
   config.method = method
-  config.protocol = "paper"  # or 'cpu': dynscale.train.protocols, set by with_protocol
+  config.protocol = "paper"  # or 'cpu': set by dynscale.train.protocols.apply
   config.seed = 0
   config.data = blocks.pop("data", data())
   config.model = blocks.pop("model", model())

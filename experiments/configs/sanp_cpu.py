@@ -91,14 +91,24 @@ def get_config(arg: str = "all"):
   config.title = f"002 SANP at {BUDGET:.0%} FLOPs"
   spec = dataset_spec("cifar10")
   thin = budget.thin_width_multiplier(MODEL, spec.num_classes, spec.image_shape, BUDGET, WIDTH)
-  pretrained = {"method": "idp", "train.num_epochs": PRETRAIN}
+
+  def epochs(*fields):
+    """The sum of the epoch ``fields`` (dotted) as a reference of its own: it
+    follows them as set on the command line, and a variant's copy set there
+    moves that variant alone."""
+    refs = [config[block].get_ref(leaf) for block, leaf in (f.split(".") for f in fields)]
+    return sum(refs[1:], refs[0]).to_int()
+
   tuned = {"data.augment": GATED_STAGES_AUGMENT}
   gated = {**tuned, "model.init_from": "variant:backbone"}
   variants = {
-      "backbone": pretrained,
-      "unpruned": {**pretrained, "train.num_epochs": PRETRAIN + FINETUNE},
-      "thin-backbone": {**pretrained, "model.width_multiplier": thin},
-      "thin": {**tuned, "method": "idp", "train.num_epochs": WARMUP + FINETUNE,
+      "backbone": {"method": "idp", "train.num_epochs": epochs("sanp.pretrain_epochs")},
+      "unpruned": {"method": "idp",
+                   "train.num_epochs": epochs("sanp.pretrain_epochs", "train.num_epochs")},
+      "thin-backbone": {"method": "idp", "train.num_epochs": epochs("sanp.pretrain_epochs"),
+                        "model.width_multiplier": thin},
+      "thin": {**tuned, "method": "idp",
+               "train.num_epochs": epochs("sanp.warmup_epochs", "train.num_epochs"),
                "model.init_from": "variant:thin-backbone"},
       "sanp": gated,
       "static": {**gated, "sanp.variant": "static", "sanp.lambda0": STATIC_LAMBDA0},
