@@ -80,7 +80,8 @@ def xla_cpu_flags(env: Mapping[str, str]) -> tuple[str, dict]:
   current = env.get("XLA_FLAGS", "")
   if choice == "system":
     return current, {"xla_cpu": "system", "reason": f"{XLA_CPU_ENV}=system"}
-  if set(XLA_CPU_FLAGS) <= set(current.split()):  # tuned already (a tuned parent's child)
+  if set(XLA_CPU_FLAGS) <= set(current.split()) and not ynnpack_convolutions(current):
+    # tuned already (a tuned parent's child)
     return current, {"xla_cpu": "tuned", "flags": " ".join(XLA_CPU_FLAGS)}
   if _YNN_FUSION_FLAG in current:
     return current, {"xla_cpu": "system", "reason": f"XLA_FLAGS sets {_YNN_FUSION_FLAG}"}

@@ -113,6 +113,10 @@ def test_a_process_started_with_the_tuned_flags_records_them_as_tuned():
   child = _xla_probe(XLA_FLAGS=parent["flags"])
   assert child["record"] == parent["record"] and child["record"]["xla_cpu"] == "tuned"
   assert child["flags"] == parent["flags"] and not child["conv_in_ynn"]
+  undone = f"{parent['flags']} --xla_cpu_experimental_ynn_fusion_type=+individual_convolution"
+  assert host.xla_cpu_flags({"XLA_FLAGS": undone}) == (
+      undone, {"xla_cpu": "system",
+               "reason": "XLA_FLAGS sets --xla_cpu_experimental_ynn_fusion_type"})
 
 
 def test_a_ynn_fusion_flag_anywhere_in_xla_flags_is_left_alone():

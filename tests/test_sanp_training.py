@@ -341,9 +341,10 @@ def test_the_budget_ramps_down_from_the_full_network():
 
 def test_each_stage_reads_the_data_order_of_the_runs_later_epochs(tmp_path, monkeypatch):
   """Pretraining, warm-up and fine-tune, one epoch each, are three ``fit``s of
-  one run: each must draw its own order of the training images. Catches a
-  stage counting data epochs from zero, which replayed the pretraining's
-  first epoch in the warm-up and the fine-tune."""
+  one run: each must draw its own order of the training images, also when
+  the backbone was trained by another run. Catches a stage counting data
+  epochs from zero, which replayed the pretraining's first epoch in the
+  warm-up and the fine-tune (with ``model.init_from``, the backbone run's)."""
   config = tiny(**{"train.steps_per_chunk": 1000})  # one chunk an epoch: the epoch's order
   assert training.handed_off(config.sanp)
   orders = []
@@ -354,8 +355,17 @@ def test_each_stage_reads_the_data_order_of_the_runs_later_epochs(tmp_path, monk
       orders.append(np.asarray(idx).tobytes())
       yield idx, key
   monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
-  training.run_stages(runs.start(config, str(tmp_path), check=training.check_config))
+  run = runs.start(config, str(tmp_path / "own"), check=training.check_config)
+  sliced.export(run.model, tmp_path / "backbone")  # a backbone for the second run
+  training.run_stages(run)
   assert len(orders) == 3 and len(set(orders)) == 3
+  # A backbone from another run of the same seed (the figure's `backbone`
+  # variant): the gated stages read what follows its epochs, not its orders.
+  started = runs.start(tiny(**{"train.steps_per_chunk": 1000,
+                               "model.init_from": str(tmp_path / "backbone")}),
+                       str(tmp_path / "from-export"), check=training.check_config)
+  training.run_stages(started)
+  assert len(orders) == 5 and orders[3:] == orders[1:3]
 
 
 def _handed_off_run(tmp_path, **overrides):

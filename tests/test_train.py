@@ -184,11 +184,16 @@ def test_a_workdir_rerun_with_another_network_is_refused_and_its_checkpoints_kep
 def test_a_started_run_resumes_only_with_its_own_config(tmp_path):
   """A workdir holding a run is rerun with another learning rate: refused before
   anything is trained or written, naming the field and both values (resumed,
-  it gave the old run's numbers under the new config). With only fields
-  that do not change training changed (evaluation, TensorBoard) it
-  resumes, as the same command does."""
+  it gave the old run's numbers under the new config). With only fields it
+  does not train by changed (evaluation batch size, TensorBoard, a block
+  another method reads: a figure's backbone beside its gated variants) it
+  resumes, as the same command does; a workdir whose run was refused after
+  it started (its TensorBoard directory and an empty log) takes another
+  config."""
   workdir = str(tmp_path / "run")
-  first = idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), workdir)
+  config = tiny_config(**{"train.num_epochs": 1})
+  config.sanp = {"lambda0": 20.0}  # a block the idp method does not read
+  first = idp_training.train_and_evaluate(config, workdir)
   kept = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
   with pytest.raises(ValueError, match=r"holds a run of another config \(optimizer\."
                                        r"learning_rate: 0\.001 there, 0\.5 now\); rerun it "
@@ -197,11 +202,21 @@ def test_a_started_run_resumes_only_with_its_own_config(tmp_path):
         tiny_config(**{"train.num_epochs": 1, "optimizer.learning_rate": 0.5}), workdir)
   assert {name: os.path.getmtime(os.path.join(workdir, name))
           for name in os.listdir(workdir)} == kept
-  resumed = idp_training.train_and_evaluate(
-      tiny_config(**{"train.num_epochs": 1, "eval.dps": (1.0,), "data.eval_batch_size": 100,
-                     "tensorboard": True}), workdir)
+  with pytest.raises(ValueError, match=r"\(eval\.dps: \[0\.5, 1\.0\] there, \[1\.0\] now\)"):
+    idp_training.train_and_evaluate(  # evaluation reads them: validation drives the selection
+        tiny_config(**{"train.num_epochs": 1, "eval.dps": (1.0,)}), workdir)
+  config = tiny_config(**{"train.num_epochs": 1, "data.eval_batch_size": 100,
+                          "tensorboard": True})
+  config.sanp = {"lambda0": 5.0}
+  resumed = idp_training.train_and_evaluate(config, workdir)
   assert resumed["steps"] == first["steps"]
   assert resumed["test_accuracy"] == pytest.approx(first["test_accuracy"], abs=1e-6)
+  refused = tmp_path / "refused"
+  (refused / "tensorboard").mkdir(parents=True)
+  (refused / "metrics.jsonl").touch()
+  with open(refused / "config.json", "w") as f:
+    json.dump(tiny_config(**{"optimizer.learning_rate": 0.5}).to_dict(), f)
+  runs.start(tiny_config(), str(refused))
 
 
 def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp_path):

@@ -68,6 +68,8 @@ from dynscale.train.checkpoint import has_checkpoint
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import create_train_state, merge_model
 
+CONFIG_BLOCKS = ("compactnet",)
+"""The config blocks CompactNet reads beyond the core ones (a resumed run is checked on them)."""
 TABLE_FILE = "latency-table.json"
 ORIGINAL_EXPORT = "original-export"
 UNIFORM_EXPORT = "uniform-export"
@@ -560,7 +562,7 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        remote: simulator.Remote = simulator.isolated) -> dict:
   """The whole method (module docstring); writes and returns ``results.json``."""
-  run = runs.start(config, workdir, check=check_config)
+  run = runs.start(config, workdir, check=check_config, blocks=CONFIG_BLOCKS)
   c = config.compactnet
   target = platform.get(c.platform)
   settings = table_settings(config)

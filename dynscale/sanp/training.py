@@ -55,6 +55,8 @@ from dynscale.sanp import analysis, budget, gates, objective
 from dynscale.train import protocols, runs, steps, validation
 
 
+CONFIG_BLOCKS = ("sanp",)
+"""The config blocks SANP reads beyond the core ones (a resumed run is checked on them)."""
 GATE_STARTS = ("open", "fixed_k")
 """``sanp.gate_start``: the paper's gates open at ``s = 1``, or warmed up as
 FIXED-K's and handed off at the budget (:func:`hand_off`)."""
@@ -266,11 +268,10 @@ def gated_forward(arch: dict) -> steps.ForwardFn:
   return forward
 
 
-def pretrain(run: runs.Run) -> runs.Fitted:
+def pretrain(run: runs.Run) -> None:
   """Stage 1: the backbone ``run.model`` alone, plain cross-entropy."""
-  return runs.fit_stage(run, run.model, runs.Stage(
-      "pretrain", run.config.sanp.pretrain_epochs, nnx.Param, steps.classification_loss,
-      steps.eval_forward))
+  runs.fit_stage(run, run.model, runs.Stage("pretrain", run.config.sanp.pretrain_epochs, nnx.Param,
+                                  steps.classification_loss, steps.eval_forward))
 
 
 def warm_up(run: runs.Run, model: nnx.Module, epochs_before: int) -> runs.Fitted:
@@ -336,10 +337,14 @@ def fine_tune(run: runs.Run, model: nnx.Module, epochs_before: int) -> runs.Fitt
 
 def run_stages(run: runs.Run) -> tuple[nnx.Module, runs.Fitted]:
   """The three stages (each resumed from its checkpoint; each reads the data
-  order of the run's epochs after the earlier stages'); the gated model in
-  its final state, and the fine-tune's outcome."""
+  order of the run's epochs after the earlier stages', the warm-up after
+  ``sanp.pretrain_epochs`` also when the backbone comes from another run,
+  ``model.init_from``, e.g. the figure's ``backbone`` variant of the same
+  seed); the gated model in its final state, and the fine-tune's outcome."""
   s = run.config.sanp
-  spent = pretrain(run).epochs if not run.init_from and s.pretrain_epochs else 0
+  if not run.init_from and s.pretrain_epochs:
+    pretrain(run)
+  spent = s.pretrain_epochs  # the backbone's epochs, here or in the run it came from
   model = gated_model(run.config, run.arch, run.model)
   if handed_off(s):
     ranked = gated_model(run.config, run.arch, run.model, variant="fixed_k")
@@ -359,7 +364,7 @@ def _spread(metrics: dict) -> float:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the three stages of ``config``; writes and returns results."""
-  run = runs.start(config, workdir, check=check_config)
+  run = runs.start(config, workdir, check=check_config, blocks=CONFIG_BLOCKS)
   s = config.sanp
   model, tuned = run_stages(run)
   test = tuned.trainer.evaluate(tuned.state, "test", jnp.float32(1.0))
@@ -387,6 +392,6 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module
   """The gated network of the run of ``config`` in ``workdir``, in its final
   fine-tune state (the run's checkpoints are resumed, so an unfinished run
   is finished first). The export holds the backbone's layers only."""
-  model, _ = run_stages(runs.start(config, workdir, check=check_config))
+  model, _ = run_stages(runs.start(config, workdir, check=check_config, blocks=CONFIG_BLOCKS))
   return model
 

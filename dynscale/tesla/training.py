@@ -69,6 +69,8 @@ from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state
 
+CONFIG_BLOCKS = ("schedule", "atp", "distill", "cam")
+"""The config blocks TESLA reads beyond the core ones (a resumed run is checked on them)."""
 SCHEDULES = ("tesla", "rtesla")
 MONITORS = ("objective", "newest_task")
 SELECTIONS = ("final", "best_mean")
@@ -295,7 +297,7 @@ def save_cams(run: runs.Run, trainer, state) -> tuple[str, dict]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the TESLA or R-TESLA schedule of ``config``; writes and returns results."""
-  run = runs.start(config, workdir, check=check_config)
+  run = runs.start(config, workdir, check=check_config, blocks=CONFIG_BLOCKS)
   tasks = tuple(config.schedule.tasks)
   trainable = ATP_TRAINABLE if config.atp.enabled else nnx.Param
   budget = (config.schedule.epoch_budget if config.schedule.name == "rtesla"

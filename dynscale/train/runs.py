@@ -87,25 +87,43 @@ def load_exported(directory: str, config, dataset: data.Dataset
 
 
 CONFIG_FILE = "config.json"
-NOT_TRAINING = ("data.data_dir", "data.eval_batch_size", "eval.", "tensorboard", "title")
-"""Config fields (or prefixes) that do not change what a run trains: a started
-run resumes with them changed (:func:`check_same_run`)."""
+CORE_BLOCKS = ("method", "seed", "protocol", "protocol_sizes", "data", "model", "optimizer",
+               "train", "eval")
+"""The config blocks every method reads (its own add theirs: ``runs.start``'s ``blocks``)."""
+NOT_TRAINING = ("data.data_dir", "data.eval_batch_size")
+"""Fields of those blocks that do not change what a run trains."""
 
 
-def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises if ``workdir`` holds a started run (anything beside its
-  ``config.json``) whose config differs from ``config`` in a field that
-  changes training (any but :data:`NOT_TRAINING`): resuming it would give
-  the old run's numbers under the new config. Fields in one config only (a
-  field added to the code since) are not compared."""
+def _started(workdir: str) -> bool:
+  """Whether ``workdir`` holds anything a run made beyond its config: not its
+  TensorBoard directory or an empty log, which a run refused after
+  :func:`start` leaves."""
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if name not in (CONFIG_FILE, "tensorboard") and not (
+        name == "metrics.jsonl" and os.path.getsize(path) == 0):
+      return True
+  return False
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: str,
+                   blocks: tuple[str, ...] = ()) -> None:
+  """Raises if ``workdir`` holds a started run (:func:`_started`) whose config
+  differs from ``config`` in a field the method reads (:data:`CORE_BLOCKS`
+  and ``blocks``, but :data:`NOT_TRAINING`): resuming it would give the old
+  run's numbers under the new config. Fields in one config only (a field
+  added to the code since) are not compared, nor other methods' blocks (a
+  figure's backbone is not refused for a change of its gated variants')."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(saved_path) or set(os.listdir(workdir)) <= {CONFIG_FILE}:
+  if not os.path.exists(saved_path) or not _started(workdir):
     return
   with open(saved_path) as f:
     saved = sweep.flat_fields(json.load(f))
   now = sweep.flat_fields(json.loads(json.dumps(config.to_dict())))
+  read = (*CORE_BLOCKS, *blocks)
   differ = sorted(key for key in saved.keys() & now.keys()
-                  if saved[key] != now[key] and not key.startswith(NOT_TRAINING))
+                  if saved[key] != now[key] and key.split(".")[0] in read
+                  and not key.startswith(NOT_TRAINING))
   if differ:
     changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differ)
     raise ValueError(f"workdir {workdir!r} holds a run of another config ({changes}); rerun "
@@ -125,11 +143,12 @@ def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data.Dataset) 
                      f"{len(dataset.train_y)} training examples of {dataset.name}")
 
 
-def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core
-          ) -> Run:
+def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core,
+          blocks: tuple[str, ...] = ()) -> Run:
   """Validates ``config`` (via ``check``), loads data, builds the model, then
   checks ``workdir`` (creating it; a started run there must be of the same
-  config, :func:`check_same_run`): a config refused leaves nothing behind.
+  config in the blocks the method reads, the core ones and ``blocks``:
+  :func:`check_same_run`): a config refused leaves nothing behind.
 
   With ``model.init_from`` the model is the exported network it names
   (:func:`load_exported`), and the other model fields are not used.
@@ -149,7 +168,7 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
   workdir = io.check_writable_dir(workdir)  # created once the config is known good
-  check_same_run(config, workdir)
+  check_same_run(config, workdir, blocks)
   main = jax.process_index() == 0
   if main:
     io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
