@@ -119,7 +119,8 @@ def _base():
   # Retraining the searched 1.5x network (validation 41.8% after its search) 2 epochs:
   # Table 4's RMSProp at 1e-4 reached 47.7%, the pretraining's SGD 52.0% (the original:
   # 54.9% and 55.5%); 6 epochs of SGD: 56.7% and 59.4%. Chosen on validation
-  # (2026-12-03, RESULTS.md).
+  # (2026-12-03, RESULTS.md). A copy: --config.optimizer.* changes the pretraining's
+  # optimizer only, --config.compactnet.retrain_optimizer.* the retraining's.
   config.compactnet.retrain_optimizer = config.optimizer.copy_and_resolve_references()
   config.title = "004 CompactNet, MobileNetV2 on two CPU platforms"
   return config
