@@ -329,6 +329,25 @@ def test_export_load_reproduces_the_masked_model(tmp_path):
     np.testing.assert_allclose(out, masked(model, x, float(dp)), rtol=1e-5, atol=1e-6)
 
 
+def test_an_exports_digest_is_its_network(tmp_path):
+  """Two exports of one network have one digest; a network with one weight
+  changed, or a weight renamed, has another. Catches a digest of the
+  architecture alone, or of the values without their names."""
+  model, _, _ = _setup("sconv_net")
+  first = sliced.export(model, tmp_path / "first")
+  second = sliced.export(model, tmp_path / "second")
+  assert sliced.export_digest(first) == sliced.export_digest(second)
+  variables = model.pure_variables()
+  variables["layers"][1]["kernel"] = variables["layers"][1]["kernel"].at[0, 0].add(1.0)
+  changed = sliced.export(sliced.SlicedModel(model.arch, variables), tmp_path / "changed")
+  assert sliced.export_digest(changed) != sliced.export_digest(first)
+  with np.load(first / "params.npz") as params:
+    arrays = dict(params)
+  arrays["renamed"] = arrays.pop("layers/1/kernel")
+  np.savez(second / "params.npz", **arrays)
+  assert sliced.export_digest(second) != sliced.export_digest(first)
+
+
 def test_export_mp_idp_network(tmp_path):
   arch = models.architecture("tesla_mlp", num_classes=10, input_shape=[28, 28, 1],
                              width_multiplier=0.2, mp_profiles=[[0, 0.3], [0.3, 1]])

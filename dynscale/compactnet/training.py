@@ -46,7 +46,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -333,33 +332,18 @@ def kept_uniform_choice(workdir: str, table: latency.Table, arch: dict, multipli
   return multiplier, widths
 
 
-def export_digest(directory: str) -> str:
-  """A digest of the network exported in ``directory``: its architecture and
-  its arrays by name (not the files' bytes: an archive records when it was
-  written)."""
-  digest = hashlib.sha256()
-  with open(os.path.join(directory, sliced.ARCHITECTURE_FILE), "rb") as f:
-    digest.update(f.read())
-  with np.load(os.path.join(directory, sliced.PARAMS_FILE)) as arrays:
-    for name in sorted(arrays.files):
-      array = arrays[name]
-      digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-      digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()
-
-
 def kept_measurements(workdir: str, remote: simulator.Remote, target: platform.Platform,
                       networks: dict[str, str], settings: simulator.TableSettings
                       ) -> tuple[dict[str, float], dict]:
   """:func:`dynscale.compactnet.simulator.measure_networks` of the exports
   ``networks`` (name -> directory) on ``target``, measured once per run: kept
   in ``<workdir>/final-latencies.json`` under the platform's name with the
-  exports' digests (:func:`export_digest`) and the timing settings, and read
+  exports' digests (:func:`dynscale.nn.sliced.export_digest`) and the timing settings, and read
   back by a rerun for the same networks, so that rerunning a finished run
   (or a figure, which reruns its finished variants) reports what it
   measured. (Measured again, the same 1.8x model read 1.72x to 1.84x.)"""
   path = os.path.join(workdir, FINAL_LATENCIES)
-  key = {"networks": {name: export_digest(d) for name, d in networks.items()},
+  key = {"networks": {name: sliced.export_digest(d) for name, d in networks.items()},
          "settings": dataclasses.asdict(settings)}
   kept = {}
   if os.path.exists(path):

@@ -25,6 +25,7 @@ reloads without Flax or the model classes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -456,6 +457,21 @@ def unflatten_tree(flat: Mapping[str, Any]) -> dict:
     path = tuple(int(part) if part.isdigit() else part for part in name.split("/"))
     tree = set_path(tree, path, value)
   return tree
+
+
+def export_digest(directory: str) -> str:
+  """A digest of the network exported in ``directory``: its architecture and
+  its arrays by name, not the archive's bytes (which follow how NumPy writes
+  an archive), so that two exports of one network have one digest."""
+  digest = hashlib.sha256()
+  with open(os.path.join(directory, ARCHITECTURE_FILE), "rb") as f:
+    digest.update(f.read())
+  with np.load(os.path.join(directory, PARAMS_FILE)) as arrays:
+    for name in sorted(arrays.files):
+      array = arrays[name]
+      digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+      digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
 def export(model_or_sliced: Any, directory: str | os.PathLike, widths: Any = None) -> Path:
