@@ -13,10 +13,11 @@ from flax import nnx
 from benchmarks import compactnet_exchange, compactnet_models, compactnet_prefixes, compactnet_table
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.nn import sliced, spec
-from dynscale.train import loop, runs, steps, sweep
+from dynscale.train import runs, steps, sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
+from data_orders import recorded_orders
 
 
 def _tiny(data_dir, **compactnet):
@@ -331,6 +332,20 @@ def test_a_correction_steps_at_most_what_the_schedules_last_iteration_removes(
       last * table.predict(table.full_widths), rel=1e-9)
 
 
+def _and_scrambled_statistics(run):
+  """The run's starting variables, and a copy with random batch-norm statistics."""
+  given = run.model.pure_variables()
+  rng = np.random.default_rng(0)
+  return given, sliced.merge_variables(given, jax.tree.map(
+      lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), sliced.bn_stats_of(given)))
+
+
+def _core_widths(run, results, key):
+  """The core widths of the group widths ``results[key]`` of the run's network."""
+  groups = trimming.trimmable_groups(run.arch, latency.load(results["table"]).expansion)
+  return trimming.core_widths(run.arch, groups, list(results[key].values()))
+
+
 def test_a_candidate_is_recalibrated_at_its_widths_before_its_fine_tune(finished, tmp_path):
   """The batch-norm statistics a candidate comes with do not matter: they are
   recalibrated at its widths before its fine-tune (without it every trimmed
@@ -339,13 +354,8 @@ def test_a_candidate_is_recalibrated_at_its_widths_before_its_fine_tune(finished
   recalibration computed and then dropped."""
   config, _, results, _ = finished
   run = runs.start(config, str(tmp_path))
-  given = run.model.pure_variables()
-  rng = np.random.default_rng(0)
-  scrambled = sliced.merge_variables(given, jax.tree.map(
-      lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), sliced.bn_stats_of(given)))
-  table = latency.load(results["table"])
-  groups = trimming.trimmable_groups(run.arch, table.expansion)
-  core = trimming.core_widths(run.arch, groups, list(results["widths"].values()))
+  given, scrambled = _and_scrambled_statistics(run)
+  core = _core_widths(run, results, "widths")
   candidates = training.Candidates.create(run, given)
   kept = [sliced.slice_variables(run.arch, candidates.fine_tune(v, core, seed=0), core)
           for v in (given, scrambled)]
@@ -361,13 +371,8 @@ def test_the_uniform_model_is_recalibrated_after_its_trim(finished, tmp_path):
   started without it is refused, not resumed)."""
   config, workdir, results, _ = finished
   run = runs.start(config, str(tmp_path))
-  given = run.model.pure_variables()
-  rng = np.random.default_rng(0)
-  scrambled = sliced.merge_variables(given, jax.tree.map(
-      lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), sliced.bn_stats_of(given)))
-  table = latency.load(results["table"])
-  groups = trimming.trimmable_groups(run.arch, table.expansion)
-  core = trimming.core_widths(run.arch, groups, list(results["uniform_widths"].values()))
+  given, scrambled = _and_scrambled_statistics(run)
+  core = _core_widths(run, results, "uniform_widths")
   batches = training.Candidates.create(run, given).trainer.training_batches(2)
   trimmed = [training.trimmed_recalibrated(run.arch, v, core, batches, jnp.float32)[1]
              for v in (given, scrambled)]
@@ -507,14 +512,7 @@ def test_a_retraining_seeded_as_the_pretraining_reads_other_batches(finished, tm
   retraining starting at the catch-up's epoch (it replayed the catch-up's)."""
   config, _, _, _ = finished
   assert config.seed in config.compactnet.retrain_seeds and not config.model.init_from
-  orders = []
-  chunks = loop.Trainer.epoch_chunks
-
-  def recorded(self, epoch):
-    for idx, key in chunks(self, epoch):
-      orders.append(np.asarray(idx).tobytes())
-      yield idx, key
-  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  orders = recorded_orders(monkeypatch)
   run = runs.start(config, str(tmp_path))
   runs.fit_stage(run, run.model, runs.Stage("pretrain", config.train.num_epochs, nnx.Param,
                                             steps.classification_loss, steps.eval_forward))

@@ -10,9 +10,10 @@ from flax import nnx
 
 from dynscale.nn import costs, layers, models, sliced
 from dynscale.sanp import budget, gates, training
-from dynscale.train import loop, runs, sweep
+from dynscale.train import runs, sweep
 from experiments import main as launcher
 from experiments.configs import sanp_cpu
+from data_orders import recorded_orders
 
 
 def tiny(**overrides):
@@ -347,14 +348,7 @@ def test_each_stage_reads_the_data_order_of_the_runs_later_epochs(tmp_path, monk
   warm-up and the fine-tune (with ``model.init_from``, the backbone run's)."""
   config = tiny(**{"train.steps_per_chunk": 1000})  # one chunk an epoch: the epoch's order
   assert training.handed_off(config.sanp)
-  orders = []
-  chunks = loop.Trainer.epoch_chunks
-
-  def recorded(self, epoch):
-    for idx, key in chunks(self, epoch):
-      orders.append(np.asarray(idx).tobytes())
-      yield idx, key
-  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  orders = recorded_orders(monkeypatch)
   run = runs.start(config, str(tmp_path / "own"), check=training.check_config)
   sliced.export(run.model, tmp_path / "backbone")  # a backbone for the second run
   training.run_stages(run)

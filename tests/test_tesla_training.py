@@ -26,6 +26,7 @@ from experiments import main as launcher
 from experiments.configs import common, tesla_main, tesla_mlp_mnist, tesla_vgg16_cifar
 from blind_selection import assert_fit_never_reads_the_test_split, val_accuracy_by_hand
 from injected_kills import killed_at_checkpoint, logged_lines
+from data_orders import recorded_orders
 
 TASKS = (1.0, 0.5, 0.2)
 SHARED = common.evaluation(bn_mode="shared")
@@ -396,17 +397,10 @@ def test_every_epoch_of_a_run_of_one_epoch_stages_reads_its_own_batches(tmp_path
   config.schedule.stage_epochs = 1
   config.eval.dps = TASKS
   config.tensorboard = False
-  orders = []
-  chunks = loop.Trainer.epoch_chunks
-
-  def recorded(self, epoch):
-    for idx, key in chunks(self, epoch):
-      orders.append(np.asarray(idx))
-      yield idx, key
-  monkeypatch.setattr(loop.Trainer, "epoch_chunks", recorded)
+  orders = recorded_orders(monkeypatch)
   results = tesla_training.train_and_evaluate(config, str(tmp_path))
   assert [s["epochs"] for s in results["stages"]] == [1, 1, 1]
-  assert len(orders) == 3 and len({o.tobytes() for o in orders}) == 3
+  assert len(orders) == 3 and len(set(orders)) == 3
 
 
 def test_rtesla_draws_its_tasks_from_explicit_probabilities_set_by_a_variant():
