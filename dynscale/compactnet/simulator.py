@@ -312,12 +312,13 @@ def validate_table(table: latency.Table, arch: dict, target: Platform, variants:
   A "networks" request in each of ``settings.processes`` processes times
   the original, the variants and the first ``n`` units of the original for
   every ``n``, interleaved, with the timing of ``settings`` (default: the
-  settings the table was built with, :func:`_table_timing`). Returns :func:`latency.validation_report` (calibrated
-  prediction) with :func:`raw_errors`, ``fig7`` (:func:`fig7_rows`),
+  settings the table was built with, :func:`_table_timing`). Returns
+  :func:`latency.validation_report` (calibrated prediction) with
+  :func:`raw_errors`, ``fig7`` (:func:`fig7_rows`),
   ``overlap_with_calibration`` (variants whose widths the calibration was
   fitted on), ``repeat_error`` (the last prefix is the original network:
-  ``|its latency / the original's - 1|``, the noise of this measurement) and the
-  measurement's provenance.
+  ``|its latency / the original's - 1|``, the noise of this measurement) and
+  the measurement's provenance.
   """
   settings = (settings or _table_timing(table)).check()
   _check_int("variants", variants, 1)
