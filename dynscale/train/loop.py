@@ -83,6 +83,20 @@ class FitResult:
   epochs: int  # by this stage in all, resumed epochs included
 
 
+def check_batch_sizes(batch_size: int, eval_batch_size: int, dataset: Dataset, devices: int,
+                      prefix: str = "") -> None:
+  """Raises naming the field (``prefix`` and its name): a batch size that does
+  not split over ``devices``, or a training batch larger than ``dataset``'s
+  training split."""
+  for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+    if size % devices:
+      raise ValueError(f"{prefix}{field} ({size}) must be a multiple of the number of devices "
+                       f"({devices})")
+  if batch_size > len(dataset.train_y):
+    raise ValueError(f"{prefix}batch_size ({batch_size}) exceeds the {len(dataset.train_y)} "
+                     f"training examples of {dataset.name}")
+
+
 class Trainer:
   """Jitted train/eval functions for one model, optimizer and dataset."""
 
@@ -92,11 +106,7 @@ class Trainer:
                steps_per_chunk: int = 50, mesh=None, compute_dtype=jnp.float32,
                trainable=nnx.Param):
     self.mesh = steps.data_mesh() if mesh is None else mesh
-    n_devices = self.mesh.devices.size
-    for field, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-      if size % n_devices:
-        raise ValueError(f"{field} ({size}) must be a multiple of the number of devices "
-                         f"({n_devices})")
+    check_batch_sizes(batch_size, eval_batch_size, dataset, self.mesh.devices.size)
     self.dataset = dataset
     self.batch_size = batch_size
     self.eval_batch_size = eval_batch_size
@@ -126,9 +136,6 @@ class Trainer:
                                               trainable)
     self.eval_totals = steps.make_eval_totals(graphdef, forward, batch_fn, self.mesh)
     self.steps_per_epoch = self.splits["train"].size // batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size ({batch_size}) exceeds the {self.splits['train'].size} "
-                       "training examples")
 
   def with_loss(self, loss_fn: steps.LossFn) -> Trainer:
     """This trainer with another objective: a new train step (compiled on first

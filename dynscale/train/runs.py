@@ -130,19 +130,6 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str,
                      "it with its own config to resume it, or use another workdir")
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data.Dataset) -> None:
-  """Raises naming the ``data.`` field: a batch size that does not split over
-  the devices, or a training batch larger than the training split."""
-  devices = steps.data_mesh().devices.size
-  for field in ("batch_size", "eval_batch_size"):
-    if config.data[field] % devices:
-      raise ValueError(f"data.{field} ({config.data[field]}) must be a multiple of the number "
-                       f"of devices ({devices})")
-  if config.data.batch_size > len(dataset.train_y):
-    raise ValueError(f"data.batch_size ({config.data.batch_size}) exceeds the "
-                     f"{len(dataset.train_y)} training examples of {dataset.name}")
-
-
 def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core,
           blocks: tuple[str, ...] = ()) -> Run:
   """Validates ``config`` (via ``check``), loads data, builds the model, then
@@ -164,7 +151,8 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
     if str(error).startswith(("val_size ", "train_examples ")):
       raise ValueError(f"data.{error}") from error
     raise
-  check_batch_sizes(config, dataset)
+  loop.check_batch_sizes(config.data.batch_size, config.data.eval_batch_size, dataset,
+                         steps.data_mesh().devices.size, prefix="data.")
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
   workdir = io.check_writable_dir(workdir)  # created once the config is known good
