@@ -362,6 +362,21 @@ def test_a_candidate_is_recalibrated_at_its_widths_before_its_fine_tune(finished
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *kept)
 
 
+def _assert_first_layer_statistics_are_the_batches_moments(arch, variables, batches):
+  """The first layer's batch-norm statistics in ``variables`` are the moments of
+  its filters' outputs over ``batches``, by hand (its input is the image)."""
+  first = arch["layers"][0]
+  assert first["kind"] == "conv" and first["bn"]
+  layer = variables["layers"][0]
+  outputs = jnp.concatenate([jax.lax.conv_general_dilated(
+      x, layer["kernel"], (1, 1), first["padding"], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      for x in batches])
+  np.testing.assert_allclose(layer["bn"]["mean"], jnp.mean(outputs, axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(layer["bn"]["var"], jnp.var(outputs, axis=(0, 1, 2)),
+                             rtol=1e-3, atol=1e-5)
+
+
 def test_the_uniform_model_is_recalibrated_after_its_trim(finished, tmp_path):
   """The uniform model's batch-norm statistics are measured again after its
   trim: the statistics it was cut with do not matter, and its first layer's
@@ -378,16 +393,7 @@ def test_the_uniform_model_is_recalibrated_after_its_trim(finished, tmp_path):
              for v in (given, scrambled)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                *map(sliced.bn_stats_of, trimmed))
-  first = run.arch["layers"][0]
-  assert first["kind"] == "conv" and first["bn"]
-  kernel = trimmed[0]["layers"][0]["kernel"]
-  outputs = jnp.concatenate([jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), first["padding"], dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      for x in batches])
-  np.testing.assert_allclose(trimmed[0]["layers"][0]["bn"]["mean"],
-                             jnp.mean(outputs, axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(trimmed[0]["layers"][0]["bn"]["var"],
-                             jnp.var(outputs, axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+  _assert_first_layer_statistics_are_the_batches_moments(run.arch, trimmed[0], batches)
   seed = config.compactnet.retrain_seeds[0]
   shutil.copytree(workdir / "checkpoints", tmp_path / "copy" / "checkpoints")
   copy = runs.start(config, str(tmp_path / "copy"))
@@ -721,12 +727,26 @@ def test_a_finished_run_rerun_reports_its_measurements_without_measuring_again(f
   """Rerunning a finished run (as a figure does for its finished variants)
   resumes every stage and reads the final latencies back; a platform's
   reading is taken again only for other networks. Catches the rerun
-  measuring again and rewriting the results with another reading."""
+  measuring again and rewriting the results with another reading. Also: the
+  uniform model the run hands its retraining has its batch norm
+  recalibrated on the candidates' batches (catches the plain trim, whose
+  statistics are the original's)."""
   config, workdir, results, _ = finished
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  requests = []
-  rerun = training.train_and_evaluate(config, str(copy), remote=fake_remote(requests))
+  requests, retrained = [], {}
+  retrain = training.retrain
+
+  def kept(run, name, arch, variables, *args):
+    retrained[name] = (arch, variables)
+    return retrain(run, name, arch, variables, *args)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(training, "retrain", kept)
+    rerun = training.train_and_evaluate(config, str(copy), remote=fake_remote(requests))
+  run = runs.start(config, str(tmp_path / "batches"))
+  batches = training.Candidates.create(run, run.model.pure_variables()).trainer.training_batches(
+      config.compactnet.recalibration_batches)
+  _assert_first_layer_statistics_are_the_batches_moments(*retrained["uniform"], batches)
   assert requests == []  # the fake would now read other latencies: no overhead
   assert rerun["latency_s"] == results["latency_s"]
   assert rerun["measured_speedup"] == results["measured_speedup"]
