@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -217,6 +218,39 @@ def test_a_started_run_resumes_only_with_its_own_config(tmp_path):
   with open(refused / "config.json", "w") as f:
     json.dump(tiny_config(**{"optimizer.learning_rate": 0.5}).to_dict(), f)
   runs.start(tiny_config(), str(refused))
+
+
+def test_a_run_from_an_export_compares_the_network_it_names_not_its_path(tmp_path):
+  """A run started from an exported network resumes when its source moved (a
+  figure's directory renamed: its variants name their backbones by new
+  paths; refused before, though nothing changed), and is refused, naming
+  ``model.init_from``, when its source path holds another network (a
+  backbone trained again in place: resumed before, on checkpoints grown from
+  the old one)."""
+  source, other = str(tmp_path / "source"), str(tmp_path / "other")
+  idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), source)
+  idp_training.train_and_evaluate(tiny_config(seed=1, **{"train.num_epochs": 1}), other)
+  workdir = str(tmp_path / "run")
+  first = idp_training.train_and_evaluate(
+      tiny_config(**{"train.num_epochs": 1, "model.init_from": source}), workdir)
+  moved = str(tmp_path / "moved")
+  shutil.move(source, moved)
+  saved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "train")))
+  resumed = idp_training.train_and_evaluate(
+      tiny_config(**{"train.num_epochs": 1, "model.init_from": moved}), workdir)
+  assert resumed["steps"] == first["steps"]
+  assert resumed["test_accuracy"] == pytest.approx(first["test_accuracy"], abs=1e-6)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "train"))) == saved
+  shutil.rmtree(os.path.join(moved, "export"))
+  shutil.copytree(os.path.join(other, "export"), os.path.join(moved, "export"))
+  with pytest.raises(ValueError, match=r"holds a run of another config \(model\.init_from: "
+                                       r"'\S+moved' holds another network than the one the "
+                                       r"run started from\)"):
+    idp_training.train_and_evaluate(
+        tiny_config(**{"train.num_epochs": 1, "model.init_from": moved}), workdir)
+  with pytest.raises(ValueError, match=r"\(model\.init_from: '\S+moved' there, '\S+other' now"):
+    idp_training.train_and_evaluate(
+        tiny_config(**{"train.num_epochs": 1, "model.init_from": other}), workdir)
 
 
 def test_the_runs_seed_draws_its_validation_split_initialisation_and_batches(tmp_path):

@@ -92,6 +92,8 @@ CORE_BLOCKS = ("method", "seed", "protocol", "protocol_sizes", "data", "model", 
 """The config blocks every method reads (its own add theirs: ``runs.start``'s ``blocks``)."""
 NOT_TRAINING = ("data.data_dir", "data.eval_batch_size")
 """Fields of those blocks that do not change what a run trains."""
+INIT_FROM_FILE = "init_from.json"
+"""Where a run started from an exported network records its digest (:func:`start`)."""
 
 
 def _started(workdir: str) -> bool:
@@ -100,10 +102,20 @@ def _started(workdir: str) -> bool:
   :func:`start` leaves."""
   for name in os.listdir(workdir):
     path = os.path.join(workdir, name)
-    if name not in (CONFIG_FILE, "tensorboard") and not (
+    if name not in (CONFIG_FILE, INIT_FROM_FILE, "tensorboard") and not (
         name == "metrics.jsonl" and os.path.getsize(path) == 0):
       return True
   return False
+
+
+def _recorded_start(workdir: str) -> str | None:
+  """The digest of the network the run in ``workdir`` started from, as
+  :func:`start` recorded it (``None``: from scratch, or recorded before)."""
+  path = os.path.join(workdir, INIT_FROM_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["digest"]
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: str,
@@ -113,7 +125,11 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str,
   and ``blocks``, but :data:`NOT_TRAINING`): resuming it would give the old
   run's numbers under the new config. Fields in one config only (a field
   added to the code since) are not compared, nor other methods' blocks (a
-  figure's backbone is not refused for a change of its gated variants')."""
+  figure's backbone is not refused for a change of its gated variants').
+  ``model.init_from`` is compared by the network it names (the digest
+  :func:`start` recorded): a moved figure's variants name their backbones by
+  new paths and resume, and a backbone trained again in its place is a
+  change."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(saved_path) or not _started(workdir):
     return
@@ -124,10 +140,19 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str,
   differ = sorted(key for key in saved.keys() & now.keys()
                   if saved[key] != now[key] and key.split(".")[0] in read
                   and not key.startswith(NOT_TRAINING))
-  if differ:
-    changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differ)
-    raise ValueError(f"workdir {workdir!r} holds a run of another config ({changes}); rerun "
-                     "it with its own config to resume it, or use another workdir")
+  changes = [f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differ]
+  started_from, init_from = _recorded_start(workdir), now.get("model.init_from")
+  if started_from is not None and init_from:
+    same = started_from == sliced.export_digest(validation.exported_network(init_from))
+    if same and "model.init_from" in differ:
+      changes.pop(differ.index("model.init_from"))
+    elif not same and "model.init_from" not in differ:
+      changes.append(f"model.init_from: {init_from!r} holds another network than the one "
+                     "the run started from")
+  if changes:
+    raise ValueError(f"workdir {workdir!r} holds a run of another config "
+                     f"({'; '.join(changes)}); rerun it with its own config to resume it, "
+                     "or use another workdir")
 
 
 def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.check_core,
@@ -160,6 +185,9 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
   main = jax.process_index() == 0
   if main:
     io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    if init_from:
+      io.write_json_atomic(os.path.join(workdir, INIT_FROM_FILE),
+                           {"path": init_from, "digest": sliced.export_digest(init_from)})
   writer = MetricWriter(workdir, tensorboard=config.tensorboard) if main else None
   checkpoint_dir = os.path.join(workdir, "checkpoints") if config.train.checkpoint else None
   return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir, init_from)
