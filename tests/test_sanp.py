@@ -320,6 +320,29 @@ def test_a_floor_fraction_keeps_that_many_most_salient_channels_open_per_sample(
     assert set(np.flatnonzero(decision)) == set(range(least)), name
 
 
+def test_a_channel_held_open_by_the_floor_gets_its_codes_whole_gradient():
+  """The floor opens a layer's most salient channels without taking the
+  gradient from their codes (it flows through s1 as if no floor were there):
+  ``jnp.maximum`` gave half where the hard code was already 1 and none where
+  the soft code was raised to 1, whatever the floor's own opinion."""
+  config = gates.Binarization(sigma=1.0, mix=0.5, mix_per="sample")
+  s = jax.random.normal(jax.random.key(0), (64, 6))
+  key = jax.random.key(1)
+  weights = jax.random.normal(jax.random.key(2), (64, 6))
+
+  def loss(s, floor):
+    decision = gates.binarize(s, key, config, train=True).decision
+    if floor:
+      decision = gates.floored(decision, gates.top_k_mask(s, floor))
+    return jnp.sum(weights * decision)
+  np.testing.assert_allclose(jax.grad(loss)(s, 2), jax.grad(loss)(s, 0), rtol=1e-6)
+  code = gates.binarize(s, key, config, train=True).decision
+  held = np.asarray(gates.floored(code, gates.top_k_mask(s, 2)))
+  assert np.all(held[np.arange(64)[:, None], np.argsort(-np.asarray(s))[:, :2]] == 1)
+  np.testing.assert_array_equal(held, np.maximum(np.asarray(code),
+                                                 np.asarray(gates.top_k_mask(s, 2))))
+
+
 def test_an_spm_may_reduce_its_layer_to_one_hidden_unit_and_no_further():
   """r in [1, C]: r = C (the narrowest layer here has 8 channels) is one hidden
   unit; r = C + 1 none."""

@@ -123,6 +123,14 @@ def top_k_mask(s: Array, k: int) -> Array:
   return jnp.sum(jax.nn.one_hot(index, s.shape[-1], dtype=s.dtype), axis=-2)
 
 
+def floored(decision: Array, mask: Array) -> Array:
+  """``decision`` with the channels of ``mask`` open too (a layer's floor), the
+  gradient still flowing through ``decision`` alone, as through a hard code
+  (Eq. 8's straight-through): ``jnp.maximum`` would halve it where the code is
+  1 already (a tie) and drop it where the soft code was raised to 1."""
+  return decision + jax.lax.stop_gradient(jnp.maximum(decision, mask) - decision)
+
+
 def kept_channels(keep: float, channels: int) -> int:
   """FIXED-K's ``k`` of a layer: ``keep`` of its channels, rounded, at least one."""
   return max(1, min(channels, round(keep * channels)))
@@ -306,7 +314,7 @@ class _BinarizedGate(_Gate):
     code = binarize(z, self.next_key() if train else None, self.binarization, train=train)
     if not self.floor:
       return code
-    return code._replace(decision=jnp.maximum(code.decision, top_k_mask(s, self.floor)))
+    return code._replace(decision=floored(code.decision, top_k_mask(s, self.floor)))
 
 
 def descriptor(x: Array) -> Array:
