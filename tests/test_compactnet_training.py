@@ -814,6 +814,16 @@ def test_bad_settings_are_refused_before_compute(fake_cifar, change, message):
     training.check_config(_tiny(fake_cifar, **change))
 
 
+def test_a_search_without_a_validation_split_is_refused(fake_cifar):
+  """Candidates are kept by validation accuracy: with no validation images
+  every score was NaN and the first candidate won, silently."""
+  config = _tiny(fake_cifar)
+  config.data.val_size = 0
+  with pytest.raises(ValueError, match=r"data.val_size must be >= 1: the search keeps each "
+                                       r"iteration's candidate by validation accuracy"):
+    training.check_config(config)
+
+
 def test_the_shared_blocks_are_checked_too(fake_cifar):
   """The blocks every method shares (seed, data, model, optimizer, train) are
   checked with CompactNet's own."""

@@ -214,6 +214,9 @@ def test_the_plain_networks_follow_the_epochs_set_on_the_command_line():
     ({"sanp.pretrain_epochs": -1}, r"sanp.pretrain_epochs must be an integer >= 0, got -1"),
     ({"sanp.warmup_epochs": -1}, r"sanp.warmup_epochs must be an integer >= 0, got -1"),
     ({"sanp.budget_ramp_epochs": -2}, r"sanp.budget_ramp_epochs must be an integer >= 0"),
+    # without a validation split the run trained all its stages, then failed writing results
+    ({"data.val_size": 0}, r"data.val_size must be >= 1: SANP reports the validation split's "
+                           r"FLOPs .*; got data.val_size 0"),
 ])
 def test_bad_sanp_settings_fail_before_anything_is_written(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):

@@ -599,7 +599,8 @@ def test_early_stopping_rejects_bad_settings():
     ({"optimizer.warmup_steps": -50}, r"optimizer.warmup_steps must be an integer >= 0, got -50"),
     # early stopping with nothing to read: every epoch a NaN, the run stopped after `patience`
     ({"data.val_size": 0, "train.patience": 2},
-     r"data.val_size must be >= 1 with it \(or train.patience 0\), got data.val_size 0"),
+     r"data.val_size must be >= 1: train.patience > 0 stops early on validation accuracy "
+     r"\(or set train.patience 0\); got data.val_size 0"),
 ])
 def test_bad_config_raises_a_clear_error_before_compute(tmp_path, override, message):
   workdir = tmp_path / "run"

@@ -116,6 +116,8 @@ def architecture(config) -> dict:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad field, before any compute."""
   validation.check_core(config)
+  validation.needs_validation(config, "the search keeps each iteration's candidate by "
+                              "validation accuracy")
   c = config.compactnet
   target = platform.get(c.platform, "compactnet.platform")
   for name in c.measure_on:

@@ -97,6 +97,8 @@ def architecture(config) -> dict:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The core blocks and ``sanp``; every error names its field, before any compute."""
   validation.check_core(config)
+  validation.needs_validation(config, "SANP reports the validation split's FLOPs beside "
+                              "the test split's (the budget is read on it)")
   s = config.sanp
   validation.one_of(s.variant, gates.VARIANTS, "sanp.variant")
   budget.check_budget(s.budget)

@@ -129,6 +129,13 @@ def check_core(config) -> None:
   check_model(config.model)
   check_optimizer(config.optimizer)
   check_train(config.train)
-  if config.train.patience and config.data.val_size == 0:
-    raise ValueError("train.patience > 0 stops early on validation accuracy: data.val_size "
-                     "must be >= 1 with it (or train.patience 0), got data.val_size 0")
+  if config.train.patience:
+    needs_validation(config, "train.patience > 0 stops early on validation accuracy (or set "
+                     "train.patience 0)")
+
+
+def needs_validation(config, why: str) -> None:
+  """Raises unless ``config`` holds out a validation split (``data.val_size`` >= 1),
+  saying ``why`` the run needs one."""
+  if config.data.val_size == 0:
+    raise ValueError(f"data.val_size must be >= 1: {why}; got data.val_size 0")
