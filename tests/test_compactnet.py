@@ -281,6 +281,18 @@ def table():
                        min_fraction=0.25, round_to=2)
 
 
+def test_validation_variants_hold_every_group_within_the_fraction_asked(table):
+  """Each group's width in [low, 1] x its size, on the table's multiples: rounded
+  down, a group of 4 in steps of 2 drew 2 (a half) under ``low=0.6``, and a
+  32-channel one in steps of 8 drew a quarter under 0.3."""
+  for low in (0.3, 0.6):
+    variants = np.array(latency.random_widths(table, 200, seed=0, low=low))
+    sizes = np.array(table.group_sizes)
+    assert np.all(variants >= low * sizes - 1e-9) and np.all(variants <= sizes)
+    assert np.all(variants % table.round_to == 0)
+    assert len({tuple(v) for v in variants}) > 150
+
+
 def test_units_are_the_stem_the_stages_and_the_head(table):
   assert [(u.start, u.stop) for u in table.units] == [
       (0, 1), (1, 2), (2, 4), (4, 7), (7, 11), (11, 14), (14, 17), (17, 18), (18, 21)]
