@@ -880,6 +880,19 @@ def test_a_given_table_must_be_readable_match_and_reach_the_target(fake_cifar, t
   del table
 
 
+def test_minimum_widths_that_cannot_reach_the_target_are_refused_before_the_pretraining(
+    fake_cifar, tmp_path):
+  """Without a given table the run builds its own, then checks the minimum
+  widths against it, before it pretrains (it pretrained first, then failed)."""
+  config = _tiny(fake_cifar, min_width=0.95)
+  assert not config.model.init_from  # the run pretrains its own original
+  requests = []
+  with pytest.raises(ValueError, match="compactnet.min_width: with every group at its minimum"):
+    training.train_and_evaluate(config, str(tmp_path / "run"), remote=fake_remote(requests))
+  assert requests[0] == "table"  # built (and calibrated on networks), then refused
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("module", [compactnet_cpu, compactnet_paper])
 def test_the_figures_pretrain_once_then_search_from_it(module):
   configs = sweep.check_variants(module.get_config(), launcher.METHODS)

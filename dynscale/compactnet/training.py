@@ -552,6 +552,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   c = config.compactnet
   target = platform.get(c.platform)
   settings = table_settings(config)
+  arch = run.arch
+  table_path, table = load_or_build_table(config, arch, run.workdir, remote)
+  schedule_ = plan(config)
+  search.check_reachable(table, search.minimum_widths(table, c.min_width), schedule_,
+                         "compactnet.min_width")  # before the pretraining: it needs the table
   if run.init_from:
     original_export = run.init_from
   else:
@@ -559,11 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                               steps.classification_loss, steps.eval_forward))
     original_export = os.path.join(run.workdir, ORIGINAL_EXPORT)
     sliced.export(run.model, original_export)
-  arch, original = run.arch, run.model.pure_variables()
-  table_path, table = load_or_build_table(config, arch, run.workdir, remote)
-  schedule_ = plan(config)
-  search.check_reachable(table, search.minimum_widths(table, c.min_width), schedule_,
-                         "compactnet.min_width")
+  original = run.model.pure_variables()
   candidates = Candidates.create(run, original)
   found = search_on_platform(run, original, original_export, table, candidates, remote)
   searched_arch, searched_vars = trimmed_searched(arch, found, table.expansion)
