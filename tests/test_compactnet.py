@@ -727,6 +727,21 @@ def test_the_search_meets_every_budget_and_keeps_the_best_candidate(tmp_path):
                    if a != b]
         assert len(changed) == 1
   assert table.speedup(list(result.widths)) >= plan.final_speedup
+  # the first iteration trims the original: each candidate keeps its group's largest
+  # filters by L2 norm (a conv chain: a group is one layer's outputs), by hand
+  for c in result.history["iterations"][0]["candidates"]:
+    k = [g.name for g in trimming.trimmable_groups(arch)].index(c["group"])
+    kernel = np.asarray(v["layers"][k]["kernel"], np.float64)
+    norms = np.sqrt(np.sum(kernel ** 2, axis=(0, 1, 2)))
+    assert c["kept"] == sorted(np.argsort(-norms)[:c["widths"][k]].tolist()), c["group"]
+    assert c["kept"] != list(range(c["widths"][k])), "the toy's largest filters are not its first"
+  # later ones keep channels the earlier ones kept
+  chosen = {}
+  for record in result.history["iterations"]:
+    if record["chosen"] is not None:
+      c = record["candidates"][record["chosen"]]
+      assert set(c["kept"]) <= set(chosen.get(c["group"], c["kept"]))
+      chosen[c["group"]] = c["kept"]
   # group 2 is the cheapest to trim by the oracle, so the search trims it first
   assert result.history["iterations"][0]["candidates"][
       result.history["iterations"][0]["chosen"]]["group"] == trimming.trimmable_groups(arch)[2].name

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,9 @@ import pytest
 from flax import nnx
 
 from benchmarks import compactnet_exchange, compactnet_models, compactnet_prefixes, compactnet_table
+from dynscale import data
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
+from dynscale.data import pipeline
 from dynscale.nn import sliced, spec
 from dynscale.train import runs, steps, sweep
 from experiments import main as launcher
@@ -406,6 +410,23 @@ def test_the_uniform_model_is_recalibrated_after_its_trim(finished, tmp_path):
     training.retrain(copy, "uniform", uniform.arch, uniform.variables, seed, catch_up, teacher)
 
 
+def test_the_uniform_model_keeps_the_originals_largest_filters(finished):
+  """The uniform model is L2-trimmed from the original (§3.3's importance): its
+  first layer's filters, after a short retraining, are each nearest to one of
+  the original's largest-norm filters, in that order, by hand (kept in
+  channel order, the first filters would be its ancestors)."""
+  _, _, results, _ = finished
+  original = np.asarray(sliced.load(results["original_export_dir"]).variables["layers"][0]
+                        ["kernel"], np.float64)
+  uniform = np.asarray(sliced.load(results["uniform_export_dir"]).variables["layers"][0]
+                       ["kernel"], np.float64)
+  width = uniform.shape[-1]
+  largest = np.argsort(-np.sqrt(np.sum(original ** 2, axis=(0, 1, 2))))[:width]
+  assert set(largest) != set(range(width)), "the original's largest filters are its first"
+  distance = np.sum((uniform[..., :, None] - original[..., None, :]) ** 2, axis=(0, 1, 2))
+  np.testing.assert_array_equal(np.argmin(distance, axis=1), largest)
+
+
 def test_a_speedup_margin_searches_until_the_measurement_clears_it(finished, tmp_path):
   """With compactnet.speedup_margin m the checks hold the model to T (1 + m):
   a search whose model measured T without it trims further, each corrected
@@ -529,16 +550,47 @@ def test_a_retraining_seeded_as_the_pretraining_reads_other_batches(finished, tm
   assert retraining and not pretraining & set(orders) and catch_up not in retraining
 
 
-def test_the_export_reloads_without_flax_and_is_the_trimmed_network(finished):
-  _, _, results, _ = finished
+_LOAD_ALONE = """
+import json, sys
+import numpy as np
+from dynscale.nn import sliced
+logits = sliced.load(sys.argv[1])(np.load(sys.argv[2]), 1.0)
+print(json.dumps({"logits": np.asarray(logits).tolist(), "flax": "flax" in sys.modules}))
+"""
+
+
+def test_the_export_reloads_without_flax_and_is_the_retrained_network(finished, tmp_path):
+  """The searched export is the trimmed architecture with the retrained weights:
+  its cross-entropy on the validation split is the one the retraining logged
+  for its kept epoch (first retraining seed), and a process that imports no
+  Flax loads it and computes the same logits (the test checked shape and
+  finiteness only: an export of zeros passed)."""
+  config, workdir, results, _ = finished
   exported = sliced.load(results["export_dir"])
   original = sliced.load(results["original_export_dir"])
   groups = trimming.trimmable_groups(original.arch)
   core = trimming.core_widths(original.arch, groups, list(results["widths"].values()))
   assert exported.arch == spec.trimmed_architecture(original.arch, list(core))
-  x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  logits = sliced.apply_sliced(exported.arch, exported.variables, x)
-  assert logits.shape == (2, 10) and bool(jax.numpy.all(jax.numpy.isfinite(logits)))
+  dataset = data.load(config.data.dataset, data_dir=config.data.data_dir,
+                      val_size=config.data.val_size, seed=config.seed,
+                      train_examples=config.data.train_examples)
+  images = np.asarray(pipeline.normalize(dataset.val_x,
+                                         *pipeline.normalization_stats(dataset.name)))
+  logits = np.asarray(sliced.apply_sliced(exported.arch, exported.variables, images), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  loss = -log_p[np.arange(len(dataset.val_y)), dataset.val_y].mean()
+  stage = f"retrain-searched-seed{config.compactnet.retrain_seeds[0]}"
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [row[f"{stage}/val_loss"] for row in logged if f"{stage}/val_loss" in row]
+  assert config.compactnet.retrain_epochs == len(losses) == 1  # the kept epoch: the only one
+  assert loss == pytest.approx(losses[0], rel=1e-4)
+  np.save(tmp_path / "x.npy", images)
+  out = subprocess.run([sys.executable, "-c", _LOAD_ALONE, results["export_dir"],
+                        str(tmp_path / "x.npy")], capture_output=True, text=True, check=True)
+  alone = json.loads(out.stdout.strip().splitlines()[-1])
+  assert not alone["flax"]
+  np.testing.assert_allclose(alone["logits"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_the_models_benchmark_reports_the_fakes_cost_model(finished, capsys):
