@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from dynscale.nn import costs, layers, models, sliced
-from dynscale.sanp import budget, gates, training
+from dynscale.sanp import budget, gates, objective, training
 from dynscale.train import runs, sweep
 from experiments import main as launcher
 from experiments.configs import sanp_cpu
@@ -77,6 +77,26 @@ def test_fixed_k_costs_its_budget_on_every_image(tmp_path):
   assert results["flops_ratio"] == pytest.approx(expected, rel=1e-5)
   assert abs(expected - 0.4) < 0.03
   assert results["flops_ratio_std"] < 1e-3 and results["val_flops_ratio_std"] < 1e-3
+  assert results["dead_layer_rate"] == 0  # every layer keeps its k channels open
+
+
+def test_an_image_is_counted_dead_when_one_gated_layer_is_entirely_off():
+  """``dead_layer`` per image: 1 when some gated layer closes every channel for
+  it (by hand from the gates' activity), not when a layer closes some."""
+  config = tiny(**{"sanp.floor": 0})
+  arch = training.architecture(config)
+  model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
+  gate = list(model.gates.values())[1]
+  gate.head.w2.kernel.value = jnp.zeros_like(gate.head.w2.kernel.value)
+  images = jax.random.normal(jax.random.key(0), (6, *arch["input_shape"]))
+  forward = training.gated_forward(arch)
+  channels = gate.head.w2.bias.value.shape[0]
+  for opened, dead in ((channels, 0.0), (channels - 1, 0.0), (0, 1.0)):
+    gate.head.w2.bias.value = jnp.where(jnp.arange(channels) < opened, 5.0, -5.0)
+    activity = model.run(images, 1.0, train=False).activity
+    assert all(np.all(np.asarray(a).sum(-1) > 0) for a in activity.values()) == (dead == 0)
+    _, extra = forward(model, images, None)
+    np.testing.assert_array_equal(extra["dead_layer"], np.full(6, dead))
 
 
 def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
@@ -94,6 +114,20 @@ def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
   assert float(loss) == pytest.approx(float(metrics["cross_entropy"])
                                       + float(metrics["lambda"]) * float(metrics["cost"]),
                                       rel=1e-6)
+  # the cost is Eq. 9's of the relaxed codes s1 = sat((s - tau) / rho), by hand from the
+  # saliencies the forward sowed (sigma 0: no noise)
+  assert config.sanp.binarization.sigma == 0 and config.sanp.code == "relaxed"
+  model.run(images, 1.0, train=True)
+  sown = nnx.pop(model, nnx.Intermediate).to_pure_dict()["gates"]
+  relaxed = {}
+  for name, gate in model.gates.items():
+    s = np.asarray(sown[name]["saliency_out"][-1], np.float64)
+    z = (s - np.asarray(gate.threshold.value)) / np.asarray(gate.temperature.value)
+    relaxed[name] = np.clip(1.2 / (1 + np.exp(-z)) - 0.1, 0, 1)
+  assert not all(np.allclose(r, np.clip(np.asarray(sown[n]["saliency_out"][-1]), 0, 1))
+                 for n, r in relaxed.items())
+  assert float(metrics["cost"]) == pytest.approx(
+      float(objective.cost_loss(arch, relaxed, config.sanp.cost)), rel=1e-5)
   # p_t is the mean over the last N = 3 batches: the oldest leaves, this one enters.
   model.flops_window.value = jnp.asarray([0.2, 0.5, 0.8], jnp.float32)
   _, metrics = training.sanp_loss(arch, config, penalised=True)(model, images, labels, None)
@@ -276,7 +310,12 @@ def test_running_statistics_follow_the_inference_gates_not_the_noisy_ones():
 
 @pytest.mark.parametrize("statistics", ["batch", "running"])
 def test_p_t_is_measured_under_the_batch_norm_statistics_asked_for(statistics):
-  config = tiny(**{"sanp.flops_statistics": statistics, "sanp.flops_window": 1})
+  """Eq. 10's p_t is what the inference gates cost, under the statistics asked
+  for, with the training codes noisy and mixed (sigma 1, half soft: with the
+  working settings' hard noiseless codes a p_t read from the training forward
+  passed too)."""
+  config = tiny(**{"sanp.flops_statistics": statistics, "sanp.flops_window": 1,
+                   "sanp.binarization.sigma": 1.0, "sanp.binarization.mix": 0.5})
   arch = training.architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   rng = np.random.default_rng(0)
