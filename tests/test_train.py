@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from dynscale import io
 from dynscale.idp import training as idp_training
+from dynscale.nn import costs
 from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
@@ -95,9 +96,12 @@ def test_a_run_killed_between_an_epochs_two_saves_resumes_to_the_same_results(
     idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
   assert os.listdir(tmp_path / "killed" / "checkpoints" / "train-best") == ["2"]
   resumed = idp_training.train_and_evaluate(config, str(tmp_path / "killed"))
-  for key in ("curves", "val_accuracy", "steps", "epochs_run"):
+  for key in ("curves", "val_accuracy", "steps", "epochs_run", "flops"):
     assert resumed[key] == straight[key], key
   assert straight["epochs_run"] == 2
+  # what the network trained costs (a plain figure variant's, e.g. sanp_cpu's thin)
+  assert straight["flops"] == costs.flops(straight["model"]["architecture"],
+                                          config.train.dp) > 0
   assert logged_lines(tmp_path / "killed") == logged_lines(tmp_path / "straight")
 
 

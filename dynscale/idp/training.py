@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dynscale.idp import checks, evaluation
+from dynscale.nn import costs
 from dynscale.train import runs, steps, validation
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
@@ -44,6 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       **report,
       "test_accuracy": trainer.evaluate(at_dp, "test", jnp.float32(dp))["accuracy"],
       "val_accuracy": trainer.evaluate(at_dp, "val", jnp.float32(dp))["accuracy"],
+      "flops": costs.flops(run.arch, dp),  # of the network at train.dp (a plain one: all)
       "epochs_run": fit.epochs,  # the stage's, resumed epochs included
       "steps": int(fit.state.step),
   })
