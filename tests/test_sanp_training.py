@@ -233,6 +233,8 @@ def test_the_plain_networks_follow_the_epochs_set_on_the_command_line():
     ({"sanp.flops_statistics": "ema"}, r"sanp.flops_statistics must be one of \('batch', "
                                        r"'running'\), got 'ema'"),
     ({"model.name": "resnet50"}, r"model.name must be one of .*'m_cifarnet'.*, got 'resnet50'"),
+    ({"model.name": "mlp"}, r"model.name: SANP gates a network's convolutions, and 'mlp' has "
+                            r"none"),
     ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
     ({"sanp.reduction": 0}, r"sanp.reduction must be a positive integer, got 0"),
     ({"sanp.code": "hard"}, r"sanp.code must be one of \('relaxed', 'saliency'\), got 'hard'"),

@@ -60,8 +60,8 @@ def fixed_k_keep(arch: dict, budget: float) -> float:
 
 def thin_width_multiplier(name: str, num_classes: int, input_shape, budget: float,
                           width_multiplier: float = 1.0) -> float:
-  """The width multiplier (relative to ``width_multiplier``) whose network
-  ``name`` costs ``budget`` of the one at ``width_multiplier``."""
+  """The width multiplier (absolute, as ``model.width_multiplier`` takes it)
+  whose network ``name`` costs ``budget`` of the one at ``width_multiplier``."""
   check_budget(budget)
 
   def flops(w: float) -> int:

@@ -14,8 +14,10 @@ Three stages, each checkpointed and resumed by rerunning the same command:
    up as FIXED-K's at the budget (each keeps its ``k`` most salient
    channels), so their saliencies learn to rank the channels while the
    network already runs at the budget; then :func:`hand_off` moves each
-   binarized gate's decision point to the saliency its layer's ``k``-th
-   channel reaches on average, and the fine-tune starts at the budget's
+   binarized gate's decision point to the saliency that opens FIXED-K's
+   fraction of its layer's (image, channel) entries over calibration
+   batches (:func:`dynscale.sanp.gates.decision_point`), and the fine-tune
+   starts at the budget's
    FLOPs with FIXED-K's accuracy instead of at the full network with every
    gate at the same saliency (``'open'``, the paper's ``s = 1``).
 3. ``finetune``: everything learns from Eq. 9's ``CE + lambda L_cost`` for
@@ -128,7 +130,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   binarization(config)  # raises naming the binarization field
   backbone = (sliced.load_architecture(validation.exported_network(config.model.init_from))
               if config.model.init_from else architecture(config))
-  narrowest = min(p.outputs for p in layers.gate_points(backbone).values())
+  points = layers.gate_points(backbone)
+  if not points:
+    raise ValueError(f"model.name: SANP gates a network's convolutions, and "
+                     f"{backbone['name']!r} has none")
+  narrowest = min(p.outputs for p in points.values())
   if s.reduction > narrowest:
     raise ValueError(f"sanp.reduction must be in [1, {narrowest}] (the narrowest gated "
                      f"layer's channels), got {s.reduction}")
