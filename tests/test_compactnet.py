@@ -747,6 +747,30 @@ def test_the_search_meets_every_budget_and_keeps_the_best_candidate(tmp_path):
       result.history["iterations"][0]["chosen"]]["group"] == trimming.trimmable_groups(arch)[2].name
 
 
+def test_an_iterations_candidates_are_fine_tuned_in_one_slot_counting_the_choices_before(
+    tmp_path):
+  """``fine_tune`` gets the same slot for every candidate of an iteration (so
+  they are compared on the same batches), the number of fine-tunes the model
+  they trim went through: 0, 1, ... over the iterations that chose one."""
+  arch = _toy()
+  table = _toy_table(arch)
+  score, fine_tune = _oracle(arch, table)
+  slots = []
+
+  def recorded(variables, core, slot):
+    slots.append(slot)
+    return fine_tune(variables, core, slot)
+  plan = schedule.Schedule.for_final(1.4, 3, 0.9)
+  result = search.search(arch, {**_variables(arch), "tag": np.asarray(0.0, np.float32)}, table,
+                         plan, fine_tune=recorded, score=score, workdir=str(tmp_path),
+                         min_width=0.25)
+  expected, chosen = [], 0
+  for record in result.history["iterations"]:
+    expected += [chosen] * len(record["candidates"])
+    chosen += record["chosen"] is not None
+  assert slots == expected and len(set(slots)) > 1
+
+
 def test_a_group_is_trimmed_to_the_largest_multiple_of_round_to_that_meets_the_budget():
   """``trim_group`` tries the multiples of ``round_to`` below a group's width,
   from the largest down, and stops at the first the table says meets the

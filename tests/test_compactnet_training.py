@@ -17,7 +17,7 @@ from dynscale import data
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.data import pipeline
 from dynscale.nn import sliced, spec
-from dynscale.train import runs, steps, sweep
+from dynscale.train import loop, runs, steps, sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
@@ -361,7 +361,7 @@ def test_a_candidate_is_recalibrated_at_its_widths_before_its_fine_tune(finished
   given, scrambled = _and_scrambled_statistics(run)
   core = _core_widths(run, results, "widths")
   candidates = training.Candidates.create(run, given)
-  kept = [sliced.slice_variables(run.arch, candidates.fine_tune(v, core, seed=0), core)
+  kept = [sliced.slice_variables(run.arch, candidates.fine_tune(v, core, slot=0), core)
           for v in (given, scrambled)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *kept)
 
@@ -488,7 +488,8 @@ def test_a_retraining_copied_from_another_search_is_refused_not_resumed(finished
   seed = config.compactnet.retrain_seeds[0]
   variables = run.model.pure_variables()
   with pytest.raises(ValueError, match=f"retrain-original-seed{seed}.*delete"):
-    training.retrain(run, "original", run.arch, variables, seed, catch_up + 1)
+    training.retrain(run, "original", run.arch, variables, seed,  # one more chosen
+                     catch_up + config.compactnet.finetune_steps)
   resumed = training.retrain(run, "original", run.arch, variables, seed, catch_up)
   assert resumed.trainer.evaluate(resumed.state, "val", 1.0)["accuracy"] == \
       results["accuracy_by_seed"]["original"]["val"][0]
@@ -548,6 +549,61 @@ def test_a_retraining_seeded_as_the_pretraining_reads_other_batches(finished, tm
   training.retrain(run, "original", run.arch, run.model.pure_variables(), config.seed, 2)
   catch_up, retraining = orders[0], orders[1:]
   assert retraining and not pretraining & set(orders) and catch_up not in retraining
+
+
+def _recorded_batches(monkeypatch) -> list[bytes]:
+  """A list that receives the indices of every batch a Trainer trains on."""
+  batches = []
+  train_steps = loop.Trainer.train_steps
+  chunks = loop.Trainer.epoch_chunks
+
+  def recorded(self, state, task, num_steps, epoch, *args):
+    def counted(epoch):
+      for idx, key in chunks(self, epoch):
+        batches.extend(np.asarray(row).tobytes() for row in np.asarray(idx)[:num_steps])
+        yield idx, key
+    monkeypatch.setattr(self, "epoch_chunks", counted, raising=False)
+    try:
+      return train_steps(self, state, task, num_steps, epoch, *args)
+    finally:
+      monkeypatch.delattr(self, "epoch_chunks")
+  monkeypatch.setattr(loop.Trainer, "train_steps", recorded)
+  return batches
+
+
+def test_candidates_share_their_iterations_batches_and_the_catch_up_reads_them_in_turn(
+    finished, tmp_path, monkeypatch):
+  """Every candidate of an iteration is fine-tuned on the same batches (they
+  were each read from an epoch numbered by their group: selection compared
+  data luck too), none of the pretraining's; the original's catch-up reads
+  the chosen fine-tunes' batches in turn, and its retraining none of them."""
+  config, _, _, _ = finished
+  assert not config.model.init_from
+  f = config.compactnet.finetune_steps
+  orders = recorded_orders(monkeypatch)
+  run = runs.start(config, str(tmp_path))
+  runs.fit_stage(run, run.model, runs.Stage("pretrain", config.train.num_epochs, nnx.Param,
+                                            steps.classification_loss, steps.eval_forward))
+  pretraining = {np.asarray(row).tobytes() for order in orders
+                 for row in np.frombuffer(order, np.int32).reshape(-1, config.data.batch_size)}
+  batches = _recorded_batches(monkeypatch)
+  original = run.model.pure_variables()
+  candidates = training.Candidates.create(run, original)
+  full = list(spec.resolve_widths(run.arch, 1.0))
+  read = {}
+  for slot, core in ((0, full), (0, [w // 2 for w in full]), (1, full)):
+    batches.clear()
+    candidates.fine_tune(original, core, slot)
+    read.setdefault(slot, []).append(list(batches))
+  assert read[0][0] == read[0][1] and len(read[0][0]) == f  # one iteration: the same batches
+  assert not set(read[0][0]) & set(read[1][0]) and not pretraining & set(read[0][0] + read[1][0])
+  batches.clear()
+  orders.clear()
+  training.retrain(run, "original", run.arch, original, config.seed, 2 * f)
+  assert batches == read[0][0] + read[1][0]
+  retraining = {np.asarray(row).tobytes() for order in orders[2:]
+                for row in np.frombuffer(order, np.int32).reshape(-1, config.data.batch_size)}
+  assert retraining and not retraining & (pretraining | set(batches))
 
 
 _LOAD_ALONE = """

@@ -52,7 +52,7 @@ HISTORY_FILE = "history.json"
 _CHOSEN_FILE = "chosen.npz"
 _BEST_FILE = "best-candidate.npz"
 
-# (variables, core width vector, seed) -> fine-tuned variables
+# (variables, core width vector, slot) -> fine-tuned variables
 FineTune = Callable[[dict, tuple[int, ...], int], dict]
 # (variables, core width vector) -> validation accuracy
 Score = Callable[[dict, tuple[int, ...]], float]
@@ -228,9 +228,10 @@ def extra_budgets(check: Mapping) -> list[float]:
   return [] if check["next_budget_s"] is None else [check["next_budget_s"]]
 
 
-def _candidate_seed(seed: int, iteration: int, group: int) -> int:
-  """The fine-tune seed of group ``group``'s candidate in ``iteration``."""
-  return seed * 1_000_003 + iteration * 1009 + group
+def _slot(history: Mapping, iteration: int) -> int:
+  """The fine-tune slot of ``iteration``'s candidates: how many fine-tunes the
+  model they trim went through (the iterations before it that chose one)."""
+  return sum(record["chosen"] is not None for record in history["iterations"][:iteration])
 
 
 def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[int]) -> dict:
@@ -240,7 +241,7 @@ def _settings(arch: dict, table: Table, schedule: Schedule, minimum: Sequence[in
 
 def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
            fine_tune: FineTune, score: Score, workdir: str, min_width: float | Sequence[float]
-           = 0.25, seed: int = 0, candidate_settings: Mapping | None = None,
+           = 0.25, candidate_settings: Mapping | None = None,
            log: Callable[[str], None] = lambda _: None) -> Result:
   """Runs (or resumes, from ``workdir``) the search (module docstring).
 
@@ -250,8 +251,10 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
     table: its latency table on the target platform.
     schedule: N, d and T_init (Eq. 1-2).
     fine_tune: the short fine-tune of a candidate (batch-norm recalibration
-      included); called with a seed derived from ``seed``, the iteration
-      and the group, so reruns are identical.
+      included); called with its *slot*, the number of fine-tunes the model
+      it trims went through (the same for every candidate of an iteration,
+      so that they are compared on the same batches, and the chosen ones
+      count up 0, 1, ... as a retraining's catch-up does).
     score: validation accuracy of a candidate.
     workdir: where the history and variables are kept.
     min_width: the smallest fraction of each group the search may keep.
@@ -311,7 +314,7 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
         continue
       trial = tuple(widths[:k]) + (width,) + tuple(widths[k + 1:])
       core = trimming.core_widths(arch, groups, trial)
-      tuned = fine_tune(ordered.variables, core, _candidate_seed(seed, i, k))
+      tuned = fine_tune(ordered.variables, core, _slot(history, i))
       accuracy = float(score(tuned, core))
       candidate = {"group": group.name, "widths": list(trial), "predicted_s": table.predict(trial),
                    "val_accuracy": accuracy,
@@ -335,10 +338,9 @@ def search(arch: dict, variables: Mapping, table: Table, schedule: Schedule, *,
       if [int(w) for w in arrays["widths"]] != chosen["widths"]:
         # the file holds a candidate saved before a kill whose rerun scored less
         # (a fine-tune that is not bit-reproducible, e.g. on a GPU): the chosen
-        # one is fine-tuned again, with its own seed
-        k = [g.name for g in groups].index(chosen["group"])
+        # one is fine-tuned again
         core = trimming.core_widths(arch, groups, chosen["widths"])
-        variables = fine_tune(ordered.variables, core, _candidate_seed(seed, i, k))
+        variables = fine_tune(ordered.variables, core, _slot(history, i))
         arrays = {"widths": np.asarray(chosen["widths"]), **_origin_arrays(ordered.origin)}
       widths, origin = tuple(int(w) for w in arrays["widths"]), _origin_of(arrays)
     else:

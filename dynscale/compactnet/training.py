@@ -189,7 +189,21 @@ def candidate_settings(c: ml_collections.ConfigDict) -> dict:
   which a resumed search must share (the retraining's catch-up counts its
   fine-tune steps)."""
   return {"finetune_steps": c.finetune_steps, "finetune_optimizer": c.finetune_optimizer.to_dict(),
-          "recalibration_batches": c.recalibration_batches, "score_examples": c.score_examples}
+          "recalibration_batches": c.recalibration_batches, "score_examples": c.score_examples,
+          "data_order": "slots"}  # fine_tune_epoch's (a search before them read others)
+
+
+def fine_tune_epoch(run: runs.Run, slot: int) -> int:
+  """The first epoch of the data order that fine-tune slot ``slot`` reads: the
+  slots follow the pretraining's ``train.num_epochs``, each of
+  ``ceil(finetune_steps / steps per epoch)`` epochs. Every candidate of a
+  search iteration reads its slot (they are compared on the same batches),
+  the original and uniform models' catch-up reads the chosen ones' slots in
+  turn (the images the searched model was fine-tuned on), and the
+  retrainings start after them: no stage reads another's batches, nor the
+  pretraining's."""
+  each = math.ceil(run.config.compactnet.finetune_steps / runs.total_steps(run, 1))
+  return run.config.train.num_epochs + slot * each
 
 
 @dataclasses.dataclass
@@ -220,11 +234,13 @@ class Candidates:
     set_variables(self.model, sliced.merge_variables(variables, stats))
     return self.trainer.place(create_train_state(self.model, self.tx)[1])
 
-  def fine_tune(self, variables: dict, widths, seed: int) -> dict:
-    """Recalibrated batch norm, then ``finetune_steps`` steps at ``widths``."""
+  def fine_tune(self, variables: dict, widths, slot: int) -> dict:
+    """Recalibrated batch norm, then ``finetune_steps`` steps at ``widths`` in
+    fine-tune slot ``slot``'s data order (:func:`fine_tune_epoch`)."""
     widths = jnp.asarray(widths, jnp.int32)
     state = self.trainer.train_steps(self._state(variables, widths), widths,
-                                     self.run.config.compactnet.finetune_steps, seed)
+                                     self.run.config.compactnet.finetune_steps,
+                                     fine_tune_epoch(self.run, slot))
     return merge_model(self.trainer.graphdef, state.params, state.model_state).pure_variables()
 
   def score(self, variables: dict, widths) -> float:
@@ -387,7 +403,7 @@ def retrain_origin(catch_up_steps: int, teacher: Teacher | None = None,
   only when it was, so that the untrimmed and searched models' origins are
   those recorded before the uniform model was recalibrated)."""
   recalibrated = {"recalibration_batches": recalibration_batches} if recalibration_batches else {}
-  return {"catch_up_steps": catch_up_steps,
+  return {"catch_up_steps": catch_up_steps, "catch_up_order": "fine-tune slots",
           "teacher": None if teacher is None else teacher.origin, **recalibrated}
 
 
@@ -402,10 +418,11 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
   started otherwise (:func:`retrain_origin`; e.g. one copied from a run whose
   search chose another number of candidates) is refused, not resumed.
 
-  The catch-up and the retraining read the data order of the epochs after
-  the pretraining's ``train.num_epochs`` (the retraining after the
-  catch-up's), so that a retraining seeded as the pretraining was does not
-  replay its batches."""
+  The catch-up reads the fine-tune slots a searched model's chosen
+  fine-tunes read, one slot of ``finetune_steps`` each, and the retraining
+  the epochs after them (:func:`fine_tune_epoch`): a retraining seeded as
+  the pretraining was replays none of its batches, and the original and
+  uniform models catch up on the images the searched one was fine-tuned on."""
   c = run.config.compactnet
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.seed = seed
@@ -413,14 +430,19 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
   model = _network(seeded, arch, variables)
   stage = f"retrain-{name}-seed{seed}"
   started = run.checkpoint_dir and has_checkpoint(os.path.join(run.checkpoint_dir, stage))
-  pretrained = run.config.train.num_epochs
+  slots, rest = divmod(catch_up_steps, c.finetune_steps)
+  if rest:
+    raise ValueError(f"catch_up_steps must be a multiple of compactnet.finetune_steps "
+                     f"({c.finetune_steps}: one per fine-tune), got {catch_up_steps}")
   if catch_up_steps and not started:
     tx = make_optimizer(c.finetune_optimizer, catch_up_steps)
     graphdef, state = create_train_state(model, tx)
     trainer = runs.make_trainer(seeded, graphdef, tx, steps.classification_loss,
                                 steps.eval_forward)
-    state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), catch_up_steps,
-                                pretrained)
+    state = trainer.place(state)
+    for slot in range(slots):
+      state = trainer.train_steps(state, jnp.float32(1.0), c.finetune_steps,
+                                  fine_tune_epoch(seeded, slot))
     set_variables(model, merge_model(graphdef, state.params, state.model_state).pure_variables())
   loss_fn, forward, task = steps.classification_loss, steps.eval_forward, None
   if teacher is not None:
@@ -430,7 +452,7 @@ def retrain(run: runs.Run, name: str, arch: dict, variables: dict, seed: int,
       stage, c.retrain_epochs, nnx.Param, loss_fn, forward, task=task,
       optimizer=c.retrain_optimizer,
       origin=retrain_origin(catch_up_steps, teacher, recalibration_batches),
-      epochs_before=pretrained + math.ceil(catch_up_steps / runs.total_steps(run, 1))))
+      epochs_before=fine_tune_epoch(seeded, slots)))
 
 
 def _accuracies(fitted: runs.Fitted) -> dict[str, float]:
@@ -513,7 +535,7 @@ def search_on_platform(run: runs.Run, original: dict, original_export: str,
   while True:
     found = search.search(run.arch, original, table, plan(run.config),
                           fine_tune=candidates.fine_tune, score=candidates.score,
-                          workdir=workdir, min_width=c.min_width, seed=run.config.seed,
+                          workdir=workdir, min_width=c.min_width,
                           candidate_settings=candidate_settings(c), log=logging.info)
     checks = found.history["checks"]
     checked = checks[-1].get("goal_speedup", c.t_final) if checks else goal
