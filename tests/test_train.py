@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from dynscale import io
 from dynscale.idp import training as idp_training
-from dynscale.nn import costs
+from dynscale.nn import costs, sliced
 from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import Checkpoints
 from dynscale.train.early_stopping import EarlyStopping
@@ -231,9 +231,13 @@ def test_a_run_from_an_export_compares_the_network_it_names_not_its_path(tmp_pat
   ``model.init_from``, when its source path holds another network (a
   backbone trained again in place: resumed before, on checkpoints grown from
   the old one)."""
-  source, other = str(tmp_path / "source"), str(tmp_path / "other")
+  source, other = str(tmp_path / "source"), tmp_path / "other"
   idp_training.train_and_evaluate(tiny_config(**{"train.num_epochs": 1}), source)
-  idp_training.train_and_evaluate(tiny_config(seed=1, **{"train.num_epochs": 1}), other)
+  exported = sliced.load(os.path.join(source, "export"))  # another network: one weight moved
+  leaves, tree = jax.tree.flatten(exported.variables)
+  moved_weight = jax.tree.unflatten(tree, [leaves[0] + 1e-3, *leaves[1:]])
+  sliced.export(sliced.SlicedModel(exported.arch, moved_weight), other / "export")
+  other = str(other)
   workdir = str(tmp_path / "run")
   first = idp_training.train_and_evaluate(
       tiny_config(**{"train.num_epochs": 1, "model.init_from": source}), workdir)
