@@ -119,36 +119,34 @@ def _recorded_start(workdir: str) -> str | None:
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: str,
-                   blocks: tuple[str, ...] = ()) -> None:
+                   blocks: tuple[str, ...] = (), start_digest: str | None = None) -> None:
   """Raises if ``workdir`` holds a started run (:func:`_started`) whose config
   differs from ``config`` in a field the method reads (:data:`CORE_BLOCKS`
   and ``blocks``, but :data:`NOT_TRAINING`): resuming it would give the old
   run's numbers under the new config. Fields in one config only (a field
   added to the code since) are not compared, nor other methods' blocks (a
   figure's backbone is not refused for a change of its gated variants').
-  ``model.init_from`` is compared by the network it names (the digest
-  :func:`start` recorded): a moved figure's variants name their backbones by
-  new paths and resume, and a backbone trained again in its place is a
-  change."""
+  ``model.init_from`` is compared by the network it names, ``start_digest``
+  (:func:`dynscale.nn.sliced.export_digest`) against the one :func:`start`
+  recorded: a moved figure's variants name their backbones by new paths and
+  resume, and a backbone trained again in its place is a change."""
   saved_path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(saved_path) or not _started(workdir):
     return
   with open(saved_path) as f:
     saved = sweep.flat_fields(json.load(f))
   now = sweep.flat_fields(json.loads(json.dumps(config.to_dict())))
+  recorded = _recorded_start(workdir)
+  same_start = None if recorded is None or start_digest is None else recorded == start_digest
   read = (*CORE_BLOCKS, *blocks)
   differ = sorted(key for key in saved.keys() & now.keys()
                   if saved[key] != now[key] and key.split(".")[0] in read
-                  and not key.startswith(NOT_TRAINING))
+                  and not key.startswith(NOT_TRAINING)
+                  and not (key == "model.init_from" and same_start))
   changes = [f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differ]
-  started_from, init_from = _recorded_start(workdir), now.get("model.init_from")
-  if started_from is not None and init_from:
-    same = started_from == sliced.export_digest(validation.exported_network(init_from))
-    if same and "model.init_from" in differ:
-      changes.pop(differ.index("model.init_from"))
-    elif not same and "model.init_from" not in differ:
-      changes.append(f"model.init_from: {init_from!r} holds another network than the one "
-                     "the run started from")
+  if same_start is False and "model.init_from" not in differ:
+    changes.append(f"model.init_from: {now['model.init_from']!r} holds another network than "
+                   "the one the run started from")
   if changes:
     raise ValueError(f"workdir {workdir!r} holds a run of another config "
                      f"({'; '.join(changes)}); rerun it with its own config to resume it, "
@@ -181,13 +179,14 @@ def start(config: ml_collections.ConfigDict, workdir: str, *, check=validation.c
   arch, model = (load_exported(init_from, config, dataset) if init_from
                  else build_model(config, dataset))
   workdir = io.check_writable_dir(workdir)  # created once the config is known good
-  check_same_run(config, workdir, blocks)
+  start_digest = sliced.export_digest(init_from) if init_from else None
+  check_same_run(config, workdir, blocks, start_digest)
   main = jax.process_index() == 0
   if main:
     io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
     if init_from:
       io.write_json_atomic(os.path.join(workdir, INIT_FROM_FILE),
-                           {"path": init_from, "digest": sliced.export_digest(init_from)})
+                           {"path": init_from, "digest": start_digest})
   writer = MetricWriter(workdir, tensorboard=config.tensorboard) if main else None
   checkpoint_dir = os.path.join(workdir, "checkpoints") if config.train.checkpoint else None
   return Run(config, workdir, dataset, arch, model, writer, checkpoint_dir, init_from)
