@@ -17,11 +17,11 @@ from dynscale import data
 from dynscale.compactnet import latency, measure, platform, simulator, training, trimming
 from dynscale.data import pipeline
 from dynscale.nn import sliced, spec
-from dynscale.train import loop, runs, steps, sweep
+from dynscale.train import runs, steps, sweep
 from experiments import main as launcher
 from experiments.configs import compactnet_cpu, compactnet_paper
 from compactnet_fakes import WHOLE_SCALE, fake_remote, whole_network_latency
-from data_orders import recorded_orders
+from data_orders import recorded_batches, recorded_orders
 
 
 def _tiny(data_dir, **compactnet):
@@ -551,26 +551,6 @@ def test_a_retraining_seeded_as_the_pretraining_reads_other_batches(finished, tm
   assert retraining and not pretraining & set(orders) and catch_up not in retraining
 
 
-def _recorded_batches(monkeypatch) -> list[bytes]:
-  """A list that receives the indices of every batch a Trainer trains on."""
-  batches = []
-  train_steps = loop.Trainer.train_steps
-  chunks = loop.Trainer.epoch_chunks
-
-  def recorded(self, state, task, num_steps, epoch, *args):
-    def counted(epoch):
-      for idx, key in chunks(self, epoch):
-        batches.extend(np.asarray(row).tobytes() for row in np.asarray(idx)[:num_steps])
-        yield idx, key
-    monkeypatch.setattr(self, "epoch_chunks", counted, raising=False)
-    try:
-      return train_steps(self, state, task, num_steps, epoch, *args)
-    finally:
-      monkeypatch.delattr(self, "epoch_chunks")
-  monkeypatch.setattr(loop.Trainer, "train_steps", recorded)
-  return batches
-
-
 def test_candidates_share_their_iterations_batches_and_the_catch_up_reads_them_in_turn(
     finished, tmp_path, monkeypatch):
   """Every candidate of an iteration is fine-tuned on the same batches (they
@@ -580,13 +560,11 @@ def test_candidates_share_their_iterations_batches_and_the_catch_up_reads_them_i
   config, _, _, _ = finished
   assert not config.model.init_from
   f = config.compactnet.finetune_steps
-  orders = recorded_orders(monkeypatch)
+  batches = recorded_batches(monkeypatch)
   run = runs.start(config, str(tmp_path))
   runs.fit_stage(run, run.model, runs.Stage("pretrain", config.train.num_epochs, nnx.Param,
                                             steps.classification_loss, steps.eval_forward))
-  pretraining = {np.asarray(row).tobytes() for order in orders
-                 for row in np.frombuffer(order, np.int32).reshape(-1, config.data.batch_size)}
-  batches = _recorded_batches(monkeypatch)
+  pretraining = set(batches)
   original = run.model.pure_variables()
   candidates = training.Candidates.create(run, original)
   full = list(spec.resolve_widths(run.arch, 1.0))
@@ -598,12 +576,10 @@ def test_candidates_share_their_iterations_batches_and_the_catch_up_reads_them_i
   assert read[0][0] == read[0][1] and len(read[0][0]) == f  # one iteration: the same batches
   assert not set(read[0][0]) & set(read[1][0]) and not pretraining & set(read[0][0] + read[1][0])
   batches.clear()
-  orders.clear()
   training.retrain(run, "original", run.arch, original, config.seed, 2 * f)
-  assert batches == read[0][0] + read[1][0]
-  retraining = {np.asarray(row).tobytes() for order in orders[2:]
-                for row in np.frombuffer(order, np.int32).reshape(-1, config.data.batch_size)}
-  assert retraining and not retraining & (pretraining | set(batches))
+  catch_up, retraining = batches[:2 * f], set(batches[2 * f:])
+  assert catch_up == read[0][0] + read[1][0]
+  assert retraining and not retraining & (pretraining | set(catch_up))
 
 
 _LOAD_ALONE = """
