@@ -58,7 +58,7 @@ _COLORMAP = "jet"
 # --------------------------------------------------------------------------
 
 
-def _classifier_index(arch: dict) -> int:
+def classifier_index(arch: dict) -> int:
   """Index of the classifier; raises unless the network ends in a CAM head."""
   layers = arch["layers"]
   head = layers[-1]
@@ -80,7 +80,7 @@ def cam_classifier(arch: dict, variables: Mapping, dp: float) -> tuple[Array, Ar
   """
   arch = spec.validate_architecture(arch)
   dp = idp.check_dp(dp)
-  d = _classifier_index(arch)
+  d = classifier_index(arch)
   s = spec.select_profile(arch, dp, None)
   compact = sliced.slice_variables(arch, variables, dp)
   v = compact["layers"][d] if s is None else compact["layers"][d][s]
@@ -113,7 +113,7 @@ def class_maps(arch: dict, variables: Mapping, images: Array, dp: float
   """
   arch = spec.validate_architecture(arch)
   dp = idp.check_dp(dp)
-  d = _classifier_index(arch)
+  d = classifier_index(arch)
   spec.check_input(arch, images)
   weights, bias = cam_classifier(arch, variables, dp)
   features = sliced.features_sliced(arch, variables, images, dp, d - 1)

@@ -11,6 +11,7 @@ config that names it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -22,7 +23,7 @@ from dynscale.compactnet import training as compactnet_training
 from dynscale.idp import mpidp, training as idp_training
 from dynscale.sanp import training as sanp_training
 from dynscale.tesla import training as tesla_training
-from dynscale.train import sweep
+from dynscale.train import runs, sweep
 
 METHODS: dict[str, sweep.Method] = {
     "idp": idp_training,
@@ -44,6 +45,10 @@ def define_flags() -> None:
                     "writing no figure; a later run without the flag completes it.")
   flags.DEFINE_bool("multihost", False,
                     "Call jax.distributed.initialize() first (one process per host).")
+  flags.DEFINE_string("compilation_cache", None,
+                      "Directory of JAX's persistent compilation cache, shared by this run "
+                      "and the processes it starts (default: <workdir>/compilation-cache, or "
+                      "JAX_COMPILATION_CACHE_DIR when set; 'off': none).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,6 +63,25 @@ def train_and_evaluate(config, workdir: str, variants: Sequence[str] = ()) -> di
   if method not in METHODS:
     raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
   return METHODS[method].train_and_evaluate(config, workdir)
+
+
+def use_compilation_cache(directory: str | None, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``directory`` (``None``:
+  ``JAX_COMPILATION_CACHE_DIR`` if set, else ``<workdir>/compilation-cache``;
+  ``'off'``: none) for this process and, through the environment, the
+  processes it starts (CompactNet's measuring processes). A program compiled
+  once is read back by a later stage, process or rerun: e.g. the original
+  network in every measurement of a CompactNet run, and every program of a
+  killed run resumed. Entries are keyed by the program, the compile options,
+  the XLA flags and the jax version, so none is used in another's place.
+  Returns the directory in use."""
+  if directory == "off":
+    return None
+  directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      workdir, runs.COMPILATION_CACHE)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
 
 
 def summary(results: dict, workdir: str) -> str:
@@ -92,6 +116,8 @@ def main(argv) -> None:
     jax.distributed.initialize()
   # before any XLA computation
   logging.info("Host: %s, %s", host.tune_allocator(), host.tune_xla_cpu())
+  logging.info("Compilation cache: %s", use_compilation_cache(FLAGS.compilation_cache,
+                                                              FLAGS.workdir))
   logging.info("JAX devices: %s", jax.devices())
   logging.info("Config:\n%s", FLAGS.config)
   print(summary(train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.variants), FLAGS.workdir))

@@ -34,11 +34,11 @@ def assert_fit_never_reads_the_test_split(base, fit):
   assert test_a != test_b, "the poisoned test split must change the test metric itself"
 
 
-def val_accuracy_by_hand(export_dir, dps, val_size):
+def val_accuracy_by_hand(export_dir, dps, val_size, seed=0):
   """Validation accuracy of an exported ``mnist_sample`` network at each DP, in NumPy
-  (the run's validation split: ``val_size`` images drawn with seed 0)."""
+  (the run's validation split: ``val_size`` images drawn with the run's ``seed``)."""
   network = sliced.load(export_dir)
-  dataset = data.load("mnist_sample", val_size=val_size, seed=0)
+  dataset = data.load("mnist_sample", val_size=val_size, seed=seed)
   images = data.normalize(dataset.val_x, *data.normalization_stats(dataset.name))
   return {dp: float(np.mean(np.argmax(network(images, dp), -1) == dataset.val_y))
           for dp in dps}

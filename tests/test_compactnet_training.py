@@ -43,7 +43,7 @@ def _tiny(data_dir, **compactnet):
 def _overhead(config):
   """The fake platform's cost per network that no unit of the table shows:
   every trim saves less than the table predicts."""
-  return 0.1 * whole_network_latency(training.architecture(config))
+  return 0.1 * whole_network_latency(runs.planned_architecture(config))
 
 
 def _fake_latency(export_dir, config):
@@ -89,7 +89,7 @@ def test_the_run_meets_its_target_and_reports_measured_speedups(finished):
                                                       latencies["searched"])
   # the uniform model is the widest one at most as slow as the searched one
   assert results["uniform_measured_speedup"] >= results["measured_speedup"]
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
   groups = trimming.trimmable_groups(arch)
   chosen = training.uniform_widths(table, results["uniform_multiplier"])
   searched = whole_network_latency(sliced.load(results["export_dir"]).arch)
@@ -135,11 +135,11 @@ def test_every_search_iteration_met_its_budget(finished):
   assert list(results["widths"].values()) == history["iterations"][-1]["widths"]
 
 
-@pytest.mark.parametrize("searched_error", [-0.25, 0.0, 0.3])
+@pytest.mark.parametrize("searched_error", [-0.15, 0.0, 0.3])
 def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
     finished, searched_error):
   config, _, results, _ = finished
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
   groups = trimming.trimmable_groups(arch)
   searched_s = whole_network_latency(sliced.load(results["export_dir"]).arch) * (
       1 + searched_error)
@@ -162,7 +162,9 @@ def test_the_uniform_model_is_found_where_the_table_misjudges_the_searched_one(
   def uniform_s(m):
     core = trimming.core_widths(arch, groups, training.uniform_widths(table, m))
     return whole_network_latency(spec.trimmed_architecture(arch, list(core)))
-  assert chosen == max(m for m in multipliers if uniform_s(m) <= searched_s)
+  fast = [m for m in multipliers if uniform_s(m) <= searched_s]
+  assert fast, "the searched model must not be faster than every uniform model here"
+  assert chosen == max(fast)
   assert widths == training.uniform_widths(table, chosen)
   assert max(requests) <= training.UNIFORM_WINDOW + 1  # a few at a time, beside the searched
   # every window measured is kept, with its readings
@@ -180,7 +182,7 @@ def test_a_uniform_window_that_could_not_move_is_refused_before_measuring(finish
   """Windows move by ``window - 1`` (they share a multiplier): one of 1 never
   moved, and the search for the uniform model never ended."""
   config, _, results, _ = finished
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
 
   def remote(target, request):
     raise AssertionError("measured before the window was checked")
@@ -209,7 +211,7 @@ def _choose_on(finished, uniform_s, searched_s):
   widths ``w`` at ``uniform_s(w, window)`` and the searched one at ``searched_s``,
   ``window`` counting the windows measured so far (0 first)."""
   config, _, results, _ = finished
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
   windows = []
 
   def remote(target, request):
@@ -266,7 +268,7 @@ def test_a_rerun_reads_the_uniform_choice_back_instead_of_measuring_again(finish
   assert kept["multiplier"] == results["uniform_multiplier"]
   assert kept["measurements"] and all(m["readings"] for m in kept["measurements"])
   assert kept["widths"] == list(results["uniform_widths"].values())
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
   searched = list(results["widths"].values())
   target, settings = platform.get(config.compactnet.platform), training.table_settings(config)
 
@@ -290,7 +292,7 @@ def test_a_rerun_reads_the_uniform_choice_back_instead_of_measuring_again(finish
 
 def test_a_model_measured_short_of_the_target_is_searched_further(finished):
   config, workdir, results, _ = finished
-  table, arch = latency.load(results["table"]), training.architecture(config)
+  table, arch = latency.load(results["table"]), runs.planned_architecture(config)
   history = json.loads((workdir / "search-summary.json").read_text())
   checks, iterations = history["checks"], history["iterations"]
   assert results["search_checks"] == checks
@@ -857,7 +859,7 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
   config, workdir, results, requests = finished
   assert requests.count("table") == 1
   reused = []
-  path, _ = training.load_or_build_table(config, training.architecture(config), str(workdir),
+  path, _ = training.load_or_build_table(config, runs.planned_architecture(config), str(workdir),
                                          fake_remote(reused))
   assert path == results["table"] and reused == []
   # a rerun asking for another grid refuses the table it built, naming the setting
@@ -865,7 +867,7 @@ def test_a_table_is_measured_once_and_reused(finished, fake_cifar):
   config.compactnet.table_settings.round_to = 2
   with pytest.raises(ValueError, match=r"compactnet.table_settings.round_to: the table in "
                                        r".* was built with 1, this config asks for 2; delete"):
-    training.load_or_build_table(config, training.architecture(config), str(workdir),
+    training.load_or_build_table(config, runs.planned_architecture(config), str(workdir),
                                  fake_remote(reused))
   assert reused == []
 
@@ -940,7 +942,7 @@ def test_bad_table_settings_name_the_field(fake_cifar):
 
 def test_a_given_table_must_be_readable_match_and_reach_the_target(fake_cifar, tmp_path):
   config = _tiny(fake_cifar)
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   table = simulator.build_table(arch, platform.get("cpu-b64"), training.table_settings(config),
                                 str(tmp_path / "table.json"), fake_remote([]))
   cut = tmp_path / "cut.json"

@@ -421,6 +421,49 @@ def test_gated_channels_are_exact_zeros_and_the_hook_sees_batch_norm_output():
   assert np.all(np.asarray(out)[..., 1:] == 0) and np.any(np.asarray(out)[..., 0] != 0)
 
 
+def test_kernels_are_he_normal_truncated_at_two_deviations_one_draw_per_kernel():
+  """Every kernel is He-normal as ``nnx.initializers.he_normal`` defines it:
+  a unit normal truncated to [-2, 2] scaled to variance 2 / fan_in, fan_in
+  the product of all but the output axis (a 3x3 conv's 9 C_in, a depthwise
+  conv's 9). Catches a wrong fan_in, a missing truncation or its variance
+  correction, and one key reused by layers or seeds."""
+  arch = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                             profile="all-one")
+  kernels = {path: np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+      models.build(arch, rngs=models.init_rngs(0)).pure_variables())
+             if leaf.ndim >= 2}
+  assert len(kernels) == 9
+  for path, w in kernels.items():
+    fan_in = int(np.prod(w.shape[:-1]))
+    std = np.sqrt(2.0 / fan_in)
+    bound = 2 * std / 0.87962566103423978  # the unit truncated normal's deviation
+    assert np.abs(w).max() <= bound * (1 + 1e-6), path
+    if w.size >= 20000:  # the statistics of large kernels
+      assert abs(w.std() / std - 1) < 0.02, path
+      assert abs(w.mean()) < 0.02 * std, path
+      assert np.abs(w).max() > 0.99 * bound, path  # truncated at the bound, not inside it
+      # the fraction within one pre-truncation deviation: a unit normal's
+      # mass in [-1, 1] over its mass in [-2, 2]
+      inner = np.mean(np.abs(w) <= bound / 2)
+      assert abs(inner - 0.6827 / 0.9545) < 0.01, path
+  again = models.build(arch, rngs=models.init_rngs(0)).pure_variables()
+  other = models.build(arch, rngs=models.init_rngs(1)).pure_variables()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(again):
+    if path in kernels:
+      np.testing.assert_array_equal(np.asarray(leaf), kernels[path])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(other):
+    if path in kernels:
+      assert not np.allclose(np.asarray(leaf), kernels[path]), path
+  same_shape = [w for w in kernels.values() if w.shape == (3, 3, 128, 128)]
+  assert len(same_shape) == 2 and not np.allclose(*same_shape)
+  # built under jit (the draw as a host callback), the same network
+  small = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                              profile="all-one", width_multiplier=0.25)
+  jitted = nnx.jit(lambda: models.build(small, rngs=models.init_rngs(3)))().pure_variables()
+  eager = models.build(small, rngs=models.init_rngs(3)).pure_variables()
+  jax.tree.map(np.testing.assert_array_equal, jitted, eager)
+
+
 # --------------------------------------------------------------------------
 # Export of a trimmed network
 # --------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_an_image_is_counted_dead_when_one_gated_layer_is_entirely_off():
   """``dead_layer`` per image: 1 when some gated layer closes every channel for
   it (by hand from the gates' activity), not when a layer closes some."""
   config = tiny(**{"sanp.floor": 0})
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   gate = list(model.gates.values())[1]
   gate.head.w2.kernel.value = jnp.zeros_like(gate.head.w2.kernel.value)
@@ -101,7 +101,7 @@ def test_an_image_is_counted_dead_when_one_gated_layer_is_entirely_off():
 
 def test_the_fine_tune_loss_is_eq_9_with_eq_10s_lambda_from_evaluation_flops():
   config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3})
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   backbone = models.build(arch, rngs=models.init_rngs(0))
   model = training.gated_model(config, arch, backbone)
   images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
@@ -273,7 +273,7 @@ def test_settings_beyond_an_exported_backbones_widths_fail_before_anything_is_wr
   workdir was written and the run failed building its gates."""
   config = tiny()
   config.model.width_multiplier /= 2
-  backbone = models.build(training.architecture(config), rngs=models.init_rngs(0))
+  backbone = models.build(runs.planned_architecture(config), rngs=models.init_rngs(0))
   sliced.export(backbone, tmp_path / "backbone")
   with pytest.raises(ValueError, match=message):
     training.train_and_evaluate(tiny(**{"model.init_from": str(tmp_path / "backbone"),
@@ -282,7 +282,7 @@ def test_settings_beyond_an_exported_backbones_widths_fail_before_anything_is_wr
 
 
 def test_the_reduction_and_floor_may_reach_the_narrowest_gated_layer_and_no_further():
-  narrowest = min(p.outputs for p in layers.gate_points(training.architecture(tiny())).values())
+  narrowest = min(p.outputs for p in layers.gate_points(runs.planned_architecture(tiny())).values())
   for field in ("sanp.reduction", "sanp.floor"):
     training.check_config(tiny(**{field: narrowest}))
     with pytest.raises(ValueError, match=rf"{field} must be .*{narrowest}.*got {narrowest + 1}"):
@@ -295,7 +295,7 @@ def test_the_launcher_runs_sanp():
 
 def test_running_statistics_follow_the_inference_gates_not_the_noisy_ones():
   config = tiny(**{"sanp.binarization.sigma": 3.0})  # noisy codes far from inference's
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   reference = nnx.clone(model)
   images = jax.random.normal(jax.random.key(0), (16, *arch["input_shape"]))
@@ -318,7 +318,7 @@ def test_p_t_is_measured_under_the_batch_norm_statistics_asked_for(statistics):
   passed too)."""
   config = tiny(**{"sanp.flops_statistics": statistics, "sanp.flops_window": 1,
                    "sanp.binarization.sigma": 1.0, "sanp.binarization.mix": 0.5})
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   rng = np.random.default_rng(0)
   for gate in model.gates.values():  # saliencies that depend on the image, about half open
@@ -344,7 +344,7 @@ def test_p_t_is_measured_under_the_batch_norm_statistics_asked_for(statistics):
 
 def test_the_integral_term_accumulates_the_budget_error_step_by_step():
   config = tiny(**{"sanp.lambda0": 1.0, "sanp.budget": 0.4, "sanp.integral_rate": 0.5})
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   loss_fn = training.sanp_loss(arch, config, penalised=True)
   images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
@@ -362,7 +362,7 @@ def test_the_ramped_budget_drives_lambda_and_advances_on_penalised_steps_only():
   both."""
   config = tiny(**{"sanp.lambda0": 2.0, "sanp.budget": 0.4, "sanp.flops_window": 3,
                    "sanp.integral_rate": 0.5})
-  arch = training.architecture(config)
+  arch = runs.planned_architecture(config)
   model = training.gated_model(config, arch, models.build(arch, rngs=models.init_rngs(0)))
   images = jax.random.normal(jax.random.key(0), (8, *arch["input_shape"]))
   labels = jnp.arange(8) % 10

@@ -136,9 +136,11 @@ def test_tesla_killed_inside_a_stage_resumes_to_the_same_final_metrics(tmp_path,
 def test_rtesla_killed_mid_run_resumes_to_the_same_final_metrics(tmp_path, straight_and_resumed):
   # R-TESLA with an 8-epoch budget and best-mean selection, killed inside its second
   # stage: the sampled plan, the epochs spent and the best-mean state are restored.
+  # Stages of at most 2 epochs, so that a second stage starts whatever early stopping
+  # does (uncapped, the first stage may spend the whole budget).
   command = lambda workdir: tesla_command(
       workdir, "--config.schedule.name=rtesla", "--config.schedule.epoch_budget=8",
-      "--config.schedule.selection=best_mean")
+      "--config.schedule.selection=best_mean", "--config.schedule.stage_epochs=2")
   a, b = straight_and_resumed(tmp_path, command, "stage1/1", "checkpoints/best-mean")
   assert a["epochs"] == 8 and len(a["stages"]) >= 2
   for key in ("curves", "stages", "epochs", "selected_stage", "selected_epoch",
@@ -450,6 +452,88 @@ def test_a_fits_early_stopping_and_best_state_never_read_the_test_split():
     return trainer, trainer.fit(state, task=jnp.float32(1.0), num_epochs=3, stage="only",
                                 early_stopping=EarlyStopping(1))
   assert_fit_never_reads_the_test_split(data.load("mnist_sample", val_size=300), fit)
+
+
+def test_training_batches_beyond_an_epoch_are_the_next_epochs_not_fewer():
+  """``Trainer.training_batches(n)`` (batch-norm recalibration: ``eval.
+  recalibration_batches``, SANP's and CompactNet's counts) gives n batches
+  even when n exceeds an epoch's: the first epoch's shuffle, then another
+  shuffle of the split. It gave one epoch's batches at most."""
+  import jax.numpy as jnp
+  from dynscale.data import pipeline
+  trainer, _, dataset = pixel_mean_trainer(lambda images: jnp.mean(images, axis=(1, 2, 3)))
+  per_epoch = trainer.steps_per_epoch
+  one_epoch = [np.asarray(b) for b in trainer.training_batches(per_epoch)]
+  more = [np.asarray(b) for b in trainer.training_batches(per_epoch + 5)]
+  assert len(more) == per_epoch + 5
+  for a, b in zip(one_epoch, more):
+    np.testing.assert_array_equal(a, b)
+  mean, std = pipeline.normalization_stats(dataset.name)
+  flat = ((dataset.train_x.astype(np.float32) / 255 - np.asarray(mean, np.float32))
+          / np.asarray(std, np.float32)).reshape(len(dataset.train_x), -1)
+
+  def indices(batch):  # each image's index in the training split
+    distances = np.abs(flat[None] - batch.reshape(len(batch), 1, -1)).max(axis=-1)
+    assert distances.min(axis=1).max() < 1e-4  # every image is a training image
+    return distances.argmin(axis=1).tolist()
+  first = [i for b in more[:per_epoch] for i in indices(b)]
+  second = [i for b in more[per_epoch:] for i in indices(b)]
+  assert len(set(first)) == len(first) and len(set(second)) == len(second)
+  assert second != first[:len(second)]  # a new shuffle, not the first epoch again
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_a_trainer_trains_on_crops_and_flips_drawn_anew_each_epoch(monkeypatch, augment):
+  """What a train step of a CIFAR trainer sees (read inside the step): with
+  ``augment`` each image is a crop and flip of the image its index names,
+  not all untouched, and an image's draw changes from epoch to epoch (a
+  key that ignored the epoch replays epoch 0's crops); without, the images
+  themselves. The pipeline's tests check crop_flip alone; nothing read the
+  trainer's batches."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from augmentation import crop_flip_of, distinct_images
+  from data_orders import recorded_batches
+  from dynscale import data
+  from dynscale.data import pipeline
+  from dynscale.nn import models
+  from dynscale.train import loop, steps
+  from dynscale.train.state import create_train_state
+
+  x = distinct_images(32, 8, 8, 3)[np.random.default_rng(0).permutation(32)]
+  y = (np.arange(32) % 10).astype(np.int32)
+  dataset = data.Dataset("cifar10", x, y, x[:8], y[:8], x[:8], y[:8], 10, "test images")
+  seen = []
+
+  def loss_fn(model, images, labels, task):
+    jax.debug.callback(lambda im: seen.append(np.asarray(im)), images)
+    return steps.classification_loss(model, images, labels, task)
+  orders = recorded_batches(monkeypatch)
+  arch = models.architecture("mlp", num_classes=10, input_shape=(8, 8, 3), width_multiplier=0.1)
+  tx = optax.sgd(0.01)
+  graphdef, state = create_train_state(models.build(arch, rngs=models.init_rngs(0)), tx)
+  trainer = loop.Trainer(graphdef=graphdef, tx=tx, loss_fn=loss_fn,
+                         forward=steps.eval_forward, dataset=dataset, batch_size=16,
+                         eval_batch_size=8, augment=augment, seed=0, steps_per_chunk=2)
+  state = trainer.train_steps(trainer.place(state), jnp.float32(1.0), 4, epoch=0)  # epochs 0, 1
+  assert len(seen) == len(orders) == 4
+  mean, std = pipeline.normalization_stats("cifar10")
+  draws = {0: [], 1: []}  # per epoch, by position: step in the epoch, place in the batch
+  for step, (images, order) in enumerate(zip(seen, orders)):
+    pixels = np.rint((images * np.asarray(std) + np.asarray(mean)) * 255).astype(np.uint8)
+    for i, image in zip(np.frombuffer(order, np.int32), pixels):
+      draw = crop_flip_of(x[i], image, pad=4)
+      assert draw is not None, "a batch image is no crop and flip of its index's image"
+      draws[step // 2].append(draw)
+  untouched = (4, 4, False)
+  if not augment:
+    assert set(draws[0] + draws[1]) == {untouched}
+    return
+  assert sum(d == untouched for d in draws[0] + draws[1]) < 16
+  # the draws are per place in the batch: a key that ignored the epoch would
+  # give epoch 1 epoch 0's draws (the same one by chance 1 time in 162)
+  assert sum(a != b for a, b in zip(draws[0], draws[1])) > 24
 
 
 def test_evaluate_reports_the_mean_of_an_extra_per_example_metric():
@@ -799,6 +883,67 @@ def test_init_from_an_export_for_other_inputs_is_refused(tmp_path):
                                        r"\(32, 32, 3\) with 10 classes; mnist_sample has "
                                        r"\(28, 28, 1\)"):
     idp_training.train_and_evaluate(config, str(tmp_path / "later"))
+
+
+def _exported_mlp(directory, **fields):
+  from dynscale.nn import models, sliced
+  arch = models.architecture("tesla_mlp", num_classes=10, input_shape=(28, 28, 1),
+                             width_multiplier=0.1, **fields)
+  sliced.export(models.build(arch, rngs=models.init_rngs(0)), directory)
+  return str(directory)
+
+
+def test_init_from_is_checked_by_the_network_it_names_not_model_fields_it_replaces(tmp_path):
+  """With ``model.init_from`` the model fields are unused: each method's checks
+  read the exported network (``runs.planned_architecture``), and refuse, naming
+  model.init_from, before anything is written: an MP-IDP network for IDP or
+  TESLA (it failed at the first step), a network without a GAP head for
+  TESLA's CAM (every stage trained, then CAM failed), a linear-profile
+  network for ATP (which started from it, not from one)."""
+  from dynscale.tesla import training as tesla_training
+  from experiments.configs import tesla_main
+  mp = _exported_mlp(tmp_path / "mp", profile="linear", mp_profiles=((0.0, 0.4), (0.4, 1.0)))
+  linear = _exported_mlp(tmp_path / "linear", profile="linear")
+  ones = _exported_mlp(tmp_path / "ones", profile="all-one")
+  with pytest.raises(ValueError, match=r"model.init_from: IDP trains one profile; the network "
+                                       r"has MP-IDP's profiles"):
+    idp_training.train_and_evaluate(tiny_config(**{"model.init_from": mp}),
+                                    str(tmp_path / "idp"))
+
+  def tesla(**overrides):
+    config = tesla_main.get_config()
+    config.data.val_size = 300
+    config.update_from_flattened_dict(overrides)
+    return config
+  cases = [
+      (tesla(**{"model.init_from": mp}), r"model.init_from: TESLA trains one profile"),
+      (tesla(**{"model.init_from": ones, "cam.enabled": True, "model.name": "vgg16_gap"}),
+       r"model.init_from: CAM needs a GAP head: arch must end in a map, 'global_avgpool'"),
+      (tesla(**{"model.init_from": linear, "atp.enabled": True, "model.profile": "all-one"}),
+       r"model.init_from: ATP starts from the all-one profile; .*gamma"),
+  ]
+  for config, match in cases:
+    with pytest.raises(ValueError, match=match):
+      tesla_training.train_and_evaluate(config, str(tmp_path / "tesla"))
+  assert not (tmp_path / "idp").exists() and not (tmp_path / "tesla").exists()
+  tesla_training.check_config(tesla(**{"model.init_from": ones, "atp.enabled": True,
+                                       "model.profile": "linear"}))  # the export's profile
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir(tmp_path):
+  """A run that fails after :func:`runs.start` but before any checkpoint is
+  saved leaves its config and empty checkpoint directories; a corrected
+  config then runs there (it was refused as another config's started run).
+  A finished checkpoint still holds the workdir."""
+  config = tiny_config(**{"train.num_epochs": 1})
+  run = runs.start(config, str(tmp_path / "run"))
+  (tmp_path / "run" / "checkpoints" / "train").mkdir(parents=True)  # opened, nothing saved
+  (tmp_path / "run" / "checkpoints" / "train-best").mkdir()
+  corrected = tiny_config(**{"train.num_epochs": 1, "optimizer.learning_rate": 0.05})
+  runs.start(corrected, str(tmp_path / "run"))
+  idp_training.train_and_evaluate(corrected, str(tmp_path / "run"))
+  with pytest.raises(ValueError, match=r"holds a run of another config"):
+    runs.start(config, run.workdir)
 
 
 # --------------------------------------------------------------------------

@@ -60,7 +60,6 @@ from flax import nnx
 
 from dynscale import io, plots
 from dynscale.compactnet import latency, platform, schedule, search, simulator, trimming
-from dynscale.data.datasets import dataset_spec
 from dynscale.nn import batchnorm, models, sliced, spec
 from dynscale.train import runs, steps, validation
 from dynscale.train.checkpoint import has_checkpoint
@@ -108,11 +107,6 @@ def last_step_s(config, table: latency.Table) -> float:
   return plan(config).reductions[-1] * table.predict(table.full_widths)
 
 
-def architecture(config) -> dict:
-  spec_ = dataset_spec(config.data.dataset)
-  return runs.architecture(config, spec_.num_classes, spec_.image_shape)
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first bad field, before any compute."""
   validation.check_core(config)
@@ -145,7 +139,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       for m in c.uniform_multipliers):
     raise ValueError(f"compactnet.uniform_multipliers must be fractions in (0, 1], "
                      f"got {c.uniform_multipliers!r}")
-  arch = architecture(config)
+  arch = runs.planned_architecture(config)
   if tuple(arch["input_shape"][:2]) != (target.resolution, target.resolution):
     raise ValueError(f"compactnet.platform {target.name!r} measures "
                      f"{target.resolution}x{target.resolution} inputs, the data has "

@@ -20,10 +20,15 @@ from dynscale.train.state import create_train_state
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The core blocks, ``train.dp`` and the ``eval`` block."""
+  """The core blocks, ``train.dp``, the ``eval`` block, and a network of one profile."""
   validation.check_core(config)
   checks.dp(config.train.dp, "train.dp")
   checks.check_eval(config.eval)
+  arch = runs.planned_architecture(config)
+  if arch["profiles"] is not None:
+    raise ValueError(f"{runs.architecture_field(config)}: IDP trains one profile; the "
+                     f"network has MP-IDP's profiles {arch['profiles']} (method 'mpidp' "
+                     f"trains them)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

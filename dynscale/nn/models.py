@@ -274,10 +274,12 @@ def architecture(name: str, *, num_classes: int, input_shape: Sequence[int],
 def init_rngs(seed: int) -> nnx.Rngs:
   """Parameter-initialisation keys from ``seed``, on XLA's RBG generator.
 
-  Initialisers are jitted once per distinct weight shape; with the default
-  threefry keys each such compile costs 1-6 s on a CPU (a network has a
-  dozen shapes), with RBG about 0.3 s. RBG is deterministic for a given
-  backend, which is all that initialisation needs.
+  The layers' kernels are drawn on the host from these keys
+  (:func:`dynscale.nn.layers.he_normal`); a gate module's initialisers (e.g.
+  ``nnx.Linear``'s) are jitted once per distinct weight shape, which with
+  the default threefry keys costs 1-6 s per shape on a CPU, with RBG about
+  0.3 s. RBG is deterministic for a given backend, which is all that
+  initialisation needs.
   """
   return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 

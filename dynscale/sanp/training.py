@@ -51,8 +51,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from dynscale.data.datasets import dataset_spec
-from dynscale.nn import costs, layers, models, sliced
+from dynscale.nn import costs, layers, models
 from dynscale.sanp import analysis, budget, gates, objective
 from dynscale.train import protocols, runs, steps, validation
 
@@ -89,13 +88,6 @@ def binarization(config) -> gates.Binarization:
   return gates.Binarization(**config.sanp.binarization.to_dict())
 
 
-def architecture(config) -> dict:
-  """The backbone's architecture from the config alone (no data read): what
-  :func:`dynscale.train.runs.build_model` will build."""
-  spec = dataset_spec(config.data.dataset)
-  return runs.architecture(config, spec.num_classes, spec.image_shape)
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The core blocks and ``sanp``; every error names its field, before any compute."""
   validation.check_core(config)
@@ -128,12 +120,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"the {s.variant!r} gates: it needs sanp.warmup_epochs > 0, got "
                      f"{s.warmup_epochs}")
   binarization(config)  # raises naming the binarization field
-  backbone = (sliced.load_architecture(validation.exported_network(config.model.init_from))
-              if config.model.init_from else architecture(config))
+  backbone = runs.planned_architecture(config)
   points = layers.gate_points(backbone)
   if not points:
-    raise ValueError(f"model.name: SANP gates a network's convolutions, and "
-                     f"{backbone['name']!r} has none")
+    raise ValueError(f"{runs.architecture_field(config)}: SANP gates a network's "
+                     f"convolutions, and {backbone['name']!r} has none")
   narrowest = min(p.outputs for p in points.values())
   if s.reduction > narrowest:
     raise ValueError(f"sanp.reduction must be in [1, {narrowest}] (the narrowest gated "

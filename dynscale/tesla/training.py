@@ -95,13 +95,25 @@ def check_config(config) -> None:
   if config.train.patience < 1:
     raise ValueError(f"train.patience must be >= 1 for TESLA's task-wise early stopping, "
                      f"got {config.train.patience}")
+  arch, field = runs.planned_architecture(config), runs.architecture_field(config)
+  if arch["profiles"] is not None:
+    raise ValueError(f"{field}: TESLA trains one profile; the network has MP-IDP's "
+                     f"profiles {arch['profiles']} (method 'mpidp' trains them)")
   if config.atp.enabled:
     validation.one_of(config.atp.projection, tuple(atp.PROJECTIONS), "atp.projection")
     validation.positive(config.atp.period_steps, "atp.period_steps", integer=True)
     validation.positive(config.atp.learning_rate, "atp.learning_rate")
-    validation.one_of(config.model.profile, ("all-one",), "model.profile (ATP starts at one)")
+    if config.model.init_from:
+      check_starts_at_one(config.model.init_from)
+    else:
+      validation.one_of(config.model.profile, ("all-one",), "model.profile (ATP starts at one)")
   if config.cam.enabled:
-    validation.one_of(config.model.name, CAM_MODELS, "model.name (CAM needs a GAP head)")
+    if not config.model.init_from:
+      validation.one_of(config.model.name, CAM_MODELS, "model.name (CAM needs a GAP head)")
+    try:
+      cam.classifier_index(arch)
+    except ValueError as error:
+      raise ValueError(f"{field}: CAM needs a GAP head: {error}") from error
     checks.dp_list(config.cam.dps, "cam.dps")
     validation.positive(config.cam.num_images, "cam.num_images", integer=True)
   validation.non_negative(config.distill.weight, "distill.weight")
@@ -110,6 +122,19 @@ def check_config(config) -> None:
     raise ValueError("distill.weight > 0 needs schedule.alpha < 1: with alpha 1 each stage "
                      "trains its newest task alone, so the teacher (the first task) never "
                      "trains beside another, got schedule.alpha 1")
+
+
+def check_starts_at_one(init_from: str) -> None:
+  """Raises, naming ``model.init_from``, unless every profile coefficient of
+  the exported network it names is one: ATP starts from the all-one profile
+  (000 §3.4), and a network's profiles come with its export."""
+  exported = sliced.load(validation.exported_network(init_from))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(exported.variables):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name.endswith("gamma") and not np.all(np.asarray(leaf) == 1):
+      raise ValueError(f"model.init_from: ATP starts from the all-one profile; the network "
+                       f"in {init_from!r} has {jax.tree_util.keystr(path)} = "
+                       f"{np.round(np.asarray(leaf)[:4], 3).tolist()}...")
 
 
 # What ATP trains: the weights and every profile.

@@ -151,10 +151,18 @@ class Trainer:
     return jax.tree.map(functools.partial(_to_mesh, sharding=sharding), state)
 
   def training_batches(self, num_batches: int) -> list[jax.Array]:
-    """The first ``num_batches`` training batches of a fixed order, not augmented."""
+    """The first ``num_batches`` training batches of a fixed order, not
+    augmented: one shuffled epoch, then, when more are asked for than an
+    epoch holds, the next epochs' (each its own shuffle)."""
     data = self.splits["train"]
-    order = pipeline.epoch_permutation(self._recalibration_key, data.size, self.batch_size)
-    return [self._batch_fn(data, idx, None)[0] for idx in order[:num_batches]]
+    orders, held = [], 0
+    while held < num_batches:
+      key = jax.random.fold_in(self._recalibration_key, len(orders)) if orders else (
+          self._recalibration_key)  # the first epoch's order as before epochs were added
+      orders.append(pipeline.epoch_permutation(key, data.size, self.batch_size))
+      held += len(orders[-1])
+    kept = [idx for order in orders for idx in order][:num_batches]
+    return [self._batch_fn(data, idx, None)[0] for idx in kept]
 
   def evaluate(self, state: TrainState, split: str, task, *, limit: int = 0
                ) -> dict[str, float]:

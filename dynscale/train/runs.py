@@ -22,8 +22,10 @@ from absl import logging
 from flax import nnx
 
 from dynscale import data, io, plots
+from dynscale.data.datasets import dataset_spec
 from dynscale.nn import models, sliced
 from dynscale.train import loop, protocols, steps, sweep, validation
+from dynscale.train.checkpoint import has_checkpoint
 from dynscale.train.early_stopping import EarlyStopping
 from dynscale.train.optim import make_optimizer
 from dynscale.train.state import TrainState, create_train_state, merge_model
@@ -56,6 +58,23 @@ def architecture(config, num_classes: int, input_shape) -> dict:
       config.model.name, num_classes=num_classes, input_shape=tuple(input_shape),
       profile=config.model.profile, idp_layers=config.model.idp_layers,
       width_multiplier=config.model.width_multiplier, mp_profiles=config.model.get("mp_profiles"))
+
+
+def planned_architecture(config) -> dict:
+  """The architecture a run of ``config`` trains, read before any data or
+  compute (for a method's config checks): the exported network's that
+  ``model.init_from`` names, else the one ``config.model`` builds for the
+  dataset's classes and image shape. :func:`architecture_field` names where
+  it came from."""
+  if config.model.init_from:
+    return sliced.load_architecture(validation.exported_network(config.model.init_from))
+  spec = dataset_spec(config.data.dataset)
+  return architecture(config, spec.num_classes, spec.image_shape)
+
+
+def architecture_field(config) -> str:
+  """The config field :func:`planned_architecture` follows, for errors."""
+  return "model.init_from" if config.model.init_from else "model.name"
 
 
 def build_model(config, dataset: data.Dataset) -> tuple[dict, nnx.Module]:
@@ -94,15 +113,21 @@ NOT_TRAINING = ("data.data_dir", "data.eval_batch_size")
 """Fields of those blocks that do not change what a run trains."""
 INIT_FROM_FILE = "init_from.json"
 """Where a run started from an exported network records its digest (:func:`start`)."""
+COMPILATION_CACHE = "compilation-cache"
+"""The launcher's default directory for JAX's compiled programs, in the workdir."""
 
 
 def _started(workdir: str) -> bool:
   """Whether ``workdir`` holds anything a run made beyond its config: not its
-  TensorBoard directory or an empty log, which a run refused after
-  :func:`start` leaves."""
+  TensorBoard directory, an empty log, the compiled programs' cache, or
+  checkpoint directories without a finished checkpoint, which a run that
+  failed before its first save leaves."""
   for name in os.listdir(workdir):
     path = os.path.join(workdir, name)
-    if name not in (CONFIG_FILE, INIT_FROM_FILE, "tensorboard") and not (
+    if name == "checkpoints":
+      if any(has_checkpoint(os.path.join(path, stage)) for stage in os.listdir(path)):
+        return True
+    elif name not in (CONFIG_FILE, INIT_FROM_FILE, COMPILATION_CACHE, "tensorboard") and not (
         name == "metrics.jsonl" and os.path.getsize(path) == 0):
       return True
   return False

@@ -20,23 +20,7 @@ from dynscale.data import (
     to_device,
     uses_augmentation,
 )
-
-
-def numpy_crop_flip(image: np.ndarray, top: int, left: int, flip: bool, pad: int) -> np.ndarray:
-  """Reference: zero-pad, take the window at (top, left), mirror columns."""
-  h, w, c = image.shape
-  padded = np.zeros((h + 2 * pad, w + 2 * pad, c), image.dtype)
-  padded[pad:pad + h, pad:pad + w] = image
-  window = padded[top:top + h, left:left + w]
-  return window[:, ::-1] if flip else window
-
-
-def distinct_images(batch: int, h: int, w: int, c: int) -> np.ndarray:
-  """uint8 images whose pixel values 1..h*w*c (h*w*c <= 255) are distinct and
-    nonzero, so a window of the zero-padded image identifies its offset."""
-  assert h * w * c <= 255
-  base = (np.arange(h * w * c) + 1).astype(np.uint8).reshape(h, w, c)
-  return np.stack([np.roll(base, i, axis=1) for i in range(batch)])
+from augmentation import distinct_images, numpy_crop_flip
 
 
 @pytest.mark.parametrize("pad", [0, 1, 4])
@@ -181,6 +165,23 @@ def test_make_batch_with_augmentation():
         for t in range(3)
         for l in range(3)
         for f in (False, True))
+
+
+def test_make_batch_augments_with_the_crops_and_flips_its_key_draws():
+  """Catches a batch that is not augmented (or with draws of another key):
+  the images equal ``crop_flip`` at ``crop_flip_params(key)``, and are not
+  the gathered images untouched."""
+  x = distinct_images(8, 5, 5, 3)
+  y = np.arange(8, dtype=np.int32)
+  idx = jnp.asarray([7, 0, 3, 3, 5, 1])
+  key = jax.random.key(3)
+  images, _ = make_batch(*to_device(x, y), idx, key=key, augment=True, mean=(0.0,) * 3,
+                         std=(1.0,) * 3, pad=2)
+  pixels = np.rint(np.asarray(images) * 255).astype(np.uint8)
+  offsets, flips = crop_flip_params(key, len(idx), 2)
+  np.testing.assert_array_equal(pixels, np.asarray(crop_flip(jnp.asarray(x[np.asarray(idx)]),
+                                                             offsets, flips, 2)))
+  assert not np.array_equal(pixels, x[np.asarray(idx)])
 
 
 def test_make_batch_augment_needs_key():
