@@ -932,13 +932,15 @@ def test_init_from_is_checked_by_the_network_it_names_not_model_fields_it_replac
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_its_workdir(tmp_path):
   """A run that fails after :func:`runs.start` but before any checkpoint is
-  saved leaves its config and empty checkpoint directories; a corrected
-  config then runs there (it was refused as another config's started run).
-  A finished checkpoint still holds the workdir."""
+  saved leaves its config, empty checkpoint directories and compiled
+  programs; a corrected config then runs there (it was refused as another
+  config's started run). A finished checkpoint still holds the workdir."""
   config = tiny_config(**{"train.num_epochs": 1})
   run = runs.start(config, str(tmp_path / "run"))
   (tmp_path / "run" / "checkpoints" / "train").mkdir(parents=True)  # opened, nothing saved
   (tmp_path / "run" / "checkpoints" / "train-best").mkdir()
+  (tmp_path / "run" / runs.COMPILATION_CACHE).mkdir()  # the launcher's compiled programs
+  (tmp_path / "run" / runs.COMPILATION_CACHE / "jit_step-0123").write_bytes(b"program")
   corrected = tiny_config(**{"train.num_epochs": 1, "optimizer.learning_rate": 0.05})
   runs.start(corrected, str(tmp_path / "run"))
   idp_training.train_and_evaluate(corrected, str(tmp_path / "run"))
@@ -983,6 +985,26 @@ def test_the_launcher_refuses_an_unknown_method(tmp_path):
                                        r"'sanp', 'compactnet'\), got 'netadapt'"):
     launcher.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_keeps_compiled_programs_in_the_workdir_unless_told_otherwise(tmp_path):
+  """Without ``JAX_COMPILATION_CACHE_DIR`` (the tests set one) a launcher run
+  writes its compiled programs to ``<workdir>/compilation-cache``, which does
+  not make the workdir a started run; ``--compilation_cache=off`` writes
+  none. Catches a flag that sets nothing, and an 'off' that still caches
+  (that the cache does not hold a workdir: test_a_run_that_failed_before_
+  its_first_checkpoint_does_not_hold_its_workdir)."""
+  env = {key: value for key, value in os.environ.items()
+         if key != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+  def launch(workdir, *flags):
+    subprocess.run(launcher_command(workdir, "--config.train.num_epochs=1", *flags), cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+  launch(tmp_path / "default")
+  assert any((tmp_path / "default" / runs.COMPILATION_CACHE).iterdir())
+  launch(tmp_path / "off", "--compilation_cache=off")
+  assert not (tmp_path / "off" / runs.COMPILATION_CACHE).exists()
 
 
 # --------------------------------------------------------------------------
