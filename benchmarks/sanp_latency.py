@@ -4,7 +4,9 @@ python -m benchmarks.sanp_latency --model=m_cifarnet --batch=1 --flops=0.5,0.25
 
 For each target FLOPs fraction, the gates of every convolution are set to
 open the same fraction ``k`` of its channels (FIXED-K's pattern, ``k`` from
-:func:`dynscale.sanp.budget.fixed_k_keep`), so the network costs about the
+:func:`dynscale.sanp.budget.fixed_k_keep`; which ones: a seeded random
+subset per layer, as trained gates open, or with ``--open_channels=first``
+the first ones, whose filters are contiguous), so the network costs about the
 target; then one run times, with interleaved rounds, the backbone without
 gates (``dense``), the gated network's masked path (``masked``: computes
 every channel, multiplies the closed ones by zero) and
@@ -51,12 +53,24 @@ MODELS = {"m_cifarnet": (32, 32, 3), "vgg16": (32, 32, 3), "vgg19": (32, 32, 3),
           "resnet18": (32, 32, 3)}
 
 
-def open_fraction(model, keep: float) -> None:
-  """Sets every SPM to open its first ``kept_channels(keep, C)`` channels for any input."""
+OPEN_CHANNELS = ("random", "first")
+
+
+def open_fraction(model, keep: float, channels: str = "random", seed: int = 0) -> None:
+  """Sets every SPM to open ``kept_channels(keep, C)`` of its channels for any
+  input: a random subset drawn per gate from ``seed`` (``channels='random'``,
+  as trained gates open them, so skipping gathers scattered filters), or its
+  first ones (``'first'``: contiguous filters, the cheapest gathers)."""
+  if channels not in OPEN_CHANNELS:
+    raise ValueError(f"channels must be one of {OPEN_CHANNELS}, got {channels!r}")
+  rng = np.random.default_rng(seed)
   for gate in model.gates.values():
-    channels = gate.head.w2.bias.value.shape[0]
-    k = gates.kept_channels(keep, channels)
-    gate.head.w2.bias.value = jnp.where(jnp.arange(channels) < k, 3.0, -3.0)
+    size = gate.head.w2.bias.value.shape[0]
+    k = gates.kept_channels(keep, size)
+    order = rng.permutation(size) if channels == "random" else np.arange(size)
+    is_open = np.zeros(size, bool)
+    is_open[order[:k]] = True
+    gate.head.w2.bias.value = jnp.where(jnp.asarray(is_open), 3.0, -3.0)
 
 
 def bucketed_widths(model, keep: float, buckets: int) -> dict[str, int]:
@@ -86,7 +100,7 @@ def masked_forward(model):
 
 
 def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
-            repeats: int, warmup: int) -> list[dict]:
+            repeats: int, warmup: int, open_channels: str = "random") -> list[dict]:
   arch = models.architecture(model_name, num_classes=10, input_shape=MODELS[model_name],
                              profile="all-one", width_multiplier=width_multiplier)
   dense_variables = models.build(arch, rngs=models.init_rngs(0)).pure_variables()
@@ -96,7 +110,7 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
   for target in targets:
     keep = budget.fixed_k_keep(arch, target)
     gated = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
-    open_fraction(gated, keep)
+    open_fraction(gated, keep, open_channels)
     widths = bucketed_widths(gated, keep, buckets)
     thin = bound.bind(lambda v, x, widths=widths: sliced.apply_sliced(arch, v, x, widths),
                       sliced.slice_variables(arch, dense_variables, widths))
@@ -112,6 +126,7 @@ def measure(model_name: str, targets, *, width_multiplier: float, buckets: int,
     records.append({
         "model": model_name, "width_multiplier": width_multiplier, "batch": 1,
         "target_flops": target, "keep": round(keep, 4), "buckets": buckets,
+        "open_channels": open_channels,
         "flops_ratio": round(float(costs.sample_flops(arch, 1.0, activity)[0])
                              / costs.flops(arch), 4),
         "skip_over_dense": round(median["skip"] / median["dense"], 3),
@@ -135,6 +150,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("buckets", 4, "Channel-count buckets per layer.")
   flags.DEFINE_integer("repeats", 30, "Timed rounds.")
   flags.DEFINE_integer("warmup", 3, "Untimed runs per candidate (compilation).")
+  flags.DEFINE_enum("open_channels", "random", list(OPEN_CHANNELS),
+                    "Which channels the gates open: a random subset per layer (as trained "
+                    "gates do) or the first ones (contiguous filters to gather).")
 
 
 def main(argv):
@@ -145,7 +163,7 @@ def main(argv):
   tuning = host.tune()
   for record in measure(f.model, [float(t) for t in f.flops],
                         width_multiplier=f.width_multiplier, buckets=f.buckets,
-                        repeats=f.repeats, warmup=f.warmup):
+                        repeats=f.repeats, warmup=f.warmup, open_channels=f.open_channels):
     print(json.dumps({**record, **tuning}))
 
 

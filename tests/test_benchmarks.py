@@ -10,6 +10,7 @@ of a middle IDP layer), not against the benchmark code.
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import idp_latency, tesla_step
@@ -133,7 +134,7 @@ def test_sanp_latency_records_skipping_against_dense_and_masked():
 
   (record,) = sanp_latency.measure("m_cifarnet", [0.5], width_multiplier=0.25, buckets=4,
                                    repeats=2, warmup=1)  # raises if skip != masked
-  assert record["batch"] == 1 and record["buckets"] == 4
+  assert record["batch"] == 1 and record["buckets"] == 4 and record["open_channels"] == "random"
   assert record["flops_ratio"] == pytest.approx(0.5, abs=0.03)  # the gates open keep
   # keep 0.707 opens 11 of 16, 23 of 32, 17 of 24 channels: buckets of a quarter
   # compute 3/4 of every layer, so 3/4 of the first and last, (3/4)^2 of the middle.
@@ -144,6 +145,31 @@ def test_sanp_latency_records_skipping_against_dense_and_masked():
                                                     abs=2e-3)
   assert record["masked_over_dense"] == pytest.approx(
       record["masked_ms"] / record["dense_ms"], abs=2e-3)
+
+
+def test_sanp_latency_opens_k_channels_of_every_gate_at_random_or_the_first_k():
+  """What the gates open (read from the masked network's recorded activity):
+  ``kept_channels(keep, C)`` of each layer's channels, the first ones with
+  'first', and with 'random' not the first ones in every layer (a 'random'
+  that opened the first k would time contiguous gathers only)."""
+  from benchmarks import sanp_latency
+  from dynscale.sanp import gates
+  arch = models.architecture("m_cifarnet", num_classes=10, input_shape=(32, 32, 3),
+                             width_multiplier=0.25)
+  image = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+  opened = {}
+  for channels in sanp_latency.OPEN_CHANNELS:
+    model = models.build(arch, rngs=models.init_rngs(0), gate=gates.gate_factory("sanp"))
+    sanp_latency.open_fraction(model, 0.6, channels)
+    activity = sanp_latency.masked_forward(model)(image)[1]
+    opened[channels] = {name: np.flatnonzero(np.asarray(a)[0]) for name, a in activity.items()}
+  for name, first in opened["first"].items():
+    k = gates.kept_channels(0.6, model.gates[name].head.w2.bias.value.shape[0])
+    np.testing.assert_array_equal(first, np.arange(k))
+    assert len(opened["random"][name]) == k
+  assert sum(not np.array_equal(opened["random"][n], f) for n, f in opened["first"].items()) >= 6
+  with pytest.raises(ValueError, match=r"channels must be one of \('random', 'first'\)"):
+    sanp_latency.open_fraction(model, 0.6, "last")
 
 
 def test_sanp_latency_thin_resnet_narrows_only_the_blocks_inner_widths():
