@@ -157,6 +157,20 @@ def test_variables_held_as_numpy_arrays_recalibrate_as_the_model():
                batchnorm.recalibrate(model, 0.5, _batches()))
 
 
+def test_numpy_variables_train_through_the_sliced_path_as_device_arrays():
+  """``apply_sliced(..., train=True)`` on variables held as NumPy arrays (an
+  ``.npz``) gives the logits and running statistics it gives on device
+  arrays. Catches the statistics scattered back with ``.at`` on a NumPy
+  array (it raised AttributeError)."""
+  model = _model()
+  variables = model.pure_variables()
+  x = _batches((3,))[0]
+  on_device = sliced.apply_sliced(model.arch, variables, x, 0.5, train=True)
+  held = sliced.apply_sliced(model.arch, jax.tree.map(np.asarray, variables), x, 0.5,
+                             train=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), held, on_device)
+
+
 def test_a_trimmed_export_at_a_dp_runs_with_that_dps_statistics(tmp_path):
   """``export(widths=dp)`` of a network with recalibrated statistics gives its
   logits at that DP, read with that DP's statistics. Catches the trimmed

@@ -213,6 +213,35 @@ def test_bad_widths_name_the_field(widths, match):
     spec.resolve_widths(arch, widths)
 
 
+def test_width_arrays_are_checked_as_width_lists_are():
+  """A width vector given as an array (the traced form: training, a search's
+  masked candidates, per-sample FLOPs, masked recalibration) is refused as a
+  list would be: a wrong length (its index was clamped, the first width
+  serving every group), widths outside [1, group size], floats. Each was
+  accepted silently."""
+  from dynscale.nn import batchnorm
+  arch = _arch("resnet18", 1 / 16)
+  model = models.build(arch, rngs=models.init_rngs(0))
+  x = jnp.zeros((1, 32, 32, 3))
+  n = len(spec.prunable_groups(arch))
+  bad = [(jnp.asarray([2]), "one entry per prunable group \\(12"),
+         (jnp.zeros(n, jnp.int32), r"widths\['layers.0'\] must be an int in \[1, 4\]"),
+         (jnp.full(n, 500), r"widths\['layers.0'\] must be an int in \[1, 4\]")]
+  for widths, match in bad:
+    with pytest.raises(ValueError, match=match):
+      model(x, widths=widths, train=False)
+    with pytest.raises(ValueError, match=match):
+      costs.sample_flops(arch, widths, {"layers.0": jnp.ones((1, 4))})
+    with pytest.raises(ValueError, match=match):
+      batchnorm.recalibrate_masked(model, widths, [x])
+  with pytest.raises(ValueError, match=r"widths as an array must hold ints, got dtype float32"):
+    model(x, widths=jnp.full(n, 2.0), train=False)
+  good = jnp.asarray([max(1, g.size // 2) for g in spec.prunable_groups(arch)])
+  np.testing.assert_array_equal(model(x, widths=good, train=False),
+                                model(x, widths=good.tolist(), train=False))
+  jax.jit(lambda w: model(x, widths=w, train=False))(good)  # traced: the shape is checked
+
+
 def test_unknown_block_kind_and_bad_block_fields():
   base = _arch("resnet18", 1 / 16)
   with pytest.raises(ValueError, match=r"layers\[1\].kind must be one of .*'resblock'"):

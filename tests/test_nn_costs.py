@@ -121,3 +121,34 @@ def test_dense_costs_match_xla():
 def test_bad_dp(dp):
   with pytest.raises(ValueError, match="dp must be in"):
     costs.layer_costs(TINY, dp)
+
+
+def test_a_separable_blocks_pointwise_reads_every_channel_of_an_ungated_depthwise():
+  """§4.1.1's FLOPs under a gate before an ``sconv``: the depthwise computes
+  only the open inputs, but its batch norm turns a closed channel into a
+  constant map, which the (ungated) pointwise reads: the pointwise counts
+  every channel of the width, 6 x 6 x (4 x 5 + 5) (it counted the 2 open
+  ones), as an inverted residual's projection does."""
+  import jax.numpy as jnp
+  from dynscale.nn import spec
+  arch = spec.validate_architecture({"name": "g", "input_shape": [6, 6, 3], "num_classes": 3,
+                                     "layers": [{"kind": "conv", "features": 4},
+                                                {"kind": "sconv", "features": 5},
+                                                {"kind": "global_avgpool"},
+                                                {"kind": "dense", "features": 3}]})
+
+  class HalfOpen(nnx.Module):  # the stem's channels 2 and 3 closed for every image
+    def __call__(self, x, y, train):
+      return jnp.ones((y.shape[0], y.shape[-1]), y.dtype).at[:, 2:].set(0.0)
+  model = models.build(arch, rngs=models.init_rngs(0),
+                       gate=lambda name, c_in, c_out, rngs: HalfOpen() if name == "layers.0"
+                       else None)
+  images = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+  activity = model.run(jnp.asarray(images), 1.0, train=False).activity
+  gated = costs.sample_flops(arch, 1.0, activity)
+  # by hand, against every channel open: the stem (its gated convolution counts
+  # its open outputs, C_out,act) saves 6x6x(3x9)x2 and the depthwise over the
+  # open inputs 6x6x9x2; the pointwise and its input's batch norm save nothing
+  ungated = costs.sample_flops(arch, 1.0, {"layers.0": jnp.ones((2, 4))})
+  saved = 36 * 27 * 2 + 36 * 9 * 2
+  np.testing.assert_allclose(np.asarray(ungated - gated), saved)

@@ -528,12 +528,17 @@ class SeparableConv(_GatedOutput):
     a_dw = a.width("in") * a.inp
     c, a_out = count(a_dw), a.gated("", "out")
     c_out = count(a_out)
+    # the depthwise output is not gated: a closed input's channel leaves it as
+    # act(BN(0)) (or act(bias)), a constant map the pointwise reads, so the
+    # pointwise and that batch norm run over the whole width (as invres's project)
+    a_mid = a.width("in")
+    c_mid = count(a_mid)
     h, w = out.height, out.width
     entries = [_cost("depthwise", "depthwise", metrics.sanp_flops(h, w, 1, c, k * k, bias),
                      k * k * c + (c if bias else 0)),
-               *_bn_cost(layer["bn"], "depthwise_bn", a_dw),
-               _cost("pointwise", "pointwise", metrics.sanp_flops(h, w, c, c_out, 1, bias),
-                     c * c_out + (c_out if bias else 0)),
+               *_bn_cost(layer["bn"], "depthwise_bn", a_mid),
+               _cost("pointwise", "pointwise", metrics.sanp_flops(h, w, c_mid, c_out, 1, bias),
+                     c_mid * c_out + (c_out if bias else 0)),
                *_bn_cost(layer["bn"], "bn", a_out)]
     return entries, a_out
 

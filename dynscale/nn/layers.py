@@ -353,8 +353,12 @@ class IDPNet(nnx.Module):
       if not isinstance(dp, jax.core.Tracer) and jnp.ndim(dp) == 0:
         kernels.check_dp(dp)
       kept = spec.widths_at_dp(arch, dp)
+    elif isinstance(widths, jax.Array):
+      if not jnp.issubdtype(widths.dtype, jnp.integer):
+        raise ValueError(f"widths as an array must hold ints, got dtype {widths.dtype}")
+      kept = widths  # checked with the masks (spec.group_masks)
     else:
-      kept = widths if isinstance(widths, jax.Array) else spec.resolve_widths(arch, widths)
+      kept = spec.resolve_widths(arch, widths)
     kept = jnp.asarray(kept, jnp.int32)
     s = spec.select_profile(arch, dp, profile_index)
     variables = self.pure_variables()

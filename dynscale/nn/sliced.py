@@ -275,6 +275,7 @@ def _run_sliced(arch: dict, variables: Mapping, x: Array, widths: Any, *, train:
 def _scatter(group: int, full: Array, part: Array) -> Array:
   """``full`` with its leading prefix replaced by ``part``."""
   del group
+  full = jnp.asarray(full)  # variables read from an .npz are NumPy arrays
   return full.at[:part.shape[0]].set(part.astype(full.dtype))
 
 

@@ -417,10 +417,21 @@ def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
 
 
 def group_masks(arch: dict, widths: jax.Array) -> dict[int, jax.Array]:
-  """``{group id: (C,) float 0/1 mask of the first widths[g] channels}``; widths may be traced."""
+  """``{group id: (C,) float 0/1 mask of the first widths[g] channels}``; widths may be traced.
+
+  ``widths`` must hold one entry per prunable group (its shape is checked
+  even when traced: an index past its end would be clamped, one width
+  serving every group); concrete widths are checked as
+  :func:`resolve_widths` checks them (ints in [1, group size])."""
+  groups = prunable_groups(arch)
   widths = jnp.asarray(widths)
+  if widths.shape != (len(groups),):
+    raise ValueError(f"widths must have one entry per prunable group ({len(groups)}: "
+                     f"{[g.name for g in groups]}), got an array of shape {widths.shape}")
+  if not isinstance(widths, jax.core.Tracer):
+    resolve_widths(arch, np.asarray(widths))
   return {g.id: (jnp.arange(g.size) < widths[j]).astype(jnp.float32)
-          for j, g in enumerate(prunable_groups(arch))}
+          for j, g in enumerate(groups)}
 
 
 def group_widths(arch: dict, widths: Sequence[int]) -> dict[int, int]:
