@@ -160,7 +160,7 @@ def recalibrate_masked(model: IDPNet, widths: jax.Array, batches: Iterable[Any])
   arch = model.arch
   if arch["profiles"] is not None:
     raise ValueError("recalibrate_masked needs a single-profile network (profiles: null)")
-  widths = jnp.asarray(widths, jnp.int32)
+  widths = jnp.asarray(spec.width_array(arch, widths), jnp.int32)  # checked before compute
   fn, paths = _masked_moments(json.dumps(arch, sort_keys=True), jnp.dtype(model.dtype).name)
   variables = model.pure_variables()
   sums, count = None, 0

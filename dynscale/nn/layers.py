@@ -354,9 +354,7 @@ class IDPNet(nnx.Module):
         kernels.check_dp(dp)
       kept = spec.widths_at_dp(arch, dp)
     elif isinstance(widths, jax.Array):
-      if not jnp.issubdtype(widths.dtype, jnp.integer):
-        raise ValueError(f"widths as an array must hold ints, got dtype {widths.dtype}")
-      kept = widths  # checked with the masks (spec.group_masks)
+      kept = spec.width_array(arch, widths)
     else:
       kept = spec.resolve_widths(arch, widths)
     kept = jnp.asarray(kept, jnp.int32)

@@ -416,22 +416,29 @@ def resolve_widths(arch: dict, widths: Any) -> tuple[int, ...]:
   return tuple(int(w) for w in values)
 
 
-def group_masks(arch: dict, widths: jax.Array) -> dict[int, jax.Array]:
-  """``{group id: (C,) float 0/1 mask of the first widths[g] channels}``; widths may be traced.
-
-  ``widths`` must hold one entry per prunable group (its shape is checked
-  even when traced: an index past its end would be clamped, one width
-  serving every group); concrete widths are checked as
-  :func:`resolve_widths` checks them (ints in [1, group size])."""
+def width_array(arch: dict, widths: Any) -> jax.Array:
+  """``widths`` as an int array over :func:`prunable_groups`, checked as
+  :func:`resolve_widths` checks a list: its dtype and length even when
+  traced (an index past its end would be clamped, one width serving every
+  group), its values when concrete (ints in [1, group size])."""
   groups = prunable_groups(arch)
   widths = jnp.asarray(widths)
+  if not jnp.issubdtype(widths.dtype, jnp.integer):
+    raise ValueError(f"widths as an array must hold ints, got dtype {widths.dtype}")
   if widths.shape != (len(groups),):
     raise ValueError(f"widths must have one entry per prunable group ({len(groups)}: "
                      f"{[g.name for g in groups]}), got an array of shape {widths.shape}")
   if not isinstance(widths, jax.core.Tracer):
     resolve_widths(arch, np.asarray(widths))
+  return widths
+
+
+def group_masks(arch: dict, widths: jax.Array) -> dict[int, jax.Array]:
+  """``{group id: (C,) float 0/1 mask of the first widths[g] channels}``; widths
+  (:func:`width_array`) may be traced."""
+  widths = width_array(arch, widths)
   return {g.id: (jnp.arange(g.size) < widths[j]).astype(jnp.float32)
-          for j, g in enumerate(groups)}
+          for j, g in enumerate(prunable_groups(arch))}
 
 
 def group_widths(arch: dict, widths: Sequence[int]) -> dict[int, int]:

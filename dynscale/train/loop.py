@@ -155,14 +155,13 @@ class Trainer:
     augmented: one shuffled epoch, then, when more are asked for than an
     epoch holds, the next epochs' (each its own shuffle)."""
     data = self.splits["train"]
-    orders, held = [], 0
-    while held < num_batches:
-      key = jax.random.fold_in(self._recalibration_key, len(orders)) if orders else (
-          self._recalibration_key)  # the first epoch's order as before epochs were added
-      orders.append(pipeline.epoch_permutation(key, data.size, self.batch_size))
-      held += len(orders[-1])
-    kept = [idx for order in orders for idx in order][:num_batches]
-    return [self._batch_fn(data, idx, None)[0] for idx in kept]
+    kept, epoch = [], 0
+    while len(kept) < num_batches:
+      key = self._recalibration_key if epoch == 0 else (  # the first epoch as before
+          jax.random.fold_in(self._recalibration_key, epoch))
+      kept.extend(pipeline.epoch_permutation(key, data.size, self.batch_size))
+      epoch += 1
+    return [self._batch_fn(data, idx, None)[0] for idx in kept[:num_batches]]
 
   def evaluate(self, state: TrainState, split: str, task, *, limit: int = 0
                ) -> dict[str, float]:
